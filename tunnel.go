@@ -1,0 +1,412 @@
+package hpcproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Method is a way of reaching the login node. Methods are tried in the order
+// of [TunnelConfig.Methods]; the first that works carries the tunnel.
+//
+// Method implements [flag.Value], so a command line can pick one:
+//
+//	var m hpcproxy.Method
+//	flag.Var(&m, "method", "tunnel method")
+type Method int
+
+// The tunnel methods, in the default order of the fallback chain.
+const (
+	// MethodGoSSH runs an SSH client in process (golang.org/x/crypto/ssh)
+	// and opens one direct-tcpip channel per connection. Non-interactive
+	// auth only: ssh-agent, key files, OpenSSH certificates.
+	MethodGoSSH Method = iota + 1
+	// MethodControlMaster starts (or attaches to) an OpenSSH ControlMaster
+	// and multiplexes channels over its control socket in process
+	// ([golang.org/x/crypto/ssh.NewControlClientConn]). OpenSSH does all of
+	// the authentication, so hostbased (ssh-keysign), GSSAPI, MFA done
+	// earlier in a persistent master, ProxyJump and the user's ssh_config
+	// all work.
+	MethodControlMaster
+	// MethodSOCKSUnix runs `ssh -N -D /path/sock` (OpenSSH >= 6.7) and
+	// speaks SOCKS5 to it over the unix socket.
+	MethodSOCKSUnix
+	// MethodSOCKSTCP runs `ssh -N -D 127.0.0.1:PORT`, for OpenSSH older
+	// than 6.7.
+	MethodSOCKSTCP
+	// MethodExec runs `ssh -W host:port` once per connection: the slow last
+	// resort, one ssh process and one SSH handshake per connection.
+	MethodExec
+	// MethodDirect dials with a [net.Dialer]: for a login node that relays
+	// its own traffic. It involves no SSH at all.
+	MethodDirect
+)
+
+var methodNames = map[Method]string{
+	MethodGoSSH:         "gossh",
+	MethodControlMaster: "controlmaster",
+	MethodSOCKSUnix:     "socks-unix",
+	MethodSOCKSTCP:      "socks-tcp",
+	MethodExec:          "exec",
+	MethodDirect:        "direct",
+}
+
+// DefaultMethods is the fallback chain used when [TunnelConfig.Methods] is
+// empty. MethodDirect is not in it: relaying without a tunnel is a choice
+// the caller makes explicitly.
+var DefaultMethods = []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix, MethodSOCKSTCP, MethodExec}
+
+// String returns the method's name as [Method.Set] accepts it.
+func (m Method) String() string {
+	if s, ok := methodNames[m]; ok {
+		return s
+	}
+	return fmt.Sprintf("Method(%d)", int(m))
+}
+
+// Set parses a method name ("gossh", "controlmaster", "socks-unix",
+// "socks-tcp", "exec", "direct"); it implements [flag.Value].
+func (m *Method) Set(s string) error {
+	v, err := ParseMethod(s)
+	if err != nil {
+		return err
+	}
+	*m = v
+	return nil
+}
+
+// ParseMethod returns the Method named s. Matching ignores case.
+func ParseMethod(s string) (Method, error) {
+	for m, name := range methodNames {
+		if strings.EqualFold(s, name) {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("hpcproxy: unknown tunnel method %q (want one of %s)", s, methodList())
+}
+
+func methodList() string {
+	names := make([]string, 0, len(methodNames))
+	for m := MethodGoSSH; m <= MethodDirect; m++ {
+		names = append(names, m.String())
+	}
+	return strings.Join(names, ", ")
+}
+
+// Methods is a list of tunnel methods; it implements [flag.Value] as a
+// comma-separated list ("gossh,controlmaster").
+type Methods []Method
+
+// String returns the methods as a comma-separated list.
+func (ms Methods) String() string {
+	names := make([]string, len(ms))
+	for i, m := range ms {
+		names[i] = m.String()
+	}
+	return strings.Join(names, ",")
+}
+
+// Set parses a comma-separated list of method names, replacing the list.
+func (ms *Methods) Set(s string) error {
+	var out Methods
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		m, err := ParseMethod(f)
+		if err != nil {
+			return err
+		}
+		out = append(out, m)
+	}
+	if len(out) == 0 {
+		return errors.New("hpcproxy: empty tunnel method list")
+	}
+	*ms = out
+	return nil
+}
+
+// HostKeyPolicy says what to do with a host key that known_hosts does not
+// vouch for. Keys are always checked; no policy ignores them.
+type HostKeyPolicy int
+
+const (
+	// HostKeyStrict refuses unknown hosts and changed keys (OpenSSH's
+	// StrictHostKeyChecking=yes). It is the zero value.
+	HostKeyStrict HostKeyPolicy = iota
+	// HostKeyAcceptNew records the key of a host seen for the first time in
+	// the user's known_hosts and refuses changed keys (OpenSSH's
+	// StrictHostKeyChecking=accept-new).
+	HostKeyAcceptNew
+)
+
+// String returns "strict" or "accept-new".
+func (p HostKeyPolicy) String() string {
+	switch p {
+	case HostKeyStrict:
+		return "strict"
+	case HostKeyAcceptNew:
+		return "accept-new"
+	}
+	return fmt.Sprintf("HostKeyPolicy(%d)", int(p))
+}
+
+// Set parses "strict" (or "yes") and "accept-new"; it implements
+// [flag.Value].
+func (p *HostKeyPolicy) Set(s string) error {
+	switch strings.ToLower(s) {
+	case "strict", "yes":
+		*p = HostKeyStrict
+	case "accept-new":
+		*p = HostKeyAcceptNew
+	default:
+		return fmt.Errorf("hpcproxy: unknown host key policy %q (want strict or accept-new)", s)
+	}
+	return nil
+}
+
+// TunnelConfig configures [EstablishTunnel]. Only Destination is required
+// (and not even that for MethodDirect); every other field has a default.
+type TunnelConfig struct {
+	// Destination is the login node: "host", "user@host", "host:port",
+	// "user@host:port", "[v6addr]:port" or an ssh_config Host alias.
+	Destination string
+
+	// Methods optionally specifies the methods to try, in order. If empty,
+	// DefaultMethods is used.
+	Methods []Method
+
+	// ConnectTimeout optionally bounds the setup of one method: TCP connect,
+	// SSH handshake and authentication, or the start of an ssh child
+	// process. If zero, the destination's ConnectTimeout from ssh_config is
+	// used, and 30 seconds if that is unset too.
+	ConnectTimeout time.Duration
+
+	// KeepaliveInterval optionally specifies how often an idle tunnel is
+	// probed (keepalive@openssh.com, or ServerAliveInterval for ssh child
+	// processes). If zero, ssh_config's ServerAliveInterval is used, and
+	// 60 seconds if that is unset. Negative disables keepalives.
+	KeepaliveInterval time.Duration
+
+	// KeepaliveCountMax optionally specifies how many probes in a row may go
+	// unanswered before the tunnel is declared dead. If zero,
+	// ssh_config's ServerAliveCountMax is used (OpenSSH's default is 3).
+	KeepaliveCountMax int
+
+	// HostKeyPolicy optionally relaxes what happens to an unknown host.
+	// The zero value, HostKeyStrict, refuses it.
+	HostKeyPolicy HostKeyPolicy
+
+	// SSHConfigFile optionally specifies an ssh_config file used instead of
+	// ~/.ssh/config (like `ssh -F`). Use "none" to read no user config.
+	SSHConfigFile string
+
+	// SSHOptions optionally adds ssh_config options ("Key=Value") given to
+	// every ssh invocation as -o and applied to the in-process client's
+	// resolved configuration, taking precedence over the config files.
+	SSHOptions []string
+
+	// SSHBinary optionally specifies the ssh client program. If empty, "ssh"
+	// is looked up in PATH.
+	SSHBinary string
+
+	// RuntimeDir optionally specifies a directory for control and SOCKS
+	// sockets. It must be owned by the user and not accessible to others.
+	// If empty, a private directory is created under os.TempDir() and
+	// removed when the tunnel closes.
+	RuntimeDir string
+
+	// Logger optionally receives the tunnel's diagnostics. If nil, nothing
+	// is logged.
+	Logger *slog.Logger
+}
+
+// ErrTunnelDown is returned by dials while the tunnel is down (closed, or
+// reconnecting in a daemon). Proxy servers answer it with a general SOCKS
+// failure or HTTP 503.
+var ErrTunnelDown = errors.New("hpcproxy: tunnel is down")
+
+// MethodError records why one method of the fallback chain failed.
+type MethodError struct {
+	Method Method
+	Err    error
+}
+
+func (e *MethodError) Error() string { return e.Method.String() + ": " + e.Err.Error() }
+func (e *MethodError) Unwrap() error { return e.Err }
+
+// TunnelError is returned by [EstablishTunnel] when every method failed. It
+// says for each method why.
+type TunnelError struct {
+	Destination string
+	Attempts    []*MethodError
+}
+
+func (e *TunnelError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "hpcproxy: no tunnel method reached %q", e.Destination)
+	for _, a := range e.Attempts {
+		b.WriteString("\n  ")
+		b.WriteString(a.Error())
+	}
+	return b.String()
+}
+
+// Unwrap returns the per-method errors, so errors.Is and errors.As look
+// into each of them.
+func (e *TunnelError) Unwrap() []error {
+	errs := make([]error, len(e.Attempts))
+	for i, a := range e.Attempts {
+		errs[i] = a
+	}
+	return errs
+}
+
+// tunnelImpl is what each method provides.
+type tunnelImpl interface {
+	// DialContext opens a connection to addr through the tunnel. ctx
+	// governs only the setup.
+	DialContext(ctx context.Context, network, addr string) (net.Conn, error)
+	// Close tears the tunnel down (killing child processes, closing the SSH
+	// client) and makes Done fire.
+	Close() error
+	// Done is closed when the tunnel can no longer carry new connections.
+	Done() <-chan struct{}
+	// Err says why Done fired; nil while the tunnel is up and after a
+	// plain Close.
+	Err() error
+}
+
+// Tunnel is an established path to the login node. Its Dial method is a
+// [DialFunc]. A Tunnel is safe for concurrent use.
+type Tunnel struct {
+	method Method
+	impl   tunnelImpl
+}
+
+var _ ContextDialer = (*Tunnel)(nil)
+
+// ContextDialer is implemented by anything with a DialContext method, such
+// as [net.Dialer], [golang.org/x/net/proxy.ContextDialer] and [Tunnel].
+type ContextDialer interface {
+	DialContext(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Dial opens a connection to addr ("host:port"; names are resolved on the
+// far side) through the tunnel. ctx governs the setup only: once Dial has
+// returned a conn, cancelling ctx does not affect it. After the tunnel is
+// down, Dial fails with an error that wraps ErrTunnelDown.
+func (t *Tunnel) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	select {
+	case <-t.impl.Done():
+		if err := t.impl.Err(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrTunnelDown, err)
+		}
+		return nil, ErrTunnelDown
+	default:
+	}
+	return t.impl.DialContext(ctx, network, addr)
+}
+
+// DialContext is Dial; it makes Tunnel a [ContextDialer].
+func (t *Tunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return t.Dial(ctx, network, addr)
+}
+
+// Close tears the tunnel down. For the SSH methods that multiplex channels
+// (gossh, controlmaster) connections already dialled through it end with it;
+// with the others they may outlive it. Close is idempotent.
+func (t *Tunnel) Close() error { return t.impl.Close() }
+
+// Done is closed when the tunnel can no longer carry new connections,
+// because it was closed or because the link to the login node dropped.
+func (t *Tunnel) Done() <-chan struct{} { return t.impl.Done() }
+
+// Err reports why Done fired. It is nil while the tunnel is up and after a
+// plain Close.
+func (t *Tunnel) Err() error { return t.impl.Err() }
+
+// Method reports which method carries the tunnel.
+func (t *Tunnel) Method() Method { return t.method }
+
+// EstablishTunnel tries cfg.Methods in order (DefaultMethods if empty) and
+// returns the first tunnel that comes up. ctx bounds the whole attempt; each
+// method is further bounded by the connect timeout. If every method fails,
+// the error is a *[TunnelError] naming each method's reason.
+func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	methods := cfg.Methods
+	if len(methods) == 0 {
+		methods = DefaultMethods
+	}
+	log := cfg.logger()
+	terr := &TunnelError{Destination: cfg.Destination}
+	for _, m := range methods {
+		if err := ctx.Err(); err != nil {
+			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
+			break
+		}
+		impl, err := startMethod(ctx, &cfg, m)
+		if err != nil {
+			log.Debug("tunnel method failed", "method", m, "dest", cfg.Destination, "err", err)
+			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
+			continue
+		}
+		log.Info("tunnel up", "method", m, "dest", cfg.Destination)
+		return &Tunnel{method: m, impl: impl}, nil
+	}
+	return nil, terr
+}
+
+func startMethod(ctx context.Context, cfg *TunnelConfig, m Method) (tunnelImpl, error) {
+	switch m {
+	case MethodDirect:
+		return newDirectTunnel(), nil
+	case MethodGoSSH:
+		return startGoSSH(ctx, cfg)
+	case MethodControlMaster:
+		return startControlMaster(ctx, cfg)
+	case MethodSOCKSUnix:
+		return startSOCKSTunnel(ctx, cfg, true)
+	case MethodSOCKSTCP:
+		return startSOCKSTunnel(ctx, cfg, false)
+	case MethodExec:
+		return startExecTunnel(ctx, cfg)
+	}
+	return nil, fmt.Errorf("hpcproxy: unknown tunnel method %d", int(m))
+}
+
+func (cfg *TunnelConfig) logger() *slog.Logger {
+	if cfg.Logger != nil {
+		return cfg.Logger
+	}
+	return discardLogger
+}
+
+var discardLogger = slog.New(slog.DiscardHandler)
+
+// directTunnel dials with a net.Dialer: a login node relaying itself.
+type directTunnel struct {
+	d    net.Dialer
+	once sync.Once
+	done chan struct{}
+}
+
+func newDirectTunnel() *directTunnel { return &directTunnel{done: make(chan struct{})} }
+
+func (t *directTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return t.d.DialContext(ctx, network, addr)
+}
+
+func (t *directTunnel) Close() error {
+	t.once.Do(func() { close(t.done) })
+	return nil
+}
+
+func (t *directTunnel) Done() <-chan struct{} { return t.done }
+func (t *directTunnel) Err() error            { return nil }
