@@ -1,0 +1,52 @@
+// Package hpcproxy gives programs on HPC compute nodes, which usually have no
+// route to the internet, a proxy they can use with ordinary tools. It opens
+// an SSH tunnel to a login node that does have one and serves SOCKS5,
+// SOCKS4a, HTTP CONNECT and plain HTTP proxying on one port, so that pip,
+// conda, git, curl, wget, apptainer and any Go program with
+// [net/http.Transport.DialContext] just work.
+//
+// # The proxy server
+//
+// [Server] accepts connections on any [net.Listener] (TCP or unix socket),
+// sniffs the first byte of each and speaks the protocol the client chose:
+//
+//   - 0x05: SOCKS5 (RFC 1928), CONNECT only, with username/password
+//     authentication (RFC 1929) when credentials are configured;
+//   - 0x04: SOCKS4 and SOCKS4a, CONNECT only;
+//   - anything else: HTTP/1.1, both CONNECT tunnels (RFC 9110, section
+//     9.3.6) and absolute-form forward proxying of plain http:// requests
+//     ("GET http://host/path HTTP/1.1"), with Basic Proxy-Authorization.
+//
+// Destination names are passed to the [DialFunc] unresolved, so they are
+// resolved on the far side of the tunnel, where DNS works. [RunProxy] is the
+// one-call form.
+//
+// # Tunnels
+//
+// [EstablishTunnel] reaches the login node by the first of several
+// [Method]s that works: an in-process SSH client ([MethodGoSSH]), an OpenSSH
+// ControlMaster multiplexed in process ([MethodControlMaster]), `ssh -D` on a
+// unix socket or TCP port ([MethodSOCKSUnix], [MethodSOCKSTCP]), or one
+// `ssh -W` per connection ([MethodExec]). The destination is resolved the
+// way ssh resolves it (ssh_config, Match, ProxyJump), and host keys are
+// always verified against known_hosts: nothing in this package accepts an
+// unverified host key. [DialGoSSH] and [DialSystemSSH] are the one-call
+// forms.
+//
+// # Daemon
+//
+// [RunDaemon] runs the server over a supervised tunnel as a long-lived
+// process, in shared mode on a login node or in per-job mode inside a batch
+// job, records its state in a private state file (see [ProxyState]), and
+// reconnects by itself when the tunnel drops. [FindActiveProxy] and
+// [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
+// environment variables that clients read.
+//
+// # What is left to the caller
+//
+// The package never prompts for passwords or passphrases: authentication
+// that needs a person (MFA, an encrypted key without an agent) must happen
+// beforehand, for instance in an OpenSSH ControlMaster that
+// [MethodControlMaster] can attach to. UDP (SOCKS5 UDP ASSOCIATE) and BIND
+// are not supported.
+package hpcproxy
