@@ -1,0 +1,210 @@
+package hpcproxy
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// droppableTunnel is a direct tunnel whose link can be "cut" by the test,
+// to drive the supervisor's state machine without waiting on real timeouts.
+type droppableTunnel struct {
+	directTunnel
+	mu  sync.Mutex
+	err error
+}
+
+func (t *droppableTunnel) drop(err error) {
+	t.mu.Lock()
+	t.err = err
+	t.mu.Unlock()
+	t.Close()
+}
+
+func (t *droppableTunnel) Err() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.err
+}
+
+// scriptedEstablish hands out droppable tunnels; while failing is set it
+// fails instead, counting attempts.
+type scriptedEstablish struct {
+	mu      sync.Mutex
+	failing bool
+	tunnels []*droppableTunnel
+}
+
+func (s *scriptedEstablish) establish(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failing {
+		return nil, errors.New("sshd unreachable")
+	}
+	dt := &droppableTunnel{directTunnel: directTunnel{done: make(chan struct{})}}
+	s.tunnels = append(s.tunnels, dt)
+	return &Tunnel{method: MethodDirect, impl: dt}, nil
+}
+
+func (s *scriptedEstablish) setFailing(v bool) {
+	s.mu.Lock()
+	s.failing = v
+	s.mu.Unlock()
+}
+
+func (s *scriptedEstablish) last() *droppableTunnel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tunnels[len(s.tunnels)-1]
+}
+
+func TestSupervisorFirstFailureIsReported(t *testing.T) {
+	se := &scriptedEstablish{failing: true}
+	_, err := SuperviseTunnel(context.Background(), SupervisorConfig{establish: se.establish})
+	require.ErrorContains(t, err, "sshd unreachable")
+}
+
+func TestSupervisorReconnects(t *testing.T) {
+	se := &scriptedEstablish{}
+	var mu sync.Mutex
+	var seen []TunnelStatus
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		establish:  se.establish,
+		MinBackoff: 10 * time.Millisecond,
+		MaxBackoff: 40 * time.Millisecond,
+		DialGrace:  5 * time.Second,
+		OnChange: func(s TunnelState, _ *Tunnel) {
+			mu.Lock()
+			seen = append(seen, s.Status)
+			mu.Unlock()
+		},
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	echo := startEchoServer(t)
+
+	// Drop the link while the "login node" is unreachable: dials made during
+	// the outage wait for the tunnel and then succeed.
+	se.setFailing(true)
+	se.last().drop(errors.New("keepalive timeout"))
+	require.Eventually(t, func() bool { return st.State().Attempts >= 3 }, 5*time.Second, 5*time.Millisecond)
+	assert.Equal(t, StatusReconnecting, st.State().Status)
+	assert.ErrorContains(t, st.State().LastError, "sshd unreachable")
+
+	dialed := make(chan error, 1)
+	go func() {
+		c, err := st.Dial(context.Background(), "tcp", echo)
+		if err == nil {
+			c.Close()
+		}
+		dialed <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	se.setFailing(false)
+	select {
+	case err := <-dialed:
+		require.NoError(t, err, "a dial during the outage should succeed once the tunnel is back")
+	case <-time.After(5 * time.Second):
+		t.Fatal("dial during outage did not complete after reconnect")
+	}
+	state := st.State()
+	assert.Equal(t, StatusUp, state.Status)
+	assert.Equal(t, 1, state.Reconnects)
+	assert.Zero(t, state.Attempts)
+
+	require.NoError(t, st.Close())
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, StatusUp, seen[0])
+	assert.Contains(t, seen, StatusReconnecting)
+	assert.Equal(t, StatusClosed, seen[len(seen)-1])
+}
+
+func TestSupervisorBackoffIsCapped(t *testing.T) {
+	se := &scriptedEstablish{}
+	waits := make(chan time.Duration, 100)
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		establish:  se.establish,
+		MinBackoff: 100 * time.Millisecond,
+		MaxBackoff: 800 * time.Millisecond,
+		sleep: func(ctx context.Context, d time.Duration) bool {
+			select {
+			case waits <- d:
+			case <-ctx.Done():
+				return false
+			}
+			return ctx.Err() == nil
+		},
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	se.setFailing(true)
+	se.last().drop(nil)
+	// Each wait lies in [backoff/2, backoff]; backoff doubles from 100ms
+	// and stays at the 800ms cap.
+	for i, upper := range []time.Duration{100, 200, 400, 800, 800, 800} {
+		upper *= time.Millisecond
+		got := <-waits
+		assert.GreaterOrEqual(t, got, upper/2, "wait %d", i)
+		assert.LessOrEqual(t, got, upper, "wait %d", i)
+	}
+}
+
+func TestSupervisorDialGraceExpires(t *testing.T) {
+	se := &scriptedEstablish{}
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		Tunnel:     TunnelConfig{Destination: "login1"},
+		establish:  se.establish,
+		MinBackoff: 10 * time.Millisecond,
+		DialGrace:  50 * time.Millisecond,
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	se.setFailing(true)
+	se.last().drop(errors.New("link down"))
+	require.Eventually(t, func() bool { return st.State().Status == StatusReconnecting }, time.Second, time.Millisecond)
+
+	_, err = st.Dial(context.Background(), "tcp", "example.invalid:80")
+	require.ErrorIs(t, err, ErrTunnelDown)
+	assert.ErrorContains(t, err, "reconnecting to login1")
+
+	// A cancelled ctx ends the wait early, and still says why.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = st.Dial(ctx, "tcp", "example.invalid:80")
+	require.ErrorIs(t, err, ErrTunnelDown)
+	require.ErrorIs(t, err, context.Canceled)
+}
+
+func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
+	se := &scriptedEstablish{}
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		establish: se.establish, MinBackoff: 10 * time.Millisecond, DialGrace: time.Minute,
+	})
+	require.NoError(t, err)
+	se.setFailing(true)
+	se.last().drop(nil)
+	require.Eventually(t, func() bool { return st.State().Status == StatusReconnecting }, time.Second, time.Millisecond)
+	dialed := make(chan error, 1)
+	go func() {
+		_, err := st.Dial(context.Background(), "tcp", "127.0.0.1:1")
+		dialed <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	require.NoError(t, st.Close())
+	select {
+	case err := <-dialed:
+		require.ErrorIs(t, err, ErrTunnelDown)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not wake a waiting dial")
+	}
+	assert.Equal(t, StatusClosed, st.State().Status)
+	_, err = st.Dial(context.Background(), "tcp", "127.0.0.1:1")
+	require.ErrorIs(t, err, ErrTunnelDown)
+	require.NoError(t, st.Close(), "Close is idempotent")
+}
