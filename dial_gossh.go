@@ -174,7 +174,7 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 
 // timeoutError rewrites err when the setup ran out of time.
 func timeoutError(parent, setup context.Context, timeout time.Duration, err error) error {
-	if parent.Err() == nil && errors.Is(setup.Err(), context.DeadlineExceeded) {
+	if parent.Err() == nil && (errors.Is(setup.Err(), context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)) {
 		return fmt.Errorf("hpcproxy: SSH setup timed out after %s (ConnectTimeout): %w", timeout, err)
 	}
 	if perr := parent.Err(); perr != nil && !errors.Is(err, perr) {
@@ -543,8 +543,13 @@ type gosshTunnel struct {
 // keepalives; then it closes the clients and waits for every goroutine of
 // the tunnel before closing done.
 func (t *gosshTunnel) run(interval time.Duration, countMax int) {
-	waitc := make(chan error, 1)
-	go func() { waitc <- t.client.Wait() }()
+	// Wait on every client: a jump host dropping ends the tunnel too.
+	clients := append([]*ssh.Client{t.client}, t.hops...)
+	waitc := make(chan error, len(clients))
+	for _, c := range clients {
+		go func() { waitc <- c.Wait() }()
+	}
+	waiting := len(clients)
 	kaStop, kaDone := make(chan struct{}), make(chan struct{})
 	kaFail := make(chan error, 1)
 	if interval > 0 {
@@ -560,7 +565,7 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	select {
 	case <-t.stop:
 	case werr := <-waitc:
-		waitc = nil
+		waiting--
 		if werr == nil {
 			werr = errors.New("closed by the server")
 		}
@@ -575,7 +580,7 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	for _, h := range slices.Backward(t.hops) {
 		_ = h.Close()
 	}
-	if waitc != nil {
+	for ; waiting > 0; waiting-- {
 		<-waitc
 	}
 	<-kaDone
