@@ -69,7 +69,8 @@ func (e *HostKeyChangedError) Error() string {
 //
 // Missing known_hosts files count as empty.
 type hostKeyVerifier struct {
-	name      string   // normalised known_hosts name
+	lookup    string   // "name:port", as the knownhosts callback wants it
+	name      string   // the same in known_hosts form: "name" or "[name]:port"
 	userFiles []string // UserKnownHostsFile; the first is written by accept-new
 	files     []string // every file that exists, user and global
 	policy    HostKeyPolicy
@@ -87,8 +88,10 @@ func newHostKeyVerifier(s *sshSettings, policy HostKeyPolicy, log *slog.Logger) 
 	if s.HostKeyAlias != "" {
 		name = s.HostKeyAlias
 	}
+	lookup := net.JoinHostPort(name, strconv.Itoa(s.Port))
 	v := &hostKeyVerifier{
-		name:      knownhosts.Normalize(net.JoinHostPort(name, strconv.Itoa(s.Port))),
+		lookup:    lookup,
+		name:      knownhosts.Normalize(lookup),
 		userFiles: s.UserKnownHostsFiles,
 		policy:    policy,
 		hash:      s.HashKnownHosts,
@@ -119,9 +122,9 @@ func newHostKeyVerifier(s *sshSettings, policy HostKeyPolicy, log *slog.Logger) 
 // algorithms are offered only when a @cert-authority line covers the host.
 // configured, when non-nil, limits the list (ssh_config HostKeyAlgorithms).
 func (v *hostKeyVerifier) algorithms(addr string, configured []string) []string {
-	known := v.db.HostKeyAlgorithms(v.name)
+	known := v.db.HostKeyAlgorithms(v.lookup)
 	if addr != "" {
-		for _, a := range v.db.HostKeyAlgorithms(knownhosts.Normalize(addr)) {
+		for _, a := range v.db.HostKeyAlgorithms(addr) {
 			if !slices.Contains(known, a) {
 				known = append(known, a)
 			}
@@ -167,7 +170,7 @@ func (v *hostKeyVerifier) lastErr() error {
 
 func (v *hostKeyVerifier) check(remote net.Addr, key ssh.PublicKey) error {
 	cb := v.db.HostKeyCallback()
-	err := v.classify(v.name, cb(v.name, remote, key), key)
+	err := v.classify(v.name, cb(v.lookup, remote, key), key)
 	var unknown *UnknownHostError
 	if !errors.As(err, &unknown) {
 		return err
@@ -177,7 +180,7 @@ func (v *hostKeyVerifier) check(remote net.Addr, key ssh.PublicKey) error {
 	if tcp, ok := remote.(*net.TCPAddr); ok && tcp.IP != nil && !tcp.IP.IsUnspecified() {
 		addrName := knownhosts.Normalize(tcp.String())
 		if addrName != v.name {
-			aerr := v.classify(addrName, cb(addrName, remote, key), key)
+			aerr := v.classify(addrName, cb(tcp.String(), remote, key), key)
 			if aerr == nil {
 				v.log.Debug("host key recorded for the address, not the name", "host", v.name, "addr", addrName)
 				return nil
