@@ -237,10 +237,14 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 	if r.configFile != "" {
 		args = append(args, "-F", r.configFile)
 	}
+	// -l and -p before -o: on ssh's command line the first value wins, and
+	// the destination's explicit parts take precedence over SSHOptions.
+	dargs := d.sshArgs()
+	args = append(args, dargs[:len(dargs)-2]...)
 	for _, o := range r.options {
 		args = append(args, "-o", o)
 	}
-	args = append(args, d.sshArgs()...)
+	args = append(args, "--", d.Host)
 	kv, err := runSSHG(ctx, path, args)
 	if err != nil {
 		return nil, err
