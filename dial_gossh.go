@@ -266,7 +266,7 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 		_ = conn.SetDeadline(dl) // fails harmlessly on channel conns
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(conn, sshReadBuffer)}
+	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(withQuickAck(conn), sshReadBuffer)}
 	c, chans, reqs, err := ssh.NewClientConn(bc, s.addr(), config)
 	if !stop() {
 		if c != nil {
