@@ -232,4 +232,3 @@ func BenchmarkGoSSHConnect(b *testing.B) {
 		}
 	})
 }
-
