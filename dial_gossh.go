@@ -34,7 +34,15 @@ const (
 // when the tunnel goes down (stopped, dropped, or keepalives unanswered).
 //
 // It is EstablishTunnel with Methods {MethodGoSSH} and every other option at
-// its default; see TunnelConfig for what that means.
+// its default; see TunnelConfig for what that means. The destination is
+// resolved like ssh would resolve it (ssh_config, ProxyJump), its host key
+// must be in the user's or the global known_hosts, and authentication never
+// prompts: ssh-agent keys, unencrypted key files (IdentityFile, else
+// ~/.ssh/id_*), and OpenSSH certificates beside them or named by
+// CertificateFile. Hostbased authentication is not available in process
+// (golang.org/x/crypto/ssh lacks it, and it needs OpenSSH's setuid
+// ssh-keysign): MethodControlMaster serves it, through EstablishTunnel's
+// default chain.
 func DialGoSSH(sshDest string) (DialFunc, func(), <-chan struct{}, error) {
 	tun, err := EstablishTunnel(context.Background(), TunnelConfig{
 		Destination: sshDest,

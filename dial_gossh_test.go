@@ -567,3 +567,11 @@ func mustRead(t *testing.T, path string) []byte {
 }
 
 func pemEncode(b *pem.Block) []byte { return pem.EncodeToMemory(b) }
+
+func TestGoSSHCiphers(t *testing.T) {
+	got := gosshCiphers(nil, discardLogger)
+	require.Equal(t, []string{ssh.CipherAES128GCM, ssh.CipherAES256GCM}, got[:2])
+	require.Contains(t, got, ssh.CipherChaCha20Poly1305)
+	require.Equal(t, []string{"aes256-ctr"}, gosshCiphers([]string{"aes256-ctr", "no-such-cipher"}, discardLogger))
+	require.Equal(t, got, gosshCiphers([]string{"no-such-cipher"}, discardLogger))
+}
