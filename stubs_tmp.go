@@ -8,9 +8,6 @@ import (
 	"errors"
 )
 
-func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
-	return nil, errors.New("not yet")
-}
 func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	return nil, errors.New("not yet")
 }

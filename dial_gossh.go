@@ -1,0 +1,717 @@
+package hpcproxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/agent"
+)
+
+// Defaults of the gossh method.
+const (
+	defaultConnectTimeout    = 30 * time.Second
+	defaultKeepaliveInterval = 60 * time.Second
+	defaultKeepaliveCountMax = 3 // OpenSSH's ServerAliveCountMax
+	maxJumpDepth             = 8
+	sshReadBuffer            = 64 << 10
+)
+
+// DialGoSSH connects to sshDest ("host", "user@host", "host:port",
+// "user@host:port" or an ssh_config alias) with the in-process SSH client
+// (MethodGoSSH) and returns a DialFunc opening one direct-tcpip channel per
+// connection, a stop function that closes the tunnel, and a channel closed
+// when the tunnel goes down (stopped, dropped, or keepalives unanswered).
+//
+// It is EstablishTunnel with Methods {MethodGoSSH} and every other option at
+// its default; see TunnelConfig for what that means. The destination is
+// resolved like ssh would resolve it (ssh_config, ProxyJump), its host key
+// must be in the user's or the global known_hosts, and authentication never
+// prompts: ssh-agent keys, unencrypted key files (IdentityFile, else
+// ~/.ssh/id_*), and OpenSSH certificates beside them or named by
+// CertificateFile. Hostbased authentication is not available in process
+// (golang.org/x/crypto/ssh lacks it, and it needs OpenSSH's setuid
+// ssh-keysign): MethodControlMaster serves it, through EstablishTunnel's
+// default chain.
+func DialGoSSH(sshDest string) (DialFunc, func(), <-chan struct{}, error) {
+	tun, err := EstablishTunnel(context.Background(), TunnelConfig{
+		Destination: sshDest,
+		Methods:     []Method{MethodGoSSH},
+	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return tun.Dial, func() { _ = tun.Close() }, tun.Done(), nil
+}
+
+// AuthError reports that the SSH server accepted none of the keys offered,
+// or that there was no key to offer. Retrying will not help.
+type AuthError struct {
+	User, Host string
+	// Offered describes each key offered ("agent: ED25519 SHA256:...",
+	// "/home/u/.ssh/id_rsa: RSA SHA256:..."). Empty when there was none.
+	Offered []string
+	// Skipped describes keys that could not be used (encrypted key files,
+	// unreadable agents).
+	Skipped []string
+	Err     error // the SSH library's error, if a handshake took place
+}
+
+func (e *AuthError) Error() string {
+	var b strings.Builder
+	if len(e.Offered) == 0 {
+		fmt.Fprintf(&b, "hpcproxy: no usable SSH key for %s@%s (no agent keys, no readable unencrypted key file)", e.User, e.Host)
+	} else {
+		fmt.Fprintf(&b, "hpcproxy: %s@%s refused every key offered: %s", e.User, e.Host, strings.Join(e.Offered, "; "))
+	}
+	if len(e.Skipped) > 0 {
+		fmt.Fprintf(&b, " (skipped: %s)", strings.Join(e.Skipped, "; "))
+	}
+	if e.Err != nil {
+		b.WriteString(": ")
+		b.WriteString(e.Err.Error())
+	}
+	return b.String()
+}
+
+func (e *AuthError) Unwrap() error { return e.Err }
+
+// startGoSSH brings up a MethodGoSSH tunnel.
+//
+// Authentication is non-interactive only: ssh-agent keys, key files and
+// OpenSSH certificates (see gosshSigners). Hostbased authentication is not
+// implemented by golang.org/x/crypto/ssh and needs OpenSSH's setuid
+// ssh-keysign: MethodControlMaster provides it. A ProxyCommand likewise
+// needs OpenSSH, so gossh fails for such a destination and the chain moves
+// on; ProxyJump is done in process.
+func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
+	log := cfg.logger().With("method", MethodGoSSH.String())
+	d, err := parseDestination(cfg.Destination)
+	if err != nil {
+		return nil, err
+	}
+	r := newResolver(cfg)
+	target, err := r.resolve(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	if target.ProxyCommand != "" {
+		return nil, fmt.Errorf("hpcproxy: %s uses ProxyCommand, which only OpenSSH can run (the controlmaster method can)", d.Host)
+	}
+	timeout := cfg.ConnectTimeout
+	if timeout <= 0 {
+		timeout = target.ConnectTimeout
+	}
+	if timeout <= 0 {
+		timeout = defaultConnectTimeout
+	}
+	setupCtx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	chain, err := r.jumpChain(setupCtx, target, 0)
+	if err != nil {
+		return nil, err
+	}
+	var clients []*ssh.Client
+	closeAll := func() {
+		for _, c := range slices.Backward(clients) {
+			_ = c.Close()
+		}
+	}
+	for i, s := range chain {
+		var conn net.Conn
+		if i == 0 {
+			var nd net.Dialer
+			conn, err = nd.DialContext(setupCtx, "tcp", s.addr())
+			if err != nil {
+				err = fmt.Errorf("hpcproxy: connecting to %s (%s): %w", s.Host, s.addr(), err)
+			}
+		} else {
+			conn, err = dialChannel(setupCtx, clients[i-1], s.addr())
+			if err != nil {
+				err = fmt.Errorf("hpcproxy: connecting to %s (%s) through %s: %w", s.Host, s.addr(), chain[i-1].Host, err)
+			}
+		}
+		if err != nil {
+			closeAll()
+			return nil, timeoutError(ctx, setupCtx, timeout, err)
+		}
+		c, err := sshHandshake(setupCtx, conn, s, cfg.HostKeyPolicy, log)
+		if err != nil {
+			closeAll()
+			return nil, timeoutError(ctx, setupCtx, timeout, err)
+		}
+		log.Debug("ssh connected", "host", s.Host, "addr", s.addr(), "user", s.User, "config", s.Source)
+		clients = append(clients, c)
+	}
+
+	interval := cfg.KeepaliveInterval
+	if interval == 0 {
+		interval = target.ServerAliveInterval
+	}
+	if interval == 0 {
+		interval = defaultKeepaliveInterval
+	}
+	count := cfg.KeepaliveCountMax
+	if count <= 0 {
+		count = target.ServerAliveCountMax
+	}
+	if count <= 0 {
+		count = defaultKeepaliveCountMax
+	}
+	t := &gosshTunnel{
+		client: clients[len(clients)-1],
+		hops:   clients[:len(clients)-1],
+		log:    log,
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	go t.run(interval, count)
+	return t, nil
+}
+
+// timeoutError rewrites err when the setup ran out of time.
+func timeoutError(parent, setup context.Context, timeout time.Duration, err error) error {
+	if parent.Err() == nil && (errors.Is(setup.Err(), context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded)) {
+		return fmt.Errorf("hpcproxy: SSH setup timed out after %s (ConnectTimeout): %w", timeout, err)
+	}
+	if perr := parent.Err(); perr != nil && !errors.Is(err, perr) {
+		return fmt.Errorf("%w: %w", perr, err)
+	}
+	return err
+}
+
+// jumpChain returns the SSH connections to make, in order: the ProxyJump
+// hops, then s. As in OpenSSH, the first hop's own ProxyJump applies
+// (recursively); later hops are reached through the hop before them. Hops
+// are resolved with the same config file but without TunnelConfig.SSHOptions
+// (ssh does not pass -o to its jump connections either).
+func (r *sshResolver) jumpChain(ctx context.Context, s *sshSettings, depth int) ([]*sshSettings, error) {
+	if s.ProxyJump == "" {
+		return []*sshSettings{s}, nil
+	}
+	if depth >= maxJumpDepth {
+		return nil, fmt.Errorf("hpcproxy: ProxyJump chain for %s is longer than %d hops (a loop?)", s.Host, maxJumpDepth)
+	}
+	hops, err := jumpHops(s.ProxyJump)
+	if err != nil {
+		return nil, err
+	}
+	hr := *r
+	hr.options = nil
+	var out []*sshSettings
+	for i, h := range hops {
+		hs, err := hr.resolve(ctx, h)
+		if err != nil {
+			return nil, err
+		}
+		if hs.ProxyCommand != "" {
+			return nil, fmt.Errorf("hpcproxy: jump host %s uses ProxyCommand, which only OpenSSH can run", h.Host)
+		}
+		if i == 0 {
+			sub, err := hr.jumpChain(ctx, hs, depth+1)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, sub...)
+			continue
+		}
+		hs.ProxyJump = ""
+		out = append(out, hs)
+	}
+	return append(out, s), nil
+}
+
+// dialChannel opens a direct-tcpip channel on c, abandoning (and closing,
+// when it arrives) the channel if ctx ends first.
+func dialChannel(ctx context.Context, c *ssh.Client, addr string) (net.Conn, error) {
+	return c.DialContext(ctx, "tcp", addr)
+}
+
+// sshHandshake runs the SSH handshake and authentication for s over conn.
+// ctx bounds both: a deadline is put on a TCP conn, and conn is closed if
+// ctx ends first (channel conns take no deadlines). conn is consumed.
+func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy HostKeyPolicy, log *slog.Logger) (*ssh.Client, error) {
+	verifier, err := newHostKeyVerifier(s, hostKeyPolicy(policy, s, log), log)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	keys, err := gosshSigners(s, log)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	defer keys.close()
+	if len(keys.signers) == 0 {
+		conn.Close()
+		return nil, &AuthError{User: s.User, Host: s.Host, Skipped: keys.skipped}
+	}
+	remote := ""
+	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok && tcp.IP != nil && !tcp.IP.IsUnspecified() {
+		remote = tcp.String()
+	}
+	config := &ssh.ClientConfig{
+		User:              s.User,
+		Auth:              []ssh.AuthMethod{ssh.PublicKeys(keys.signers...)},
+		HostKeyCallback:   verifier.callback(),
+		HostKeyAlgorithms: verifier.algorithms(remote, s.HostKeyAlgorithms),
+		ClientVersion:     "SSH-2.0-hpcproxy",
+	}
+	config.Ciphers = gosshCiphers(s.Ciphers, log)
+
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl) // fails harmlessly on channel conns
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(withQuickAck(conn), sshReadBuffer)}
+	c, chans, reqs, err := ssh.NewClientConn(bc, s.addr(), config)
+	if !stop() {
+		if c != nil {
+			c.Close()
+		}
+		if err == nil {
+			err = ctx.Err()
+		}
+		return nil, fmt.Errorf("hpcproxy: SSH handshake with %s: %w", s.Host, err)
+	}
+	if err != nil {
+		conn.Close()
+		if herr := verifier.lastErr(); herr != nil {
+			return nil, herr
+		}
+		if strings.Contains(err.Error(), "unable to authenticate") {
+			return nil, &AuthError{User: s.User, Host: s.Host, Offered: keys.offered, Skipped: keys.skipped, Err: err}
+		}
+		return nil, fmt.Errorf("hpcproxy: SSH handshake with %s (%s): %w", s.Host, s.addr(), err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	return ssh.NewClient(c, chans, reqs), nil
+}
+
+// bufferedConn reads through a large buffer: x/crypto's transport reads
+// through a small bufio.Reader, costing several read syscalls per packet.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// gosshCiphers returns the ciphers to offer: ssh_config's Ciphers when set
+// (those x/crypto implements), else AES-GCM first (several GB/s with AES-NI,
+// chacha20-poly1305 is ~2.5x slower in Go) and then x/crypto's defaults.
+func gosshCiphers(configured []string, log *slog.Logger) []string {
+	supported := ssh.SupportedAlgorithms().Ciphers
+	if configured != nil {
+		var out []string
+		for _, c := range configured {
+			if slices.Contains(supported, c) {
+				out = append(out, c)
+			}
+		}
+		if len(out) > 0 {
+			return out
+		}
+		log.Warn("none of the configured Ciphers is implemented in process; using defaults", "ciphers", strings.Join(configured, ","))
+	}
+	out := []string{ssh.CipherAES128GCM, ssh.CipherAES256GCM}
+	for _, c := range supported {
+		if !slices.Contains(out, c) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// gosshKeys is what gosshSigners found.
+type gosshKeys struct {
+	signers []ssh.Signer
+	offered []string // a description per signer
+	skipped []string
+	// agentConn is the ssh-agent connection the agent's signers use.
+	agentConn net.Conn
+}
+
+// close closes the agent connection, if any.
+func (k *gosshKeys) close() {
+	if k.agentConn != nil {
+		_ = k.agentConn.Close()
+	}
+}
+
+// gosshSigners collects the keys to offer, never prompting:
+//
+//   - the ssh-agent's keys (IdentityAgent, else $SSH_AUTH_SOCK; "none"
+//     disables it), only those matching an IdentityFile when
+//     IdentitiesOnly=yes. Its socket stays open for signing until
+//     gosshKeys.close, which the caller calls once authentication is over
+//     (well before the tunnel closes: nothing needs the agent after that);
+//   - the IdentityFiles (OpenSSH's default list when none is configured);
+//     encrypted ones are skipped with a debug line;
+//   - for each key, the certificates matching it: CertificateFile entries
+//     and KEY-cert.pub beside a key file, offered before the plain key.
+//
+// RSA keys sign with rsa-sha2-256/512 as the server's server-sig-algs asks
+// (x/crypto picks the algorithm; agent keys too), so an OpenSSH >= 8.8
+// server, which refuses SHA-1 ssh-rsa, accepts them.
+func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
+	keys := &gosshKeys{}
+	type fileKey struct {
+		path   string
+		signer ssh.Signer // nil for an encrypted key
+		pub    ssh.PublicKey
+	}
+	var files []fileKey
+	for _, p := range s.IdentityFiles {
+		b, err := os.ReadFile(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			log.Debug("skipping unreadable key file", "file", p, "err", err)
+			keys.skipped = append(keys.skipped, p+": "+err.Error())
+			continue
+		}
+		signer, err := ssh.ParsePrivateKey(b)
+		var pme *ssh.PassphraseMissingError
+		switch {
+		case errors.As(err, &pme):
+			log.Debug("skipping encrypted key file (gossh never prompts; load it into ssh-agent)", "file", p)
+			keys.skipped = append(keys.skipped, p+": encrypted")
+			pub := pme.PublicKey
+			if pub == nil {
+				pub = readPublicKey(p + ".pub")
+			}
+			files = append(files, fileKey{path: p, pub: pub})
+		case err != nil:
+			log.Debug("skipping unusable key file", "file", p, "err", err)
+			keys.skipped = append(keys.skipped, p+": "+err.Error())
+		default:
+			files = append(files, fileKey{path: p, signer: signer, pub: signer.PublicKey()})
+		}
+	}
+
+	certs := loadCertificates(s, log)
+	add := func(signer ssh.Signer, source string) {
+		pub := signer.PublicKey().Marshal()
+		for _, c := range certs {
+			if string(c.Key.Marshal()) != string(pub) {
+				continue
+			}
+			cs, err := ssh.NewCertSigner(c, signer)
+			if err != nil {
+				log.Debug("skipping certificate", "key", source, "err", err)
+				continue
+			}
+			keys.signers = append(keys.signers, cs)
+			keys.offered = append(keys.offered, source+": certificate "+describeKey(c.Key)+" (serial "+fmt.Sprint(c.Serial)+")")
+		}
+		keys.signers = append(keys.signers, signer)
+		keys.offered = append(keys.offered, source+": "+describeKey(signer.PublicKey()))
+	}
+
+	seen := map[string]bool{}
+	for _, signer := range agentSigners(s, log, keys) {
+		pub := string(signer.PublicKey().Marshal())
+		if s.IdentitiesOnly && !slices.ContainsFunc(files, func(f fileKey) bool {
+			return f.pub != nil && string(f.pub.Marshal()) == pub
+		}) {
+			continue
+		}
+		if _, isCert := signer.PublicKey().(*ssh.Certificate); isCert {
+			keys.signers = append(keys.signers, signer)
+			keys.offered = append(keys.offered, "agent: certificate "+describeKey(signer.PublicKey()))
+			continue
+		}
+		seen[pub] = true
+		add(signer, "agent")
+	}
+	for _, f := range files {
+		if f.signer == nil || seen[string(f.pub.Marshal())] {
+			continue
+		}
+		seen[string(f.pub.Marshal())] = true
+		add(f.signer, f.path)
+	}
+	return keys, nil
+}
+
+// agentSigners returns the agent's keys, recording in keys the agent
+// connection they sign through.
+func agentSigners(s *sshSettings, log *slog.Logger, keys *gosshKeys) []ssh.Signer {
+	sock := s.IdentityAgent
+	if sock == "" || sock == "SSH_AUTH_SOCK" {
+		sock = os.Getenv("SSH_AUTH_SOCK")
+	}
+	if sock == "" || sock == "none" {
+		return nil
+	}
+	conn, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if err != nil {
+		log.Debug("no ssh-agent", "socket", sock, "err", err)
+		keys.skipped = append(keys.skipped, "agent "+sock+": "+err.Error())
+		return nil
+	}
+	ag := agent.NewClient(conn)
+	signers, err := ag.Signers()
+	if err != nil {
+		conn.Close()
+		log.Debug("ssh-agent list failed", "socket", sock, "err", err)
+		keys.skipped = append(keys.skipped, "agent "+sock+": "+err.Error())
+		return nil
+	}
+	if len(signers) == 0 {
+		conn.Close()
+		return nil
+	}
+	keys.agentConn = conn
+	return signers
+}
+
+// readPublicKey reads an authorized_keys-format public key file; nil if it
+// cannot.
+func readPublicKey(path string) ssh.PublicKey {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	pub, _, _, _, err := ssh.ParseAuthorizedKey(b)
+	if err != nil {
+		return nil
+	}
+	return pub
+}
+
+// loadCertificates reads the CertificateFile entries and the KEY-cert.pub
+// files beside the IdentityFiles. Missing files are skipped silently,
+// unparsable ones with a debug line.
+func loadCertificates(s *sshSettings, log *slog.Logger) []*ssh.Certificate {
+	paths := slices.Clone(s.CertificateFiles)
+	for _, p := range s.IdentityFiles {
+		paths = append(paths, p+"-cert.pub")
+	}
+	var certs []*ssh.Certificate
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				log.Debug("skipping certificate", "file", p, "err", err)
+			}
+			continue
+		}
+		pub, _, _, _, err := ssh.ParseAuthorizedKey(b)
+		cert, ok := pub.(*ssh.Certificate)
+		if err != nil || !ok {
+			log.Debug("skipping file that holds no certificate", "file", p, "err", err)
+			continue
+		}
+		if cert.CertType != ssh.UserCert {
+			log.Debug("skipping host certificate given as a user certificate", "file", p)
+			continue
+		}
+		certs = append(certs, cert)
+	}
+	return certs
+}
+
+// describeKey returns "TYPE SHA256:...".
+func describeKey(k ssh.PublicKey) string {
+	return k.Type() + " " + ssh.FingerprintSHA256(k)
+}
+
+// gosshTunnel is a MethodGoSSH tunnel: an SSH client (possibly reached
+// through jump hosts) opening one direct-tcpip channel per connection.
+type gosshTunnel struct {
+	client *ssh.Client
+	hops   []*ssh.Client // jump hosts, in connection order
+	log    *slog.Logger
+
+	stopOnce sync.Once
+	stop     chan struct{} // closed by Close
+	done     chan struct{} // closed by run when everything is torn down
+
+	mu     sync.Mutex
+	err    error
+	closed bool           // no new dial goroutines once set
+	dials  sync.WaitGroup // dial goroutines, waited for before done
+}
+
+// run supervises the tunnel until Close, a dropped connection or missed
+// keepalives; then it closes the clients and waits for every goroutine of
+// the tunnel before closing done.
+func (t *gosshTunnel) run(interval time.Duration, countMax int) {
+	// Wait on every client: a jump host dropping ends the tunnel too.
+	clients := append([]*ssh.Client{t.client}, t.hops...)
+	waitc := make(chan error, len(clients))
+	for _, c := range clients {
+		go func() { waitc <- c.Wait() }()
+	}
+	waiting := len(clients)
+	kaStop, kaDone := make(chan struct{}), make(chan struct{})
+	kaFail := make(chan error, 1)
+	if interval > 0 {
+		go func() {
+			defer close(kaDone)
+			t.keepalive(interval, countMax, kaStop, kaFail)
+		}()
+	} else {
+		close(kaDone)
+	}
+
+	var err error
+	select {
+	case <-t.stop:
+	case werr := <-waitc:
+		waiting--
+		if werr == nil {
+			werr = errors.New("closed by the server")
+		}
+		err = fmt.Errorf("hpcproxy: SSH connection to the login node dropped: %w", werr)
+	case err = <-kaFail:
+	}
+	if err != nil {
+		t.log.Warn("tunnel down", "err", err)
+	}
+	close(kaStop)
+	_ = t.client.Close()
+	for _, h := range slices.Backward(t.hops) {
+		_ = h.Close()
+	}
+	for ; waiting > 0; waiting-- {
+		<-waitc
+	}
+	<-kaDone
+	t.mu.Lock()
+	t.closed = true
+	t.err = err
+	t.mu.Unlock()
+	t.dials.Wait()
+	close(t.done)
+}
+
+// keepalive sends keepalive@openssh.com (want reply) every interval. A
+// SendRequest on a dead link blocks (holding x/crypto's global-request
+// lock), so each runs in its own goroutine, raced against the next tick,
+// and no new one starts while one is outstanding: every tick that finds the
+// last request unanswered counts as a miss. After countMax misses in a row
+// it reports on fail: a silent server is detected within
+// interval*(countMax+1).
+func (t *gosshTunnel) keepalive(interval time.Duration, countMax int, stop <-chan struct{}, fail chan<- error) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	var pending chan error
+	defer func() {
+		if pending != nil {
+			<-stop
+			<-pending // returns once run has closed the client
+		}
+	}()
+	misses := 0
+	for {
+		select {
+		case <-stop:
+			return
+		case err := <-pending:
+			pending = nil
+			if err == nil { // any reply, even "request failed", proves life
+				misses = 0
+			}
+			continue
+		case <-tick.C:
+		}
+		if pending != nil {
+			misses++
+			t.log.Debug("keepalive unanswered", "misses", misses, "max", countMax)
+			if misses >= countMax {
+				fail <- fmt.Errorf("hpcproxy: login node stopped answering keepalives after %d x %s", countMax, interval)
+				return
+			}
+			continue
+		}
+		pending = make(chan error, 1)
+		go func(p chan<- error) {
+			_, _, err := t.client.SendRequest("keepalive@openssh.com", true, nil)
+			p <- err
+		}(pending)
+	}
+}
+
+// DialContext opens a direct-tcpip channel to addr; the name in addr is
+// resolved by the login node. ctx governs the channel open only; a channel
+// that opens after ctx ended is closed.
+func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, fmt.Errorf("hpcproxy: gossh tunnel cannot dial network %q", network)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil, ErrTunnelDown
+	}
+	t.dials.Add(1)
+	t.mu.Unlock()
+
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result)
+	go func() {
+		defer t.dials.Done()
+		c, err := t.client.Dial(network, addr)
+		select {
+		case ch <- result{c, err}:
+		case <-ctx.Done():
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			select {
+			case <-t.stop:
+				return nil, fmt.Errorf("%w: %w", ErrTunnelDown, r.err)
+			default:
+			}
+			return nil, convertOpenChannelError(addr, r.err)
+		}
+		return r.c, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Close closes the SSH client (ending every connection dialled through it)
+// and the jump hosts, and waits until all of the tunnel's goroutines are
+// gone.
+func (t *gosshTunnel) Close() error {
+	t.stopOnce.Do(func() { close(t.stop) })
+	<-t.done
+	return nil
+}
+
+func (t *gosshTunnel) Done() <-chan struct{} { return t.done }
+
+func (t *gosshTunnel) Err() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.err
+}
