@@ -9,6 +9,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 )
 
 // droppableTunnel is a direct tunnel whose link can be "cut" by the test,
@@ -207,4 +209,61 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	_, err = st.Dial(context.Background(), "tcp", "127.0.0.1:1")
 	require.ErrorIs(t, err, ErrTunnelDown)
 	require.NoError(t, st.Close(), "Close is idempotent")
+}
+
+// TestSupervisorSSHDRestart stops the real sshd under a gossh tunnel: the
+// supervisor notices, reports reconnecting, dials during the outage fail
+// with ErrTunnelDown once the grace is over, and after sshd is back a dial
+// goes through again.
+func TestSupervisorSSHDRestart(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	echo := startEchoServer(t)
+	changes := make(chan TunnelState, 1024)
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		Tunnel: TunnelConfig{
+			Destination:       "sshtest",
+			SSHConfigFile:     sshd.SSHConfigFile,
+			Methods:           []Method{MethodGoSSH},
+			KeepaliveInterval: 200 * time.Millisecond,
+			KeepaliveCountMax: 2,
+			ConnectTimeout:    2 * time.Second,
+		},
+		MinBackoff: 50 * time.Millisecond,
+		MaxBackoff: 200 * time.Millisecond,
+		DialGrace:  100 * time.Millisecond,
+		OnChange:   func(s TunnelState, _ *Tunnel) { changes <- s },
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	require.NoError(t, echoOnce(context.Background(), st.Current(), echo, []byte("before")))
+	require.Equal(t, StatusUp, (<-changes).Status)
+
+	sshd.Stop()
+	waitStatus(t, changes, StatusReconnecting)
+	_, err = st.Dial(context.Background(), "tcp", echo)
+	require.ErrorIs(t, err, ErrTunnelDown)
+	require.ErrorContains(t, err, "reconnecting")
+
+	sshd.Start(t)
+	waitStatus(t, changes, StatusUp)
+	c, err := st.Dial(context.Background(), "tcp", echo)
+	require.NoError(t, err)
+	c.Close()
+	assert.Equal(t, 1, st.State().Reconnects)
+	assert.Equal(t, MethodGoSSH, st.State().Method)
+}
+
+func waitStatus(t *testing.T, changes <-chan TunnelState, want TunnelStatus) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case s := <-changes:
+			if s.Status == want {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("status %v not reached within 20s", want)
+		}
+	}
 }
