@@ -305,6 +305,7 @@ func rawExchange(t testing.TB, addr string, req []byte) []byte {
 	require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
 	_, err = c.Write(req)
 	require.NoError(t, err)
+	require.NoError(t, c.(*net.TCPConn).CloseWrite())
 	got, err := io.ReadAll(c)
 	require.NoError(t, err)
 	return got
@@ -472,9 +473,13 @@ func TestServerLimits(t *testing.T) {
 	t.Run("AllowClient", func(t *testing.T) {
 		srv := &Server{AllowClient: func(a net.Addr) bool { return false }}
 		addr := startServer(t, srv)
-		got := rawExchange(t, addr, []byte{5, 1, 0})
-		require.Empty(t, got)
-		require.Equal(t, int64(1), srv.Stats().FailedHandshakes)
+		c, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer c.Close()
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(5*time.Second)))
+		_, err = c.Read(make([]byte, 1))
+		require.ErrorIs(t, err, io.EOF)
+		require.Eventually(t, func() bool { return srv.Stats().FailedHandshakes == 1 }, 5*time.Second, 5*time.Millisecond)
 	})
 	t.Run("TrustConn", func(t *testing.T) {
 		srv := &Server{
