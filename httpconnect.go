@@ -124,10 +124,11 @@ func writeHTTPError(w io.Writer, e *httpError) error {
 	return err
 }
 
-// refuseHTTP answers e, logs it, and lingers briefly so that the client
-// reads the response before the conn closes (closing with unread request
-// bytes would reset it).
+// refuseHTTP counts a failed request, answers e, logs it, and lingers
+// briefly so that the client reads the response before the conn closes
+// (closing with unread request bytes would reset it).
 func (ss *session) refuseHTTP(e *httpError) error {
+	ss.srv.failed.Add(1)
 	ss.log.Debug("http request refused", "status", e.code, "reason", e.msg)
 	if err := writeHTTPError(ss.c.raw, e); err != nil {
 		ss.log.Debug("write refusal", "err", err)
@@ -175,19 +176,23 @@ func (ss *session) serveHTTP() error {
 		if err != nil {
 			var he *httpError
 			if errors.As(err, &he) {
-				return ss.fail(ss.refuseHTTP(he))
+				return ss.refuseHTTP(he)
 			}
 			return ss.fail(err)
 		}
 		c.unlimit()
+		if req.ProtoMajor != 1 {
+			return ss.refuseHTTP(&httpError{code: http.StatusHTTPVersionNotSupported,
+				msg: "unsupported protocol version " + strconv.Quote(req.Proto)})
+		}
 		if !ss.trusted && !ss.proxyAuthorized(req.Header) {
-			return ss.fail(ss.refuseHTTP(&httpError{code: http.StatusProxyAuthRequired,
+			return ss.refuseHTTP(&httpError{code: http.StatusProxyAuthRequired,
 				msg:    "proxy authentication required",
-				header: []string{`Proxy-Authenticate: Basic realm="hpcproxy"`}}))
+				header: []string{`Proxy-Authenticate: Basic realm="hpcproxy"`}})
 		}
 		addr, err := requestTarget(req)
 		if err != nil {
-			return ss.fail(ss.refuseHTTP(err.(*httpError)))
+			return ss.refuseHTTP(err.(*httpError))
 		}
 		if req.Method == http.MethodConnect {
 			return ss.serveCONNECT(addr)
@@ -223,7 +228,7 @@ func (ss *session) serveCONNECT(addr string) error {
 	if err != nil {
 		f := classifyDialError(err)
 		ss.logDialError(addr, f, err)
-		return ss.fail(ss.refuseHTTP(&httpError{code: httpStatusFor(f), msg: "connect to " + addr + ": " + f.reason()}))
+		return ss.refuseHTTP(&httpError{code: httpStatusFor(f), msg: "connect to " + addr + ": " + f.reason()})
 	}
 	if _, err := io.WriteString(ss.c.raw, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
 		ss.release(dst)
@@ -278,7 +283,7 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 	if err != nil {
 		var he *httpError
 		if errors.As(err, &he) {
-			return false, ss.fail(ss.refuseHTTP(he))
+			return false, ss.refuseHTTP(he)
 		}
 		return false, err
 	}

@@ -174,4 +174,3 @@ func FuzzSOCKS5Request(f *testing.F) {
 		}
 	})
 }
-
