@@ -64,7 +64,8 @@ type Server struct {
 
 	// AllowClient optionally restricts who may connect: a connection whose
 	// remote address it returns false for is closed at once and logged at
-	// Warn. If nil, every client is allowed.
+	// Warn. The address is nil for an unnamed unix-socket peer. If nil,
+	// every client is allowed.
 	AllowClient func(net.Addr) bool
 
 	// Logger optionally receives per-connection diagnostics (failed
@@ -352,7 +353,7 @@ type session struct {
 
 func (s *Server) serveConn(raw net.Conn) {
 	s.total.Add(1)
-	log := s.logger().With("client", raw.RemoteAddr().String())
+	log := s.logger().With("client", addrString(raw.RemoteAddr()))
 	if s.AllowClient != nil && !s.AllowClient(raw.RemoteAddr()) {
 		log.Warn("client not allowed; closing")
 		s.failed.Add(1)
@@ -391,9 +392,25 @@ func (s *Server) serveConn(raw net.Conn) {
 	}
 }
 
+// addrString is a.String(), or "" for a nil address (an unnamed unix
+// socket peer).
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
 // dial opens the destination for a session, bounded by DialTimeout and
 // aborted by Close. The conn is tracked so that Close reaches it.
+//
+// The request has been read by now, so dial first lifts the handshake
+// deadline: a dial may take longer than the handshake timeout, and the
+// reply must still be written afterwards.
 func (ss *session) dial(addr string) (net.Conn, error) {
+	if err := ss.c.raw.SetDeadline(time.Time{}); err != nil {
+		return nil, fmt.Errorf("hpcproxy: clear handshake deadline: %w", err)
+	}
 	if ss.refuse {
 		return nil, errTooManyConns
 	}

@@ -523,6 +523,20 @@ func TestServerLimits(t *testing.T) {
 		require.ErrorIs(t, err, io.EOF)
 		require.Equal(t, int64(1), srv.Stats().FailedHandshakes)
 	})
+	t.Run("slow dial outlives HandshakeTimeout", func(t *testing.T) {
+		srv := &Server{HandshakeTimeout: 100 * time.Millisecond, Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			time.Sleep(300 * time.Millisecond)
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		}}
+		addr := startServer(t, srv)
+		c, err := socks5Dial(addr, echo)
+		require.NoError(t, err)
+		defer c.Close()
+		echoCheck(t, c, "slow but fine")
+		resp := httpExchange(t, addr, "GET http://"+closedPort(t)+"/ HTTP/1.1\r\n\r\n")
+		require.Equal(t, http.StatusBadGateway, resp.code)
+	})
 	t.Run("DialTimeout", func(t *testing.T) {
 		srv := &Server{DialTimeout: 50 * time.Millisecond, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			<-ctx.Done()
@@ -533,6 +547,32 @@ func TestServerLimits(t *testing.T) {
 		require.Equal(t, http.StatusGatewayTimeout, resp.code)
 		require.Contains(t, resp.body, "timed out")
 	})
+}
+
+// TestUnixListener serves on a unix socket, as Serve allows.
+func TestUnixListener(t *testing.T) {
+	echo := startEchoServer(t)
+	sock := t.TempDir() + "/proxy.sock"
+	ln, err := net.Listen("unix", sock)
+	require.NoError(t, err)
+	srv := &Server{}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	t.Cleanup(func() { srv.Close(); <-done })
+	d, err := proxy.SOCKS5("unix", sock, nil, proxy.Direct)
+	require.NoError(t, err)
+	c, err := d.Dial("tcp", echo)
+	require.NoError(t, err)
+	defer c.Close()
+	echoCheck(t, c, "over a unix socket")
+	msg := strings.Repeat("u", 1<<20)
+	go func() {
+		_, _ = io.WriteString(c, msg)
+		_ = c.(*net.UnixConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(c)
+	require.NoError(t, err)
+	require.Equal(t, len(msg), len(got))
 }
 
 func TestStats(t *testing.T) {
