@@ -257,7 +257,11 @@ func removeHopHeaders(h http.Header) {
 	}
 }
 
-const viaValue = "1.1 hpcproxy"
+// via is this proxy's Via entry for a message received with HTTP
+// major.minor (RFC 9110, 7.6.3).
+func via(major, minor int) string {
+	return strconv.Itoa(major) + "." + strconv.Itoa(minor) + " hpcproxy"
+}
 
 // forward sends one absolute-form request to addr and streams the response
 // back. It reports whether the client connection may carry another
@@ -269,7 +273,10 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 	if expectContinue {
 		req.Header.Del("Expect")
 	}
-	req.Header.Add("Via", viaValue)
+	req.Header.Add("Via", via(req.ProtoMajor, req.ProtoMinor))
+	if _, ok := req.Header["User-Agent"]; !ok {
+		req.Header["User-Agent"] = []string{""} // keep req.Write from adding Go's
+	}
 	req.Close = false
 	req.RequestURI = ""
 
@@ -291,7 +298,7 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 
 	upstreamClose := resp.Close
 	removeHopHeaders(resp.Header)
-	resp.Header.Add("Via", viaValue)
+	resp.Header.Add("Via", via(resp.ProtoMajor, resp.ProtoMinor))
 	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/1.1", 1, 1
 	resp.Close = clientClose
 	if resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req.Method, resp.StatusCode) {

@@ -155,6 +155,15 @@ func TestHTTPForward(t *testing.T) {
 		}
 		require.Equal(t, "kept", s.header.Get("X-End"))
 		require.Equal(t, "1.1 hpcproxy", s.header.Get("Via"))
+		require.Empty(t, s.header.Values("User-Agent"), "the proxy added a User-Agent")
+	})
+	t.Run("HTTP/1.0 client", func(t *testing.T) {
+		resp, body := roundTrip("GET " + a.URL + "/old HTTP/1.0\r\nUser-Agent: old/1\r\nConnection: keep-alive\r\n\r\n")
+		require.Equal(t, "hello from /old", body)
+		require.False(t, resp.Close)
+		s := <-seenc
+		require.Equal(t, "1.0 hpcproxy", s.header.Get("Via"))
+		require.Equal(t, "old/1", s.header.Get("User-Agent"))
 	})
 	t.Run("keep-alive to another host, chunked response", func(t *testing.T) {
 		resp, body := roundTrip("GET " + b.URL + "/chunked HTTP/1.1\r\nHost: x\r\n\r\n")
