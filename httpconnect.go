@@ -164,8 +164,11 @@ func (ss *session) serveHTTP() error {
 			if err := c.raw.SetDeadline(idle); err != nil {
 				return err
 			}
-			if _, err := c.br.Peek(1); err != nil {
-				return nil // the client is done (or idled out)
+			ss.idle.Store(true)
+			_, err := c.br.Peek(1)
+			ss.idle.Store(false)
+			if err != nil {
+				return nil // the client is done, idled out, or we shut down
 			}
 			if err := c.raw.SetDeadline(time.Now().Add(ss.srv.handshakeTimeout())); err != nil {
 				return err

@@ -98,7 +98,7 @@ type Server struct {
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
-	conns     map[net.Conn]struct{}
+	conns     map[net.Conn]*atomic.Bool // client and destination conns; true: idle between HTTP requests
 	closed    bool
 	ctx       context.Context // cancelled by Close: aborts dials in flight
 	cancel    context.CancelFunc
@@ -193,7 +193,8 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		if !s.trackConn(c, true) {
+		idle, ok := s.trackConn(c)
+		if !ok {
 			c.Close()
 			continue
 		}
@@ -202,9 +203,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		go func() {
 			defer wg.Done()
 			defer s.handlers.Add(-1)
-			defer s.trackConn(c, false)
+			defer s.untrackConn(c)
 			defer c.Close()
-			s.serveConn(c)
+			s.serveConn(c, idle)
 		}()
 	}
 }
@@ -242,9 +243,10 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// Shutdown stops accepting and waits for live connections to end by
-// themselves. If ctx ends first, Shutdown closes them as Close does and
-// returns ctx's error.
+// Shutdown stops accepting, closes HTTP connections that are idle between
+// requests, and waits for the other connections (relays, requests in
+// progress) to end by themselves. If ctx ends first, Shutdown closes them
+// as Close does and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.initLocked()
@@ -257,6 +259,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for s.handlers.Load() > 0 {
+		s.closeIdle()
 		select {
 		case <-ctx.Done():
 			_ = s.Close()
@@ -271,7 +274,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) initLocked() {
 	if s.listeners == nil {
 		s.listeners = make(map[net.Listener]struct{})
-		s.conns = make(map[net.Conn]struct{})
+		s.conns = make(map[net.Conn]*atomic.Bool)
 		s.ctx, s.cancel = context.WithCancel(context.Background())
 	}
 }
@@ -305,20 +308,35 @@ func (s *Server) trackListener(ln net.Listener, add bool) bool {
 }
 
 // trackConn registers c (a client or a destination conn) so that Close can
-// close it; it refuses, returning false, once the server is closed.
-func (s *Server) trackConn(c net.Conn, add bool) bool {
+// close it, and returns its idle flag, which Shutdown reads. It refuses,
+// returning false, once the server is closed.
+func (s *Server) trackConn(c net.Conn) (*atomic.Bool, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.initLocked()
-	if !add {
-		delete(s.conns, c)
-		return true
-	}
 	if s.closed {
-		return false
+		return nil, false
 	}
-	s.conns[c] = struct{}{}
-	return true
+	idle := new(atomic.Bool)
+	s.conns[c] = idle
+	return idle, true
+}
+
+func (s *Server) untrackConn(c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, c)
+}
+
+// closeIdle closes the client conns that wait between HTTP requests.
+func (s *Server) closeIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c, idle := range s.conns {
+		if idle.Load() {
+			c.Close()
+		}
+	}
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -346,12 +364,13 @@ func (s *Server) dialTimeout() time.Duration {
 type session struct {
 	srv     *Server
 	c       *clientConn
-	trusted bool // no credentials required
-	refuse  bool // over MaxConns: read the request, then refuse it
+	trusted bool         // no credentials required
+	refuse  bool         // over MaxConns: read the request, then refuse it
+	idle    *atomic.Bool // set while waiting for the next HTTP request
 	log     *slog.Logger
 }
 
-func (s *Server) serveConn(raw net.Conn) {
+func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool) {
 	s.total.Add(1)
 	log := s.logger().With("client", addrString(raw.RemoteAddr()))
 	if s.AllowClient != nil && !s.AllowClient(raw.RemoteAddr()) {
@@ -359,7 +378,7 @@ func (s *Server) serveConn(raw net.Conn) {
 		s.failed.Add(1)
 		return
 	}
-	ss := &session{srv: s, log: log}
+	ss := &session{srv: s, log: log, idle: idle}
 	if n := s.active.Add(1); s.MaxConns > 0 && n > int64(s.MaxConns) {
 		s.active.Add(-1)
 		ss.refuse = true
@@ -426,7 +445,7 @@ func (ss *session) dial(addr string) (net.Conn, error) {
 	if err != nil {
 		return nil, convertOpenChannelError(addr, err)
 	}
-	if !s.trackConn(c, true) {
+	if _, ok := s.trackConn(c); !ok {
 		c.Close()
 		return nil, ErrServerClosed
 	}
@@ -436,7 +455,7 @@ func (ss *session) dial(addr string) (net.Conn, error) {
 // release closes a destination conn from dial and forgets it.
 func (ss *session) release(c net.Conn) {
 	c.Close()
-	ss.srv.trackConn(c, false)
+	ss.srv.untrackConn(c)
 }
 
 // checkPassword reports, in constant time for the password, whether

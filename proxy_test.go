@@ -398,6 +398,22 @@ func TestShutdown(t *testing.T) {
 		require.NoError(t, <-shut)
 		require.ErrorIs(t, <-served, ErrServerClosed)
 	})
+	t.Run("Shutdown closes idle keep-alive conns", func(t *testing.T) {
+		backend := startBackend(t)
+		srv := &Server{}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		served := make(chan error, 1)
+		go func() { served <- srv.Serve(ln) }()
+		c := httpClient(t, nil, "http://"+ln.Addr().String())
+		code, _ := getBody(t, c, backend.URL+"/keep")
+		require.Equal(t, 200, code)
+		require.Equal(t, int64(1), srv.Stats().Active, "the client conn should be kept alive")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		require.NoError(t, srv.Shutdown(ctx))
+		require.ErrorIs(t, <-served, ErrServerClosed)
+	})
 	t.Run("Shutdown deadline closes conns", func(t *testing.T) {
 		srv := &Server{}
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
