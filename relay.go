@@ -37,15 +37,13 @@ var errIdle = errors.New("hpcproxy: relay idle timeout")
 // that a copier holds only while data flows.
 func relay(client, dst net.Conn, cfg relayConfig) error {
 	var once sync.Once
-	var closeErr error
-	closeBoth := func(cause error) {
+	closeBoth := func() {
 		once.Do(func() {
-			closeErr = cause
 			client.Close()
 			dst.Close()
 		})
 	}
-	defer closeBoth(nil)
+	defer closeBoth()
 
 	if len(cfg.early) > 0 {
 		n, err := dst.Write(cfg.early)
@@ -56,6 +54,7 @@ func relay(client, dst net.Conn, cfg relayConfig) error {
 	}
 
 	var activity *atomic.Int64
+	var idled atomic.Bool
 	if cfg.idle > 0 {
 		activity = new(atomic.Int64)
 		activity.Store(time.Now().UnixNano())
@@ -63,7 +62,8 @@ func relay(client, dst net.Conn, cfg relayConfig) error {
 		t = time.AfterFunc(cfg.idle, func() {
 			since := time.Since(time.Unix(0, activity.Load()))
 			if since >= cfg.idle {
-				closeBoth(errIdle)
+				idled.Store(true)
+				closeBoth()
 				return
 			}
 			t.Reset(cfg.idle - since)
@@ -77,18 +77,18 @@ func relay(client, dst net.Conn, cfg relayConfig) error {
 	go func() {
 		err := down.run()
 		if err != nil {
-			closeBoth(err)
+			closeBoth()
 		}
 		errc <- err
 	}()
 	err := up.run()
 	if err != nil {
-		closeBoth(err)
+		closeBoth()
 	}
 	if derr := <-errc; err == nil {
 		err = derr
 	}
-	if errors.Is(closeErr, errIdle) {
+	if idled.Load() {
 		return errIdle
 	}
 	return err
