@@ -372,7 +372,10 @@ type session struct {
 
 func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool) {
 	s.total.Add(1)
-	log := s.logger().With("client", addrString(raw.RemoteAddr()))
+	log := discardLogger
+	if s.Logger != nil {
+		log = s.Logger.With("client", addrString(raw.RemoteAddr()))
+	}
 	if s.AllowClient != nil && !s.AllowClient(raw.RemoteAddr()) {
 		log.Warn("client not allowed; closing")
 		s.failed.Add(1)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -487,7 +488,12 @@ func TestServerLimits(t *testing.T) {
 		c.Close()
 	})
 	t.Run("AllowClient", func(t *testing.T) {
-		srv := &Server{AllowClient: func(a net.Addr) bool { return false }}
+		var logs strings.Builder
+		var mu sync.Mutex
+		srv := &Server{
+			AllowClient: func(a net.Addr) bool { return false },
+			Logger:      slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil)),
+		}
 		addr := startServer(t, srv)
 		c, err := net.Dial("tcp", addr)
 		require.NoError(t, err)
@@ -496,6 +502,9 @@ func TestServerLimits(t *testing.T) {
 		_, err = c.Read(make([]byte, 1))
 		require.ErrorIs(t, err, io.EOF)
 		require.Eventually(t, func() bool { return srv.Stats().FailedHandshakes == 1 }, 5*time.Second, 5*time.Millisecond)
+		mu.Lock()
+		defer mu.Unlock()
+		require.Contains(t, logs.String(), "level=WARN msg=\"client not allowed; closing\" client=127.0.0.1:")
 	})
 	t.Run("TrustConn", func(t *testing.T) {
 		srv := &Server{
@@ -621,4 +630,16 @@ func syscallErr(op string, e syscall.Errno) error { return os.NewSyscallError(op
 // sshOpenErr is what x/crypto/ssh returns when sshd refuses a channel.
 func sshOpenErr(reason ssh.RejectionReason, msg string) error {
 	return &ssh.OpenChannelError{Reason: reason, Message: msg}
+}
+
+// lockedWriter serializes writes to w.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
