@@ -2,9 +2,554 @@ package hpcproxy
 
 import (
 	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
 	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
 )
 
 // DialFunc dials a network connection to addr. Compatible with
 // net.Dialer.DialContext and http.Transport.DialContext.
+//
+// The proxy server calls it with network "tcp" and addr "host:port", where
+// host is an IP literal or a name that the DialFunc resolves (on the far
+// side of a tunnel). ctx governs the dial only, never the returned conn.
 type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// Defaults for the [Server] timeouts.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultDialTimeout      = 30 * time.Second
+)
+
+// ErrServerClosed is returned by [Server.Serve] after [Server.Close] or
+// [Server.Shutdown].
+var ErrServerClosed = errors.New("hpcproxy: server closed")
+
+// errTooManyConns stands in for a dial when the server is at MaxConns; it
+// is answered like a dial failure (SOCKS general failure, HTTP 503).
+var errTooManyConns = errors.New("hpcproxy: too many connections")
+
+// Server is a proxy server that speaks SOCKS5 (RFC 1928, with RFC 1929
+// username/password), SOCKS4 and SOCKS4a, HTTP CONNECT and absolute-form
+// HTTP forwarding, all on one listener: the first byte of a connection
+// picks the protocol. Every outgoing connection is opened with Dial.
+//
+// The zero value is a usable server that dials directly. Set the fields
+// before calling Serve and do not change them afterwards. A Server must not
+// be copied after first use.
+type Server struct {
+	// Dial optionally specifies how to reach destinations. It is called
+	// with network "tcp" and "host:port"; domain names are passed
+	// unresolved. If nil, a [net.Dialer]'s DialContext is used.
+	Dial DialFunc
+
+	// Credentials optionally maps user names to passwords that clients must
+	// present: RFC 1929 for SOCKS5, Basic Proxy-Authorization for HTTP.
+	// SOCKS4 has no password, so a SOCKS4 request is accepted when its user
+	// ID field is one of the passwords (a token) or "user:password". If
+	// empty, no authentication is required. Comparisons take constant time.
+	Credentials map[string]string
+
+	// TrustConn optionally lets a connection in without credentials: when
+	// it returns true for an accepted conn, Credentials are not required of
+	// it (the daemon trusts same-user loopback peers this way). If nil,
+	// every connection must authenticate when Credentials is set.
+	TrustConn func(net.Conn) bool
+
+	// AllowClient optionally restricts who may connect: a connection whose
+	// remote address it returns false for is closed at once and logged at
+	// Warn. The address is nil for an unnamed unix-socket peer. If nil,
+	// every client is allowed.
+	AllowClient func(net.Addr) bool
+
+	// Logger optionally receives per-connection diagnostics (failed
+	// handshakes and dials at Debug, refusals and a down tunnel at Warn).
+	// If nil, nothing is logged.
+	Logger *slog.Logger
+
+	// HandshakeTimeout optionally bounds protocol sniffing plus the proxy
+	// handshake, as a deadline on the client socket that is cleared once
+	// the request is read. If zero, DefaultHandshakeTimeout is used.
+	HandshakeTimeout time.Duration
+
+	// DialTimeout optionally bounds each call to Dial. If zero,
+	// DefaultDialTimeout is used.
+	DialTimeout time.Duration
+
+	// IdleTimeout optionally closes a relayed connection after this long
+	// with no bytes in either direction, and a keep-alive HTTP connection
+	// that waits this long for its next request. If zero (the default),
+	// connections may idle forever: long-lived quiet streams are normal.
+	// A nonzero IdleTimeout makes relays copy in user space (the server must
+	// see bytes to know the conn is not idle), giving up Linux splice.
+	IdleTimeout time.Duration
+
+	// MaxConns optionally limits how many connections are served at once.
+	// A connection beyond the limit is still accepted and its request read
+	// (under HandshakeTimeout), then refused the way its protocol expects:
+	// SOCKS5 reply 0x01, SOCKS4 0x5B, HTTP 503. If zero, there is no limit.
+	MaxConns int
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]*atomic.Bool // client and destination conns; true: idle between HTTP requests
+	closed    bool
+	ctx       context.Context // cancelled by Close: aborts dials in flight
+	cancel    context.CancelFunc
+
+	handlers atomic.Int64 // connection goroutines running
+	active   atomic.Int64
+	total    atomic.Int64
+	bytesIn  atomic.Int64
+	bytesOut atomic.Int64
+	failed   atomic.Int64
+}
+
+// ServerStats is a snapshot of a [Server]'s counters.
+type ServerStats struct {
+	Active           int64 // connections being served now
+	Total            int64 // connections accepted since the server started
+	BytesIn          int64 // bytes relayed from clients to destinations
+	BytesOut         int64 // bytes relayed from destinations to clients
+	FailedHandshakes int64 // connections that ended before a relay started
+}
+
+// Stats returns the server's counters. Byte counts of a spliced relay
+// (TCP on both sides, no IdleTimeout) are added when the relay ends.
+func (s *Server) Stats() ServerStats {
+	return ServerStats{
+		Active:           s.active.Load(),
+		Total:            s.total.Load(),
+		BytesIn:          s.bytesIn.Load(),
+		BytesOut:         s.bytesOut.Load(),
+		FailedHandshakes: s.failed.Load(),
+	}
+}
+
+// RunProxy listens on listenAddr (TCP) and serves SOCKS5, SOCKS4/4a, HTTP
+// CONNECT and plain HTTP proxying on that one port, forwarding every
+// connection through dial (nil dials directly). Cancelling ctx stops
+// accepting and closes live connections; RunProxy returns nil once every
+// connection has ended, or the error that stopped it earlier.
+//
+// RunProxy is a thin wrapper around [Server]; use a Server for credentials,
+// timeouts, limits and logging, or to bring your own listener.
+func RunProxy(ctx context.Context, listenAddr string, dial DialFunc) error {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", listenAddr)
+	if err != nil {
+		return fmt.Errorf("hpcproxy: listen: %w", err)
+	}
+	srv := &Server{Dial: dial}
+	stop := context.AfterFunc(ctx, func() { _ = srv.Close() })
+	defer stop()
+	err = srv.Serve(ln)
+	if errors.Is(err, ErrServerClosed) && ctx.Err() != nil {
+		return nil
+	}
+	_ = srv.Close()
+	return err
+}
+
+// Serve accepts connections on ln and serves each in its own goroutine. It
+// returns once ln has failed or been closed (by Close or Shutdown) and
+// every connection it accepted has ended; after Close or Shutdown the error
+// is ErrServerClosed. If ln fails by itself (Accept returns an error other
+// than a passing shortage of file descriptors or memory), Serve closes the
+// whole server as Close does and returns that error. Serve takes ownership of ln. It may be called for
+// several listeners (TCP, unix socket) at once.
+func (s *Server) Serve(ln net.Listener) error {
+	if !s.trackListener(ln, true) {
+		ln.Close()
+		return ErrServerClosed
+	}
+	defer s.trackListener(ln, false)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer ln.Close()
+
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) || !retryableAccept(err) {
+				// Nothing will close the live conns otherwise, and Serve
+				// waits for them.
+				_ = s.Close()
+				return fmt.Errorf("hpcproxy: accept: %w", err)
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.logger().Warn("accept failed; retrying", "err", err, "in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		idle, ok := s.trackConn(c)
+		if !ok {
+			c.Close()
+			continue
+		}
+		s.handlers.Add(1)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer s.handlers.Add(-1)
+			defer s.untrackConn(c)
+			defer c.Close()
+			s.serveConn(c, idle)
+		}()
+	}
+}
+
+// retryableAccept reports whether an Accept error is a passing shortage
+// (file descriptors, memory, an aborted handshake) worth retrying.
+func retryableAccept(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// Close stops every Serve loop and closes all live connections at once,
+// aborting dials in flight. It does not wait for the connection goroutines;
+// Serve does. Close is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.initLocked()
+	s.closed = true
+	s.cancel()
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	return nil
+}
+
+// Shutdown stops accepting, closes HTTP connections that are idle between
+// requests, and waits for the other connections (relays, requests in
+// progress) to end by themselves. If ctx ends first, Shutdown closes them
+// as Close does and returns ctx's error.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.initLocked()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for s.handlers.Load() > 0 {
+		s.closeIdle()
+		select {
+		case <-ctx.Done():
+			_ = s.Close()
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+	_ = s.Close()
+	return nil
+}
+
+func (s *Server) initLocked() {
+	if s.listeners == nil {
+		s.listeners = make(map[net.Listener]struct{})
+		s.conns = make(map[net.Conn]*atomic.Bool)
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+func (s *Server) baseContext() context.Context {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.initLocked()
+	return s.ctx
+}
+
+func (s *Server) trackListener(ln net.Listener, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.initLocked()
+	if !add {
+		delete(s.listeners, ln)
+		return true
+	}
+	if s.closed {
+		return false
+	}
+	s.listeners[ln] = struct{}{}
+	return true
+}
+
+// trackConn registers c (a client or a destination conn) so that Close can
+// close it, and returns its idle flag, which Shutdown reads. It refuses,
+// returning false, once the server is closed.
+func (s *Server) trackConn(c net.Conn) (*atomic.Bool, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.initLocked()
+	if s.closed {
+		return nil, false
+	}
+	idle := new(atomic.Bool)
+	s.conns[c] = idle
+	return idle, true
+}
+
+func (s *Server) untrackConn(c net.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, c)
+}
+
+// closeIdle closes the client conns that wait between HTTP requests.
+func (s *Server) closeIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c, idle := range s.conns {
+		if idle.Load() {
+			c.Close()
+		}
+	}
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return discardLogger
+}
+
+func (s *Server) handshakeTimeout() time.Duration {
+	if s.HandshakeTimeout > 0 {
+		return s.HandshakeTimeout
+	}
+	return DefaultHandshakeTimeout
+}
+
+func (s *Server) dialTimeout() time.Duration {
+	if s.DialTimeout > 0 {
+		return s.DialTimeout
+	}
+	return DefaultDialTimeout
+}
+
+// session is one accepted client connection.
+type session struct {
+	srv     *Server
+	c       *clientConn
+	trusted bool         // no credentials required
+	refuse  bool         // over MaxConns: read the request, then refuse it
+	idle    *atomic.Bool // set while waiting for the next HTTP request
+	log     *slog.Logger
+}
+
+func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool) {
+	s.total.Add(1)
+	log := discardLogger
+	if s.Logger != nil {
+		log = s.Logger.With("client", addrString(raw.RemoteAddr()))
+	}
+	if s.AllowClient != nil && !s.AllowClient(raw.RemoteAddr()) {
+		log.Warn("client not allowed; closing")
+		s.failed.Add(1)
+		return
+	}
+	ss := &session{srv: s, log: log, idle: idle}
+	if n := s.active.Add(1); s.MaxConns > 0 && n > int64(s.MaxConns) {
+		s.active.Add(-1)
+		ss.refuse = true
+	} else {
+		defer s.active.Add(-1)
+	}
+	ss.trusted = len(s.Credentials) == 0 || (s.TrustConn != nil && s.TrustConn(raw))
+	ss.c = newClientConn(raw)
+	if err := raw.SetDeadline(time.Now().Add(s.handshakeTimeout())); err != nil {
+		log.Debug("set handshake deadline", "err", err)
+		s.failed.Add(1)
+		return
+	}
+	proto, err := ss.c.sniff()
+	if err != nil {
+		log.Debug("no request", "err", err)
+		s.failed.Add(1)
+		return
+	}
+	switch proto {
+	case protoSOCKS5:
+		err = ss.serveSOCKS5()
+	case protoSOCKS4:
+		err = ss.serveSOCKS4()
+	default:
+		err = ss.serveHTTP()
+	}
+	if err != nil {
+		log.Debug("connection ended", "proto", proto, "err", err)
+	}
+}
+
+// addrString is a.String(), or "" for a nil address (an unnamed unix
+// socket peer).
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// dial opens the destination for a session, bounded by DialTimeout and
+// aborted by Close. The conn is tracked so that Close reaches it.
+//
+// The request has been read by now, so dial first lifts the handshake
+// deadline: a dial may take longer than the handshake timeout, and the
+// reply must still be written afterwards.
+func (ss *session) dial(addr string) (net.Conn, error) {
+	if err := ss.c.raw.SetDeadline(time.Time{}); err != nil {
+		return nil, fmt.Errorf("hpcproxy: clear handshake deadline: %w", err)
+	}
+	if ss.refuse {
+		return nil, errTooManyConns
+	}
+	s := ss.srv
+	ctx, cancel := context.WithTimeout(s.baseContext(), s.dialTimeout())
+	defer cancel()
+	dial := s.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	c, err := dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, convertOpenChannelError(addr, err)
+	}
+	if _, ok := s.trackConn(c); !ok {
+		c.Close()
+		return nil, ErrServerClosed
+	}
+	return c, nil
+}
+
+// release closes a destination conn from dial and forgets it.
+func (ss *session) release(c net.Conn) {
+	c.Close()
+	ss.srv.untrackConn(c)
+}
+
+// checkPassword reports, in constant time for the password, whether
+// user/pass is one of the server's credentials.
+func (s *Server) checkPassword(user, pass string) bool {
+	want, ok := s.Credentials[user]
+	if !ok {
+		// Compare anyway so that unknown users take as long as known ones.
+		want = "\x00unknown user"
+	}
+	return subtle.ConstantTimeCompare([]byte(want), []byte(pass)) == 1 && ok
+}
+
+// checkToken reports whether tok is one of the passwords, or
+// "user:password", comparing against every credential in constant time.
+func (s *Server) checkToken(tok string) bool {
+	match := 0
+	for user, pass := range s.Credentials {
+		match |= subtle.ConstantTimeCompare([]byte(pass), []byte(tok))
+		match |= subtle.ConstantTimeCompare([]byte(user+":"+pass), []byte(tok))
+	}
+	return match == 1
+}
+
+// dialFailure classifies a dial error for the reply codes of every
+// protocol.
+type dialFailure int
+
+const (
+	failGeneral dialFailure = iota
+	failRefused
+	failNetUnreachable
+	failHostUnreachable
+	failTimeout
+	failProhibited
+	failTunnelDown
+	failBusy
+)
+
+func classifyDialError(err error) dialFailure {
+	var dnsErr *net.DNSError
+	var ne net.Error
+	switch {
+	case errors.Is(err, errTooManyConns):
+		return failBusy
+	case errors.Is(err, ErrTunnelDown):
+		return failTunnelDown
+	case errors.Is(err, ErrProhibited):
+		return failProhibited
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return failRefused
+	case errors.Is(err, syscall.ENETUNREACH):
+		return failNetUnreachable
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		return failHostUnreachable
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT),
+		errors.As(err, &ne) && ne.Timeout():
+		return failTimeout
+	case errors.As(err, &dnsErr):
+		return failHostUnreachable
+	}
+	return failGeneral
+}
+
+// reason is the short text that HTTP error bodies and logs give.
+func (f dialFailure) reason() string {
+	switch f {
+	case failRefused:
+		return "connection refused"
+	case failNetUnreachable:
+		return "network unreachable"
+	case failHostUnreachable:
+		return "host unreachable or unknown"
+	case failTimeout:
+		return "timed out"
+	case failProhibited:
+		return "forwarding to this destination is not allowed"
+	case failTunnelDown:
+		return "the tunnel to the login node is down (reconnecting); try again shortly"
+	case failBusy:
+		return "too many connections; try again later"
+	}
+	return "connection failed"
+}
+
+// logDialError logs a failed dial: at Warn when the tunnel is down, at
+// Debug otherwise (a refused port is the client's business).
+func (ss *session) logDialError(addr string, f dialFailure, err error) {
+	if f == failTunnelDown || f == failBusy {
+		ss.log.Warn("dial failed", "dest", addr, "reason", f.reason(), "err", err)
+		return
+	}
+	ss.log.Debug("dial failed", "dest", addr, "reason", f.reason(), "err", err)
+}

@@ -1,0 +1,187 @@
+package hpcproxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// relayConfig is what a relay needs besides its two conns.
+type relayConfig struct {
+	// early holds bytes the client sent after its request that were read
+	// into the handshake buffer; they reach the destination first.
+	early []byte
+	// idle closes both conns after this long without a byte either way;
+	// zero means never.
+	idle time.Duration
+	// in and out count bytes client->dest and dest->client.
+	in, out *atomic.Int64
+}
+
+// errIdle reports a relay closed by the idle timeout.
+var errIdle = errors.New("hpcproxy: relay idle timeout")
+
+// relay copies between client and dst in both directions until both
+// directions have ended, then closes both conns. It is the one relay of
+// the package: two named copiers, each io.Copy then CloseWrite, so that a
+// half-close on either side reaches the other. When one copier fails, both
+// conns are closed at once, which ends the other copier too.
+//
+// Between two kernel sockets (TCP, or a unix-socket client) the copiers hand
+// the raw conns to io.Copy so that Linux splices without copying through
+// user space. Other conns (SSH channels) are copied through pooled buffers
+// that a copier holds only while data flows.
+func relay(client, dst net.Conn, cfg relayConfig) error {
+	var once sync.Once
+	closeBoth := func() {
+		once.Do(func() {
+			client.Close()
+			dst.Close()
+		})
+	}
+	defer closeBoth()
+
+	if len(cfg.early) > 0 {
+		n, err := dst.Write(cfg.early)
+		cfg.in.Add(int64(n))
+		if err != nil {
+			return fmt.Errorf("hpcproxy: relay early bytes: %w", err)
+		}
+	}
+
+	var activity *atomic.Int64
+	var idled atomic.Bool
+	if cfg.idle > 0 {
+		activity = new(atomic.Int64)
+		activity.Store(time.Now().UnixNano())
+		var t *time.Timer
+		t = time.AfterFunc(cfg.idle, func() {
+			since := time.Since(time.Unix(0, activity.Load()))
+			if since >= cfg.idle {
+				idled.Store(true)
+				closeBoth()
+				return
+			}
+			t.Reset(cfg.idle - since)
+		})
+		defer t.Stop()
+	}
+
+	up := &copier{name: "client->dest", dst: dst, src: client, count: cfg.in, activity: activity}
+	down := &copier{name: "dest->client", dst: client, src: dst, count: cfg.out, activity: activity}
+	errc := make(chan error, 1)
+	go func() {
+		err := down.run()
+		if err != nil {
+			closeBoth()
+		}
+		errc <- err
+	}()
+	err := up.run()
+	if err != nil {
+		closeBoth()
+	}
+	if derr := <-errc; err == nil {
+		err = derr
+	}
+	if idled.Load() {
+		return errIdle
+	}
+	return err
+}
+
+// copier copies one direction of a relay.
+type copier struct {
+	name     string
+	dst, src net.Conn
+	count    *atomic.Int64
+	activity *atomic.Int64 // last byte's time in unix ns; nil: not watched
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// run copies until src ends, then half-closes dst. A dst that cannot
+// half-close is closed, which ends the relay.
+func (c *copier) run() error {
+	var err error
+	if c.activity == nil && kernelConn(c.src) && kernelConn(c.dst) {
+		// The splice path: both raw sockets reach io.Copy unwrapped.
+		var n int64
+		n, err = io.Copy(c.dst, c.src)
+		c.count.Add(n)
+	} else {
+		err = c.copyBuffered()
+	}
+	if err != nil {
+		return fmt.Errorf("hpcproxy: relay %s: %w", c.name, err)
+	}
+	cw, ok := c.dst.(closeWriter)
+	if !ok {
+		c.dst.Close()
+		return nil
+	}
+	if err := cw.CloseWrite(); err != nil {
+		return fmt.Errorf("hpcproxy: relay %s: half-close: %w", c.name, err)
+	}
+	return nil
+}
+
+// kernelConn reports whether c is a socket that Linux can splice from and
+// to with io.Copy.
+func kernelConn(c net.Conn) bool {
+	switch c.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		return true
+	}
+	return false
+}
+
+// Buffers for user-space copies. A copier takes one per read and gives it
+// back once the bytes are written, so an idle relay holds no large buffer:
+// it waits in Read with a small one, and moves to a large one while reads
+// keep filling the buffer.
+var (
+	smallBufPool = sync.Pool{New: func() any { b := make([]byte, 2<<10); return &b }}
+	largeBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+)
+
+// copyBuffered copies src to dst through pooled buffers until EOF, counting
+// bytes as they flow.
+func (c *copier) copyBuffered() error {
+	large := false
+	for {
+		pool := &smallBufPool
+		if large {
+			pool = &largeBufPool
+		}
+		bp := pool.Get().(*[]byte)
+		buf := *bp
+		nr, rerr := c.src.Read(buf)
+		if nr > 0 {
+			if c.activity != nil {
+				c.activity.Store(time.Now().UnixNano())
+			}
+			nw, werr := c.dst.Write(buf[:nr])
+			c.count.Add(int64(nw))
+			if werr == nil && nw < nr {
+				werr = io.ErrShortWrite
+			}
+			if werr != nil {
+				pool.Put(bp)
+				return werr
+			}
+		}
+		large = nr == len(buf)
+		pool.Put(bp)
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+}
