@@ -11,12 +11,3 @@ import (
 func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	return nil, errors.New("not yet")
 }
-func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
-	return nil, errors.New("not yet")
-}
-func startSOCKSTunnel(ctx context.Context, cfg *TunnelConfig, unix bool) (tunnelImpl, error) {
-	return nil, errors.New("not yet")
-}
-func startExecTunnel(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
-	return nil, errors.New("not yet")
-}
