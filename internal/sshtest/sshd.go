@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -219,11 +220,15 @@ func (s *SSHD) Stop() {
 	if s.cmd == nil {
 		return
 	}
+	// Per-connection sshd processes outlive the listener; end them too so a
+	// "stopped" server really drops its clients. Find them first: once the
+	// listener is dead they are reparented and no longer its children.
+	kids := descendants(s.cmd.Process.Pid)
 	_ = s.cmd.Process.Kill()
 	<-s.exit
-	// Per-connection sshd processes outlive the listener; end them too so a
-	// "stopped" server really drops its clients.
-	killChildren(s.cmd.Process.Pid)
+	for _, pid := range kids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 	s.cmd = nil
 }
 
@@ -258,25 +263,25 @@ func (s *SSHD) AuthorizeKey(t testing.TB, pub ssh.PublicKey, options ...string) 
 	}
 }
 
-// killChildren kills the processes whose parent is pid (sshd's per-session
-// children survive the listener).
-func killChildren(pid int) {
+// descendants returns the processes below pid (sshd's per-session
+// children survive the listener), deepest first.
+func descendants(pid int) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
-		return
+		return nil
 	}
+	var out []int
 	for _, e := range ents {
 		child, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
 		if ppidOf(child) == pid {
-			killChildren(child)
-			if p, err := os.FindProcess(child); err == nil {
-				_ = p.Kill()
-			}
+			out = append(out, descendants(child)...)
+			out = append(out, child)
 		}
 	}
+	return out
 }
 
 func ppidOf(pid int) int {
