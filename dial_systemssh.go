@@ -26,7 +26,8 @@ package hpcproxy
 //     for the children that must not become or use a master, ...).
 //  6. Defaults that apply only where ssh_config leaves the option unset, as
 //     resolved with `ssh -G`: ServerAliveInterval=60 when the resolved value
-//     is 0 (OpenSSH's default, "off"), and LogLevel=INFO when ssh_config
+//     is 0 (OpenSSH's default, "off"; without this, BatchMode=yes would
+//     make it 300, with ServerAliveCountMax 3 a 15-minute blind spot), and LogLevel=INFO when ssh_config
 //     asks for less, so that ssh's reasons ("open failed: connect failed:
 //     Connection refused") reach the captured stderr. When `ssh -G` is not
 //     available (OpenSSH < 6.8) or fails, no defaults are added and
@@ -164,7 +165,15 @@ func findSSH(name string) (string, error) {
 func (s *sshCommand) resolve(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, s.bin, s.args(nil, nil, "-G")...)
+	// Under BatchMode=yes, OpenSSH defaults ServerAliveInterval to 300;
+	// resolve with BatchMode=no to see whether ssh_config sets it.
+	args := s.args(nil, nil, "-G")
+	for i, a := range args {
+		if a == "BatchMode=yes" {
+			args[i] = "BatchMode=no"
+		}
+	}
+	cmd := exec.CommandContext(ctx, s.bin, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -680,6 +689,19 @@ func (t *controlMasterTunnel) watch() {
 		_ = t.client.Close()
 		<-waited
 	case err := <-waited:
+		if exited != nil {
+			// A dying master closes the socket before it is reaped: its
+			// exit status and stderr say more than the EOF.
+			timer := time.NewTimer(stopGrace)
+			defer timer.Stop()
+			select {
+			case <-exited:
+				t.fail(t.proc.exitError())
+				return
+			case <-t.closing:
+			case <-timer.C:
+			}
+		}
 		if err == nil {
 			err = io.EOF
 		}
