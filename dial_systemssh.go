@@ -308,16 +308,19 @@ func startSSHProcess(bin string, args []string, stdin, stdout *os.File) (*sshPro
 
 // exitError describes why the child exited, with its stderr. Call it only
 // after exited is closed.
-func (p *sshProcess) exitError() error {
+func (p *sshProcess) exitError() error { return p.exitErrorAs("ssh") }
+
+// exitErrorAs is exitError with what names the command in the message.
+func (p *sshProcess) exitErrorAs(what string) error {
 	msg := p.stderr.String()
 	err := p.waitErr
 	if err == nil {
 		err = errors.New("exit status 0")
 	}
 	if msg == "" {
-		return fmt.Errorf("hpcproxy: ssh exited: %w", err)
+		return fmt.Errorf("hpcproxy: %s exited: %w", what, err)
 	}
-	return fmt.Errorf("hpcproxy: ssh exited: %w: %s", err, msg)
+	return fmt.Errorf("hpcproxy: %s exited: %w: %s", what, err, msg)
 }
 
 // hasExited reports whether the child has been reaped.
@@ -1067,7 +1070,7 @@ func (c *execConn) exitError() error {
 		reason, _, _ = strings.Cut(reason, "; ")
 		return newRemoteDialError(c.addr, reason)
 	}
-	return fmt.Errorf("hpcproxy: ssh -W %s via %s: %w", c.addr, c.dest, c.proc.exitError())
+	return c.proc.exitErrorAs(fmt.Sprintf("ssh -W %s via %s", c.addr, c.dest))
 }
 
 // Write writes to ssh's stdin.
