@@ -1030,21 +1030,33 @@ func (t *execTunnel) Err() error { return nil }
 // execConn is one `ssh -W` process as a net.Conn: Write feeds its stdin,
 // Read drains its stdout, CloseWrite closes stdin (the far side sees EOF),
 // Close ends the process. Deadlines work (non-blocking pipes).
+//
+// Half-close works one way only: after CloseWrite the far side's answer
+// still arrives, but once the far side shuts down its write side, ssh -W
+// stops forwarding what we write (OpenSSH's stdio forwarding, checked with
+// 9.2); the channel methods forward both directions independently.
 type execConn struct {
 	proc       *sshProcess
 	r          *os.File // ssh's stdout
 	w          *os.File // ssh's stdin
 	addr, dest string
+	gotData    atomic.Bool
 	closeOnce  sync.Once
 }
 
 var _ net.Conn = (*execConn)(nil)
 
-// Read reads from ssh's stdout. At EOF, if ssh failed, the error says why:
-// a *RemoteDialError when the login node could not connect.
+// Read reads from ssh's stdout. At EOF before any data, if ssh failed, the
+// error says why: a *RemoteDialError when the login node could not
+// connect.
 func (c *execConn) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
-	if err == io.EOF {
+	if n > 0 {
+		c.gotData.Store(true)
+	}
+	// Once data has arrived the channel was open: EOF is the far side's.
+	// A failed channel open ends stdout without data, as ssh exits.
+	if err == io.EOF && !c.gotData.Load() {
 		if e := c.exitError(); e != nil {
 			return n, e
 		}
@@ -1053,7 +1065,8 @@ func (c *execConn) Read(p []byte) (int, error) {
 }
 
 // exitError waits briefly for ssh to exit after EOF and returns why it
-// failed, or nil if it exited cleanly or is still running.
+// failed, or nil if it exited cleanly or is still running (the far side
+// half-closed without sending anything).
 func (c *execConn) exitError() error {
 	t := time.NewTimer(stopGrace)
 	defer t.Stop()

@@ -432,6 +432,40 @@ func TestExecConn(t *testing.T) {
 		require.ErrorAs(t, err, &ne)
 		require.True(t, ne.Timeout())
 	})
+	t.Run("far side half-closes", func(t *testing.T) {
+		// The server answers and shuts down its write side but keeps
+		// reading: Read must see the answer and EOF at once, not wait
+		// for ssh to exit.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer ln.Close()
+		served := make(chan string, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				served <- err.Error()
+				return
+			}
+			defer c.Close()
+			_, _ = c.Write([]byte("answer"))
+			_ = c.(*net.TCPConn).CloseWrite()
+			b, _ := io.ReadAll(c)
+			served <- string(b)
+		}()
+		c, err := tun.Dial(ctx, "tcp", ln.Addr().String())
+		require.NoError(t, err)
+		defer c.Close()
+		start := time.Now()
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, "answer", string(got))
+		require.Less(t, time.Since(start), time.Second)
+		// ssh -W (unlike the channel methods) stops forwarding our
+		// writes once the far side's EOF arrives (documented on
+		// execConn), so nothing more is checked here.
+		require.NoError(t, c.Close())
+		<-served
+	})
 	t.Run("addrs", func(t *testing.T) {
 		echo := startEchoServer(t)
 		c, err := tun.Dial(ctx, "tcp", echo)
