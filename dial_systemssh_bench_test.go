@@ -103,12 +103,13 @@ func BenchmarkSystemSSHThroughput(b *testing.B) {
 // time over controlmaster's (above 1: slower).
 //
 // Back-to-back dials are controlmaster's worst case: the channel open
-// follows the previous channel's close so closely that sshd's reply
-// (CLOSE, then OPEN_CONFIRMATION, two small segments) meets Nagle on
-// sshd's socket (sshd sets TCP_NODELAY only for pty/X11 sessions) and the
-// client kernel's 40 ms delayed ACK: some opens stall ~41 ms (seen with
-// perf trace on the master). Dials paced ~0.7 ms apart, or interleaved
-// with other traffic, take ~0.3 ms to open, as through ssh -D.
+// follows the previous channel's close so closely that small SSH packets
+// go out while an earlier small segment is unacknowledged, and Nagle
+// (neither ssh nor sshd sets TCP_NODELAY without a pty) meets the 40 ms
+// delayed ACK: some opens stall ~41 ms (perf trace on the master: it
+// waits that long for sshd's OPEN_CONFIRMATION). Dials paced ~0.7 ms
+// apart, or interleaved with other traffic, open in ~0.3 ms, as through
+// ssh -D.
 func BenchmarkSystemSSHConnect(b *testing.B) {
 	tuns := benchTunnels(b)
 	echo := startEchoServer(b)
