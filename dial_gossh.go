@@ -299,11 +299,17 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 	return ssh.NewClient(c, chans, reqs), nil
 }
 
-// bufferedConn reads through a large buffer: x/crypto's transport reads
-// through a small bufio.Reader, costing several read syscalls per packet.
+// bufferedConn reads through a large buffer: x/crypto's transport (and its
+// control-socket transport) reads each packet with small reads, costing
+// several read syscalls per packet.
 type bufferedConn struct {
 	net.Conn
 	r *bufio.Reader
+}
+
+// newBufferedConn wraps c with a sshReadBuffer-sized read buffer.
+func newBufferedConn(c net.Conn) *bufferedConn {
+	return &bufferedConn{Conn: c, r: bufio.NewReaderSize(c, sshReadBuffer)}
 }
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }

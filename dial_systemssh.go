@@ -1,0 +1,1115 @@
+package hpcproxy
+
+// The OpenSSH-based tunnel methods: controlmaster, socks-unix, socks-tcp and
+// exec. Each runs the system ssh client as a child process, so OpenSSH does
+// all of the authentication (hostbased via ssh-keysign, GSSAPI, MFA,
+// certificates, ProxyJump) and reads the user's ssh_config and known_hosts.
+//
+// # How ssh is invoked
+//
+// Every ssh child gets, in this order (ssh keeps the FIRST value it sees for
+// an option, and -o options beat the config files):
+//
+//  1. -F TunnelConfig.SSHConfigFile, when set.
+//  2. Options the user cannot override: BatchMode=yes (never prompt),
+//     ExitOnForwardFailure=yes (a forward that cannot be set up is an exit,
+//     not a warning), and StrictHostKeyChecking=yes, or accept-new under
+//     HostKeyAcceptNew. hpcproxy never tunnels over an unverified host key:
+//     a StrictHostKeyChecking=no in the user's ssh_config or SSHOptions is
+//     overridden. (With "no", OpenSSH would also silently disable
+//     forwarding when a known key CHANGED, so the tunnel would never work.)
+//  3. The values TunnelConfig sets explicitly: ServerAliveInterval from
+//     KeepaliveInterval (0 when negative: off), ServerAliveCountMax from
+//     KeepaliveCountMax, ConnectTimeout from ConnectTimeout.
+//  4. TunnelConfig.SSHOptions.
+//  5. Method defaults the user may override with SSHOptions (ControlMaster=no
+//     for the children that must not become or use a master, ...).
+//  6. Defaults that apply only where ssh_config leaves the option unset, as
+//     resolved with `ssh -G`: ServerAliveInterval=60 when the resolved value
+//     is 0 (OpenSSH's default, "off"; without this, BatchMode=yes would
+//     make it 300, with ServerAliveCountMax 3 a 15-minute blind spot), and LogLevel=INFO when ssh_config
+//     asks for less, so that ssh's reasons ("open failed: connect failed:
+//     Connection refused") reach the captured stderr. When `ssh -G` is not
+//     available (OpenSSH < 6.8) or fails, no defaults are added and
+//     ssh_config is left in charge.
+//
+// # Child processes
+//
+// Children run in their own session (no controlling terminal, so nothing
+// can prompt or be stopped by job control) with Pdeathsig SIGTERM. Linux
+// sends the death signal when the *thread* that forked the child exits, not
+// the process (golang/go#27505), so each child is started and waited for by
+// one goroutine locked to its OS thread for the child's whole life: the
+// thread cannot be retired under the child. The last 8 KiB of ssh's stderr
+// are kept and put into errors. Stopping a child sends SIGTERM, then
+// SIGKILL after a short grace, and always reaps it.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/net/proxy"
+)
+
+const (
+	// defaultSetupTimeout bounds a method's setup when neither TunnelConfig
+	// nor ssh_config sets ConnectTimeout.
+	defaultSetupTimeout = 30 * time.Second
+	// defaultServerAliveInterval is passed to ssh children when neither
+	// TunnelConfig nor ssh_config sets ServerAliveInterval.
+	defaultServerAliveInterval = 60
+	// stderrTail is how much of an ssh child's stderr is kept for errors.
+	stderrTail = 8 << 10
+	// stopGrace is how long a child has to exit after SIGTERM.
+	stopGrace = 2 * time.Second
+	// maxSunPath is the longest unix socket path Linux accepts (108 bytes
+	// of sun_path, NUL included).
+	maxSunPath = 107
+	// controlPathSuffix is the length of the random suffix OpenSSH appends
+	// to a ControlPath while binding it ("path.XXXXXXXXXXXXXXXX"), before
+	// renaming it into place.
+	controlPathSuffix = 17
+)
+
+// errSSHNotFound is the reason the OpenSSH methods fail without an ssh
+// client.
+var errSSHNotFound = errors.New("hpcproxy: ssh client not found in PATH: install openssh-client")
+
+// DialSystemSSH reaches node with the system ssh client, spawning
+// `ssh -W host:port node` for each connection and using the process's
+// stdin and stdout as the net.Conn. It is the slow last resort (one ssh
+// process and one SSH handshake per connection) for when nothing else
+// works, with everything OpenSSH can do (GSSAPI/Kerberos, hostbased, strict
+// known_hosts, ProxyJump, ssh_config) at its disposal.
+//
+// Before returning, DialSystemSSH checks once that node accepts the user
+// and forwards (see [MethodExec]). stop ends the tunnel; connections already
+// dialled keep their own ssh process until they are closed. The returned
+// done channel is closed only by stop, never because a connection dropped:
+// there is no persistent link to watch.
+//
+// DialSystemSSH is [EstablishTunnel] with Methods {[MethodExec]}; use that
+// for timeouts, ssh_config files and options, or a logger.
+func DialSystemSSH(node string) (DialFunc, func(), <-chan struct{}, error) {
+	tun, err := EstablishTunnel(context.Background(), TunnelConfig{
+		Destination: node,
+		Methods:     []Method{MethodExec},
+	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return tun.Dial, func() { _ = tun.Close() }, tun.Done(), nil
+}
+
+// sshCommand builds ssh command lines for one destination.
+type sshCommand struct {
+	bin  string
+	cfg  *TunnelConfig
+	dest destination
+	log  *slog.Logger
+	// resolved is `ssh -G`'s view of the destination (lower-case keys);
+	// nil when ssh -G failed.
+	resolved map[string]string
+	// defaults are the step-6 options, derived from resolved.
+	defaults []string
+}
+
+// newSSHCommand finds the ssh binary, parses the destination and resolves
+// its configuration with `ssh -G`.
+func newSSHCommand(ctx context.Context, cfg *TunnelConfig) (*sshCommand, error) {
+	dest, err := parseDestination(cfg.Destination)
+	if err != nil {
+		return nil, err
+	}
+	bin, err := findSSH(cfg.SSHBinary)
+	if err != nil {
+		return nil, err
+	}
+	s := &sshCommand{bin: bin, cfg: cfg, dest: dest, log: cfg.logger()}
+	s.resolve(ctx)
+	return s, nil
+}
+
+func findSSH(name string) (string, error) {
+	if name == "" {
+		p, err := exec.LookPath("ssh")
+		if err != nil {
+			return "", errSSHNotFound
+		}
+		return p, nil
+	}
+	p, err := exec.LookPath(name)
+	if err != nil {
+		return "", fmt.Errorf("hpcproxy: ssh client %q not usable: %w", name, err)
+	}
+	return p, nil
+}
+
+// resolve runs `ssh -G` and derives the default options from its output.
+func (s *sshCommand) resolve(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	// Under BatchMode=yes, OpenSSH defaults ServerAliveInterval to 300;
+	// resolve with BatchMode=no to see whether ssh_config sets it.
+	args := s.args(nil, nil, "-G")
+	for i, a := range args {
+		if a == "BatchMode=yes" {
+			args[i] = "BatchMode=no"
+		}
+	}
+	cmd := exec.CommandContext(ctx, s.bin, args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		s.log.Debug("ssh -G failed; leaving ssh_config in charge", "dest", s.cfg.Destination,
+			"err", err, "stderr", strings.TrimSpace(stderr.String()))
+		return
+	}
+	s.resolved = make(map[string]string)
+	for line := range strings.Lines(string(out)) {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), " ")
+		if !ok {
+			continue
+		}
+		k = strings.ToLower(k)
+		if _, dup := s.resolved[k]; !dup { // multi-valued keys: keep the first
+			s.resolved[k] = v
+		}
+	}
+	if s.cfg.KeepaliveInterval == 0 && s.resolved["serveraliveinterval"] == "0" {
+		s.defaults = append(s.defaults, "-o", "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))
+	}
+	switch strings.ToUpper(s.resolved["loglevel"]) {
+	case "QUIET", "SILENT", "FATAL", "ERROR":
+		s.defaults = append(s.defaults, "-o", "LogLevel=INFO")
+	}
+}
+
+// args returns ssh's arguments: -F, the fixed options, the explicit
+// TunnelConfig values, extraFixed (method options the user cannot
+// override), SSHOptions, overridable, the ssh -G defaults, flags, and the
+// destination. See the comment at the top of this file.
+func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []string {
+	var a []string
+	if s.cfg.SSHConfigFile != "" {
+		a = append(a, "-F", s.cfg.SSHConfigFile)
+	}
+	opt := func(o ...string) {
+		for _, v := range o {
+			a = append(a, "-o", v)
+		}
+	}
+	hostKey := "StrictHostKeyChecking=yes"
+	if s.cfg.HostKeyPolicy == HostKeyAcceptNew {
+		hostKey = "StrictHostKeyChecking=accept-new"
+	}
+	opt("BatchMode=yes", "ExitOnForwardFailure=yes", hostKey)
+	switch ka := s.cfg.KeepaliveInterval; {
+	case ka > 0:
+		opt("ServerAliveInterval=" + strconv.Itoa(ceilSeconds(ka)))
+	case ka < 0:
+		opt("ServerAliveInterval=0")
+	}
+	if n := s.cfg.KeepaliveCountMax; n > 0 {
+		opt("ServerAliveCountMax=" + strconv.Itoa(n))
+	}
+	if ct := s.cfg.ConnectTimeout; ct > 0 {
+		opt("ConnectTimeout=" + strconv.Itoa(ceilSeconds(ct)))
+	}
+	opt(extraFixed...)
+	opt(s.cfg.SSHOptions...)
+	opt(overridable...)
+	a = append(a, s.defaults...)
+	a = append(a, flags...)
+	return append(a, s.dest.sshArgs()...)
+}
+
+func ceilSeconds(d time.Duration) int {
+	return int((d + time.Second - 1) / time.Second)
+}
+
+// setupTimeout is how long a method may take to come up: ConnectTimeout,
+// else ssh_config's ConnectTimeout, else defaultSetupTimeout.
+func (s *sshCommand) setupTimeout() time.Duration {
+	if s.cfg.ConnectTimeout > 0 {
+		return s.cfg.ConnectTimeout
+	}
+	if n, err := strconv.Atoi(s.resolved["connecttimeout"]); err == nil && n > 0 {
+		return time.Duration(n) * time.Second
+	}
+	return defaultSetupTimeout
+}
+
+// start starts ssh with the given arguments.
+func (s *sshCommand) start(args []string, stdin, stdout *os.File) (*sshProcess, error) {
+	s.log.Debug("starting ssh", "bin", s.bin, "args", args)
+	return startSSHProcess(s.bin, args, stdin, stdout)
+}
+
+// sshProcess is a running ssh child.
+type sshProcess struct {
+	cmd     *exec.Cmd
+	stderr  *tailBuffer
+	exited  chan struct{} // closed once the child is reaped
+	waitErr error         // cmd.Wait's result, valid after exited
+}
+
+// startSSHProcess starts bin in its own session with Pdeathsig, on a
+// goroutine locked to its OS thread that then waits for the child (see the
+// file comment). stdin and stdout may be nil (/dev/null).
+func startSSHProcess(bin string, args []string, stdin, stdout *os.File) (*sshProcess, error) {
+	p := &sshProcess{stderr: &tailBuffer{max: stderrTail}, exited: make(chan struct{})}
+	cmd := exec.Command(bin, args...)
+	if stdin != nil {
+		cmd.Stdin = stdin
+	}
+	if stdout != nil {
+		cmd.Stdout = stdout
+	}
+	cmd.Stderr = p.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGTERM}
+	// A grandchild (ProxyCommand) holding stderr open must not block Wait.
+	cmd.WaitDelay = stopGrace
+	p.cmd = cmd
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		p.waitErr = cmd.Wait()
+		close(p.exited)
+	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("hpcproxy: start ssh: %w", err)
+	}
+	return p, nil
+}
+
+// exitError describes why the child exited, with its stderr. Call it only
+// after exited is closed.
+func (p *sshProcess) exitError() error { return p.exitErrorAs("ssh") }
+
+// exitErrorAs is exitError with what names the command in the message.
+func (p *sshProcess) exitErrorAs(what string) error {
+	msg := p.stderr.String()
+	err := p.waitErr
+	if err == nil {
+		err = errors.New("exit status 0")
+	}
+	if msg == "" {
+		return fmt.Errorf("hpcproxy: %s exited: %w", what, err)
+	}
+	return fmt.Errorf("hpcproxy: %s exited: %w: %s", what, err, msg)
+}
+
+// hasExited reports whether the child has been reaped.
+func (p *sshProcess) hasExited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop ends the child, SIGTERM first and SIGKILL after stopGrace, and
+// waits until it is reaped. os.Process signals through a pidfd, so a child
+// reaped meanwhile is never confused with a reused pid.
+func (p *sshProcess) stop() {
+	if p.hasExited() {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	t := time.NewTimer(stopGrace)
+	defer t.Stop()
+	select {
+	case <-p.exited:
+	case <-t.C:
+		_ = p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	mu  sync.Mutex
+	max int
+	buf []byte
+}
+
+func (b *tailBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.buf = append(b.buf, p...)
+	if over := len(b.buf) - b.max; over > 0 {
+		b.buf = append(b.buf[:0], b.buf[over:]...)
+	}
+	return len(p), nil
+}
+
+// String returns the kept text, trimmed, lines joined with "; ".
+func (b *tailBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s := strings.TrimSpace(strings.ToValidUTF8(string(b.buf), "?"))
+	s = strings.ReplaceAll(s, "\r", "")
+	return strings.ReplaceAll(s, "\n", "; ")
+}
+
+// waitReady polls probe until it returns a conn, the child exits (then the
+// error is the child's, with its stderr, at once), or timeout or ctx ends.
+func waitReady(ctx context.Context, p *sshProcess, timeout time.Duration, what string,
+	probe func(ctx context.Context) (net.Conn, error)) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	delay := 5 * time.Millisecond
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.exited:
+			return nil, p.exitError()
+		case <-ctx.Done():
+			err := fmt.Errorf("hpcproxy: ssh did not open %s within %v: %w", what, timeout, ctx.Err())
+			if msg := p.stderr.String(); msg != "" {
+				err = fmt.Errorf("%w (ssh said: %s)", err, msg)
+			}
+			return nil, err
+		case <-t.C:
+		}
+		c, err := probe(ctx)
+		if err == nil {
+			return c, nil
+		}
+		t.Reset(delay)
+		delay = min(delay*3/2, 100*time.Millisecond)
+	}
+}
+
+// runtimeDir is where a tunnel keeps its sockets.
+type runtimeDir struct {
+	path string
+	temp bool // created by us: removed on cleanup
+}
+
+var socketSeq atomic.Uint64
+
+// openRuntimeDir returns TunnelConfig.RuntimeDir after checking that it is
+// a directory owned by us that nobody else can enter, or a fresh private
+// temporary directory.
+func openRuntimeDir(cfg *TunnelConfig) (*runtimeDir, error) {
+	if cfg.RuntimeDir == "" {
+		p, err := os.MkdirTemp("", "hpcproxy-")
+		if err != nil {
+			return nil, fmt.Errorf("hpcproxy: create runtime dir: %w", err)
+		}
+		return &runtimeDir{path: p, temp: true}, nil
+	}
+	fi, err := os.Stat(cfg.RuntimeDir)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: runtime dir: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("hpcproxy: runtime dir %s is not a directory", cfg.RuntimeDir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("hpcproxy: runtime dir %s is owned by uid %d, not by us (uid %d)",
+			cfg.RuntimeDir, st.Uid, os.Geteuid())
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("hpcproxy: runtime dir %s has mode %04o: others must have no access (chmod 700)",
+			cfg.RuntimeDir, perm)
+	}
+	return &runtimeDir{path: cfg.RuntimeDir}, nil
+}
+
+// socketPath returns a fresh socket path "prefix-PID-N.sock" in d, at most
+// maxLen bytes long, with any stale socket file there removed.
+func (d *runtimeDir) socketPath(prefix string, maxLen int) (string, error) {
+	p := filepath.Join(d.path, fmt.Sprintf("%s-%d-%d.sock", prefix, os.Getpid(), socketSeq.Add(1)))
+	if len(p) > maxLen {
+		return "", fmt.Errorf("hpcproxy: socket path %s is %d bytes, more than the %d a unix socket allows here: use a shorter RuntimeDir or TMPDIR",
+			p, len(p), maxLen)
+	}
+	if err := removeStaleSocket(p); err != nil {
+		return "", err
+	}
+	return p, nil
+}
+
+// removeStaleSocket removes a socket file at p that nothing answers on (a
+// crashed earlier run with the same pid). OpenSSH will not bind over it.
+func removeStaleSocket(p string) error {
+	fi, err := os.Lstat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("hpcproxy: %w", err)
+	}
+	if fi.Mode().Type() != os.ModeSocket {
+		return fmt.Errorf("hpcproxy: %s exists and is not a socket", p)
+	}
+	if c, err := net.DialTimeout("unix", p, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("hpcproxy: socket %s is in use by another process", p)
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("hpcproxy: remove stale socket: %w", err)
+	}
+	return nil
+}
+
+// cleanup removes sock and, if we created it, the directory.
+func (d *runtimeDir) cleanup(sock string) {
+	if sock != "" {
+		_ = os.Remove(sock)
+	}
+	if d.temp {
+		_ = os.RemoveAll(d.path)
+	}
+}
+
+// childTunnel is the lifecycle shared by the methods that keep an ssh
+// child (or a control connection) running: Done, Err and Close.
+type childTunnel struct {
+	proc *sshProcess // nil when attached to a master we do not own
+	dir  *runtimeDir // nil when nothing to clean up
+	sock string
+
+	done      chan struct{}
+	closing   chan struct{}
+	mu        sync.Mutex
+	err       error
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+}
+
+func newChildTunnel(proc *sshProcess, dir *runtimeDir, sock string) *childTunnel {
+	return &childTunnel{proc: proc, dir: dir, sock: sock, done: make(chan struct{}), closing: make(chan struct{})}
+}
+
+// fail records err as the reason the tunnel went down, unless it is being
+// closed on purpose, and fires Done.
+func (t *childTunnel) fail(err error) {
+	t.mu.Lock()
+	select {
+	case <-t.closing:
+	default:
+		if t.err == nil {
+			t.err = err
+		}
+	}
+	t.mu.Unlock()
+	t.fireDone()
+}
+
+func (t *childTunnel) fireDone() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	select {
+	case <-t.done:
+	default:
+		close(t.done)
+	}
+}
+
+// Done implements tunnelImpl.
+func (t *childTunnel) Done() <-chan struct{} { return t.done }
+
+// Err implements tunnelImpl.
+func (t *childTunnel) Err() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.err
+}
+
+// close stops everything: closeConn (if any) first, then the child, then
+// it waits for the watcher goroutines and removes the sockets.
+func (t *childTunnel) close(closeConn func()) {
+	t.closeOnce.Do(func() {
+		t.mu.Lock()
+		close(t.closing)
+		t.mu.Unlock()
+		if closeConn != nil {
+			closeConn()
+		}
+		if t.proc != nil {
+			t.proc.stop()
+		}
+		t.wg.Wait()
+		t.fireDone()
+		if t.dir != nil {
+			t.dir.cleanup(t.sock)
+		}
+	})
+}
+
+// downError wraps err with ErrTunnelDown when the tunnel is down.
+func (t *childTunnel) downError(err error) error {
+	select {
+	case <-t.done:
+		if cause := t.Err(); cause != nil {
+			return fmt.Errorf("%w: %w: %w", ErrTunnelDown, cause, err)
+		}
+		return fmt.Errorf("%w: %w", ErrTunnelDown, err)
+	default:
+		return err
+	}
+}
+
+// ---- controlmaster ----
+
+// controlMasterTunnel multiplexes channels in process over an OpenSSH
+// ControlMaster's socket in mux proxy mode (OpenSSH >= 7.4). One control
+// connection carries every channel.
+type controlMasterTunnel struct {
+	*childTunnel
+	client *ssh.Client
+}
+
+var _ tunnelImpl = (*controlMasterTunnel)(nil)
+
+// startControlMaster attaches to the user's live ControlMaster for the
+// destination (ControlPath from ssh_config, as `ssh -G` resolves it) or
+// starts `ssh -M -S SOCK -N` and attaches to that. An attached user master
+// is left running on Close; one we started dies with the tunnel.
+func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
+	s, err := newSSHCommand(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	timeout := s.setupTimeout()
+	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" {
+		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second))
+		if err == nil {
+			s.log.Info("attached to the user's ssh control master", "dest", cfg.Destination, "path", cp)
+			return t, nil
+		}
+		s.log.Debug("no usable control master at ControlPath", "path", cp, "err", err)
+	}
+
+	dir, err := openRuntimeDir(cfg)
+	if err != nil {
+		return nil, err
+	}
+	sock, err := dir.socketPath("cm", maxSunPath-controlPathSuffix)
+	if err != nil {
+		dir.cleanup("")
+		return nil, err
+	}
+	proc, err := s.start(s.args([]string{"ControlPersist=no"}, nil, "-M", "-S", sock, "-N"), nil, nil)
+	if err != nil {
+		dir.cleanup(sock)
+		return nil, err
+	}
+	// The master creates its socket only once it is logged in.
+	conn, err := waitReady(ctx, proc, timeout, "its control socket", func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	})
+	var t *controlMasterTunnel
+	if err == nil {
+		t, err = attachControlMaster(ctx, sock, conn, proc, sock, timeout)
+	}
+	if err != nil {
+		proc.stop()
+		dir.cleanup(sock)
+		return nil, err
+	}
+	t.dir = dir
+	return t, nil
+}
+
+// attachControlMaster speaks mux proxy mode over conn (dialled to path if
+// nil) and returns the tunnel. proc is the master when it is ours.
+func attachControlMaster(ctx context.Context, path string, conn net.Conn, proc *sshProcess, sock string,
+	timeout time.Duration) (*controlMasterTunnel, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if conn == nil {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "unix", path)
+		if err != nil {
+			return nil, fmt.Errorf("hpcproxy: control socket: %w", err)
+		}
+		conn = c
+	}
+	deadline, _ := ctx.Deadline()
+	_ = conn.SetDeadline(deadline)
+	// A cancelled ctx interrupts the handshake through the deadline.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	c, chans, reqs, err := ssh.NewControlClientConn(newBufferedConn(conn))
+	stopped := stop()
+	if err != nil || !stopped {
+		conn.Close()
+		if err == nil {
+			err = ctx.Err()
+		}
+		return nil, fmt.Errorf("hpcproxy: ssh control master at %s (mux proxy mode needs OpenSSH >= 7.4): %w", path, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	client := ssh.NewClient(c, chans, reqs)
+	t := &controlMasterTunnel{childTunnel: newChildTunnel(proc, nil, sock), client: client}
+	t.wg.Add(1)
+	go t.watch()
+	return t, nil
+}
+
+// watch fires Done when the master exits or the control connection drops.
+func (t *controlMasterTunnel) watch() {
+	defer t.wg.Done()
+	waited := make(chan error, 1)
+	go func() { waited <- t.client.Wait() }()
+	var exited <-chan struct{}
+	if t.proc != nil {
+		exited = t.proc.exited
+	}
+	select {
+	case <-exited:
+		t.fail(t.proc.exitError())
+		_ = t.client.Close()
+		<-waited
+	case err := <-waited:
+		if exited != nil {
+			// A dying master closes the socket before it is reaped: its
+			// exit status and stderr say more than the EOF.
+			timer := time.NewTimer(stopGrace)
+			defer timer.Stop()
+			select {
+			case <-exited:
+				t.fail(t.proc.exitError())
+				return
+			case <-t.closing:
+			case <-timer.C:
+			}
+		}
+		if err == nil {
+			err = io.EOF
+		}
+		t.fail(fmt.Errorf("hpcproxy: ssh control connection lost: %w", err))
+	}
+}
+
+// DialContext implements tunnelImpl: one channel over the control
+// connection. Failures the login node reports are *RemoteDialError.
+func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := t.client.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, t.downError(convertOpenChannelError(addr, err))
+	}
+	return c, nil
+}
+
+// Close implements tunnelImpl.
+func (t *controlMasterTunnel) Close() error {
+	t.close(func() { _ = t.client.Close() })
+	return nil
+}
+
+
+// ---- socks-unix, socks-tcp ----
+
+// socksTunnel speaks SOCKS5 to `ssh -N -D` over a unix socket or a
+// loopback TCP port. ssh -D gives no reason when the login node cannot
+// connect (it closes the socket without a SOCKS reply), so such errors are
+// a *RemoteDialError without a cause.
+//
+// The TCP variant listens on 127.0.0.1: any local user can use it while it
+// runs. It exists for OpenSSH older than 6.7; prefer the others.
+type socksTunnel struct {
+	*childTunnel
+	network, addr string // the SOCKS server: "unix" path or "tcp" 127.0.0.1:PORT
+	socks         interface {
+		DialWithConn(ctx context.Context, c net.Conn, network, address string) (net.Addr, error)
+	}
+}
+
+var _ tunnelImpl = (*socksTunnel)(nil)
+
+// startSOCKSTunnel starts `ssh -N -D` on a unix socket (unixSocket) or on a
+// free loopback port, and waits until it accepts connections.
+func startSOCKSTunnel(ctx context.Context, cfg *TunnelConfig, unixSocket bool) (tunnelImpl, error) {
+	s, err := newSSHCommand(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if unixSocket {
+		dir, err := openRuntimeDir(cfg)
+		if err != nil {
+			return nil, err
+		}
+		sock, err := dir.socketPath("socks", maxSunPath)
+		if err != nil {
+			dir.cleanup("")
+			return nil, err
+		}
+		t, err := runSOCKS(ctx, s, "unix", sock)
+		if err != nil {
+			dir.cleanup(sock)
+			return nil, err
+		}
+		t.dir, t.sock = dir, sock
+		return t, nil
+	}
+	// The port was free a moment ago; if ssh loses the race for it,
+	// ExitOnForwardFailure makes it exit, and one more port is tried.
+	var t *socksTunnel
+	for attempt := 0; attempt < 2; attempt++ {
+		var port int
+		if port, err = freeLoopbackPort(); err != nil {
+			return nil, err
+		}
+		t, err = runSOCKS(ctx, s, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err == nil || !isBindFailure(err) {
+			break
+		}
+		s.log.Debug("ssh -D lost the race for its port; retrying", "port", port, "err", err)
+	}
+	return t, err
+}
+
+func runSOCKS(ctx context.Context, s *sshCommand, network, addr string) (*socksTunnel, error) {
+	d, err := proxy.SOCKS5(network, addr, nil, proxy.Direct)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: %w", err)
+	}
+	sd, ok := d.(interface {
+		DialWithConn(ctx context.Context, c net.Conn, network, address string) (net.Addr, error)
+	})
+	if !ok {
+		return nil, fmt.Errorf("hpcproxy: golang.org/x/net/proxy SOCKS5 dialer %T lacks DialWithConn", d)
+	}
+	// ssh children that must not become, or hand off to, a control master:
+	// the forwarding has to live in the process we supervise.
+	proc, err := s.start(s.args(nil, []string{"ControlMaster=no", "ControlPath=none"}, "-N", "-D", addr), nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := waitReady(ctx, proc, s.setupTimeout(), "its SOCKS listener", func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	})
+	if err != nil {
+		proc.stop()
+		return nil, err
+	}
+	conn.Close()
+	t := &socksTunnel{childTunnel: newChildTunnel(proc, nil, ""), network: network, addr: addr, socks: sd}
+	t.wg.Add(1)
+	go func() {
+		defer t.wg.Done()
+		select {
+		case <-proc.exited:
+			t.fail(proc.exitError())
+		case <-t.closing:
+		}
+	}()
+	return t, nil
+}
+
+func freeLoopbackPort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("hpcproxy: pick a port for ssh -D: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func isBindFailure(err error) bool {
+	s := err.Error()
+	return strings.Contains(s, "Address already in use") || strings.Contains(s, "Could not request local forwarding")
+}
+
+// DialContext implements tunnelImpl: a SOCKS5 CONNECT through ssh -D. The
+// returned conn is the raw *net.UnixConn or *net.TCPConn (CloseWrite,
+// splice).
+func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, t.network, t.addr)
+	if err != nil {
+		return nil, t.downError(fmt.Errorf("hpcproxy: ssh -D at %s: %w", t.addr, err))
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	if _, err := t.socks.DialWithConn(ctx, c, network, addr); err != nil {
+		c.Close()
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		if t.proc.hasExited() {
+			return nil, t.downError(err)
+		}
+		// ssh -D hangs up without a SOCKS reply when its channel open
+		// fails: the login node could not connect, reason unknown.
+		rde := &RemoteDialError{Addr: addr, Reason: "no reason given by ssh -D"}
+		return nil, fmt.Errorf("%w (%w)", rde, err)
+	}
+	return c, nil
+}
+
+// Close implements tunnelImpl. Connections already dialled are separate
+// sockets to ssh; they end when ssh exits.
+func (t *socksTunnel) Close() error {
+	t.close(nil)
+	return nil
+}
+
+// ---- exec ----
+
+// execTunnel runs `ssh -W host:port` for every connection. There is no
+// persistent link: Done fires only on Close, and connections already
+// dialled keep their own ssh process until they are closed.
+type execTunnel struct {
+	s    *sshCommand
+	once sync.Once
+	done chan struct{}
+}
+
+var _ tunnelImpl = (*execTunnel)(nil)
+
+// startExecTunnel checks once that the destination lets us in and
+// forwards: it runs `ssh -W HOST:PORT dest` to the login node's own sshd
+// (HostName and Port as `ssh -G` resolves them) and reads its banner. A
+// refused or unreachable target still proves login and forwarding work
+// (the channel open comes after authentication), so only a login failure
+// or forwarding that the login node prohibits fails the method.
+func startExecTunnel(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
+	s, err := newSSHCommand(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	t := &execTunnel{s: s, done: make(chan struct{})}
+	host, port := s.resolved["hostname"], s.resolved["port"]
+	if host == "" {
+		host = s.dest.Host
+	}
+	if port == "" {
+		port = "22"
+		if s.dest.Port != 0 {
+			port = strconv.Itoa(s.dest.Port)
+		}
+	}
+	target := net.JoinHostPort(host, port)
+	if err := t.probe(ctx, target, s.setupTimeout()); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *execTunnel) probe(ctx context.Context, target string, timeout time.Duration) error {
+	c, err := t.DialContext(ctx, "tcp", target)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = c.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	banner := make([]byte, 4)
+	_, err = io.ReadFull(c, banner)
+	var rde *RemoteDialError
+	switch {
+	case err == nil && string(banner) == "SSH-":
+		return nil
+	case err == nil:
+		t.s.log.Debug("exec probe: unexpected banner; login and forwarding work", "target", target, "banner", banner)
+		return nil
+	case errors.As(err, &rde) && !errors.Is(err, ErrProhibited):
+		t.s.log.Debug("exec probe: target unreachable; login and forwarding work", "target", target, "err", err)
+		return nil
+	case errors.As(err, &rde):
+		return err
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("hpcproxy: ssh -W %s gave no answer within %v: %w", target, timeout, err)
+	}
+	return err
+}
+
+// DialContext implements tunnelImpl: it starts `ssh -W addr` and returns
+// its stdio as a conn at once. Whether the login node reached addr shows on
+// the first Read: a *RemoteDialError (errors.Is ECONNREFUSED etc.) built
+// from ssh's message when it could not.
+func (t *execTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, fmt.Errorf("hpcproxy: exec method cannot dial network %q", network)
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: dial %s: %w", addr, err)
+	}
+	if strings.HasPrefix(host, "-") || strings.ContainsAny(host, " \t\r\n") {
+		return nil, fmt.Errorf("hpcproxy: dial %s: invalid host", addr)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	select {
+	case <-t.done:
+		return nil, ErrTunnelDown
+	default:
+	}
+	// Pipes from os.Pipe are non-blocking on our side: deadlines work.
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: %w", err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		return nil, fmt.Errorf("hpcproxy: %w", err)
+	}
+	// ControlMaster=no: never become a master ourselves; a live master of
+	// the user's (ControlPath) is still used, which makes -W fast.
+	args := t.s.args(nil, []string{"ControlMaster=no"}, "-W", net.JoinHostPort(host, port))
+	proc, err := t.s.start(args, inR, outW)
+	inR.Close()
+	outW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
+		return nil, err
+	}
+	return &execConn{proc: proc, r: outR, w: inW, addr: addr, dest: t.s.cfg.Destination}, nil
+}
+
+// Close implements tunnelImpl.
+func (t *execTunnel) Close() error {
+	t.once.Do(func() { close(t.done) })
+	return nil
+}
+
+// Done implements tunnelImpl; it fires only on Close.
+func (t *execTunnel) Done() <-chan struct{} { return t.done }
+
+// Err implements tunnelImpl; it is always nil.
+func (t *execTunnel) Err() error { return nil }
+
+// execConn is one `ssh -W` process as a net.Conn: Write feeds its stdin,
+// Read drains its stdout, CloseWrite closes stdin (the far side sees EOF),
+// Close ends the process. Deadlines work (non-blocking pipes).
+//
+// Half-close works one way only: after CloseWrite the far side's answer
+// still arrives, but once the far side shuts down its write side, ssh -W
+// stops forwarding what we write (OpenSSH's stdio forwarding, checked with
+// 9.2); the channel methods forward both directions independently.
+type execConn struct {
+	proc       *sshProcess
+	r          *os.File // ssh's stdout
+	w          *os.File // ssh's stdin
+	addr, dest string
+	gotData    atomic.Bool
+	closeOnce  sync.Once
+}
+
+var _ net.Conn = (*execConn)(nil)
+
+// Read reads from ssh's stdout. At EOF before any data, if ssh failed, the
+// error says why: a *RemoteDialError when the login node could not
+// connect.
+func (c *execConn) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.gotData.Store(true)
+	}
+	// Once data has arrived the channel was open: EOF is the far side's.
+	// A failed channel open ends stdout without data, as ssh exits.
+	if err == io.EOF && !c.gotData.Load() {
+		if e := c.exitError(); e != nil {
+			return n, e
+		}
+	}
+	return n, err
+}
+
+// exitError waits briefly for ssh to exit after EOF and returns why it
+// failed, or nil if it exited cleanly or is still running (the far side
+// half-closed without sending anything).
+func (c *execConn) exitError() error {
+	t := time.NewTimer(stopGrace)
+	defer t.Stop()
+	select {
+	case <-c.proc.exited:
+	case <-t.C:
+		return nil
+	}
+	if c.proc.waitErr == nil {
+		return nil
+	}
+	msg := c.proc.stderr.String()
+	if _, reason, ok := strings.Cut(msg, "open failed: "); ok {
+		reason, _, _ = strings.Cut(reason, "; ")
+		return newRemoteDialError(c.addr, reason)
+	}
+	return c.proc.exitErrorAs(fmt.Sprintf("ssh -W %s via %s", c.addr, c.dest))
+}
+
+// Write writes to ssh's stdin.
+func (c *execConn) Write(p []byte) (int, error) { return c.w.Write(p) }
+
+// CloseWrite closes ssh's stdin: ssh sends EOF on the channel.
+func (c *execConn) CloseWrite() error { return c.w.Close() }
+
+// Close closes both pipes and ends the ssh process.
+func (c *execConn) Close() error {
+	c.closeOnce.Do(func() {
+		_ = c.w.Close()
+		_ = c.r.Close()
+		c.proc.stop()
+	})
+	return nil
+}
+
+// LocalAddr returns the destination the ssh process logs in to.
+func (c *execConn) LocalAddr() net.Addr { return execAddr(c.dest) }
+
+// RemoteAddr returns the address ssh -W connects to.
+func (c *execConn) RemoteAddr() net.Addr { return execAddr(c.addr) }
+
+// SetDeadline sets the read and write deadlines.
+func (c *execConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.r.SetReadDeadline(t), c.w.SetWriteDeadline(t))
+}
+
+// SetReadDeadline sets the deadline for Read.
+func (c *execConn) SetReadDeadline(t time.Time) error { return c.r.SetReadDeadline(t) }
+
+// SetWriteDeadline sets the deadline for Write.
+func (c *execConn) SetWriteDeadline(t time.Time) error { return c.w.SetWriteDeadline(t) }
+
+// execAddr is an address on the far side of an `ssh -W` process.
+type execAddr string
+
+// Network returns "ssh-exec".
+func (execAddr) Network() string { return "ssh-exec" }
+
+func (a execAddr) String() string { return string(a) }
