@@ -727,7 +727,6 @@ func (t *controlMasterTunnel) Close() error {
 	return nil
 }
 
-
 // ---- socks-unix, socks-tcp ----
 
 // socksTunnel speaks SOCKS5 to `ssh -N -D` over a unix socket or a
