@@ -9,9 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -24,8 +26,9 @@ import (
 //   - the report pipe, fd 3 in the daemon (EnvReportFd names it). The
 //     daemon writes "READY=1\n" and closes it once it listens, its tunnel
 //     is up and its state file is written (ReportReady), or writes its
-//     error text and closes it (ReportError). The parent waits for EOF.
-//     Unlike the seed, a silent EOF is not success: a daemon that dies
+//     error text and closes it (ReportError). The parent waits for EOF,
+//     or for READY=1 (a ready daemon stays ready even if a child it
+//     started leaked the pipe and holds it open). Unlike the seed, a silent EOF is not success: a daemon that dies
 //     before reporting closes the pipe too, and must not look ready.
 //   - optionally the exit pipe, fd 4 in the daemon (EnvExitFd). The parent
 //     keeps the write end; when it is closed, explicitly or because the
@@ -186,7 +189,12 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
 	if env == nil {
 		env = os.Environ()
 	}
-	env = append(env[:len(env):len(env)], EnvReportFd+"="+strconv.Itoa(ReportFd))
+	// Fds named by our own environment (a daemon starting a daemon) are
+	// not the child's.
+	env = slices.DeleteFunc(slices.Clone(env), func(kv string) bool {
+		return strings.HasPrefix(kv, EnvReportFd+"=") || strings.HasPrefix(kv, EnvExitFd+"=")
+	})
+	env = append(env, EnvReportFd+"="+strconv.Itoa(ReportFd))
 	if opts.ExitPipe {
 		env = append(env, EnvExitFd+"="+strconv.Itoa(ExitFd))
 	}
@@ -216,7 +224,7 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
 		close(d.done)
 	}()
 
-	text, rerr := readReport(ctx, pr, timeout)
+	text, rerr := readReport(ctx, pr, timeout, d.done)
 	if rerr == nil && text == readyLine {
 		return d, nil
 	}
@@ -245,16 +253,48 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
 	return nil, derr
 }
 
-// readReport reads the report pipe to EOF (at most 64 KiB) within timeout
-// or until ctx ends.
-func readReport(ctx context.Context, pr *os.File, timeout time.Duration) (string, error) {
+// readReport reads the report pipe until EOF, or until the daemon has
+// said READY=1 (a ready daemon whose child leaked the pipe is still
+// ready), or shortly after the daemon exited (a dead daemon's child may
+// hold the pipe open too), within timeout or until ctx ends. It reads at
+// most 64 KiB.
+func readReport(ctx context.Context, pr *os.File, timeout time.Duration, exited <-chan struct{}) (string, error) {
 	if err := pr.SetReadDeadline(time.Now().Add(timeout)); err != nil {
 		return "", err
 	}
 	stop := context.AfterFunc(ctx, func() { _ = pr.SetReadDeadline(time.Now()) })
 	defer stop()
-	b, err := io.ReadAll(io.LimitReader(pr, 64<<10))
-	return string(b), err
+	var didExit atomic.Bool
+	watchDone := make(chan struct{})
+	defer close(watchDone)
+	go func() {
+		select {
+		case <-exited:
+			didExit.Store(true)
+			// Whatever it wrote is in the pipe by now; drain it.
+			_ = pr.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		case <-watchDone:
+		}
+	}()
+	var buf []byte
+	chunk := make([]byte, 4096)
+	for len(buf) < 64<<10 {
+		n, err := pr.Read(chunk)
+		buf = append(buf, chunk[:n]...)
+		if string(buf) == readyLine {
+			return readyLine, nil
+		}
+		if err == io.EOF {
+			return string(buf), nil
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && didExit.Load() && ctx.Err() == nil {
+			return string(buf), nil
+		}
+		if err != nil {
+			return string(buf), err
+		}
+	}
+	return string(buf), nil
 }
 
 // stopGroup waits up to grace for the daemon to exit, then signals its
@@ -323,6 +363,10 @@ func (d *Daemon) Stop(grace time.Duration) error {
 	return d.stopGroup(grace)
 }
 
+// logStartMarker begins the line StartDaemon writes to the log before
+// each start.
+const logStartMarker = "--- hpcproxy daemon start "
+
 // maxLogSize is the size beyond which a daemon log is rotated on start.
 const maxLogSize = 1 << 20
 
@@ -337,7 +381,7 @@ func openDaemonLog(path string, args []string) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hpcproxy: daemon log: %w", err)
 	}
-	fmt.Fprintf(f, "--- %s starting %s\n", time.Now().UTC().Format(time.RFC3339), strings.Join(args, " "))
+	fmt.Fprintf(f, "%s%s: %s\n", logStartMarker, time.Now().UTC().Format(time.RFC3339), strings.Join(args, " "))
 	return f, nil
 }
 
@@ -352,7 +396,7 @@ func logTail(path string, n int64) string {
 	}
 	b, _ := io.ReadAll(f)
 	// Only what this start wrote: from the last start marker on.
-	if i := bytes.LastIndex(b, []byte("--- ")); i >= 0 {
+	if i := bytes.LastIndex(b, []byte(logStartMarker)); i >= 0 {
 		if j := bytes.IndexByte(b[i:], '\n'); j >= 0 {
 			b = b[i+j+1:]
 		}
@@ -369,12 +413,16 @@ type DaemonFds struct {
 	Exit   int
 }
 
-// InheritedDaemonFds returns the fds named by EnvReportFd and EnvExitFd
-// and marks them close-on-exec (PrepareDaemonFds), so that child processes
-// such as ssh do not inherit them. A daemon calls it first thing; fds that
+// InheritedDaemonFds returns the fds named by EnvReportFd and EnvExitFd,
+// marks them close-on-exec (PrepareDaemonFds) and removes the variables
+// from the environment, so that child processes such as ssh inherit
+// neither. A daemon calls it first thing; fds that
 // are not open are reported as -1.
 func InheritedDaemonFds() DaemonFds {
 	fds := DaemonFds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd)}
+	// Children (ssh, a nested daemon) must not take them for theirs.
+	os.Unsetenv(EnvReportFd)
+	os.Unsetenv(EnvExitFd)
 	if fds.Report >= 0 && PrepareDaemonFds(fds.Report) != nil {
 		fds.Report = -1
 	}

@@ -25,11 +25,21 @@ func daemonHelper(mode string) int {
 	fds := InheritedDaemonFds()
 	switch mode {
 	case "ready", "exitfd":
-		// Start a grandchild before reporting: if it inherited the report
-		// fd, the parent would wait for it (60 s) instead of for us.
+		// Start a grandchild before reporting, as a daemon starts ssh: it
+		// must inherit neither the pipes nor the variables naming them.
 		sleeper := exec.Command("sleep", "60")
 		if err := sleeper.Start(); err != nil {
 			ReportError(fds.Report, err)
+			return 1
+		}
+		for _, fd := range []int{fds.Report, fds.Exit} {
+			if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", sleeper.Process.Pid, fd)); fd > 0 && err == nil {
+				ReportError(fds.Report, fmt.Errorf("fd %d leaked to a child process", fd))
+				return 1
+			}
+		}
+		if v, ok := os.LookupEnv(EnvReportFd); ok {
+			ReportError(fds.Report, fmt.Errorf("%s=%s left in the environment", EnvReportFd, v))
 			return 1
 		}
 		// Be slow to bind: a parent that returned early would fail to
@@ -110,7 +120,7 @@ func TestStartDaemonReadyAfterListening(t *testing.T) {
 	}
 	t.Cleanup(func() { d.Stop(time.Second) })
 	if el := time.Since(start); el > 20*time.Second {
-		t.Errorf("ready after %v: the grandchild kept the report pipe open", el)
+		t.Errorf("ready after %v", el)
 	}
 	addr, err := os.ReadFile(addrFile)
 	if err != nil {
