@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -413,4 +414,39 @@ func (r RemoteStart) sshArgs(host, via string, port int) (string, []string, erro
 	}
 	args = append(args, strings.Join(quoted, " "))
 	return firstOf(r.SSHBinary, "ssh"), args, nil
+}
+
+// WatchPID returns a channel that is closed when process pid has exited,
+// checked every interval (a second if zero), or when ctx ends. A per-job
+// daemon watches the job script (JobInfo.ScriptPID) with it, so that it
+// ends with the job even where the scheduler does not track processes
+// that detached (Slurm's proctrack/linuxproc). On Linux the process is
+// held by a pidfd from the start, so a reused PID is not mistaken for it.
+func WatchPID(ctx context.Context, pid int, interval time.Duration) <-chan struct{} {
+	if interval <= 0 {
+		interval = time.Second
+	}
+	ch := make(chan struct{})
+	p, err := os.FindProcess(pid)
+	if err != nil || pid <= 0 {
+		close(ch)
+		return ch
+	}
+	go func() {
+		defer close(ch)
+		defer p.Release()
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			if err := p.Signal(syscall.Signal(0)); err != nil && !errors.Is(err, syscall.EPERM) {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return ch
 }

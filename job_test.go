@@ -1,10 +1,15 @@
 package hpcproxy
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -237,4 +242,84 @@ func TestRemoteStartRun(t *testing.T) {
 	require.Error(t, err)
 	assert.False(t, errors.Is(err, ErrAlreadyRunning))
 	assert.Contains(t, err.Error(), "no answering proxy")
+}
+
+func TestWatchPID(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	require.NoError(t, cmd.Start())
+	ch := WatchPID(t.Context(), cmd.Process.Pid, 20*time.Millisecond)
+	select {
+	case <-ch:
+		t.Fatal("fired while the process runs")
+	case <-time.After(100 * time.Millisecond):
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatal("did not fire after the process exited")
+	}
+
+	// Already gone, and a cancelled context.
+	select {
+	case <-WatchPID(t.Context(), deadPID(t), 20*time.Millisecond):
+	case <-time.After(5 * time.Second):
+		t.Fatal("dead pid not noticed")
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	ch = WatchPID(ctx, os.Getpid(), time.Hour)
+	cancel()
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancel did not end the watch")
+	}
+}
+
+func init() {
+	// getjobproxy: print GetJobProxy's answer twice (cached).
+	helpers["getjobproxy"] = func() int {
+		u, ok := GetJobProxy()
+		fmt.Println(u, ok)
+		os.Remove(PidFilePath()) // the cache must not notice
+		u, ok = GetJobProxy()
+		fmt.Println(u, ok)
+		return 0
+	}
+}
+
+func TestGetJobProxy(t *testing.T) {
+	stateDir := filepath.Join(t.TempDir(), "shared")
+	port := listenPort(t)
+	want := "http://hpcproxy:tok@127.0.0.1:" + strconv.Itoa(port)
+	base := []string{EnvStateDir + "=" + stateDir, EnvTmpDir + "=" + t.TempDir()}
+	for _, tc := range []struct {
+		name string
+		env  []string
+		want string
+	}{
+		{"login node", nil, " false\n false\n"},
+		{"salloc shell on the login node", []string{"SLURM_JOB_ID=5"}, " false\n false\n"},
+		{"in a job", []string{"SLURM_JOB_ID=5", "SLURMD_NODENAME=node1"}, want + " true\n" + want + " true\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.NoError(t, WritePidFileAt(filepath.Join(stateDir, "proxy.json"), ProxyState{
+				Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Mode: ModeShared, Status: StatusUp,
+				Credentials: &ProxyCredentials{User: CredentialsUser, Token: "tok"},
+			}))
+			cmd := helperCommand("getjobproxy")
+			var env []string
+			for _, kv := range cmd.Env {
+				k, _, _ := strings.Cut(kv, "=")
+				if !slices.Contains(jobEnvVars, k) {
+					env = append(env, kv)
+				}
+			}
+			cmd.Env = append(append(env, base...), tc.env...)
+			out, err := cmd.Output()
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, string(out))
+		})
+	}
 }

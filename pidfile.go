@@ -86,6 +86,24 @@ const CredentialsUser = "hpcproxy"
 // ProxyCredentials are what a client presents to the proxy: HTTP
 // Proxy-Authorization Basic, SOCKS5 username/password (RFC 1929), carried
 // in proxy URLs as userinfo.
+//
+// # Security model
+//
+// The proxy relays as its owner, through the owner's SSH login, so it is
+// never open to everyone:
+//
+//   - Shared mode (login node, all interfaces) always requires
+//     credentials. The daemon generates them at start
+//     (NewProxyCredentials) and keeps them only in its 0600 state file in
+//     the user's 0700 data dir; FindActiveProxy and ProxyEnvList hand them
+//     to the user's own programs in the proxy URL. Other users cannot read
+//     the file, so they cannot use the proxy. A daemon may further
+//     restrict clients to an allow-list of networks.
+//   - Per-job mode (compute node, 127.0.0.1) accepts the same user only:
+//     a client presenting the token, or a loopback client whose socket
+//     belongs to the daemon's UID ([SameUserConn]), so that tools which
+//     cannot send proxy credentials still work for their owner and for
+//     nobody else sharing the node.
 type ProxyCredentials struct {
 	User  string `json:"user"`
 	Token string `json:"token"`
@@ -663,8 +681,16 @@ func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
 	if err := flockNB(lock); err != nil {
 		lock.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
-			ps, _ := ReadPidFileAt(path)
-			return nil, &AlreadyRunningError{Path: path, State: ps, Verdict: VerdictAlive}
+			// The holder runs (here, or on another host where NFS locks
+			// work); its state may not be written yet.
+			are := &AlreadyRunningError{Path: path, Verdict: VerdictAlive}
+			if ps, err := ReadPidFileAt(path); err == nil {
+				are.State = ps
+				if ps.Host != thisHost() {
+					are.Verdict = CheckState(ps)
+				}
+			}
+			return nil, are
 		}
 		return nil, fmt.Errorf("hpcproxy: lock %s: %w", path+".lock", err)
 	}
