@@ -1,0 +1,398 @@
+package hpcproxy
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
+)
+
+func init() {
+	// goclient: GET each URL of HELPER_URLS with Go's default client
+	// (http.ProxyFromEnvironment) and print "URL STATUS BODY" or
+	// "URL error ERR".
+	helpers["goclient"] = func() int {
+		for _, u := range strings.Fields(os.Getenv("HELPER_URLS")) {
+			resp, err := http.Get(u)
+			if err != nil {
+				fmt.Printf("%s error %v\n", u, err)
+				continue
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			fmt.Printf("%s %d %s\n", u, resp.StatusCode, strings.TrimSpace(string(b)))
+		}
+		return 0
+	}
+}
+
+func TestProxyEnvList(t *testing.T) {
+	t.Setenv(EnvNoProxy, "cluster.example.edu, 10.0.0.0/8 localhost")
+	got := ProxyEnvList("http://hpcproxy:T0k_en-@login1:8080")
+	np := "localhost,127.0.0.1,127.0.0.0/8,::1,cluster.example.edu,10.0.0.0/8"
+	assert.Equal(t, []string{
+		"http_proxy=http://hpcproxy:T0k_en-@login1:8080",
+		"HTTP_PROXY=http://hpcproxy:T0k_en-@login1:8080",
+		"https_proxy=http://hpcproxy:T0k_en-@login1:8080",
+		"HTTPS_PROXY=http://hpcproxy:T0k_en-@login1:8080",
+		"all_proxy=socks5h://hpcproxy:T0k_en-@login1:8080",
+		"ALL_PROXY=socks5h://hpcproxy:T0k_en-@login1:8080",
+		"no_proxy=" + np,
+		"NO_PROXY=" + np,
+	}, got)
+
+	t.Setenv(EnvNoProxy, "")
+	for _, bad := range []string{"", "login1:8080", "socks5://h:1", "http://", "::"} {
+		assert.Nil(t, ProxyEnvList(bad), "ProxyEnvList(%q)", bad)
+	}
+	// A path is dropped; IPv6 hosts keep their brackets.
+	assert.Contains(t, ProxyEnvList("http://[::1]:3128/x"), "all_proxy=socks5h://[::1]:3128")
+
+	env, err := ProxyEnvListOptions("http://127.0.0.1:9000", EnvOptions{
+		Credentials: &ProxyCredentials{User: "hpcproxy", Token: "abc"},
+		NoProxy:     []string{".cluster.local"},
+	})
+	require.NoError(t, err)
+	assert.Contains(t, env, "https_proxy=http://hpcproxy:abc@127.0.0.1:9000")
+	assert.Contains(t, env, "no_proxy=localhost,127.0.0.1,127.0.0.0/8,::1,.cluster.local")
+
+	ps := &ProxyState{Host: "node1", Port: 9001, Mode: ModePerJob, Credentials: &ProxyCredentials{User: "hpcproxy", Token: "xyz"}}
+	assert.Contains(t, ProxyEnvListFor(ps, EnvOptions{}), "ALL_PROXY=socks5h://hpcproxy:xyz@127.0.0.1:9001")
+}
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain":                 "plain",
+		"http://u:t@h:1/a,b":    "http://u:t@h:1/a,b",
+		"":                      "''",
+		"a b":                   "'a b'",
+		"it's":                  `'it'\''s'`,
+		"$HOME `x` \\ \"q\" *;": `'$HOME ` + "`x`" + ` \ "q" *;'`,
+	} {
+		assert.Equal(t, want, ShellQuote(in), "ShellQuote(%q)", in)
+	}
+}
+
+func TestExportLinesEval(t *testing.T) {
+	sh := testenv.LookPath(t, "sh")
+	env := []string{
+		"A=plain",
+		"B=it's a \"test\" with $HOME and `cmd` and \\ and ;|&",
+		"C=line1\nline2",
+		"D=",
+		"not-a-name=x",
+	}
+	lines := ExportLines(env)
+	assert.NotContains(t, lines, "not-a-name")
+	out, err := exec.Command(sh, "-c", lines+`printf '%s|' "$A" "$B" "$C" "$D"`).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Equal(t, "plain|it's a \"test\" with $HOME and `cmd` and \\ and ;|&|line1\nline2||", string(out))
+}
+
+// envTestProxy is a minimal stand-in for the real Server: HTTP
+// absolute-form and CONNECT, and SOCKS5 with RFC 1929 auth, on one port,
+// requiring creds. It sends the name "origin.test" to origin and refuses
+// every other destination, so a request that reaches the origin through
+// it proves that the client used the proxy and did not resolve the name
+// itself.
+type envTestProxy struct {
+	ln     net.Listener
+	origin string
+	creds  ProxyCredentials
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	hits   []string
+}
+
+func startEnvTestProxy(t *testing.T, origin string, creds ProxyCredentials) *envTestProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &envTestProxy{ln: ln, origin: origin, creds: creds}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				defer c.Close()
+				p.serve(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *envTestProxy) record(s string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.hits = append(p.hits, s)
+}
+
+func (p *envTestProxy) Hits() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.hits...)
+}
+
+func (p *envTestProxy) dial(hostport string) (net.Conn, error) {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil || host != "origin.test" {
+		return nil, fmt.Errorf("refused destination %q", hostport)
+	}
+	return net.Dial("tcp", p.origin)
+}
+
+func (p *envTestProxy) serve(c net.Conn) {
+	br := bufio.NewReader(c)
+	first, err := br.Peek(1)
+	if err != nil {
+		return
+	}
+	if first[0] == 5 {
+		p.serveSOCKS5(c, br)
+		return
+	}
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return
+	}
+	want := "Basic " + base64.StdEncoding.EncodeToString([]byte(p.creds.User+":"+p.creds.Token))
+	if req.Header.Get("Proxy-Authorization") != want {
+		p.record("http 407")
+		io.WriteString(c, "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"hpcproxy\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+		return
+	}
+	if req.Method == http.MethodConnect {
+		p.record("connect " + req.Host)
+		up, err := p.dial(req.Host)
+		if err != nil {
+			io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+			return
+		}
+		defer up.Close()
+		io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
+		relayTest(c, br, up)
+		return
+	}
+	p.record("http " + req.Method + " " + req.URL.String())
+	host := req.URL.Host
+	if req.URL.Port() == "" {
+		host += ":80"
+	}
+	up, err := p.dial(host)
+	if err != nil {
+		io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+		return
+	}
+	defer up.Close()
+	req.Header.Del("Proxy-Authorization")
+	req.Header.Set("Connection", "close")
+	if err := req.Write(up); err != nil {
+		return
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(up), req)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	resp.Close = true
+	resp.Write(c)
+}
+
+func (p *envTestProxy) serveSOCKS5(c net.Conn, br *bufio.Reader) {
+	hdr := make([]byte, 2)
+	if _, err := io.ReadFull(br, hdr); err != nil {
+		return
+	}
+	methods := make([]byte, hdr[1])
+	if _, err := io.ReadFull(br, methods); err != nil {
+		return
+	}
+	if !strings.ContainsRune(string(methods), 2) {
+		p.record("socks no-auth offered")
+		c.Write([]byte{5, 0xff})
+		return
+	}
+	c.Write([]byte{5, 2})
+	readStr := func() string {
+		n, err := br.ReadByte()
+		if err != nil {
+			return ""
+		}
+		b := make([]byte, n)
+		io.ReadFull(br, b)
+		return string(b)
+	}
+	if v, _ := br.ReadByte(); v != 1 {
+		return
+	}
+	user, pass := readStr(), readStr()
+	if !p.creds.Match(user, pass) {
+		p.record("socks bad auth")
+		c.Write([]byte{1, 1})
+		return
+	}
+	c.Write([]byte{1, 0})
+	req := make([]byte, 4)
+	if _, err := io.ReadFull(br, req); err != nil || req[1] != 1 {
+		return
+	}
+	var host string
+	switch req[3] {
+	case 3:
+		host = readStr()
+	case 1:
+		ip := make([]byte, 4)
+		io.ReadFull(br, ip)
+		host = net.IP(ip).String()
+	default:
+		return
+	}
+	pb := make([]byte, 2)
+	io.ReadFull(br, pb)
+	target := net.JoinHostPort(host, strconv.Itoa(int(binary.BigEndian.Uint16(pb))))
+	p.record("socks " + target)
+	up, err := p.dial(target)
+	if err != nil {
+		c.Write([]byte{5, 2, 0, 1, 0, 0, 0, 0, 0, 0})
+		return
+	}
+	defer up.Close()
+	c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+	relayTest(c, br, up)
+}
+
+// relayTest copies both ways until both directions end.
+func relayTest(c net.Conn, br *bufio.Reader, up net.Conn) {
+	done := make(chan struct{})
+	go func() {
+		io.Copy(up, br)
+		up.(*net.TCPConn).CloseWrite()
+		close(done)
+	}()
+	io.Copy(c, up)
+	c.(*net.TCPConn).CloseWrite()
+	<-done
+}
+
+// TestProxyEnvListClients runs curl and a Go program with exactly the
+// environment ProxyEnvList returns and checks where their requests go.
+func TestProxyEnvListClients(t *testing.T) {
+	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "origin %s", r.URL.Path)
+	}))
+	t.Cleanup(origin.Close)
+	originPort := origin.Listener.Addr().(*net.TCPAddr).Port
+
+	creds, err := NewProxyCredentials()
+	require.NoError(t, err)
+	proxy := startEnvTestProxy(t, origin.Listener.Addr().String(), creds)
+	ps := &ProxyState{Host: thisHost(), Port: proxy.ln.Addr().(*net.TCPAddr).Port, Mode: ModePerJob, Credentials: &creds}
+	env := ProxyEnvListFor(ps, EnvOptions{NoProxy: []string{"cluster.test"}})
+	require.Len(t, env, 8)
+
+	without := func(keys ...string) []string {
+		var out []string
+	next:
+		for _, kv := range env {
+			for _, k := range keys {
+				if strings.HasPrefix(kv, k+"=") {
+					continue next
+				}
+			}
+			out = append(out, kv)
+		}
+		return out
+	}
+	localURL := "http://localhost:" + strconv.Itoa(originPort) + "/local"
+	loopURL := "http://127.0.0.1:" + strconv.Itoa(originPort) + "/loop"
+
+	t.Run("curl", func(t *testing.T) {
+		curl := testenv.LookPath(t, "curl")
+		run := func(env []string, args ...string) (string, error) {
+			cmd := exec.Command(curl, append([]string{"-q", "-sS", "--max-time", "10"}, args...)...)
+			cmd.Env = env
+			out, err := cmd.CombinedOutput()
+			return string(out), err
+		}
+		for _, tc := range []struct {
+			name     string
+			env      []string
+			args     []string
+			want     string
+			wantHits []string
+		}{
+			{"http_proxy, absolute-form", env, []string{"http://origin.test/abs"}, "origin /abs", []string{"http GET http://origin.test/abs"}},
+			{"http_proxy, CONNECT", env, []string{"-p", "http://origin.test/tunnel"}, "origin /tunnel", []string{"connect origin.test:80"}},
+			{"upper-case only: curl ignores HTTP_PROXY, uses ALL_PROXY", without("http_proxy", "all_proxy"), []string{"http://origin.test/upper"}, "origin /upper", []string{"socks origin.test:80"}},
+			{"all_proxy socks5h: the name goes to the proxy", without("http_proxy", "HTTP_PROXY"), []string{"http://origin.test/socks"}, "origin /socks", []string{"socks origin.test:80"}},
+			{"localhost bypasses", env, []string{localURL}, "origin /local", nil},
+			{"127.0.0.1 bypasses", env, []string{loopURL}, "origin /loop", nil},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				before := len(proxy.Hits())
+				out, err := run(tc.env, tc.args...)
+				require.NoError(t, err, "curl: %s", out)
+				assert.Equal(t, tc.want, out)
+				assert.ElementsMatch(t, tc.wantHits, proxy.Hits()[before:], "proxy hits")
+			})
+		}
+		t.Run("cluster domain bypasses", func(t *testing.T) {
+			before := len(proxy.Hits())
+			out, err := run(env, "http://node1.cluster.test/")
+			assert.Error(t, err, "curl resolved node1.cluster.test itself, as it should, and failed")
+			assert.Contains(t, out, "node1.cluster.test")
+			assert.Empty(t, proxy.Hits()[before:], "proxy hits")
+		})
+	})
+
+	t.Run("go", func(t *testing.T) {
+		before := len(proxy.Hits())
+		cmd := helperCommand("goclient")
+		cmd.Env = append(append([]string(nil), env...), helperEnv+"=goclient",
+			"HELPER_URLS=http://origin.test/go "+localURL+" http://node1.cluster.test/")
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		require.Len(t, lines, 3, "%s", out)
+		assert.Equal(t, "http://origin.test/go 200 origin /go", lines[0])
+		assert.Equal(t, localURL+" 200 origin /local", lines[1])
+		assert.Contains(t, lines[2], "http://node1.cluster.test/ error", "resolved directly, not through the proxy")
+		assert.Equal(t, []string{"http GET http://origin.test/go"}, proxy.Hits()[before:])
+	})
+
+	t.Run("wrong token refused", func(t *testing.T) {
+		curl := testenv.LookPath(t, "curl")
+		bad := *ps
+		bad.Credentials = &ProxyCredentials{User: CredentialsUser, Token: "wrong"}
+		cmd := exec.Command(curl, "-q", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "http://origin.test/")
+		cmd.Env = ProxyEnvListFor(&bad, EnvOptions{})
+		out, _ := cmd.CombinedOutput()
+		assert.Equal(t, "407", string(out))
+	})
+}

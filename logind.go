@@ -1,0 +1,282 @@
+package hpcproxy
+
+import (
+	"bufio"
+	"bytes"
+	"os"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// CgroupScope says where in systemd's cgroup tree a process sits, which
+// decides whether logind kills it at logout.
+type CgroupScope string
+
+// Cgroup scopes.
+const (
+	// ScopeSession: a login session's scope (session-N.scope), as for
+	// anything started from an SSH shell, even after setsid.
+	ScopeSession CgroupScope = "session"
+	// ScopeUserManager: the user's service manager (user@UID.service), as
+	// for anything started with systemd-run --user.
+	ScopeUserManager CgroupScope = "user-manager"
+	// ScopeOther: anything else, such as a batch job's cgroup under the
+	// scheduler's system service.
+	ScopeOther CgroupScope = "other"
+)
+
+// LogoutReport is CheckLogout's answer with its reasons.
+type LogoutReport struct {
+	// Survives reports whether a daemon started now, from this process's
+	// cgroup, is expected to outlive the user's logout.
+	Survives bool
+	// KillUserProcesses is logind's effective setting for this user
+	// (KillUserProcesses, narrowed by KillOnlyUsers and KillExcludeUsers).
+	KillUserProcesses bool
+	// Linger reports whether the user lingers (user@UID.service stays up
+	// without sessions).
+	Linger bool
+	// Systemd reports whether systemd runs the machine; without it nothing
+	// kills processes at logout (setsid already escapes SIGHUP).
+	Systemd bool
+	// Scope is where this process sits in the cgroup tree.
+	Scope CgroupScope
+	// Job is the batch job this process runs in, if any: a daemon started
+	// inside a job lives with the job, not with a login.
+	Job JobInfo
+	// Reason explains Survives in a sentence.
+	Reason string
+}
+
+// WillSurviveLogout reports whether a proxy daemon started now by this
+// process is expected to survive the user's logout, and logind's effective
+// KillUserProcesses and the user's Linger setting. See CheckLogout for the
+// rules; the seed's "KillUserProcesses=no or Linger=yes" was wrong, since
+// lingering does not save a session scope.
+func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
+	r := CheckLogout()
+	return r.Survives, r.KillUserProcesses, r.Linger
+}
+
+// CheckLogout decides whether a daemon started now from this process will
+// survive logout, from the files logind and the kernel expose:
+// /run/systemd/system (systemd is running), logind.conf and its
+// logind.conf.d drop-ins (KillUserProcesses, KillOnlyUsers,
+// KillExcludeUsers; later files win), /var/lib/systemd/linger/USER and
+// /proc/self/cgroup. The rules:
+//
+//	systemd  KillUserProcesses  scope         linger  survives
+//	no       -                  -             -       yes (nothing kills at logout)
+//	yes      no                 any           any     yes (the session is left "closing")
+//	yes      yes                session       any     no  (the session scope is killed)
+//	yes      yes                user-manager  yes     yes (user@UID.service stays up)
+//	yes      yes                user-manager  no      no  (it stops with the last session)
+//	yes      yes                other         any     yes (not logind's, e.g. a batch job)
+//
+// Inside a batch job, Survives is about logout only: the daemon still ends
+// with the job. When no configuration sets KillUserProcesses, the default
+// is taken from the commented-out default in logind.conf (distributions
+// ship "#KillUserProcesses=no"), else "no", the setting of Debian, Ubuntu,
+// RHEL, Fedora and SUSE (upstream systemd's build default is yes).
+func CheckLogout() LogoutReport {
+	name, _ := currentUserName()
+	return checkLogout("/", name, os.Getuid(), DetectJob())
+}
+
+func currentUserName() (string, error) {
+	u, err := user.Current()
+	if err != nil {
+		return os.Getenv("USER"), err
+	}
+	return u.Username, nil
+}
+
+// checkLogout is CheckLogout with every path under root, for fixtures.
+func checkLogout(root, userName string, uid int, job JobInfo) LogoutReport {
+	r := LogoutReport{Job: job}
+	r.Systemd = isDir(filepath.Join(root, "run/systemd/system"))
+	if userName != "" {
+		_, err := os.Stat(filepath.Join(root, "var/lib/systemd/linger", userName))
+		r.Linger = err == nil
+	}
+	r.KillUserProcesses = readLogindConf(root).kills(userName)
+	r.Scope = readCgroupScope(filepath.Join(root, "proc/self/cgroup"), uid)
+
+	switch {
+	case !r.Systemd:
+		r.Survives, r.Reason = true, "systemd is not running: nothing kills processes at logout"
+	case !r.KillUserProcesses:
+		r.Survives, r.Reason = true, "logind does not kill user processes at logout (KillUserProcesses=no)"
+	case r.Scope == ScopeSession:
+		r.Survives, r.Reason = false, "logind kills the login session's processes at logout (KillUserProcesses=yes), lingering or not: start the daemon with systemd-run --user (with linger on) or from a batch job"
+	case r.Scope == ScopeUserManager && r.Linger:
+		r.Survives, r.Reason = true, "the daemon runs under the user's service manager, which lingering keeps up"
+	case r.Scope == ScopeUserManager:
+		r.Survives, r.Reason = false, "the user's service manager stops at the last logout: enable lingering (loginctl enable-linger)"
+	default:
+		r.Survives, r.Reason = true, "the daemon is outside logind's sessions"
+	}
+	if job.InJob {
+		r.Reason += "; inside " + string(job.Scheduler) + " job " + job.JobID + " it ends with the job"
+	}
+	return r
+}
+
+// logindConf is the part of logind.conf that decides killing.
+type logindConf struct {
+	killUserProcesses *bool
+	defaultKill       bool // from a commented-out default in the main file
+	killOnlyUsers     []string
+	killExcludeUsers  []string
+}
+
+func (c logindConf) kills(userName string) bool {
+	kill := c.defaultKill
+	if c.killUserProcesses != nil {
+		kill = *c.killUserProcesses
+	}
+	if !kill {
+		return false
+	}
+	if slices.Contains(c.killExcludeUsers, userName) {
+		return false
+	}
+	if len(c.killOnlyUsers) > 0 && !slices.Contains(c.killOnlyUsers, userName) {
+		return false
+	}
+	return true
+}
+
+// logindConfDirs are searched in order of precedence, as systemd does.
+var logindConfDirs = []string{"etc/systemd", "run/systemd", "usr/local/lib/systemd", "usr/lib/systemd", "lib/systemd"}
+
+// readLogindConf reads the main logind.conf (the first found in
+// logindConfDirs) and then the *.conf drop-ins of every logind.conf.d,
+// sorted by file name, a name in a higher-precedence directory hiding the
+// same name in lower ones; the last assignment wins.
+func readLogindConf(root string) logindConf {
+	c := logindConf{killExcludeUsers: []string{"root"}}
+	for _, d := range logindConfDirs {
+		p := filepath.Join(root, d, "logind.conf")
+		if b, err := os.ReadFile(p); err == nil {
+			c.parse(b, true)
+			break
+		}
+	}
+	dropins := map[string]string{}
+	for i := len(logindConfDirs) - 1; i >= 0; i-- {
+		dir := filepath.Join(root, logindConfDirs[i], "logind.conf.d")
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if strings.HasSuffix(e.Name(), ".conf") && !e.IsDir() {
+				dropins[e.Name()] = filepath.Join(dir, e.Name())
+			}
+		}
+	}
+	names := make([]string, 0, len(dropins))
+	for n := range dropins {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		if b, err := os.ReadFile(dropins[n]); err == nil {
+			c.parse(b, false)
+		}
+	}
+	return c
+}
+
+func (c *logindConf) parse(b []byte, main bool) {
+	section := ""
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		if strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]") {
+			section = line[1 : len(line)-1]
+			continue
+		}
+		if section != "Login" {
+			continue
+		}
+		if rest, ok := strings.CutPrefix(line, "#"); ok && main {
+			// Distributions ship the build's defaults commented out.
+			if k, v, ok := strings.Cut(rest, "="); ok && strings.TrimSpace(k) == "KillUserProcesses" {
+				if b, ok := parseSystemdBool(v); ok {
+					c.defaultKill = b
+				}
+			}
+			continue
+		}
+		if line == "" || line[0] == '#' || line[0] == ';' {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		k, v = strings.TrimSpace(k), strings.TrimSpace(v)
+		switch k {
+		case "KillUserProcesses":
+			if b, ok := parseSystemdBool(v); ok {
+				c.killUserProcesses = &b
+			}
+		case "KillOnlyUsers":
+			c.killOnlyUsers = strings.Fields(v)
+		case "KillExcludeUsers":
+			c.killExcludeUsers = strings.Fields(v)
+		}
+	}
+}
+
+func parseSystemdBool(s string) (bool, bool) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "1", "yes", "y", "true", "t", "on":
+		return true, true
+	case "0", "no", "n", "false", "f", "off":
+		return false, true
+	}
+	return false, false
+}
+
+// readCgroupScope classifies the systemd cgroup path of /proc/self/cgroup:
+// the name=systemd hierarchy under cgroup v1 or hybrid, else the unified
+// "0::" line.
+func readCgroupScope(path string, uid int) CgroupScope {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ScopeOther
+	}
+	var unified, named string
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		switch {
+		case parts[1] == "name=systemd":
+			named = parts[2]
+		case parts[0] == "0" && parts[1] == "":
+			unified = parts[2]
+		}
+	}
+	cg := named
+	if cg == "" {
+		cg = unified
+	}
+	manager := "user@" + strconv.Itoa(uid) + ".service"
+	for _, c := range strings.Split(cg, "/") {
+		switch {
+		case strings.HasPrefix(c, "session-") && strings.HasSuffix(c, ".scope"):
+			return ScopeSession
+		case c == manager:
+			return ScopeUserManager
+		}
+	}
+	return ScopeOther
+}

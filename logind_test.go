@@ -1,0 +1,62 @@
+package hpcproxy
+
+import (
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+)
+
+// TestCheckLogoutFixtures checks every row of CheckLogout's table against
+// file trees under testdata/logind, for user alice (uid 1000).
+func TestCheckLogoutFixtures(t *testing.T) {
+	slurmJob := JobInfo{InJob: true, Scheduler: SchedulerSlurm, JobID: "5"}
+	for _, tc := range []struct {
+		fixture  string
+		job      JobInfo
+		survives bool
+		kill     bool
+		linger   bool
+		scope    CgroupScope
+		reason   string
+	}{
+		{"nosystemd", JobInfo{}, true, true, false, ScopeSession, "systemd is not running"},
+		{"default-no", JobInfo{}, true, false, true, ScopeSession, "KillUserProcesses=no"},
+		{"default-yes", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
+		{"session-linger", JobInfo{}, false, true, true, ScopeSession, "lingering or not"},
+		{"manager-linger", JobInfo{}, true, true, true, ScopeUserManager, "lingering keeps up"},
+		{"manager-nolinger", JobInfo{}, false, true, false, ScopeUserManager, "enable-linger"},
+		{"dropins-last-wins", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
+		{"dropins-etc-masks", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
+		{"excluded", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
+		{"kill-only-others", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
+		{"slurm-job", slurmJob, true, true, false, ScopeOther, "ends with the job"},
+		{"cgroup-v1", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
+		{"usrlib-main", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
+	} {
+		t.Run(tc.fixture, func(t *testing.T) {
+			r := checkLogout(filepath.Join("testdata", "logind", tc.fixture), "alice", 1000, tc.job)
+			assert.Equal(t, tc.survives, r.Survives, "Survives (%s)", r.Reason)
+			assert.Equal(t, tc.kill, r.KillUserProcesses, "KillUserProcesses")
+			assert.Equal(t, tc.linger, r.Linger, "Linger")
+			assert.Equal(t, tc.scope, r.Scope, "Scope")
+			assert.Contains(t, r.Reason, tc.reason)
+		})
+	}
+}
+
+func TestCheckLogoutWrongUID(t *testing.T) {
+	// user@1000.service is alice's manager, not uid 1001's.
+	r := checkLogout(filepath.Join("testdata", "logind", "manager-linger"), "alice", 1001, JobInfo{})
+	assert.Equal(t, ScopeOther, r.Scope)
+}
+
+func TestWillSurviveLogoutHere(t *testing.T) {
+	// Whatever this machine is, the answers agree with each other.
+	r := CheckLogout()
+	s, k, l := WillSurviveLogout()
+	assert.Equal(t, r.Survives, s)
+	assert.Equal(t, r.KillUserProcesses, k)
+	assert.Equal(t, r.Linger, l)
+	assert.NotEmpty(t, r.Reason)
+}

@@ -1,0 +1,838 @@
+package hpcproxy
+
+import (
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/url"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// State files
+//
+// A running daemon describes itself in a JSON state file ("PID file" in the
+// seed's words). There are two scopes:
+//
+//   - shared: one proxy per user on a login node, listening on all
+//     interfaces. Its state file is PidFilePath(), in the user's data dir,
+//     which is normally on NFS so that compute nodes can read it.
+//   - per-job: one proxy per job on a compute node, listening on 127.0.0.1.
+//     Its state file is LocalPidFilePath(), in a per-user directory of the
+//     node-local tmp dir ([NodeTmpDir]), named after the job.
+//
+// The environment can move both: HPCPROXY_STATE_DIR replaces the shared
+// state directory, HPCPROXY_TMPDIR the node-local tmp dir.
+//
+// Every state directory is created 0700 and must be owned by the user and
+// not writable by group or others; state files are written atomically
+// (temporary file, fsync, rename) with mode 0600, because they hold the
+// proxy's credentials.
+
+// Environment variables that relocate state.
+const (
+	// EnvStateDir, if set, is used as the shared-mode state directory
+	// instead of $XDG_DATA_HOME/hpcproxy.
+	EnvStateDir = "HPCPROXY_STATE_DIR"
+	// EnvTmpDir, if set, heads the node-local tmp dir chain (see
+	// [NodeTmpDir]).
+	EnvTmpDir = "HPCPROXY_TMPDIR"
+)
+
+// Mode is a daemon's scope.
+type Mode string
+
+// The two daemon modes.
+const (
+	// ModeShared is one proxy per user on a login node, listening on all
+	// interfaces, with credentials required.
+	ModeShared Mode = "shared"
+	// ModePerJob is one proxy per job on a compute node, listening on
+	// 127.0.0.1, open only to the same user.
+	ModePerJob Mode = "per-job"
+)
+
+// Status is what a daemon reports about its tunnel in the state file.
+type Status string
+
+// Daemon statuses.
+const (
+	// StatusStarting: the state file is claimed, the listener or the
+	// tunnel is not up yet.
+	StatusStarting Status = "starting"
+	// StatusUp: listening, tunnel up.
+	StatusUp Status = "up"
+	// StatusReconnecting: still listening, the tunnel dropped and is being
+	// re-established; dials fail with ErrTunnelDown meanwhile.
+	StatusReconnecting Status = "reconnecting"
+)
+
+// CredentialsUser is the user name carried in proxy URLs. Only the token
+// is secret; the fixed name just fills the userinfo slot that clients
+// expect (http://hpcproxy:TOKEN@host:port).
+const CredentialsUser = "hpcproxy"
+
+// ProxyCredentials are what a client presents to the proxy: HTTP
+// Proxy-Authorization Basic, SOCKS5 username/password (RFC 1929), carried
+// in proxy URLs as userinfo.
+//
+// # Security model
+//
+// The proxy relays as its owner, through the owner's SSH login, so it is
+// never open to everyone:
+//
+//   - Shared mode (login node, all interfaces) always requires
+//     credentials. The daemon generates them at start
+//     (NewProxyCredentials) and keeps them only in its 0600 state file in
+//     the user's 0700 data dir; FindActiveProxy and ProxyEnvList hand them
+//     to the user's own programs in the proxy URL. Other users cannot read
+//     the file, so they cannot use the proxy. A daemon may further
+//     restrict clients to an allow-list of networks.
+//   - Per-job mode (compute node, 127.0.0.1) accepts the same user only:
+//     a client presenting the token, or a loopback client whose socket
+//     belongs to the daemon's UID ([SameUserConn]), so that tools which
+//     cannot send proxy credentials still work for their owner and for
+//     nobody else sharing the node.
+type ProxyCredentials struct {
+	User  string `json:"user"`
+	Token string `json:"token"`
+}
+
+// NewProxyCredentials returns credentials with user CredentialsUser and a
+// fresh token of 32 bytes from crypto/rand, base64url-encoded (43
+// characters, safe in URL userinfo without escaping).
+func NewProxyCredentials() (ProxyCredentials, error) {
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return ProxyCredentials{}, fmt.Errorf("hpcproxy: generate token: %w", err)
+	}
+	return ProxyCredentials{User: CredentialsUser, Token: base64.RawURLEncoding.EncodeToString(b[:])}, nil
+}
+
+// Match reports, in constant time with respect to the secret, whether user
+// and token are these credentials. Empty credentials match nothing.
+func (c ProxyCredentials) Match(user, token string) bool {
+	if c.Token == "" {
+		return false
+	}
+	u := subtle.ConstantTimeCompare([]byte(user), []byte(c.User))
+	t := subtle.ConstantTimeCompare([]byte(token), []byte(c.Token))
+	return u&t == 1
+}
+
+// ProxyState is the content of a state file. The first four fields are the
+// seed's; the rest are optional, and readers ignore fields they do not
+// know, so the format can grow.
+type ProxyState struct {
+	// Host is os.Hostname() of the node the daemon runs on. Liveness is
+	// checked by PID only when Host is this host.
+	Host string `json:"host"`
+	// Via is the SSH destination (login node) the tunnel goes through.
+	Via string `json:"via"`
+	// Port is the listening port (SOCKS5, SOCKS4a, HTTP on one port).
+	Port int `json:"port"`
+	// PID is the daemon's process ID on Host.
+	PID int `json:"pid"`
+
+	// Mode is ModeShared or ModePerJob.
+	Mode Mode `json:"mode,omitempty"`
+	// AdvertiseHost optionally names the host clients should dial. If
+	// empty, clients use 127.0.0.1 for a per-job proxy and Host for a
+	// shared one.
+	AdvertiseHost string `json:"advertise_host,omitempty"`
+	// Method is the tunnel method in use ([Method.String]).
+	Method string `json:"method,omitempty"`
+	// Started is when the daemon started.
+	Started time.Time `json:"started,omitzero"`
+	// Status and StatusSince describe the tunnel; the daemon rewrites the
+	// file when they change.
+	Status      Status    `json:"status,omitempty"`
+	StatusSince time.Time `json:"status_since,omitzero"`
+	// Reconnects counts tunnel re-establishments since Started.
+	Reconnects int `json:"reconnects,omitempty"`
+	// LastError is the last tunnel error, while reconnecting.
+	LastError string `json:"last_error,omitempty"`
+	// Credentials are required by the proxy (always in shared mode; in
+	// per-job mode the owner's own loopback connections may skip them).
+	Credentials *ProxyCredentials `json:"credentials,omitempty"`
+	// JobID and Scheduler identify the job a per-job proxy belongs to.
+	JobID     string `json:"job_id,omitempty"`
+	Scheduler string `json:"scheduler,omitempty"`
+	// LogFile is where the daemon's stdout and stderr go.
+	LogFile string `json:"log_file,omitempty"`
+}
+
+// DialHost returns the host clients dial: AdvertiseHost if set, 127.0.0.1
+// for a per-job proxy, else Host.
+func (ps *ProxyState) DialHost() string {
+	switch {
+	case ps.AdvertiseHost != "":
+		return ps.AdvertiseHost
+	case ps.Mode == ModePerJob:
+		return "127.0.0.1"
+	}
+	return ps.Host
+}
+
+// Addr returns DialHost():Port.
+func (ps *ProxyState) Addr() string {
+	return net.JoinHostPort(ps.DialHost(), strconv.Itoa(ps.Port))
+}
+
+// URL returns the proxy's URL with the given scheme ("http", "socks5h",
+// ...) and the credentials, if any, as userinfo:
+// http://hpcproxy:TOKEN@host:port.
+func (ps *ProxyState) URL(scheme string) string {
+	u := url.URL{Scheme: scheme, Host: ps.Addr()}
+	if c := ps.Credentials; c != nil && c.Token != "" {
+		u.User = url.UserPassword(c.User, c.Token)
+	}
+	return u.String()
+}
+
+// Errors about state files.
+var (
+	// ErrUnsafePath is wrapped by errors about a state directory or file
+	// that is owned by someone else, writable by others, or not what it
+	// should be (a symlink, not a directory). hpcproxy never uses one.
+	ErrUnsafePath = errors.New("hpcproxy: unsafe state path")
+	// ErrAlreadyRunning is matched (errors.Is) by *AlreadyRunningError, and
+	// by a *DaemonError whose daemon reported one.
+	ErrAlreadyRunning = errors.New("hpcproxy: proxy already running")
+)
+
+// AlreadyRunningError is returned by ClaimStateFile when the scope already
+// has a proxy, possibly on another host, or one still starting.
+type AlreadyRunningError struct {
+	Path    string      // the state file
+	State   *ProxyState // its content; nil if the owner has not written it yet
+	Verdict StateVerdict
+}
+
+func (e *AlreadyRunningError) Error() string {
+	s := ErrAlreadyRunning.Error()
+	if e.State != nil {
+		s += fmt.Sprintf(": pid %d on %s, port %d", e.State.PID, e.State.Host, e.State.Port)
+		if e.State.Status != "" {
+			s += " (" + string(e.State.Status) + ")"
+		}
+	}
+	return s + " [" + e.Path + "]"
+}
+
+// Is makes errors.Is(err, ErrAlreadyRunning) true.
+func (e *AlreadyRunningError) Is(target error) bool { return target == ErrAlreadyRunning }
+
+// StateDir returns the shared-mode state directory: $HPCPROXY_STATE_DIR,
+// else $XDG_DATA_HOME/hpcproxy, else HOME/.local/share/hpcproxy. HOME is
+// $HOME if set, else the passwd entry's home: the data dir is the user's
+// to choose, and a shared proxy is looked up from compute nodes through the
+// same (NFS) home.
+func StateDir() string {
+	if d := os.Getenv(EnvStateDir); d != "" {
+		return d
+	}
+	if d := os.Getenv("XDG_DATA_HOME"); d != "" && filepath.IsAbs(d) {
+		return filepath.Join(d, "hpcproxy")
+	}
+	return filepath.Join(homeDir(), ".local", "share", "hpcproxy")
+}
+
+// LocalStateDir returns the per-job state directory: hpcproxy-UID in the
+// node-local tmp dir ([NodeTmpDir]).
+func LocalStateDir() string {
+	return filepath.Join(NodeTmpDir(), "hpcproxy-"+strconv.Itoa(os.Getuid()))
+}
+
+// PidFilePath returns the shared-mode state file, StateDir()/proxy.json.
+func PidFilePath() string { return filepath.Join(StateDir(), "proxy.json") }
+
+// LocalPidFilePath returns the per-job state file in LocalStateDir():
+// proxy-JOBID.json inside a scheduler job (two jobs of one user can share
+// a node), proxy.json outside one.
+func LocalPidFilePath() string {
+	return filepath.Join(LocalStateDir(), "proxy"+jobSuffix()+".json")
+}
+
+// LogFilePath returns the log file that goes with a state file: the same
+// name with ".log" for ".json".
+func LogFilePath(statePath string) string {
+	return strings.TrimSuffix(statePath, ".json") + ".log"
+}
+
+// SockPath returns the unix socket path for the shared-mode tunnel's ssh
+// control or SOCKS socket. Unlike the seed it is node-local, not in the
+// (NFS) state dir: hpcproxy-UID under os.TempDir(). A unix socket path
+// must fit in sun_path (108 bytes); see shortSockPath.
+func SockPath() string {
+	return shortSockPath(filepath.Join(os.TempDir(), "hpcproxy-"+strconv.Itoa(os.Getuid())), "shared")
+}
+
+// LocalSockPath returns the unix socket path for a per-job tunnel, beside
+// LocalPidFilePath().
+func LocalSockPath() string {
+	return shortSockPath(LocalStateDir(), "tunnel"+jobSuffix())
+}
+
+// maxSockPath leaves room under sun_path's 108 bytes for the suffixes ssh
+// appends to control sockets (ControlPath.XXXXXXXXXXXXXXXX while binding).
+const maxSockPath = 100 - 17
+
+// shortSockPath returns dir/name.sock, or, when that is too long for a
+// unix socket, a path in /tmp/hpcproxy-UID with a shortened name.
+func shortSockPath(dir, name string) string {
+	p := filepath.Join(dir, name+".sock")
+	if len(p) <= maxSockPath {
+		return p
+	}
+	if len(name) > 24 {
+		name = name[:24]
+	}
+	return filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), name+".sock")
+}
+
+func jobSuffix() string {
+	if j := DetectJob(); j.InJob && j.JobID != "" {
+		return "-" + sanitizeName(j.JobID)
+	}
+	return ""
+}
+
+// sanitizeName keeps job IDs ("1234.pbs01", "5_[1-3]") file-name safe.
+func sanitizeName(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '-', r == '_':
+			return r
+		}
+		return '_'
+	}, s)
+}
+
+func homeDir() string {
+	if h := os.Getenv("HOME"); h != "" {
+		return h
+	}
+	if u, err := user.LookupId(strconv.Itoa(os.Getuid())); err == nil && u.HomeDir != "" {
+		return u.HomeDir
+	}
+	return "/"
+}
+
+// ReadPidFile reads the shared-mode state file.
+func ReadPidFile() (*ProxyState, error) { return ReadPidFileAt(PidFilePath()) }
+
+// ReadLocalPidFile reads the per-job state file.
+func ReadLocalPidFile() (*ProxyState, error) { return ReadPidFileAt(LocalPidFilePath()) }
+
+// ReadPidFileAt reads and parses a state file. A missing file gives an
+// error wrapping fs.ErrNotExist. A file that is not a regular file owned by
+// the user gives an error wrapping ErrUnsafePath: it holds credentials that
+// clients will send, so it must come from the user.
+func ReadPidFileAt(path string) (*ProxyState, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, fmt.Errorf("%w: %s is a symlink", ErrUnsafePath, path)
+		}
+		return nil, fmt.Errorf("hpcproxy: read state: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: read state: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: %s is not a regular file", ErrUnsafePath, path)
+	}
+	if uid := fileUID(fi); uid != os.Getuid() {
+		return nil, fmt.Errorf("%w: %s is owned by uid %d, not %d", ErrUnsafePath, path, uid, os.Getuid())
+	}
+	var ps ProxyState
+	if err := json.NewDecoder(f).Decode(&ps); err != nil {
+		return nil, fmt.Errorf("hpcproxy: parse state file %s: %w", path, err)
+	}
+	return &ps, nil
+}
+
+// WritePidFileAt writes ps to path atomically: a temporary file in the same
+// directory (mode 0600), fsync, rename over path, fsync of the directory.
+// The directory is created 0700 if missing and refused (ErrUnsafePath) if
+// another user owns it or others can write to it. WritePidFileAt does not
+// check who owns the scope: a daemon uses ClaimStateFile and
+// [StateClaim.Update].
+func WritePidFileAt(path string, ps ProxyState) error {
+	dir := filepath.Dir(path)
+	if err := EnsurePrivateDir(dir); err != nil {
+		return err
+	}
+	tmp, err := writeTemp(dir, &ps)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("hpcproxy: write state: %w", err)
+	}
+	syncDir(dir)
+	return nil
+}
+
+// writeTemp writes ps to a new 0600 file in dir, fsyncs it and returns its
+// name.
+func writeTemp(dir string, ps *ProxyState) (string, error) {
+	b, err := json.MarshalIndent(ps, "", "  ")
+	if err != nil {
+		return "", fmt.Errorf("hpcproxy: encode state: %w", err)
+	}
+	b = append(b, '\n')
+	f, err := os.CreateTemp(dir, ".proxy-*.tmp") // mode 0600
+	if err != nil {
+		return "", fmt.Errorf("hpcproxy: write state: %w", err)
+	}
+	name := f.Name()
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(name)
+		return "", fmt.Errorf("hpcproxy: write state: %w", err)
+	}
+	return name, nil
+}
+
+func syncDir(dir string) {
+	// Best effort: the rename is durable once the directory is synced, but
+	// some file systems refuse fsync on a directory.
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+}
+
+// RemovePidFile removes the shared-mode state file unless it belongs to
+// another live proxy: one on another host (never removed from here), or
+// a live process other than this one on this host. Unlike the seed's, it
+// cannot delete the state of a running daemon.
+func RemovePidFile() {
+	path := PidFilePath()
+	ps, err := ReadPidFileAt(path)
+	if err != nil {
+		return
+	}
+	if ps.Host == thisHost() && ps.PID == os.Getpid() {
+		removeIfUnchanged(path, ps)
+		return
+	}
+	_, _ = RemoveStaleState(path)
+}
+
+// RemoveStaleState removes the state file at path if CheckState finds it
+// stale, and returns the verdict. A live proxy's file, and any file
+// written on another host, is left alone. A missing file is not an error
+// (verdict VerdictDeadPID, nothing removed).
+func RemoveStaleState(path string) (StateVerdict, error) {
+	ps, err := ReadPidFileAt(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return VerdictDeadPID, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	v := CheckState(ps)
+	if v.Stale() {
+		removeIfUnchanged(path, ps)
+	}
+	return v, nil
+}
+
+// removeIfUnchanged removes path if it still describes the same daemon as
+// ps (a new daemon may have replaced it meanwhile).
+func removeIfUnchanged(path string, ps *ProxyState) {
+	cur, err := ReadPidFileAt(path)
+	if err != nil || cur.PID != ps.PID || cur.Host != ps.Host || !cur.Started.Equal(ps.Started) {
+		return
+	}
+	_ = os.Remove(path)
+}
+
+// EnsurePrivateDir creates dir with mode 0700 (and missing parents with
+// 0700, as the XDG base directory spec asks) and checks that it is safe to
+// keep secrets in: a directory (or a symlink the user owns to one) owned by
+// the user and not writable by group or others. A directory that others
+// can only read or enter is tightened to 0700. An unsafe directory, such
+// as one pre-created by another user in a shared /tmp, gives an error
+// wrapping ErrUnsafePath.
+func EnsurePrivateDir(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return fmt.Errorf("hpcproxy: create state directory: %w", err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("hpcproxy: create state directory: %w", err)
+	}
+	uid := os.Getuid()
+	lfi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("hpcproxy: state directory: %w", err)
+	}
+	if lfi.Mode()&fs.ModeSymlink != 0 {
+		// In a sticky /tmp only the link's owner can replace it, so a link
+		// of our own is as safe as the directory it names.
+		if o := fileUID(lfi); o != uid {
+			return fmt.Errorf("%w: %s is a symlink owned by uid %d, not %d", ErrUnsafePath, dir, o, uid)
+		}
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("hpcproxy: state directory: %w", err)
+	}
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("%w: %s is not a directory", ErrUnsafePath, dir)
+	case fileUID(fi) != uid:
+		return fmt.Errorf("%w: %s is owned by uid %d, not %d", ErrUnsafePath, dir, fileUID(fi), uid)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("%w: %s is writable by others (mode %04o)", ErrUnsafePath, dir, fi.Mode().Perm())
+	case fi.Mode().Perm()&0o077 != 0:
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("hpcproxy: state directory: %w", err)
+		}
+	}
+	return nil
+}
+
+func fileUID(fi fs.FileInfo) int {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return int(st.Uid)
+	}
+	return -1
+}
+
+// StateVerdict is what CheckState concludes about a state file.
+type StateVerdict int
+
+// Verdicts. Only VerdictDeadPID and VerdictNoAnswer are stale; a state
+// file from another host is never judged stale from here, because its PID
+// means nothing on this host and its port may simply be unreachable.
+const (
+	// VerdictAlive: on this host, the PID is alive and the port answers
+	// (or the daemon is still starting and has not bound it yet).
+	VerdictAlive StateVerdict = iota + 1
+	// VerdictDeadPID: on this host, no process has the PID.
+	VerdictDeadPID
+	// VerdictNoAnswer: on this host, the PID is alive (possibly reused by
+	// another program) but nothing answers on the port after retries.
+	VerdictNoAnswer
+	// VerdictForeignAnswering: on another host; its port answers.
+	VerdictForeignAnswering
+	// VerdictForeignUnknown: on another host; its port does not answer
+	// from here. It may be down, or unreachable from this node.
+	VerdictForeignUnknown
+)
+
+var verdictNames = map[StateVerdict]string{
+	VerdictAlive:            "alive",
+	VerdictDeadPID:          "stale (pid dead)",
+	VerdictNoAnswer:         "stale (no answer)",
+	VerdictForeignAnswering: "other host, answering",
+	VerdictForeignUnknown:   "other host, not answering",
+}
+
+func (v StateVerdict) String() string {
+	if s, ok := verdictNames[v]; ok {
+		return s
+	}
+	return fmt.Sprintf("StateVerdict(%d)", int(v))
+}
+
+// Stale reports whether the state file may be removed.
+func (v StateVerdict) Stale() bool { return v == VerdictDeadPID || v == VerdictNoAnswer }
+
+// Usable reports whether clients can expect the proxy to answer.
+func (v StateVerdict) Usable() bool { return v == VerdictAlive || v == VerdictForeignAnswering }
+
+// CheckState judges a state file. The PID is checked only when ps.Host is
+// this host; the port is probed (ProxyAlive at DialHost) up to three
+// times before "no answer" is concluded, so one lost probe cannot make a
+// live daemon look stale.
+func CheckState(ps *ProxyState) StateVerdict { return defaultChecker.check(ps) }
+
+type stateChecker struct {
+	hostname func() string
+	pidAlive func(int) bool
+	probe    func(host string, port int) bool
+	tries    int
+	pause    time.Duration
+}
+
+var defaultChecker = stateChecker{
+	hostname: thisHost,
+	pidAlive: pidAlive,
+	probe:    ProxyAlive,
+	tries:    3,
+	pause:    200 * time.Millisecond,
+}
+
+func (c stateChecker) answers(ps *ProxyState) bool {
+	if ps.Port <= 0 {
+		return false
+	}
+	for i := 0; i < c.tries; i++ {
+		if i > 0 {
+			time.Sleep(c.pause)
+		}
+		if c.probe(ps.DialHost(), ps.Port) {
+			return true
+		}
+	}
+	return false
+}
+
+func (c stateChecker) check(ps *ProxyState) StateVerdict {
+	if ps.Host != c.hostname() {
+		if c.answers(ps) {
+			return VerdictForeignAnswering
+		}
+		return VerdictForeignUnknown
+	}
+	if ps.PID <= 0 || !c.pidAlive(ps.PID) {
+		return VerdictDeadPID
+	}
+	if ps.Status == StatusStarting || c.answers(ps) {
+		return VerdictAlive
+	}
+	return VerdictNoAnswer
+}
+
+// pidAlive reports whether a process with pid exists (kill -0; EPERM means
+// it exists but belongs to someone else).
+func pidAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+var (
+	hostOnce sync.Once
+	hostName string
+)
+
+// thisHost returns os.Hostname(), cached.
+func thisHost() string {
+	hostOnce.Do(func() {
+		hostName, _ = os.Hostname()
+	})
+	return hostName
+}
+
+// StateClaim is a daemon's exclusive hold on a state file's scope. Hold it
+// for the daemon's lifetime: rewrite the state with Update on every change
+// and Release it on exit.
+//
+// Exclusion uses two mechanisms. A flock(2) on a lock file beside the state
+// file (path + ".lock"; never removed, to keep the lock race-free) is held
+// while the daemon runs and released by the kernel if it dies, so on one
+// host two starts at once cannot both win and a crashed daemon never
+// blocks the next. The state file itself is first created by link(2),
+// which fails if it exists even on NFS, so two login nodes sharing an NFS
+// state dir cannot both claim it even where NFS does not propagate flock
+// (mounts with nolock or local_lock=flock). On such mounts, two hosts that
+// both find the same stale file at the same moment can still race; with
+// working NFS locks (NFSv4, or v3 with lockd) they cannot.
+type StateClaim struct {
+	path string
+	lock *os.File
+	mu   sync.Mutex
+	last ProxyState
+}
+
+// ClaimStateFile claims the scope of the state file at path for this
+// process and writes initial there (Host, PID and, if unset, Started and
+// Status are filled in: os.Hostname(), os.Getpid(), now, StatusStarting).
+//
+// If the scope has a proxy, ClaimStateFile returns an *AlreadyRunningError
+// describing it (errors.Is(err, ErrAlreadyRunning)): a live daemon here or
+// one still starting (it holds the lock), or any state written on another
+// host that is not proven stale (never removed or overwritten from here).
+// A stale file from this host (its daemon gone) is replaced.
+func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
+	dir := filepath.Dir(path)
+	if err := EnsurePrivateDir(dir); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: open lock file: %w", err)
+	}
+	if err := flockNB(lock); err != nil {
+		lock.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			// The holder runs (here, or on another host where NFS locks
+			// work); its state may not be written yet.
+			are := &AlreadyRunningError{Path: path, Verdict: VerdictAlive}
+			if ps, err := ReadPidFileAt(path); err == nil {
+				are.State = ps
+				if ps.Host != thisHost() {
+					are.Verdict = CheckState(ps)
+				}
+			}
+			return nil, are
+		}
+		return nil, fmt.Errorf("hpcproxy: lock %s: %w", path+".lock", err)
+	}
+	c := &StateClaim{path: path, lock: lock}
+
+	if initial.Host == "" {
+		initial.Host = thisHost()
+	}
+	initial.PID = os.Getpid()
+	now := time.Now().UTC()
+	if initial.Started.IsZero() {
+		initial.Started = now
+	}
+	if initial.Status == "" {
+		initial.Status = StatusStarting
+	}
+	if initial.StatusSince.IsZero() {
+		initial.StatusSince = now
+	}
+
+	for attempt := 0; ; attempt++ {
+		err := c.create(&initial)
+		if err == nil {
+			return c, nil
+		}
+		if !errors.Is(err, fs.ErrExist) || attempt > 0 {
+			c.unlock()
+			return nil, err
+		}
+		old, rerr := ReadPidFileAt(path)
+		if errors.Is(rerr, fs.ErrNotExist) {
+			continue
+		}
+		if rerr != nil {
+			// Unreadable or unsafe: do not touch it.
+			c.unlock()
+			return nil, rerr
+		}
+		v := VerdictDeadPID
+		if old.Host != thisHost() {
+			// Another host: its PID means nothing here, and we hold no lock
+			// that it honours unless NFS locking works. Never clobber.
+			v = CheckState(old)
+			if !v.Stale() {
+				c.unlock()
+				return nil, &AlreadyRunningError{Path: path, State: old, Verdict: v}
+			}
+		}
+		// Same host and we hold the lock: its writer is gone (every daemon
+		// holds the lock while it runs), so the file is stale.
+		removeIfUnchanged(path, old)
+	}
+}
+
+// create writes ps to c.path only if no file exists there (link(2)).
+func (c *StateClaim) create(ps *ProxyState) error {
+	dir := filepath.Dir(c.path)
+	tmp, err := writeTemp(dir, ps)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	if err := os.Link(tmp, c.path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		return fmt.Errorf("hpcproxy: create state file: %w", err)
+	}
+	syncDir(dir)
+	c.last = *ps
+	return nil
+}
+
+// Path returns the claimed state file.
+func (c *StateClaim) Path() string { return c.path }
+
+// State returns the state last written.
+func (c *StateClaim) State() ProxyState {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.last
+}
+
+// Update atomically rewrites the state file with ps (Host and PID are
+// kept as claimed; StatusSince is set when Status changes and ps leaves it
+// unset). It fails after Release.
+func (c *StateClaim) Update(ps ProxyState) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.lock == nil {
+		return errors.New("hpcproxy: state claim released")
+	}
+	ps.Host, ps.PID = c.last.Host, c.last.PID
+	if ps.Started.IsZero() {
+		ps.Started = c.last.Started
+	}
+	if ps.Status != c.last.Status && ps.StatusSince.Equal(c.last.StatusSince) {
+		ps.StatusSince = time.Now().UTC()
+	}
+	if err := WritePidFileAt(c.path, ps); err != nil {
+		return err
+	}
+	c.last = ps
+	return nil
+}
+
+// Release removes the state file (if it still is this daemon's) and gives
+// up the claim. It is idempotent.
+func (c *StateClaim) Release() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.lock == nil {
+		return nil
+	}
+	last := c.last
+	removeIfUnchanged(c.path, &last)
+	c.unlock()
+	return nil
+}
+
+func (c *StateClaim) unlock() {
+	if c.lock != nil {
+		c.lock.Close() // closing the last descriptor drops the flock
+		c.lock = nil
+	}
+}
+
+func flockNB(f *os.File) error {
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := sc.Control(func(fd uintptr) {
+		for {
+			ferr = syscall.Flock(int(fd), syscall.LOCK_EX|syscall.LOCK_NB)
+			if ferr != syscall.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	return ferr
+}
