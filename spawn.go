@@ -75,12 +75,12 @@ type DaemonOptions struct {
 	// two minutes, enough for a fallback chain of slow SSH methods.
 	Timeout time.Duration
 	// ExitPipe optionally gives the daemon an exit pipe (fd 4): it stops
-	// when [Daemon.CloseExit] is called or this process dies.
+	// when [DaemonProcess.CloseExit] is called or this process dies.
 	ExitPipe bool
 }
 
-// Daemon is a daemon started by StartDaemon.
-type Daemon struct {
+// DaemonProcess is a daemon process started by StartDaemon.
+type DaemonProcess struct {
 	cmd     *exec.Cmd
 	logFile string
 	exitW   *os.File
@@ -149,7 +149,7 @@ func (e *DaemonError) Unwrap() []error {
 // parent collects no zombies; it ends when the daemon does. A short-lived
 // parent may simply exit: the daemon, in its own session, lives on (unless
 // ExitPipe was set).
-func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
+func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error) {
 	cmd := opts.Cmd
 	switch {
 	case cmd == nil:
@@ -218,7 +218,7 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*Daemon, error) {
 		}
 		return nil, fmt.Errorf("hpcproxy: start daemon: %w", err)
 	}
-	d := &Daemon{cmd: cmd, logFile: opts.LogFile, exitW: ew, hasExit: ew != nil, done: make(chan struct{})}
+	d := &DaemonProcess{cmd: cmd, logFile: opts.LogFile, exitW: ew, hasExit: ew != nil, done: make(chan struct{})}
 	go func() {
 		d.waitErr = cmd.Wait()
 		close(d.done)
@@ -301,7 +301,7 @@ func readReport(ctx context.Context, pr *os.File, timeout time.Duration, exited 
 // process group (SIGTERM, and SIGKILL after another grace) and waits. Once
 // the daemon is gone, stragglers of its group (child processes it left
 // behind) are killed. It returns the daemon's exit error.
-func (d *Daemon) stopGroup(grace time.Duration) error {
+func (d *DaemonProcess) stopGroup(grace time.Duration) error {
 	pid := d.cmd.Process.Pid
 	t := time.NewTimer(grace)
 	defer t.Stop()
@@ -324,23 +324,23 @@ func (d *Daemon) stopGroup(grace time.Duration) error {
 }
 
 // PID returns the daemon's process ID (and process group and session ID).
-func (d *Daemon) PID() int { return d.cmd.Process.Pid }
+func (d *DaemonProcess) PID() int { return d.cmd.Process.Pid }
 
 // LogFile returns the daemon's log file.
-func (d *Daemon) LogFile() string { return d.logFile }
+func (d *DaemonProcess) LogFile() string { return d.logFile }
 
 // Done is closed when the daemon has exited.
-func (d *Daemon) Done() <-chan struct{} { return d.done }
+func (d *DaemonProcess) Done() <-chan struct{} { return d.done }
 
 // Wait waits for the daemon to exit and returns its exit error.
-func (d *Daemon) Wait() error {
+func (d *DaemonProcess) Wait() error {
 	<-d.done
 	return d.waitErr
 }
 
 // CloseExit closes the exit pipe, which asks a daemon started with
 // ExitPipe to stop. It is a no-op otherwise, and idempotent.
-func (d *Daemon) CloseExit() error {
+func (d *DaemonProcess) CloseExit() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.exitW == nil {
@@ -354,7 +354,7 @@ func (d *Daemon) CloseExit() error {
 // Stop asks the daemon to stop, through the exit pipe if it has one, else
 // with SIGTERM, and waits up to grace before killing its process group.
 // It returns the daemon's exit error.
-func (d *Daemon) Stop(grace time.Duration) error {
+func (d *DaemonProcess) Stop(grace time.Duration) error {
 	if d.hasExit {
 		_ = d.CloseExit()
 	} else {

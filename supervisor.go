@@ -14,22 +14,22 @@ import (
 type TunnelStatus int
 
 const (
-	// StatusUp: a tunnel is established and carries connections.
-	StatusUp TunnelStatus = iota + 1
-	// StatusReconnecting: the tunnel dropped and is being re-established.
-	StatusReconnecting
-	// StatusClosed: the supervisor was closed.
-	StatusClosed
+	// TunnelUp: a tunnel is established and carries connections.
+	TunnelUp TunnelStatus = iota + 1
+	// TunnelReconnecting: the tunnel dropped and is being re-established.
+	TunnelReconnecting
+	// TunnelClosed: the supervisor was closed.
+	TunnelClosed
 )
 
 // String returns "up", "reconnecting" or "closed".
 func (s TunnelStatus) String() string {
 	switch s {
-	case StatusUp:
+	case TunnelUp:
 		return "up"
-	case StatusReconnecting:
+	case TunnelReconnecting:
 		return "reconnecting"
-	case StatusClosed:
+	case TunnelClosed:
 		return "closed"
 	}
 	return fmt.Sprintf("TunnelStatus(%d)", int(s))
@@ -63,7 +63,7 @@ type SupervisorConfig struct {
 	DialGrace time.Duration
 
 	// OnChange optionally receives each new state, and the tunnel that is
-	// up (nil unless Status is StatusUp). It is called from the supervisor's
+	// up (nil unless Status is TunnelUp). It is called from the supervisor's
 	// goroutine, one call at a time; it must not block for long.
 	OnChange func(TunnelState, *Tunnel)
 
@@ -184,7 +184,7 @@ func (s *SupervisedTunnel) setUp(t *Tunnel, reconnected bool) {
 	s.mu.Lock()
 	s.cur = t
 	close(s.up)
-	s.state.Status = StatusUp
+	s.state.Status = TunnelUp
 	s.state.Method = t.Method()
 	s.state.Since = time.Now()
 	s.state.Attempts = 0
@@ -200,7 +200,7 @@ func (s *SupervisedTunnel) setDown(why error) {
 	s.mu.Lock()
 	s.cur = nil
 	s.up = make(chan struct{})
-	s.state.Status = StatusReconnecting
+	s.state.Status = TunnelReconnecting
 	s.state.Since = time.Now()
 	s.state.LastError = why
 	st := s.state
@@ -240,7 +240,7 @@ func (s *SupervisedTunnel) Dial(ctx context.Context, network, addr string) (net.
 		s.mu.Lock()
 		cur, up, st := s.cur, s.up, s.state
 		s.mu.Unlock()
-		if st.Status == StatusClosed {
+		if st.Status == TunnelClosed {
 			return nil, ErrTunnelDown
 		}
 		if cur != nil {
@@ -287,7 +287,7 @@ func (s *SupervisedTunnel) waitDropNoticed(cur *Tunnel) {
 }
 
 func (s *SupervisedTunnel) downError(st TunnelState) error {
-	if st.Status == StatusClosed {
+	if st.Status == TunnelClosed {
 		return ErrTunnelDown
 	}
 	msg := fmt.Sprintf("reconnecting to %s since %s", s.cfg.Tunnel.Destination, st.Since.Format(time.RFC3339))
@@ -318,15 +318,15 @@ func (s *SupervisedTunnel) Close() error {
 	s.cancel()
 	s.wg.Wait()
 	s.mu.Lock()
-	changed := s.state.Status != StatusClosed
+	changed := s.state.Status != TunnelClosed
 	if changed {
-		s.state.Status = StatusClosed
+		s.state.Status = TunnelClosed
 		s.state.Since = time.Now()
 		s.cur = nil
 		select {
 		case <-s.up:
 		default:
-			close(s.up) // wake waiting dials; they see StatusClosed
+			close(s.up) // wake waiting dials; they see TunnelClosed
 		}
 	}
 	st := s.state

@@ -95,7 +95,7 @@ func TestSupervisorReconnects(t *testing.T) {
 	se.setFailing(true)
 	se.last().drop(errors.New("keepalive timeout"))
 	require.Eventually(t, func() bool { return st.State().Attempts >= 3 }, 5*time.Second, 5*time.Millisecond)
-	assert.Equal(t, StatusReconnecting, st.State().Status)
+	assert.Equal(t, TunnelReconnecting, st.State().Status)
 	assert.ErrorContains(t, st.State().LastError, "sshd unreachable")
 
 	dialed := make(chan error, 1)
@@ -115,16 +115,16 @@ func TestSupervisorReconnects(t *testing.T) {
 		t.Fatal("dial during outage did not complete after reconnect")
 	}
 	state := st.State()
-	assert.Equal(t, StatusUp, state.Status)
+	assert.Equal(t, TunnelUp, state.Status)
 	assert.Equal(t, 1, state.Reconnects)
 	assert.Zero(t, state.Attempts)
 
 	require.NoError(t, st.Close())
 	mu.Lock()
 	defer mu.Unlock()
-	assert.Equal(t, StatusUp, seen[0])
-	assert.Contains(t, seen, StatusReconnecting)
-	assert.Equal(t, StatusClosed, seen[len(seen)-1])
+	assert.Equal(t, TunnelUp, seen[0])
+	assert.Contains(t, seen, TunnelReconnecting)
+	assert.Equal(t, TunnelClosed, seen[len(seen)-1])
 }
 
 func TestSupervisorBackoffIsCapped(t *testing.T) {
@@ -169,7 +169,7 @@ func TestSupervisorDialGraceExpires(t *testing.T) {
 	defer st.Close()
 	se.setFailing(true)
 	se.last().drop(errors.New("link down"))
-	require.Eventually(t, func() bool { return st.State().Status == StatusReconnecting }, time.Second, time.Millisecond)
+	require.Eventually(t, func() bool { return st.State().Status == TunnelReconnecting }, time.Second, time.Millisecond)
 
 	_, err = st.Dial(context.Background(), "tcp", "example.invalid:80")
 	require.ErrorIs(t, err, ErrTunnelDown)
@@ -191,7 +191,7 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	require.NoError(t, err)
 	se.setFailing(true)
 	se.last().drop(nil)
-	require.Eventually(t, func() bool { return st.State().Status == StatusReconnecting }, time.Second, time.Millisecond)
+	require.Eventually(t, func() bool { return st.State().Status == TunnelReconnecting }, time.Second, time.Millisecond)
 	dialed := make(chan error, 1)
 	go func() {
 		_, err := st.Dial(context.Background(), "tcp", "127.0.0.1:1")
@@ -205,7 +205,7 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not wake a waiting dial")
 	}
-	assert.Equal(t, StatusClosed, st.State().Status)
+	assert.Equal(t, TunnelClosed, st.State().Status)
 	_, err = st.Dial(context.Background(), "tcp", "127.0.0.1:1")
 	require.ErrorIs(t, err, ErrTunnelDown)
 	require.NoError(t, st.Close(), "Close is idempotent")
@@ -236,16 +236,16 @@ func TestSupervisorSSHDRestart(t *testing.T) {
 	require.NoError(t, err)
 	defer st.Close()
 	require.NoError(t, echoOnce(context.Background(), st.Current(), echo, []byte("before")))
-	require.Equal(t, StatusUp, (<-changes).Status)
+	require.Equal(t, TunnelUp, (<-changes).Status)
 
 	sshd.Stop()
-	waitStatus(t, changes, StatusReconnecting)
+	waitStatus(t, changes, TunnelReconnecting)
 	_, err = st.Dial(context.Background(), "tcp", echo)
 	require.ErrorIs(t, err, ErrTunnelDown)
 	require.ErrorContains(t, err, "reconnecting")
 
 	sshd.Start(t)
-	waitStatus(t, changes, StatusUp)
+	waitStatus(t, changes, TunnelUp)
 	c, err := st.Dial(context.Background(), "tcp", echo)
 	require.NoError(t, err)
 	c.Close()
