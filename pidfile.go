@@ -171,6 +171,19 @@ type ProxyState struct {
 	Scheduler string `json:"scheduler,omitempty"`
 	// LogFile is where the daemon's stdout and stderr go.
 	LogFile string `json:"log_file,omitempty"`
+	// Stats are the daemon's connection and byte counters, refreshed
+	// periodically while they change.
+	Stats *DaemonStats `json:"stats,omitempty"`
+}
+
+// DaemonStats are a running daemon's counters as of Updated.
+type DaemonStats struct {
+	Active           int64     `json:"active"`    // connections being served
+	Total            int64     `json:"total"`     // connections accepted since start
+	BytesIn          int64     `json:"bytes_in"`  // client to destination
+	BytesOut         int64     `json:"bytes_out"` // destination to client
+	FailedHandshakes int64     `json:"failed_handshakes"`
+	Updated          time.Time `json:"updated"`
 }
 
 // DialHost returns the host clients dial: AdvertiseHost if set, 127.0.0.1

@@ -454,26 +454,10 @@ func PrepareDaemonFds(fds ...int) error {
 	return nil
 }
 
-// reported remembers report fds already closed: the number may since have
-// been reused by an unrelated file, which must not receive a report.
-var reported struct {
-	sync.Mutex
-	fds map[int]bool
-}
-
 func report(fd int, msg string) error {
 	if fd <= 0 {
 		return nil
 	}
-	reported.Lock()
-	defer reported.Unlock()
-	if reported.fds[fd] {
-		return fmt.Errorf("hpcproxy: report fd %d already used", fd)
-	}
-	if reported.fds == nil {
-		reported.fds = map[int]bool{}
-	}
-	reported.fds[fd] = true
 	if err := PrepareDaemonFds(fd); err != nil {
 		return err
 	}
@@ -489,7 +473,8 @@ func report(fd int, msg string) error {
 }
 
 // ReportReady tells the parent that the daemon is ready ("READY=1" and
-// EOF on fd). Call it only once the listener is bound, the tunnel is up
+// EOF on fd). It closes fd: report once, with ReportReady or ReportError,
+// never both, since afterwards the number may name an unrelated file. Call it only once the listener is bound, the tunnel is up
 // and the state file is written. fd <= 0 means no parent waits: a no-op.
 // A parent that gave up (EPIPE) is not an error.
 func ReportReady(fd int) error { return report(fd, readyLine) }
