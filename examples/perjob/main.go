@@ -1,0 +1,25 @@
+// Command perjob runs an hpcproxy inside a batch job on a compute node:
+// it tunnels through SSH to a login node and listens on 127.0.0.1 for the
+// job's own processes, until the job ends.
+//
+//	perjob start --via login1     # or HPCPROXY_VIA, or the job's submit host
+//	eval "$(perjob env)"          # http_proxy, https_proxy, all_proxy, no_proxy
+//	perjob run -- pip install numpy
+//	git -c core.sshCommand='ssh -o ProxyCommand="perjob connect %h %p"' clone git@github.com:org/repo
+//	perjob status
+//	perjob stop
+//
+// Run `perjob --help` and `perjob COMMAND --help` for the flags.
+package main
+
+import (
+	"os"
+
+	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/cli"
+)
+
+func main() {
+	app := &cli.App{Name: "perjob", Mode: hpcproxy.ModePerJob}
+	os.Exit(app.Main(os.Args[1:]))
+}

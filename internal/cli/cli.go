@@ -1,0 +1,593 @@
+// Package cli implements the commands of the example binaries
+// examples/shared and examples/perjob: start, stop, status, env, run,
+// connect, and the hidden daemon command that start launches. The library
+// does the work; this package only parses flags and prints.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/proxy"
+
+	"github.com/hpcproxy/hpcproxy"
+)
+
+// App is one example binary: its name and the mode it runs daemons in.
+type App struct {
+	Name   string
+	Mode   hpcproxy.Mode
+	Stdout io.Writer
+	Stderr io.Writer
+	Stdin  io.Reader
+}
+
+type command struct {
+	name, args, summary string
+	run                 func(a *App, args []string) error
+	perJobOnly          bool
+	hidden              bool
+}
+
+func (a *App) commands() []command {
+	return []command{
+		{name: "start", args: "[flags]", summary: "start the proxy daemon and wait until it is ready", run: (*App).start},
+		{name: "stop", args: "[flags]", summary: "stop the running proxy daemon", run: (*App).stop},
+		{name: "status", args: "[flags]", summary: "show the proxy's state, tunnel and counters", run: (*App).status},
+		{name: "env", args: "[flags]", summary: "print export lines for the proxy: eval \"$(NAME env)\"", run: (*App).env},
+		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment", run: (*App).runCmd},
+		{name: "connect", args: "[flags] HOST PORT", summary: "relay stdin/stdout to HOST:PORT through the proxy (ssh ProxyCommand)", run: (*App).connect},
+		{name: "daemon", args: "[flags]", summary: "run the daemon in the foreground (start runs this)", run: (*App).daemon, hidden: true},
+	}
+}
+
+// Main runs the command named by args[0] and returns the exit status.
+func (a *App) Main(args []string) int {
+	if a.Stdout == nil {
+		a.Stdout = os.Stdout
+	}
+	if a.Stderr == nil {
+		a.Stderr = os.Stderr
+	}
+	if a.Stdin == nil {
+		a.Stdin = os.Stdin
+	}
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		a.usage(a.Stdout)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range a.commands() {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(a, args[1:])
+		switch {
+		case err == nil:
+			return 0
+		case errors.Is(err, flag.ErrHelp):
+			return 0
+		case errors.Is(err, errUsage):
+			return 2
+		}
+		var ee *exitError
+		if errors.As(err, &ee) {
+			return ee.code
+		}
+		fmt.Fprintf(a.Stderr, "%s %s: %v\n", a.Name, c.name, err)
+		return 1
+	}
+	fmt.Fprintf(a.Stderr, "%s: unknown command %q\nRun '%s --help' for the commands.\n", a.Name, args[0], a.Name)
+	return 2
+}
+
+func (a *App) usage(w io.Writer) {
+	where := "a login node (shared mode: all interfaces, token required)"
+	if a.Mode == hpcproxy.ModePerJob {
+		where = "a compute node, inside a job (per-job mode: 127.0.0.1, owner only)"
+	}
+	fmt.Fprintf(w, "%s runs an hpcproxy on %s.\n\nUsage:\n", a.Name, where)
+	for _, c := range a.commands() {
+		if !c.hidden {
+			fmt.Fprintf(w, "  %s %-8s %-26s %s\n", a.Name, c.name, c.args, strings.ReplaceAll(c.summary, "NAME", a.Name))
+		}
+	}
+	fmt.Fprintf(w, "\nRun '%s COMMAND --help' for a command's flags.\n", a.Name)
+}
+
+// errUsage: the flag package already printed what was wrong.
+var errUsage = errors.New("usage")
+
+type exitError struct{ code int }
+
+func (e *exitError) Error() string { return "exit status " + strconv.Itoa(e.code) }
+
+// flags is the set of flags every command shares, plus its own.
+type flags struct {
+	*flag.FlagSet
+	app     *App
+	state   string
+	verbose bool
+}
+
+func (a *App) newFlags(cmd, args, summary string) *flags {
+	f := &flags{FlagSet: flag.NewFlagSet(a.Name+" "+cmd, flag.ContinueOnError), app: a}
+	f.SetOutput(a.Stderr)
+	f.StringVar(&f.state, "state", "", "state file (default: "+a.defaultStatePath()+")")
+	f.BoolVar(&f.verbose, "v", false, "verbose: say what happens")
+	f.Usage = func() {
+		fmt.Fprintf(f.Output(), "Usage: %s %s %s\n\n%s.\n\nFlags:\n", a.Name, cmd, args, summary)
+		f.PrintDefaults()
+	}
+	return f
+}
+
+func (f *flags) parse(args []string) error {
+	for _, arg := range args {
+		if arg == "--" {
+			break
+		}
+		if arg == "-h" || arg == "-help" || arg == "--help" {
+			f.SetOutput(f.app.Stdout) // asked-for help is output, not an error
+		}
+	}
+	if err := f.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	return nil
+}
+
+func (a *App) defaultStatePath() string {
+	if a.Mode == hpcproxy.ModePerJob {
+		return hpcproxy.LocalPidFilePath()
+	}
+	return hpcproxy.PidFilePath()
+}
+
+func (a *App) statePath(f *flags) string {
+	if f.state != "" {
+		return f.state
+	}
+	return a.defaultStatePath()
+}
+
+func (a *App) cmdFlags(name string) *flags {
+	for _, c := range a.commands() {
+		if c.name == name {
+			return a.newFlags(name, c.args, strings.ReplaceAll(c.summary, "NAME", a.Name))
+		}
+	}
+	panic("cli: no command " + name)
+}
+
+// tunnelFlags are the flags of start and daemon.
+type tunnelFlags struct {
+	via       string
+	port      int
+	methods   hpcproxy.Methods
+	sshConfig string
+	sshOpts   multiString
+	acceptNew bool
+	allow     multiString
+	timeout   time.Duration
+	watchPID  int
+}
+
+type multiString []string
+
+func (m *multiString) String() string     { return strings.Join(*m, ",") }
+func (m *multiString) Set(s string) error { *m = append(*m, s); return nil }
+
+func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
+	viaHelp := "login node to tunnel through: HOST, USER@HOST[:PORT] or an ssh_config alias (default: $" + hpcproxy.EnvVia + ", else the job's submit host)"
+	if a.Mode == hpcproxy.ModeShared {
+		viaHelp = "host to tunnel through (default: none, relay directly from this node)"
+	}
+	f.StringVar(&t.via, "via", "", viaHelp)
+	f.IntVar(&t.port, "port", 0, "port to listen on (default: a free port)")
+	f.Var(&t.methods, "method", "tunnel methods to try, in order (default: "+hpcproxy.Methods(hpcproxy.DefaultMethods).String()+")")
+	f.StringVar(&t.sshConfig, "ssh-config", "", "ssh_config file to use instead of ~/.ssh/config (like ssh -F)")
+	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
+	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
+	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
+	if a.Mode == hpcproxy.ModeShared {
+		f.Var(&t.allow, "allow", "client network allowed to connect, CIDR (repeatable; default: any client with the token)")
+	} else {
+		f.IntVar(&t.watchPID, "watch-pid", 0, "stop when this process exits (default: the job script, else the shell that ran start; -1: never)")
+	}
+}
+
+// daemonArgs turns tunnel flags back into the daemon command's arguments.
+func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
+	args := []string{"daemon", "--state", state, "--port", strconv.Itoa(t.port)}
+	if t.via != "" {
+		args = append(args, "--via", t.via)
+	}
+	if len(t.methods) > 0 {
+		args = append(args, "--method", t.methods.String())
+	}
+	if t.sshConfig != "" {
+		args = append(args, "--ssh-config", t.sshConfig)
+	}
+	for _, o := range t.sshOpts {
+		args = append(args, "-o", o)
+	}
+	if t.acceptNew {
+		args = append(args, "--accept-new")
+	}
+	for _, n := range t.allow {
+		args = append(args, "--allow", n)
+	}
+	if t.watchPID != 0 {
+		args = append(args, "--watch-pid", strconv.Itoa(t.watchPID))
+	}
+	if verbose {
+		args = append(args, "-v")
+	}
+	return args
+}
+
+func (a *App) start(args []string) error {
+	f := a.cmdFlags("start")
+	var t tunnelFlags
+	a.addTunnelFlags(f, &t)
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	if f.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q (see --help)", f.Args())
+	}
+	if a.Mode == hpcproxy.ModePerJob {
+		via, err := hpcproxy.ResolveViaHost(t.via)
+		if err != nil {
+			return err
+		}
+		t.via = via
+		if t.watchPID == 0 {
+			t.watchPID = os.Getppid()
+			if j := hpcproxy.DetectJob(); j.ScriptPID > 0 {
+				t.watchPID = j.ScriptPID
+			}
+		}
+	}
+	state := a.statePath(f)
+	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
+		// Not an error: the proxy the user asked for is there.
+		if f.verbose {
+			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
+		}
+		return nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("cannot find this program to start the daemon: %w", err)
+	}
+	cmd := exec.Command(exe, t.daemonArgs(state, f.verbose)...)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	d, err := hpcproxy.StartDaemon(ctx, hpcproxy.DaemonOptions{
+		Cmd: cmd, LogFile: hpcproxy.LogFilePath(state), Timeout: t.timeout,
+	})
+	if err != nil {
+		if errors.Is(err, hpcproxy.ErrAlreadyRunning) {
+			if f.verbose {
+				fmt.Fprintln(a.Stdout, err)
+			}
+			return nil
+		}
+		return fmt.Errorf("%w\nhint: check the login node with 'ssh %s true'; the log is %s", err, orDirect(t.via), hpcproxy.LogFilePath(state))
+	}
+	if f.verbose {
+		ps, _ := hpcproxy.ReadPidFileAt(state)
+		if ps != nil {
+			fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Via), ps.Method, d.LogFile())
+		}
+	}
+	return nil
+}
+
+func orDirect(via string) string {
+	if via == "" {
+		return "direct"
+	}
+	return via
+}
+
+func (a *App) daemon(args []string) error {
+	f := a.cmdFlags("daemon")
+	var t tunnelFlags
+	a.addTunnelFlags(f, &t)
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	fds := hpcproxy.InheritedDaemonFds()
+	level := slog.LevelInfo
+	if f.verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(a.Stderr, &slog.HandlerOptions{Level: level}))
+	d := &hpcproxy.Daemon{
+		Mode:      a.Mode,
+		Port:      t.port,
+		StatePath: a.statePath(f),
+		ReportFd:  fds.Report,
+		ExitFd:    fds.Exit,
+		Logger:    log,
+		Tunnel: hpcproxy.TunnelConfig{
+			Destination:   t.via,
+			Methods:       t.methods,
+			SSHConfigFile: t.sshConfig,
+			SSHOptions:    t.sshOpts,
+		},
+	}
+	if t.acceptNew {
+		d.Tunnel.HostKeyPolicy = hpcproxy.HostKeyAcceptNew
+	}
+	if t.watchPID > 0 {
+		d.WatchPID = t.watchPID
+	}
+	for _, s := range t.allow {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			err = fmt.Errorf("--allow %q: want a network like 10.1.0.0/16: %w", s, err)
+			_ = hpcproxy.ReportError(fds.Report, err)
+			return err
+		}
+		d.AllowNetworks = append(d.AllowNetworks, p)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return d.Run(ctx)
+}
+
+// findState reads the state file and checks that its proxy is usable.
+func (a *App) findState(f *flags) (*hpcproxy.ProxyState, error) {
+	path := a.statePath(f)
+	ps, err := hpcproxy.ReadPidFileAt(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no proxy running (no %s)\nhint: start one with '%s start%s'", path, a.Name, a.viaHint())
+	}
+	if err != nil {
+		return nil, err
+	}
+	if v := hpcproxy.CheckState(ps); !v.Usable() {
+		return nil, fmt.Errorf("the proxy recorded in %s is not running (%s)\nhint: start one with '%s start%s'", path, v, a.Name, a.viaHint())
+	}
+	return ps, nil
+}
+
+func (a *App) viaHint() string {
+	if a.Mode == hpcproxy.ModePerJob {
+		return " --via LOGIN_NODE"
+	}
+	return ""
+}
+
+func (a *App) stop(args []string) error {
+	f := a.cmdFlags("stop")
+	wait := f.Duration("wait", 15*time.Second, "how long to wait for the daemon to exit")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	path := a.statePath(f)
+	ps, err := hpcproxy.ReadPidFileAt(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("no proxy running (no %s)", path)
+	}
+	if err != nil {
+		return err
+	}
+	host, _ := os.Hostname()
+	if ps.Host != host {
+		return fmt.Errorf("the proxy runs on %s (pid %d), not here: run stop there", ps.Host, ps.PID)
+	}
+	switch v := hpcproxy.CheckState(ps); {
+	case v.Stale():
+		if _, err := hpcproxy.RemoveStaleState(path); err != nil {
+			return err
+		}
+		if f.verbose {
+			fmt.Fprintf(a.Stdout, "removed stale state file %s (%s)\n", path, v)
+		}
+		return nil
+	}
+	if err := syscall.Kill(ps.PID, syscall.SIGTERM); err != nil {
+		return fmt.Errorf("signal pid %d: %w", ps.PID, err)
+	}
+	deadline := time.Now().Add(*wait)
+	for time.Now().Before(deadline) {
+		if syscall.Kill(ps.PID, 0) != nil {
+			if f.verbose {
+				fmt.Fprintf(a.Stdout, "stopped pid %d\n", ps.PID)
+			}
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("pid %d did not exit within %s; its log is %s", ps.PID, *wait, ps.LogFile)
+}
+
+func (a *App) status(args []string) error {
+	f := a.cmdFlags("status")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	path := a.statePath(f)
+	ps, err := hpcproxy.ReadPidFileAt(path)
+	if errors.Is(err, os.ErrNotExist) {
+		fmt.Fprintf(a.Stdout, "state:       not running (no %s)\n", path)
+		return &exitError{3}
+	}
+	if err != nil {
+		return err
+	}
+	v := hpcproxy.CheckState(ps)
+	w := a.Stdout
+	fmt.Fprintf(w, "state:       %s\n", v)
+	fmt.Fprintf(w, "mode:        %s\n", ps.Mode)
+	fmt.Fprintf(w, "address:     %s\n", ps.Addr())
+	fmt.Fprintf(w, "pid:         %d on %s\n", ps.PID, ps.Host)
+	fmt.Fprintf(w, "via:         %s\n", orDirect(ps.Via))
+	fmt.Fprintf(w, "method:      %s\n", ps.Method)
+	fmt.Fprintf(w, "tunnel:      %s since %s\n", ps.Status, ps.StatusSince.Local().Format(time.DateTime))
+	if ps.LastError != "" {
+		fmt.Fprintf(w, "last error:  %s\n", ps.LastError)
+	}
+	fmt.Fprintf(w, "reconnects:  %d\n", ps.Reconnects)
+	if !ps.Started.IsZero() {
+		fmt.Fprintf(w, "uptime:      %s\n", time.Since(ps.Started).Round(time.Second))
+	}
+	if s := ps.Stats; s != nil {
+		fmt.Fprintf(w, "connections: %d active, %d total\n", s.Active, s.Total)
+		fmt.Fprintf(w, "bytes:       %d in, %d out (as of %s)\n", s.BytesIn, s.BytesOut, s.Updated.Local().Format(time.TimeOnly))
+	}
+	if ps.JobID != "" {
+		fmt.Fprintf(w, "job:         %s %s\n", ps.Scheduler, ps.JobID)
+	}
+	fmt.Fprintf(w, "state file:  %s\n", path)
+	fmt.Fprintf(w, "log:         %s\n", ps.LogFile)
+	if !v.Usable() {
+		return &exitError{1}
+	}
+	return nil
+}
+
+func (a *App) envList(f *flags, noProxy []string) ([]string, error) {
+	ps, err := a.findState(f)
+	if err != nil {
+		return nil, err
+	}
+	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: noProxy}), nil
+}
+
+func (a *App) env(args []string) error {
+	f := a.cmdFlags("env")
+	var noProxy multiString
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable)")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	env, err := a.envList(f, noProxy)
+	if err != nil {
+		return err
+	}
+	_, err = io.WriteString(a.Stdout, hpcproxy.ExportLines(env))
+	return err
+}
+
+func (a *App) runCmd(args []string) error {
+	f := a.cmdFlags("run")
+	var noProxy multiString
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable)")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	if f.NArg() == 0 {
+		fmt.Fprintf(a.Stderr, "%s run: no command given\nUsage: %s run [flags] -- CMD [ARG...]\n", a.Name, a.Name)
+		return errUsage
+	}
+	env, err := a.envList(f, noProxy)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(f.Arg(0), f.Args()[1:]...)
+	cmd.Env = mergeEnv(os.Environ(), env)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = a.Stdin, a.Stdout, a.Stderr
+	signal.Ignore(os.Interrupt) // the child gets the terminal's ^C itself
+	defer signal.Reset(os.Interrupt)
+	err = cmd.Run()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if code := ee.ExitCode(); code >= 0 {
+			return &exitError{code}
+		}
+		return &exitError{128 + 15}
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.Arg(0), err)
+	}
+	return nil
+}
+
+// mergeEnv returns base with the assignments of add replacing any of the
+// same name.
+func mergeEnv(base, add []string) []string {
+	names := map[string]bool{}
+	for _, kv := range add {
+		k, _, _ := strings.Cut(kv, "=")
+		names[k] = true
+	}
+	out := make([]string, 0, len(base)+len(add))
+	for _, kv := range base {
+		k, _, _ := strings.Cut(kv, "=")
+		if !names[k] {
+			out = append(out, kv)
+		}
+	}
+	return append(out, add...)
+}
+
+func (a *App) connect(args []string) error {
+	f := a.cmdFlags("connect")
+	timeout := f.Duration("timeout", 30*time.Second, "how long to wait for the connection")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	if f.NArg() != 2 {
+		fmt.Fprintf(a.Stderr, "%s connect: want HOST PORT\nUsage: %s connect [flags] HOST PORT\n", a.Name, a.Name)
+		return errUsage
+	}
+	ps, err := a.findState(f)
+	if err != nil {
+		return err
+	}
+	var auth *proxy.Auth
+	if c := ps.Credentials; c != nil {
+		auth = &proxy.Auth{User: c.User, Password: c.Token}
+	}
+	d, err := proxy.SOCKS5("tcp", ps.Addr(), auth, &net.Dialer{Timeout: *timeout})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	c, err := d.(proxy.ContextDialer).DialContext(ctx, "tcp", net.JoinHostPort(f.Arg(0), f.Arg(1)))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return relayStdio(c, a.Stdin, a.Stdout)
+}
+
+// relayStdio copies stdin to c and c to stdout, half-closing c when stdin
+// ends; it returns when c's side has ended.
+func relayStdio(c net.Conn, stdin io.Reader, stdout io.Writer) error {
+	go func() {
+		_, _ = io.Copy(c, stdin)
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+	}()
+	_, err := io.Copy(stdout, c)
+	// The far side is done; stdin may never end (ssh keeps it open).
+	_ = c.Close()
+	return err
+}
