@@ -220,6 +220,7 @@ type AlreadyRunningError struct {
 	Verdict StateVerdict
 }
 
+// Error describes the running proxy and names the state file.
 func (e *AlreadyRunningError) Error() string {
 	s := ErrAlreadyRunning.Error()
 	if e.State != nil {
@@ -553,6 +554,7 @@ var verdictNames = map[StateVerdict]string{
 	VerdictForeignUnknown:   "other host, not answering",
 }
 
+// String returns a short description of the verdict.
 func (v StateVerdict) String() string {
 	if s, ok := verdictNames[v]; ok {
 		return s
