@@ -718,9 +718,16 @@ func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
 		if err == nil {
 			return c, nil
 		}
-		if !errors.Is(err, fs.ErrExist) || attempt > 0 {
+		if !errors.Is(err, fs.ErrExist) {
 			c.unlock()
 			return nil, err
+		}
+		if attempt > 0 {
+			// Replaced the stale file, and someone (another host) was
+			// faster still.
+			c.unlock()
+			ps, _ := ReadPidFileAt(path)
+			return nil, &AlreadyRunningError{Path: path, State: ps, Verdict: VerdictForeignUnknown}
 		}
 		old, rerr := ReadPidFileAt(path)
 		if errors.Is(rerr, fs.ErrNotExist) {
