@@ -233,6 +233,7 @@ type AlreadyRunningError struct {
 	Verdict StateVerdict
 }
 
+// Error describes the running proxy and names the state file.
 func (e *AlreadyRunningError) Error() string {
 	s := ErrAlreadyRunning.Error()
 	if e.State != nil {
@@ -566,6 +567,7 @@ var verdictNames = map[StateVerdict]string{
 	VerdictForeignUnknown:   "other host, not answering",
 }
 
+// String returns a short description of the verdict.
 func (v StateVerdict) String() string {
 	if s, ok := verdictNames[v]; ok {
 		return s
@@ -729,9 +731,16 @@ func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
 		if err == nil {
 			return c, nil
 		}
-		if !errors.Is(err, fs.ErrExist) || attempt > 0 {
+		if !errors.Is(err, fs.ErrExist) {
 			c.unlock()
 			return nil, err
+		}
+		if attempt > 0 {
+			// Replaced the stale file, and someone (another host) was
+			// faster still.
+			c.unlock()
+			ps, _ := ReadPidFileAt(path)
+			return nil, &AlreadyRunningError{Path: path, State: ps, Verdict: VerdictForeignUnknown}
 		}
 		old, rerr := ReadPidFileAt(path)
 		if errors.Is(rerr, fs.ErrNotExist) {

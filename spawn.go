@@ -104,6 +104,8 @@ type DaemonError struct {
 	Err error
 }
 
+// Error gives the daemon's own text (or why there is none) and the log
+// path, and the log's tail when the daemon reported nothing.
 func (e *DaemonError) Error() string {
 	var b strings.Builder
 	b.WriteString("hpcproxy: daemon did not start: ")

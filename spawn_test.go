@@ -32,9 +32,16 @@ func daemonHelper(mode string) int {
 			ReportError(fds.Report, err)
 			return 1
 		}
+		// The child may open files of its own (locale data) on the same
+		// numbers: only our pipes count.
 		for _, fd := range []int{fds.Report, fds.Exit} {
-			if _, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", sleeper.Process.Pid, fd)); fd > 0 && err == nil {
-				ReportError(fds.Report, fmt.Errorf("fd %d leaked to a child process", fd))
+			if fd <= 0 {
+				continue
+			}
+			ours, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
+			theirs, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", sleeper.Process.Pid, fd))
+			if err == nil && theirs == ours {
+				ReportError(fds.Report, fmt.Errorf("fd %d (%s) leaked to a child process", fd, ours))
 				return 1
 			}
 		}
