@@ -100,8 +100,10 @@ type Daemon struct {
 	// logged.
 	Logger *slog.Logger
 
-	// onReady, for tests, is called with the bound address once ready.
-	onReady func(net.Addr)
+	// OnReady optionally is called with the listening address once the
+	// daemon is ready (after ReportFd is told), for programs that run a
+	// Daemon in process. If nil, nothing is called.
+	OnReady func(addr net.Addr)
 }
 
 // RunDaemon starts a dual-protocol (SOCKS5, SOCKS4a, HTTP CONNECT and plain
@@ -164,8 +166,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	log.Info("proxy ready", "addr", ready.ln.Addr(), "mode", d.mode(), "method", ready.sup.State().Method,
 		"state", ready.claim.Path())
-	if d.onReady != nil {
-		d.onReady(ready.ln.Addr())
+	if d.OnReady != nil {
+		d.OnReady(ready.ln.Addr())
 	}
 
 	exitCh, err := WatchExitFd(ctx, d.ExitFd)
