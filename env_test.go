@@ -1,9 +1,7 @@
 package hpcproxy
 
 import (
-	"bufio"
-	"encoding/base64"
-	"encoding/binary"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -104,45 +102,41 @@ func TestExportLinesEval(t *testing.T) {
 	assert.Equal(t, "plain|it's a \"test\" with $HOME and `cmd` and \\ and ;|&|line1\nline2||", string(out))
 }
 
-// envTestProxy is a minimal stand-in for the real Server: HTTP
-// absolute-form and CONNECT, and SOCKS5 with RFC 1929 auth, on one port,
-// requiring creds. It sends the name "origin.test" to origin and refuses
-// every other destination, so a request that reaches the origin through
-// it proves that the client used the proxy and did not resolve the name
-// itself.
+// envTestProxy is the real Server, requiring creds, whose Dial records
+// each destination it is asked for and sends the name "origin.test" to the
+// origin, refusing every other destination. A request that reaches the
+// origin through it proves that the client used the proxy and did not
+// resolve the name itself.
 type envTestProxy struct {
-	ln     net.Listener
-	origin string
-	creds  ProxyCredentials
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	hits   []string
+	ln   net.Listener
+	mu   sync.Mutex
+	hits []string
 }
 
 func startEnvTestProxy(t *testing.T, origin string, creds ProxyCredentials) *envTestProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	p := &envTestProxy{ln: ln, origin: origin, creds: creds}
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	p := &envTestProxy{ln: ln}
+	srv := &Server{
+		Credentials: map[string]string{creds.User: creds.Token},
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			p.record("dial " + addr)
+			if host, _, _ := net.SplitHostPort(addr); host != "origin.test" {
+				return nil, fmt.Errorf("refused destination %q: %w", addr, ErrProhibited)
 			}
-			p.wg.Add(1)
-			go func() {
-				defer p.wg.Done()
-				defer c.Close()
-				p.serve(c)
-			}()
-		}
+			var d net.Dialer
+			return d.DialContext(ctx, network, origin)
+		},
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln)
 	}()
 	t.Cleanup(func() {
-		ln.Close()
-		p.wg.Wait()
+		srv.Close()
+		<-served
 	})
 	return p
 }
@@ -159,151 +153,14 @@ func (p *envTestProxy) Hits() []string {
 	return append([]string(nil), p.hits...)
 }
 
-func (p *envTestProxy) dial(hostport string) (net.Conn, error) {
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil || host != "origin.test" {
-		return nil, fmt.Errorf("refused destination %q", hostport)
-	}
-	return net.Dial("tcp", p.origin)
-}
-
-func (p *envTestProxy) serve(c net.Conn) {
-	br := bufio.NewReader(c)
-	first, err := br.Peek(1)
-	if err != nil {
-		return
-	}
-	if first[0] == 5 {
-		p.serveSOCKS5(c, br)
-		return
-	}
-	req, err := http.ReadRequest(br)
-	if err != nil {
-		return
-	}
-	want := "Basic " + base64.StdEncoding.EncodeToString([]byte(p.creds.User+":"+p.creds.Token))
-	if req.Header.Get("Proxy-Authorization") != want {
-		p.record("http 407")
-		io.WriteString(c, "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"hpcproxy\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-		return
-	}
-	if req.Method == http.MethodConnect {
-		p.record("connect " + req.Host)
-		up, err := p.dial(req.Host)
-		if err != nil {
-			io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-			return
-		}
-		defer up.Close()
-		io.WriteString(c, "HTTP/1.1 200 Connection established\r\n\r\n")
-		relayTest(c, br, up)
-		return
-	}
-	p.record("http " + req.Method + " " + req.URL.String())
-	host := req.URL.Host
-	if req.URL.Port() == "" {
-		host += ":80"
-	}
-	up, err := p.dial(host)
-	if err != nil {
-		io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-		return
-	}
-	defer up.Close()
-	req.Header.Del("Proxy-Authorization")
-	req.Header.Set("Connection", "close")
-	if err := req.Write(up); err != nil {
-		return
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(up), req)
-	if err != nil {
-		return
-	}
-	defer resp.Body.Close()
-	resp.Close = true
-	resp.Write(c)
-}
-
-func (p *envTestProxy) serveSOCKS5(c net.Conn, br *bufio.Reader) {
-	hdr := make([]byte, 2)
-	if _, err := io.ReadFull(br, hdr); err != nil {
-		return
-	}
-	methods := make([]byte, hdr[1])
-	if _, err := io.ReadFull(br, methods); err != nil {
-		return
-	}
-	if !strings.ContainsRune(string(methods), 2) {
-		p.record("socks no-auth offered")
-		c.Write([]byte{5, 0xff})
-		return
-	}
-	c.Write([]byte{5, 2})
-	readStr := func() string {
-		n, err := br.ReadByte()
-		if err != nil {
-			return ""
-		}
-		b := make([]byte, n)
-		io.ReadFull(br, b)
-		return string(b)
-	}
-	if v, _ := br.ReadByte(); v != 1 {
-		return
-	}
-	user, pass := readStr(), readStr()
-	if !p.creds.Match(user, pass) {
-		p.record("socks bad auth")
-		c.Write([]byte{1, 1})
-		return
-	}
-	c.Write([]byte{1, 0})
-	req := make([]byte, 4)
-	if _, err := io.ReadFull(br, req); err != nil || req[1] != 1 {
-		return
-	}
-	var host string
-	switch req[3] {
-	case 3:
-		host = readStr()
-	case 1:
-		ip := make([]byte, 4)
-		io.ReadFull(br, ip)
-		host = net.IP(ip).String()
-	default:
-		return
-	}
-	pb := make([]byte, 2)
-	io.ReadFull(br, pb)
-	target := net.JoinHostPort(host, strconv.Itoa(int(binary.BigEndian.Uint16(pb))))
-	p.record("socks " + target)
-	up, err := p.dial(target)
-	if err != nil {
-		c.Write([]byte{5, 2, 0, 1, 0, 0, 0, 0, 0, 0})
-		return
-	}
-	defer up.Close()
-	c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
-	relayTest(c, br, up)
-}
-
-// relayTest copies both ways until both directions end.
-func relayTest(c net.Conn, br *bufio.Reader, up net.Conn) {
-	done := make(chan struct{})
-	go func() {
-		io.Copy(up, br)
-		up.(*net.TCPConn).CloseWrite()
-		close(done)
-	}()
-	io.Copy(c, up)
-	c.(*net.TCPConn).CloseWrite()
-	<-done
-}
-
 // TestProxyEnvListClients runs curl and a Go program with exactly the
 // environment ProxyEnvList returns and checks where their requests go.
 func TestProxyEnvListClients(t *testing.T) {
+	// The origin records whether a request came forwarded in absolute form
+	// (the proxy adds Via) or through a tunnel (CONNECT, SOCKS: no Via).
+	var proxy *envTestProxy
 	origin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		proxy.record("origin via=" + r.Header.Get("Via"))
 		fmt.Fprintf(w, "origin %s", r.URL.Path)
 	}))
 	t.Cleanup(origin.Close)
@@ -311,7 +168,7 @@ func TestProxyEnvListClients(t *testing.T) {
 
 	creds, err := NewProxyCredentials()
 	require.NoError(t, err)
-	proxy := startEnvTestProxy(t, origin.Listener.Addr().String(), creds)
+	proxy = startEnvTestProxy(t, origin.Listener.Addr().String(), creds)
 	ps := &ProxyState{Host: thisHost(), Port: proxy.ln.Addr().(*net.TCPAddr).Port, Mode: ModePerJob, Credentials: &creds}
 	env := ProxyEnvListFor(ps, EnvOptions{NoProxy: []string{"cluster.test"}})
 	require.Len(t, env, 8)
@@ -347,12 +204,13 @@ func TestProxyEnvListClients(t *testing.T) {
 			want     string
 			wantHits []string
 		}{
-			{"http_proxy, absolute-form", env, []string{"http://origin.test/abs"}, "origin /abs", []string{"http GET http://origin.test/abs"}},
-			{"http_proxy, CONNECT", env, []string{"-p", "http://origin.test/tunnel"}, "origin /tunnel", []string{"connect origin.test:80"}},
-			{"upper-case only: curl ignores HTTP_PROXY, uses ALL_PROXY", without("http_proxy", "all_proxy"), []string{"http://origin.test/upper"}, "origin /upper", []string{"socks origin.test:80"}},
-			{"all_proxy socks5h: the name goes to the proxy", without("http_proxy", "HTTP_PROXY"), []string{"http://origin.test/socks"}, "origin /socks", []string{"socks origin.test:80"}},
-			{"localhost bypasses", env, []string{localURL}, "origin /local", nil},
-			{"127.0.0.1 bypasses", env, []string{loopURL}, "origin /loop", nil},
+			{"http_proxy, absolute-form", env, []string{"http://origin.test/abs"}, "origin /abs", []string{"dial origin.test:80", "origin via=1.1 hpcproxy"}},
+			{"http_proxy, CONNECT", env, []string{"-p", "http://origin.test/tunnel"}, "origin /tunnel", []string{"dial origin.test:80", "origin via="}},
+			// With HTTP_PROXY curl would forward (Via); it tunnels instead.
+			{"upper-case only: curl ignores HTTP_PROXY, uses ALL_PROXY", without("http_proxy", "all_proxy"), []string{"http://origin.test/upper"}, "origin /upper", []string{"dial origin.test:80", "origin via="}},
+			{"all_proxy socks5h: the name goes to the proxy", without("http_proxy", "HTTP_PROXY"), []string{"http://origin.test/socks"}, "origin /socks", []string{"dial origin.test:80", "origin via="}},
+			{"localhost bypasses", env, []string{localURL}, "origin /local", []string{"origin via="}},
+			{"127.0.0.1 bypasses", env, []string{loopURL}, "origin /loop", []string{"origin via="}},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				before := len(proxy.Hits())
@@ -383,7 +241,7 @@ func TestProxyEnvListClients(t *testing.T) {
 		assert.Equal(t, "http://origin.test/go 200 origin /go", lines[0])
 		assert.Equal(t, localURL+" 200 origin /local", lines[1])
 		assert.Contains(t, lines[2], "http://node1.cluster.test/ error", "resolved directly, not through the proxy")
-		assert.Equal(t, []string{"http GET http://origin.test/go"}, proxy.Hits()[before:])
+		assert.Equal(t, []string{"dial origin.test:80", "origin via=1.1 hpcproxy", "origin via="}, proxy.Hits()[before:])
 	})
 
 	t.Run("wrong token refused", func(t *testing.T) {
