@@ -166,11 +166,22 @@ func (s *sshCommand) resolve(ctx context.Context) {
 	defer cancel()
 	// Under BatchMode=yes, OpenSSH defaults ServerAliveInterval to 300;
 	// resolve with BatchMode=no to see whether ssh_config sets it.
-	args := s.args(nil, nil, "-G")
-	for i, a := range args {
-		if a == "BatchMode=yes" {
-			args[i] = "BatchMode=no"
+	// Likewise leave out our own StrictHostKeyChecking (the first one), so
+	// that the user's accept-new shows through.
+	var args []string
+	forcedHostKey := true
+	all := s.args(nil, nil, "-G")
+	for i := 0; i < len(all); i++ {
+		a := all[i]
+		if a == "-o" && i+1 < len(all) && forcedHostKey && strings.HasPrefix(all[i+1], "StrictHostKeyChecking=") {
+			forcedHostKey = false
+			i++
+			continue
 		}
+		if a == "BatchMode=yes" {
+			a = "BatchMode=no"
+		}
+		args = append(args, a)
 	}
 	cmd := exec.CommandContext(ctx, s.bin, args...)
 	var stderr strings.Builder
@@ -215,8 +226,10 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 			a = append(a, "-o", v)
 		}
 	}
+	// accept-new from the caller or from ssh_config is kept, as gossh keeps
+	// it (hostKeyPolicy); "no" and "ask" become "yes".
 	hostKey := "StrictHostKeyChecking=yes"
-	if s.cfg.HostKeyPolicy == HostKeyAcceptNew {
+	if s.cfg.HostKeyPolicy == HostKeyAcceptNew || s.resolved["stricthostkeychecking"] == "accept-new" {
 		hostKey = "StrictHostKeyChecking=accept-new"
 	}
 	opt("BatchMode=yes", "ExitOnForwardFailure=yes", hostKey)

@@ -115,7 +115,10 @@ func TestSSHArgsHostKeyCheckingWins(t *testing.T) {
 		require.NoError(t, err)
 		require.NotNil(t, s.resolved, "ssh -G failed")
 		want := map[HostKeyPolicy]string{HostKeyStrict: "true", HostKeyAcceptNew: "accept-new"}[pol]
-		assert.Equal(t, want, s.resolved["stricthostkeychecking"])
+		// ssh -G without our forced value shows the user's choice; the
+		// arguments ssh really gets override it.
+		assert.Equal(t, "false", s.resolved["stricthostkeychecking"])
+		assert.Equal(t, want, resolveWith(t, s)["stricthostkeychecking"])
 		assert.Equal(t, "60", resolveWith(t, s)["serveraliveinterval"])
 		assert.Equal(t, "INFO", resolveWith(t, s)["loglevel"])
 	}
@@ -402,6 +405,22 @@ func TestSystemSSHNeverSkipsHostKeyCheck(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, tun.Close())
 		known, err := os.ReadFile(emptyKnown)
+		require.NoError(t, err)
+		require.Contains(t, string(known), "[127.0.0.1]:"+strconv.Itoa(sshd.Port))
+	})
+	t.Run("accept-new in ssh_config is kept", func(t *testing.T) {
+		known2 := filepath.Join(dir, "known_hosts2")
+		require.NoError(t, os.WriteFile(known2, nil, 0o600))
+		cfg2 := strings.ReplaceAll(string(base), sshd.KnownHostsFile, known2)
+		cfg2 = strings.ReplaceAll(cfg2, "StrictHostKeyChecking yes", "StrictHostKeyChecking accept-new")
+		cfgFile2 := filepath.Join(dir, "ssh_config2")
+		require.NoError(t, os.WriteFile(cfgFile2, []byte(cfg2), 0o600))
+		tun, err := EstablishTunnel(context.Background(), TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: cfgFile2, RuntimeDir: dir, Methods: []Method{MethodSOCKSTCP},
+		})
+		require.NoError(t, err)
+		require.NoError(t, tun.Close())
+		known, err := os.ReadFile(known2)
 		require.NoError(t, err)
 		require.Contains(t, string(known), "[127.0.0.1]:"+strconv.Itoa(sshd.Port))
 	})
