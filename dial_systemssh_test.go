@@ -2,7 +2,7 @@ package hpcproxy
 
 import (
 	"context"
-	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -599,8 +599,7 @@ func TestSystemSSHChildDiesWithParent(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	for _, m := range []Method{MethodControlMaster, MethodSOCKSUnix} {
 		t.Run(m.String(), func(t *testing.T) {
-			cmd := exec.Command(os.Args[0], "-test.run=^TestHelperTunnelProcess$", "-test.v")
-			cmd.Env = append(os.Environ(), "HPCPROXY_HELPER_CONFIG="+sshd.SSHConfigFile,
+			cmd := helperCommand("tunnelchild", "HPCPROXY_HELPER_CONFIG="+sshd.SSHConfigFile,
 				"HPCPROXY_HELPER_METHOD="+m.String(), "HPCPROXY_HELPER_RUNTIMEDIR="+sshtest.PrivateTempDir(t))
 			stdout, err := cmd.StdoutPipe()
 			require.NoError(t, err)
@@ -643,20 +642,29 @@ func processAlive(pid int) bool {
 	return !strings.HasPrefix(rest, "Z")
 }
 
-// TestHelperTunnelProcess is not a test: TestSystemSSHChildDiesWithParent
-// runs it in a child process.
-func TestHelperTunnelProcess(t *testing.T) {
-	cfgFile := os.Getenv("HPCPROXY_HELPER_CONFIG")
-	if cfgFile == "" {
-		t.Skip("helper process for TestSystemSSHChildDiesWithParent")
+func init() {
+	helpers["tunnelchild"] = tunnelChildHelper
+}
+
+// tunnelChildHelper runs in a child process for
+// TestSystemSSHChildDiesWithParent: it establishes a tunnel, prints the
+// ssh child's pid, and waits to be killed.
+func tunnelChildHelper() int {
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(os.Stderr, "tunnelchild: "+format+"\n", args...)
+		return 1
 	}
 	m, err := ParseMethod(os.Getenv("HPCPROXY_HELPER_METHOD"))
-	require.NoError(t, err)
+	if err != nil {
+		return fail("%v", err)
+	}
 	tun, err := EstablishTunnel(context.Background(), TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: cfgFile, Methods: []Method{m},
+		Destination: "sshtest", SSHConfigFile: os.Getenv("HPCPROXY_HELPER_CONFIG"), Methods: []Method{m},
 		RuntimeDir: os.Getenv("HPCPROXY_HELPER_RUNTIMEDIR"),
 	})
-	require.NoError(t, err)
+	if err != nil {
+		return fail("%v", err)
+	}
 	var proc *sshProcess
 	switch impl := tun.impl.(type) {
 	case *controlMasterTunnel:
@@ -664,7 +672,9 @@ func TestHelperTunnelProcess(t *testing.T) {
 	case *socksTunnel:
 		proc = impl.proc
 	}
-	require.NotNil(t, proc)
+	if proc == nil {
+		return fail("method %s has no ssh child", m)
+	}
 	// Retire the thread that started the child's goroutine siblings: a
 	// locked goroutine exiting without unlocking kills its thread. The
 	// child must survive that (it was forked by its own locked thread).
@@ -675,9 +685,9 @@ func TestHelperTunnelProcess(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond)
 	if !processAlive(proc.cmd.Process.Pid) {
-		t.Fatalf("ssh child died when unrelated threads exited: %v", proc.stderr.String())
+		return fail("ssh child died when unrelated threads exited: %v", proc.stderr.String())
 	}
 	os.Stdout.WriteString("CHILDPID=" + strconv.Itoa(proc.cmd.Process.Pid) + "\n")
 	<-tun.Done() // killed by the parent test long before this
-	t.Fatal(errors.New("tunnel went down in the helper"))
+	return fail("tunnel went down in the helper")
 }
