@@ -191,11 +191,12 @@ func echoOnce(ctx context.Context, tun *Tunnel, addr string, msg []byte) error {
 	return nil
 }
 
-// startEchoServer serves TCP echo on 127.0.0.1 until the test ends; it
-// half-closes its side when the client does.
-func startEchoServer(t testing.TB) string {
+// serveTCP listens on addr ("127.0.0.1:0", "[::1]:0") and runs handle for
+// each accepted conn, closing it afterwards, until the test ends; cleanup
+// waits for every handler. It returns the listening address.
+func serveTCP(t testing.TB, addr string, handle func(net.Conn)) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	require.NoError(t, err)
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
@@ -211,12 +212,39 @@ func startEchoServer(t testing.TB) string {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
+				handle(c)
 			}()
 		}
 	}()
 	return ln.Addr().String()
+}
+
+// startEchoServer serves TCP echo on 127.0.0.1 until the test ends; it
+// half-closes its side when the client does.
+func startEchoServer(t testing.TB) string {
+	t.Helper()
+	return serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = io.Copy(c, c)
+		_ = c.(*net.TCPConn).CloseWrite()
+	})
+}
+
+// startStreamSource serves an endless stream of bytes (a fixed pattern,
+// not zeros, so nothing on the path can shortcut it) to every connection on
+// 127.0.0.1, for throughput benchmarks.
+func startStreamSource(b testing.TB) string {
+	b.Helper()
+	buf := make([]byte, 256<<10)
+	for i := range buf {
+		buf[i] = byte(i * 7)
+	}
+	return serveTCP(b, "127.0.0.1:0", func(c net.Conn) {
+		for {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
 }
 
 // closedPort returns 127.0.0.1:PORT where nothing listens.

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os/exec"
-	"sync"
 	"testing"
 	"time"
 
@@ -118,45 +117,12 @@ func startSSHDynamic(sshd *sshtest.SSHD, ready func(socks string) error) (string
 	}
 }
 
-// startSource serves an endless stream of bytes to every connection.
-func startSource(b *testing.B) string {
-	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
 // BenchmarkGoSSHThroughput reads one stream through the tunnel, 1 MiB per
 // op.
 func BenchmarkGoSSHThroughput(b *testing.B) {
 	testenv.LookPath(b, "ssh")
 	dialers := benchDialers(b)
-	src := startSource(b)
+	src := startStreamSource(b)
 	for _, name := range []string{"gossh", "ssh-D"} {
 		b.Run(name, func(b *testing.B) {
 			c, err := dialers[name](context.Background(), "tcp", src)

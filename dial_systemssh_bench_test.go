@@ -3,7 +3,6 @@ package hpcproxy
 import (
 	"context"
 	"io"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -70,7 +69,7 @@ func (r *benchRatios) report(b *testing.B, m Method, v float64) {
 //	go test -run '^$' -bench 'SystemSSH' -benchtime 2s .
 func BenchmarkSystemSSHThroughput(b *testing.B) {
 	tuns := benchTunnels(b)
-	src := startSourceServer(b)
+	src := startStreamSource(b)
 	ratios := &benchRatios{}
 	const chunk = 1 << 20
 	for _, m := range benchMethods {
@@ -134,41 +133,4 @@ func BenchmarkSystemSSHConnect(b *testing.B) {
 			ratios.report(b, m, float64(b.Elapsed().Nanoseconds())/float64(b.N))
 		})
 	}
-}
-
-// startSourceServer serves an endless stream of bytes on 127.0.0.1 until b
-// ends.
-func startSourceServer(b *testing.B) string {
-	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	b.Cleanup(func() { ln.Close(); wg.Wait() })
-	buf := make([]byte, 256<<10)
-	for i := range buf {
-		buf[i] = byte(i * 7)
-	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				for {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return ln.Addr().String()
 }

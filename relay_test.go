@@ -173,27 +173,7 @@ func ipv6Loopback(t testing.TB) {
 
 func TestIPv6(t *testing.T) {
 	ipv6Loopback(t)
-	ln, err := net.Listen("tcp", "[::1]:0")
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	echo6 := ln.Addr().String() // [::1]:PORT
+	echo6 := serveTCP(t, "[::1]:0", func(c net.Conn) { _, _ = io.Copy(c, c) }) // [::1]:PORT
 
 	srv := &Server{}
 	pln, err := net.Listen("tcp", "[::1]:0")
@@ -244,41 +224,23 @@ func TestIPv6(t *testing.T) {
 // many bytes, then closes.
 func benchSource(b *testing.B) string {
 	b.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(b, err)
-	var wg sync.WaitGroup
-	b.Cleanup(func() { ln.Close(); wg.Wait() })
 	chunk := make([]byte, 1<<20)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	return serveTCP(b, "127.0.0.1:0", func(c net.Conn) {
+		var n [8]byte
 		for {
-			c, err := ln.Accept()
-			if err != nil {
+			if _, err := io.ReadFull(c, n[:]); err != nil {
 				return
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				var n [8]byte
-				for {
-					if _, err := io.ReadFull(c, n[:]); err != nil {
-						return
-					}
-					left := int64(binary.BigEndian.Uint64(n[:]))
-					for left > 0 {
-						m, err := c.Write(chunk[:min(left, int64(len(chunk)))])
-						if err != nil {
-							return
-						}
-						left -= int64(m)
-					}
+			left := int64(binary.BigEndian.Uint64(n[:]))
+			for left > 0 {
+				m, err := c.Write(chunk[:min(left, int64(len(chunk)))])
+				if err != nil {
+					return
 				}
-			}()
+				left -= int64(m)
+			}
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 // BenchmarkRelay measures single-stream throughput (1 MiB per op,
