@@ -312,11 +312,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		r.srv.AllowClient = allowNetworks(d.AllowNetworks)
 	}
 
-	st := claim.State()
-	st.Port = port
 	ts := r.sup.State()
-	st.Method, st.Status, st.Reconnects = ts.Method.String(), StatusUp, ts.Reconnects
-	if err := r.update(st); err != nil {
+	if err := r.update(func(st *ProxyState) {
+		st.Port = port
+		st.Method, st.Status, st.Reconnects = ts.Method.String(), StatusUp, ts.Reconnects
+	}); err != nil {
 		return nil, err
 	}
 	r.serveWG.Add(1)
@@ -331,23 +331,22 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 
 // recordTunnel writes a tunnel state change to the state file.
 func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
-	st := r.claim.State()
-	switch ts.Status {
-	case TunnelUp:
-		st.Status, st.LastError = StatusUp, ""
-	case TunnelReconnecting:
-		st.Status = StatusReconnecting
-		if ts.LastError != nil {
-			st.LastError = ts.LastError.Error()
-		}
-	default:
+	if ts.Status != TunnelUp && ts.Status != TunnelReconnecting {
 		return // closed: the state file is about to go
 	}
-	st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
-	if st.Status != r.claim.State().Status || st.LastError != r.claim.State().LastError {
-		if err := r.update(st); err != nil {
-			log.Warn("state file not updated", "err", err)
+	err := r.update(func(st *ProxyState) {
+		if ts.Status == TunnelUp {
+			st.Status, st.LastError = StatusUp, ""
+		} else {
+			st.Status = StatusReconnecting
+			if ts.LastError != nil {
+				st.LastError = ts.LastError.Error()
+			}
 		}
+		st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+	})
+	if err != nil {
+		log.Warn("state file not updated", "err", err)
 	}
 }
 
@@ -362,15 +361,20 @@ func (r *running) refreshStats(log *slog.Logger) {
 		return
 	}
 	log.Debug("stats", "active", s.Active, "total", s.Total, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)
-	if err := r.update(r.claim.State()); err != nil {
+	if err := r.update(func(*ProxyState) {}); err != nil {
 		log.Warn("state file not updated", "err", err)
 	}
 }
 
-// update writes st with the current counters.
-func (r *running) update(st ProxyState) error {
+// update rewrites the state file: the current state changed by mutate,
+// with the current counters. Reading, changing and writing happen under one
+// lock, so the supervisor's status changes and the stats refresh cannot
+// overwrite each other.
+func (r *running) update(mutate func(*ProxyState)) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	st := r.claim.State()
+	mutate(&st)
 	if r.srv != nil {
 		s := r.srv.Stats()
 		r.lastStats = s
