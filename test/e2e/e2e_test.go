@@ -1,12 +1,15 @@
 package e2e
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy"
 )
 
 // downloadsScript defines downloads PREFIX: every client a user would
@@ -64,6 +67,10 @@ func TestCluster(t *testing.T) {
 	} {
 		t.Run(v.name, func(t *testing.T) { c.perJobJob(t, v.env) })
 	}
+	t.Run("Shared", c.sharedMode)
+	t.Run("Methods", c.methods)
+	t.Run("OtherUser", c.otherUser)
+	t.Run("Faults", c.faults)
 }
 
 // perJobJob is scenario 1.
@@ -98,4 +105,257 @@ downloads perjob
 		_, err := os.Stat(state)
 		return !pidAlive(pid) && os.IsNotExist(err)
 	})
+}
+
+// sharedMode is scenario 2: a shared proxy on login relaying directly, its
+// state file in the user's home (shared with compute, as over NFS), found
+// by a job on compute with FindActiveProxy and used with its token; the
+// same requests without the token are refused.
+func (c *cluster) sharedMode(t *testing.T) {
+	r := c.exec(c.login, c.user, c.env(c.user), time.Minute, "shared", "start", "-v")
+	if r.code != 0 {
+		t.Fatalf("shared start on login: %s", r)
+	}
+	t.Logf("shared start: %s", r.out)
+	t.Cleanup(func() {
+		if r := c.exec(c.login, c.user, c.env(c.user), 30*time.Second, "shared", "stop", "-v"); r.code != 0 {
+			t.Errorf("shared stop: %s", r)
+		}
+	})
+	ps := c.readState(t, filepath.Join(c.user.home, ".local", "share", "hpcproxy", "proxy.json"))
+	if ps.Mode != hpcproxy.ModeShared || ps.Host != "login" || ps.Credentials == nil || ps.Credentials.Token == "" {
+		t.Fatalf("shared state file: mode %q host %q credentials %v; want shared on login with a token", ps.Mode, ps.Host, ps.Credentials != nil)
+	}
+
+	j := c.sbatch(t, downloadsScript+`
+step find e2efetch -find
+url=$(cat "$scratch/find.stdout")
+echo "FOUND $(echo "$url" | sed 's#:[^:@/]*@#:TOKEN@#')"
+step find-fetch e2efetch -find https://www.internet.test/files/big.bin
+echo "SHA find-fetch $(sed -n 's/.*sha256=//p' "$scratch/find-fetch.stdout")"
+eval "$(shared env)"
+downloads shared
+bare=$(echo "$url" | sed 's#//[^@]*@#//#')
+echo "NOTOKEN-CONNECT $(curl -s -o /dev/null --max-time 10 --proxy "$bare" -w '%{http_connect}' https://www.internet.test/files/hello.txt)"
+echo "NOTOKEN-GET $(curl -s -o /dev/null --max-time 10 --proxy "$bare" -w '%{http_code}' http://www.internet.test/files/hello.txt)"
+step notoken-socks sh -c '! curl -sS --max-time 10 --proxy "socks5h://${0#http://}" -o /dev/null https://www.internet.test/files/hello.txt' "$bare"
+`, nil, 2*time.Minute)
+	if j.state != "COMPLETED" {
+		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
+	}
+	wantOK(t, j.output, "find", "find-fetch", "notoken-socks")
+	if got, want := field(j.output, `FOUND (\S+)`), "http://hpcproxy:TOKEN@login:"+itoa(ps.Port); got != want {
+		t.Errorf("FindActiveProxy in the job: %q, want %q", got, want)
+	}
+	if got := field(j.output, `(?m)^SHA find-fetch (\S*)$`); got != c.bigSHA {
+		t.Errorf("fetch through the found proxy: sha256 %q, want %q", got, c.bigSHA)
+	}
+	c.checkDownloads(t, j.output, "shared")
+	for _, k := range []string{"NOTOKEN-CONNECT", "NOTOKEN-GET"} {
+		if got := field(j.output, k+` (\S*)`); got != "407" {
+			t.Errorf("%s without the token: status %q, want 407", k, got)
+		}
+	}
+}
+
+// methods is scenario 3: each tunnel method forced in turn carries the
+// same downloads, in one job.
+func (c *cluster) methods(t *testing.T) {
+	methods := []string{"gossh", "controlmaster", "socks-unix", "socks-tcp", "exec"}
+	j := c.sbatch(t, downloadsScript+`
+for m in `+strings.Join(methods, " ")+`; do
+	if perjob start --via login --method $m; then echo "RESULT $m.start ok"; else echo "RESULT $m.start FAIL"; continue; fi
+	echo "METHOD $m $(perjob status | sed -n 's/^method: *//p')"
+	eval "$(perjob env)"
+	downloads $m
+	step $m.stop perjob stop
+done
+`, nil, 3*time.Minute)
+	if j.state != "COMPLETED" {
+		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
+	}
+	for _, m := range methods {
+		t.Run(m, func(t *testing.T) {
+			wantOK(t, j.output, m+".start", m+".stop")
+			if got := field(j.output, `METHOD `+m+` (\S*)`); got != m {
+				t.Errorf("perjob status shows method %q, want %q", got, m)
+			}
+			c.checkDownloads(t, j.output, m)
+		})
+	}
+}
+
+// perJobDirect starts a per-job proxy for the test user on compute outside
+// Slurm (the test drives it step by step) and stops it when t ends. It
+// returns the state file's path.
+func (c *cluster) perJobDirect(t *testing.T, args ...string) string {
+	t.Helper()
+	state := filepath.Join(c.nodeTmp, "hpcproxy-"+itoa(c.user.uid), "proxy.json")
+	r := c.exec(c.compute, c.user, c.env(c.user), time.Minute,
+		append([]string{"perjob", "start", "-v", "--via", "login", "--watch-pid", "-1"}, args...)...)
+	if r.code != 0 {
+		t.Fatalf("perjob start: %s\nlog:\n%s", r, tail(hpcproxy.LogFilePath(state), 50))
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", tail(hpcproxy.LogFilePath(state), 100))
+		}
+		if r := c.exec(c.compute, c.user, c.env(c.user), 30*time.Second, "perjob", "stop"); r.code != 0 {
+			t.Errorf("perjob stop: %s", r)
+		}
+	})
+	return state
+}
+
+func (c *cluster) readState(t *testing.T, path string) *hpcproxy.ProxyState {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("state file: %v", err)
+	}
+	var ps hpcproxy.ProxyState
+	if err := json.Unmarshal(b, &ps); err != nil {
+		t.Fatalf("state file %s: %v\n%s", path, err, b)
+	}
+	return &ps
+}
+
+// otherUser is scenario 5: another user of the compute node can neither
+// read the per-job proxy's state nor use the proxy, while its owner can
+// even without the token.
+func (c *cluster) otherUser(t *testing.T) {
+	state := c.perJobDirect(t)
+	ps := c.readState(t, state)
+	addr := "127.0.0.1:" + itoa(ps.Port)
+	const url = "https://www.internet.test/files/hello.txt"
+	curl := func(u *testUser, proxy, w string) result {
+		return c.exec(c.compute, u, c.env(u), 20*time.Second,
+			"curl", "-sS", "--max-time", "10", "-o", "/dev/null", "--proxy", proxy, "-w", w, url)
+	}
+	if r := c.exec(c.compute, c.other, c.env(c.other), 10*time.Second, "cat", state); r.code == 0 {
+		t.Errorf("another user read the state file (and its token):\n%s", r.out)
+	}
+	if r := curl(c.other, "http://"+addr, "%{http_connect}"); r.code == 0 || r.out != "407" {
+		t.Errorf("another user, HTTP CONNECT: want refused with 407, got %s", r)
+	}
+	if r := c.exec(c.compute, c.other, c.env(c.other), 20*time.Second, "curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+		"--proxy", "http://"+addr, "-w", "%{http_code}", "http://www.internet.test/files/hello.txt"); r.out != "407" {
+		t.Errorf("another user, plain HTTP: want 407, got %s", r)
+	}
+	if r := curl(c.other, "socks5h://"+addr, ""); r.code == 0 {
+		t.Errorf("another user, SOCKS5: want refused, got %s", r)
+	}
+	// The owner's own processes need no token.
+	if r := curl(c.user, "http://"+addr, "%{http_connect}"); r.code != 0 || r.out != "200" {
+		t.Errorf("owner without the token, HTTP CONNECT: want 200, got %s", r)
+	}
+	if r := curl(c.user, "socks5h://"+addr, ""); r.code != 0 {
+		t.Errorf("owner without the token, SOCKS5: %s", r)
+	}
+}
+
+// faults is scenario 4: sshd on login killed and restarted, then the
+// compute-login link down for longer than the keepalive window. Downloads
+// in flight fail cleanly within their timeout; the daemon notices,
+// reconnects, and later downloads succeed.
+func (c *cluster) faults(t *testing.T) {
+	// Keepalive every second, two misses: a dead link is noticed in ~3 s.
+	state := c.perJobDirect(t, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
+	env := c.env(c.user)
+	download := func(timeout time.Duration) result {
+		return c.exec(c.compute, c.user, env, timeout+10*time.Second, "perjob", "run", "--",
+			"curl", "-sS", "--fail", "--max-time", itoa(int(timeout/time.Second)), "-o", "/dev/null",
+			"-w", "%{size_download}", "https://www.internet.test/files/big.bin")
+	}
+	// A download that takes ~6 s: in flight when the fault comes.
+	const slowBytes = 4 << 20
+	slowURL := "https://www.internet.test/slow?bytes=" + itoa(slowBytes) + "&chunk=65536&delay=100ms"
+	inFlight := func(cmd ...string) <-chan result {
+		ch := make(chan result, 1)
+		go func() {
+			ch <- c.exec(c.compute, c.user, env, 40*time.Second, append([]string{"perjob", "run", "--"}, cmd...)...)
+		}()
+		return ch
+	}
+	const flightTimeout = 30 * time.Second
+	startInFlight := func() (curl, goFetch <-chan result) {
+		curl = inFlight("curl", "-sS", "--fail", "--max-time", itoa(int(flightTimeout/time.Second)), "-o", "/dev/null", "-w", "%{size_download}", slowURL)
+		goFetch = inFlight("e2efetch", "-timeout", flightTimeout.String(), slowURL)
+		time.Sleep(1500 * time.Millisecond) // both are receiving
+		return curl, goFetch
+	}
+	checkFailedCleanly := func(what string, curl, goFetch <-chan result) {
+		t.Helper()
+		for _, ch := range []<-chan result{curl, goFetch} {
+			r := <-ch
+			switch {
+			case r.code == 0:
+				t.Errorf("%s: a download in flight reported success: %s", what, r)
+			case r.elapsed > flightTimeout+5*time.Second:
+				t.Errorf("%s: a download in flight hung past its %s timeout: %s", what, flightTimeout, r)
+			default:
+				t.Logf("%s: download in flight failed cleanly: %s", what, r)
+			}
+			if n := atoi(strings.TrimSpace(r.out)); n >= slowBytes {
+				t.Errorf("%s: got all %d bytes yet failed?", what, n)
+			}
+		}
+	}
+	recovered := func(what string, within time.Duration) {
+		t.Helper()
+		start := time.Now()
+		for {
+			r := download(10 * time.Second)
+			if r.code == 0 && strings.TrimSpace(r.out) == itoa(c.bigSize) {
+				t.Logf("%s: download succeeded %s after recovery began", what, time.Since(start).Round(time.Millisecond))
+				return
+			}
+			if time.Since(start) > within {
+				t.Fatalf("%s: no successful download within %s; last: %s", what, within, r)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+	}
+
+	if r := download(20 * time.Second); r.code != 0 {
+		t.Fatalf("download before any fault: %s", r)
+	}
+
+	// sshd killed (with its sessions) mid-download, then restarted.
+	curl, goFetch := startInFlight()
+	c.sshdDown()
+	checkFailedCleanly("sshd killed", curl, goFetch)
+	c.sshdUp(t)
+	recovered("sshd restarted", 45*time.Second)
+	ps := c.readState(t, state)
+	if ps.Reconnects < 1 {
+		t.Errorf("after the sshd restart: reconnects %d, want >= 1", ps.Reconnects)
+	}
+	before := ps.Reconnects
+
+	// The compute-login link down for longer than the keepalive window.
+	curl, goFetch = startInFlight()
+	run(t, "ip", "-n", c.compute.ns, "link", "set", c.computeDev, "down")
+	down := time.Now()
+	linkUp := func() { run(t, "ip", "-n", c.compute.ns, "link", "set", c.computeDev, "up") }
+	noticed := false
+	for time.Since(down) < 15*time.Second {
+		if ps := c.readState(t, state); ps.Status != hpcproxy.StatusUp {
+			t.Logf("link down: the daemon noticed after %s (status %s: %s)", time.Since(down).Round(time.Millisecond), ps.Status, ps.LastError)
+			noticed = true
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !noticed {
+		linkUp()
+		t.Fatalf("link down for 15s: the state file still says the tunnel is up")
+	}
+	checkFailedCleanly("link down", curl, goFetch)
+	time.Sleep(time.Until(down.Add(6 * time.Second)))
+	linkUp()
+	recovered("link up again", 60*time.Second)
+	if ps := c.readState(t, state); ps.Reconnects <= before || ps.Status != hpcproxy.StatusUp {
+		t.Errorf("after the link came back: status %s, reconnects %d, want up and > %d", ps.Status, ps.Reconnects, before)
+	}
 }
