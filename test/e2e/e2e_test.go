@@ -185,26 +185,75 @@ done
 	}
 }
 
-// perJobDirect starts a per-job proxy for the test user on compute outside
-// Slurm (the test drives it step by step) and stops it when t ends. It
-// returns the state file's path.
-func (c *cluster) perJobDirect(t *testing.T, args ...string) string {
+// heldJob is a batch job that started a per-job proxy and holds it, doing
+// nothing, until the test releases it: the test acts on the node as the
+// job's user (as with srun --overlap or ssh to the node) and injects
+// faults meanwhile.
+type heldJob struct {
+	id, out string
+	state   string // the proxy's state file
+	pid     int    // the daemon's
+	release string // the file whose creation ends the job
+	// finish releases the job, waits for it to end and checks that the
+	// daemon and its state file are gone.
+	finish func()
+}
+
+// holdJob submits a held job whose proxy is started with perjob start
+// ARGS... and returns once the proxy is up. If t fails before release,
+// the job is cancelled.
+func (c *cluster) holdJob(t *testing.T, args ...string) *heldJob {
 	t.Helper()
-	state := filepath.Join(c.nodeTmp, "hpcproxy-"+itoa(c.user.uid), "proxy.json")
-	r := c.exec(c.compute, c.user, c.env(c.user), time.Minute,
-		append([]string{"perjob", "start", "-v", "--via", "login", "--watch-pid", "-1"}, args...)...)
-	if r.code != 0 {
-		t.Fatalf("perjob start: %s\nlog:\n%s", r, tail(hpcproxy.LogFilePath(state), 50))
+	n := jobSeq.Load() + 1
+	h := &heldJob{release: filepath.Join(c.user.home, "release-"+itoa(int(n)))}
+	ready := filepath.Join(c.user.home, "ready-"+itoa(int(n)))
+	h.id, h.out = c.submit(t, `
+if perjob start -v `+strings.Join(args, " ")+`; then echo "RESULT start ok"; else echo "RESULT start FAIL"; exit 1; fi
+perjob status
+touch `+ready+`
+while [ ! -e `+h.release+` ]; do sleep 0.2; done
+echo "RESULT held ok"
+`, []string{"HPCPROXY_VIA=login"}, 3*time.Minute)
+	released := false
+	t.Cleanup(func() {
+		if !released {
+			writeFile(t, h.release, "", 0o644)
+			c.exec(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
+		}
+	})
+	c.waitFor(t, "job "+h.id+" holding its proxy", time.Minute, nil, func() bool {
+		if _, err := os.Stat(ready); err == nil {
+			return true
+		}
+		b, _ := os.ReadFile(h.out)
+		if strings.Contains(string(b), "RESULT start FAIL") {
+			t.Fatalf("job %s: perjob start failed:\n%s", h.id, b)
+		}
+		return false
+	})
+	b, _ := os.ReadFile(h.out)
+	h.state = field(string(b), `state file:\s+(\S+)`)
+	h.pid = atoi(field(string(b), `pid:\s+(\d+) on compute`))
+	if h.state == "" || h.pid <= 0 {
+		t.Fatalf("job %s: perjob status shows no state file or pid:\n%s", h.id, b)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("daemon log:\n%s", tail(hpcproxy.LogFilePath(state), 100))
-		}
-		if r := c.exec(c.compute, c.user, c.env(c.user), 30*time.Second, "perjob", "stop"); r.code != 0 {
-			t.Errorf("perjob stop: %s", r)
+			t.Logf("daemon log:\n%s", tail(hpcproxy.LogFilePath(h.state), 100))
 		}
 	})
-	return state
+	h.finish = func() {
+		t.Helper()
+		released = true
+		writeFile(t, h.release, "", 0o644)
+		j := c.wait(t, h.id, h.out, time.Minute)
+		wantOK(t, j.output, "start", "held")
+		c.waitFor(t, "daemon gone after the job", 15*time.Second, nil, func() bool {
+			_, err := os.Stat(h.state)
+			return !pidAlive(h.pid) && os.IsNotExist(err)
+		})
+	}
+	return h
 }
 
 func (c *cluster) readState(t *testing.T, path string) *hpcproxy.ProxyState {
@@ -224,7 +273,8 @@ func (c *cluster) readState(t *testing.T, path string) *hpcproxy.ProxyState {
 // read the per-job proxy's state nor use the proxy, while its owner can
 // even without the token.
 func (c *cluster) otherUser(t *testing.T) {
-	state := c.perJobDirect(t)
+	h := c.holdJob(t)
+	state := h.state
 	ps := c.readState(t, state)
 	addr := "127.0.0.1:" + itoa(ps.Port)
 	const url = "https://www.internet.test/files/hello.txt"
@@ -252,6 +302,7 @@ func (c *cluster) otherUser(t *testing.T) {
 	if r := curl(c.user, "socks5h://"+addr, ""); r.code != 0 {
 		t.Errorf("owner without the token, SOCKS5: %s", r)
 	}
+	h.finish()
 }
 
 // faults is scenario 4: sshd on login killed and restarted, then the
@@ -260,10 +311,11 @@ func (c *cluster) otherUser(t *testing.T) {
 // reconnects, and later downloads succeed.
 func (c *cluster) faults(t *testing.T) {
 	// Keepalive every second, two misses: a dead link is noticed in ~3 s.
-	state := c.perJobDirect(t, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
+	h := c.holdJob(t, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
+	state := h.state
 	env := c.env(c.user)
 	download := func(timeout time.Duration) result {
-		return c.exec(c.compute, c.user, env, timeout+10*time.Second, "perjob", "run", "--",
+		return c.exec(c.compute, c.user, env, timeout+10*time.Second, "perjob", "run", "--state", state, "--",
 			"curl", "-sS", "--fail", "--max-time", itoa(int(timeout/time.Second)), "-o", "/dev/null",
 			"-w", "%{size_download}", "https://www.internet.test/files/big.bin")
 	}
@@ -273,7 +325,7 @@ func (c *cluster) faults(t *testing.T) {
 	inFlight := func(cmd ...string) <-chan result {
 		ch := make(chan result, 1)
 		go func() {
-			ch <- c.exec(c.compute, c.user, env, 40*time.Second, append([]string{"perjob", "run", "--"}, cmd...)...)
+			ch <- c.exec(c.compute, c.user, env, 40*time.Second, append([]string{"perjob", "run", "--state", state, "--"}, cmd...)...)
 		}()
 		return ch
 	}
@@ -358,4 +410,5 @@ func (c *cluster) faults(t *testing.T) {
 	if ps := c.readState(t, state); ps.Reconnects <= before || ps.Status != hpcproxy.StatusUp {
 		t.Errorf("after the link came back: status %s, reconnects %d, want up and > %d", ps.Status, ps.Reconnects, before)
 	}
+	h.finish()
 }

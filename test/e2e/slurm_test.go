@@ -47,9 +47,17 @@ cd "$scratch"
 // the job), waits up to timeout for the job to end and returns it.
 func (c *cluster) sbatch(t *testing.T, script string, env []string, timeout time.Duration) job {
 	t.Helper()
+	id, out := c.submit(t, script, env, timeout)
+	return c.wait(t, id, out, timeout)
+}
+
+// submit submits script (after jobPrelude) from the login node as the test
+// user and returns the job ID and its output file.
+func (c *cluster) submit(t *testing.T, script string, env []string, timeout time.Duration) (id, out string) {
+	t.Helper()
 	n := jobSeq.Add(1)
 	path := filepath.Join(c.user.home, fmt.Sprintf("job%d.sh", n))
-	out := filepath.Join(c.user.home, fmt.Sprintf("job%d.out", n))
+	out = filepath.Join(c.user.home, fmt.Sprintf("job%d.out", n))
 	writeFile(t, path, jobPrelude+script, 0o755)
 	if err := os.Chown(path, c.user.uid, c.user.gid); err != nil {
 		t.Fatal(err)
@@ -60,8 +68,15 @@ func (c *cluster) sbatch(t *testing.T, script string, env []string, timeout time
 	if r.code != 0 {
 		t.Fatalf("sbatch: %s", r)
 	}
-	j := job{id: strings.TrimSpace(strings.Split(r.out, ";")[0])}
-	t.Logf("submitted job %s", j.id)
+	id = strings.TrimSpace(strings.Split(r.out, ";")[0])
+	t.Logf("submitted job %s", id)
+	return id, out
+}
+
+// wait waits up to timeout for job id to end and returns it.
+func (c *cluster) wait(t *testing.T, id, out string, timeout time.Duration) job {
+	t.Helper()
+	j := job{id: id}
 	deadline := time.Now().Add(timeout)
 	stateRE := regexp.MustCompile(`JobState=(\S+)`)
 	for {
