@@ -13,6 +13,15 @@
 // resolved through the tunnel (socks5h, HTTP CONNECT). Traffic stays inside
 // the namespaces the test makes: the root namespace gets no address or
 // route toward them.
+//
+// Run it as root with the rest of the suite (scripts/test-all.sh, which
+// .ci/run calls after installing slurm-wlm, munge, git and wget), or alone:
+//
+//	CI=true go test -v -run TestCluster ./test/e2e/
+//
+// A failure prints the job outputs and every log: the per-job daemon's,
+// sshd's, slurmctld's, slurmd's, munged's and the internet servers'.
+// HPCPROXY_E2E_KEEP=1 keeps the cluster's files (not its processes).
 package e2e
 
 import (

@@ -204,16 +204,16 @@ type heldJob struct {
 // the job is cancelled.
 func (c *cluster) holdJob(t *testing.T, args ...string) *heldJob {
 	t.Helper()
-	n := jobSeq.Load() + 1
-	h := &heldJob{release: filepath.Join(c.user.home, "release-"+itoa(int(n)))}
-	ready := filepath.Join(c.user.home, "ready-"+itoa(int(n)))
+	h := &heldJob{}
 	h.id, h.out = c.submit(t, `
 if perjob start -v `+strings.Join(args, " ")+`; then echo "RESULT start ok"; else echo "RESULT start FAIL"; exit 1; fi
 perjob status
-touch `+ready+`
-while [ ! -e `+h.release+` ]; do sleep 0.2; done
+touch "$HOME/ready-$SLURM_JOB_ID"
+while [ ! -e "$HOME/release-$SLURM_JOB_ID" ]; do sleep 0.2; done
 echo "RESULT held ok"
 `, []string{"HPCPROXY_VIA=login"}, 3*time.Minute)
+	ready := filepath.Join(c.user.home, "ready-"+h.id)
+	h.release = filepath.Join(c.user.home, "release-"+h.id)
 	released := false
 	t.Cleanup(func() {
 		if !released {
