@@ -231,13 +231,13 @@ func (c *cluster) users() {
 	c.user = c.addUser("e2eu"+suffix, homes)
 	c.other = c.addUser("e2eo"+suffix, homes)
 
-	ssh := filepath.Join(c.user.home, ".ssh")
-	mkdir(t, ssh, 0o700)
-	signer := sshtest.GenerateKeyFile(t, "ed25519", filepath.Join(ssh, "id_ed25519"))
-	writeFile(t, filepath.Join(ssh, "authorized_keys"), string(marshalAuthorizedKey(signer.PublicKey())), 0o600)
+	dotSSH := filepath.Join(c.user.home, ".ssh")
+	mkdir(t, dotSSH, 0o700)
+	signer := sshtest.GenerateKeyFile(t, "ed25519", filepath.Join(dotSSH, "id_ed25519"))
+	writeFile(t, filepath.Join(dotSSH, "authorized_keys"), string(ssh.MarshalAuthorizedKey(signer.PublicKey())), 0o600)
 	// The test user's ~/.ssh/config, found through the passwd home as ssh
 	// finds it.
-	writeFile(t, filepath.Join(ssh, "config"), strings.Join([]string{
+	writeFile(t, filepath.Join(dotSSH, "config"), strings.Join([]string{
 		"Host login",
 		"  HostName login",
 		"  IdentityFile ~/.ssh/id_ed25519",
@@ -327,8 +327,8 @@ func (r result) String() string {
 	return fmt.Sprintf("exit %d after %s\nstdout:\n%s\nstderr:\n%s", r.code, r.elapsed.Round(time.Millisecond), r.out, r.err)
 }
 
-// exec runs args on n as u, bounded by timeout.
-func (c *cluster) exec(n node, u *testUser, env []string, timeout time.Duration, args ...string) result {
+// runOn runs args on n as u, bounded by timeout.
+func (c *cluster) runOn(n node, u *testUser, env []string, timeout time.Duration, args ...string) result {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := c.command(ctx, n, u, env, args...)
@@ -627,7 +627,7 @@ func (c *cluster) sshdUp(t testing.TB) {
 	t.Helper()
 	c.sshd = c.spawn("sshd", c.login, c.slurmEnv(), sshtest.SSHDPath, "-D", "-f", c.sshdCfg, "-E", c.sshdLog)
 	c.waitFor(t, "sshd login", 15*time.Second, c.sshd, func() bool {
-		r := c.exec(c.compute, c.user, c.env(c.user), 5*time.Second, "ssh", "login", "true")
+		r := c.runOn(c.compute, c.user, c.env(c.user), 5*time.Second, "ssh", "login", "true")
 		return r.code == 0
 	})
 }
@@ -713,7 +713,7 @@ func (c *cluster) startSlurm() {
 				c.t.Fatalf("%s exited: %v\n%s", p.name, p.cmd.ProcessState, tail(p.log, 50))
 			}
 		}
-		r := c.exec(c.login, nil, env, 5*time.Second, "sinfo", "-h", "-n", "compute", "-o", "%t")
+		r := c.runOn(c.login, nil, env, 5*time.Second, "sinfo", "-h", "-n", "compute", "-o", "%t")
 		return strings.TrimSpace(r.out) == "idle"
 	})
 }
@@ -785,8 +785,6 @@ func writeTestPKI(t *testing.T, caFile, certFile, keyFile, host string) {
 	writeFile(t, certFile, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})), 0o644)
 	writeFile(t, keyFile, string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})), 0o600)
 }
-
-func marshalAuthorizedKey(k ssh.PublicKey) []byte { return ssh.MarshalAuthorizedKey(k) }
 
 func knownHostsLine(names []string, k ssh.PublicKey) string {
 	return strings.Join(names, ",") + " " + strings.TrimSpace(string(ssh.MarshalAuthorizedKey(k))) + "\n"

@@ -112,13 +112,13 @@ downloads perjob
 // by a job on compute with FindActiveProxy and used with its token; the
 // same requests without the token are refused.
 func (c *cluster) sharedMode(t *testing.T) {
-	r := c.exec(c.login, c.user, c.env(c.user), time.Minute, "shared", "start", "-v")
+	r := c.runOn(c.login, c.user, c.env(c.user), time.Minute, "shared", "start", "-v")
 	if r.code != 0 {
 		t.Fatalf("shared start on login: %s", r)
 	}
 	t.Logf("shared start: %s", r.out)
 	t.Cleanup(func() {
-		if r := c.exec(c.login, c.user, c.env(c.user), 30*time.Second, "shared", "stop", "-v"); r.code != 0 {
+		if r := c.runOn(c.login, c.user, c.env(c.user), 30*time.Second, "shared", "stop", "-v"); r.code != 0 {
 			t.Errorf("shared stop: %s", r)
 		}
 	})
@@ -218,7 +218,7 @@ echo "RESULT held ok"
 	t.Cleanup(func() {
 		if !released {
 			writeFile(t, h.release, "", 0o644)
-			c.exec(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
+			c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
 		}
 	})
 	c.waitFor(t, "job "+h.id+" holding its proxy", time.Minute, nil, func() bool {
@@ -279,16 +279,16 @@ func (c *cluster) otherUser(t *testing.T) {
 	addr := "127.0.0.1:" + itoa(ps.Port)
 	const url = "https://www.internet.test/files/hello.txt"
 	curl := func(u *testUser, proxy, w string) result {
-		return c.exec(c.compute, u, c.env(u), 20*time.Second,
+		return c.runOn(c.compute, u, c.env(u), 20*time.Second,
 			"curl", "-sS", "--max-time", "10", "-o", "/dev/null", "--proxy", proxy, "-w", w, url)
 	}
-	if r := c.exec(c.compute, c.other, c.env(c.other), 10*time.Second, "cat", state); r.code == 0 {
+	if r := c.runOn(c.compute, c.other, c.env(c.other), 10*time.Second, "cat", state); r.code == 0 {
 		t.Errorf("another user read the state file (and its token):\n%s", r.out)
 	}
 	if r := curl(c.other, "http://"+addr, "%{http_connect}"); r.code == 0 || r.out != "407" {
 		t.Errorf("another user, HTTP CONNECT: want refused with 407, got %s", r)
 	}
-	if r := c.exec(c.compute, c.other, c.env(c.other), 20*time.Second, "curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+	if r := c.runOn(c.compute, c.other, c.env(c.other), 20*time.Second, "curl", "-sS", "--max-time", "10", "-o", "/dev/null",
 		"--proxy", "http://"+addr, "-w", "%{http_code}", "http://www.internet.test/files/hello.txt"); r.out != "407" {
 		t.Errorf("another user, plain HTTP: want 407, got %s", r)
 	}
@@ -315,7 +315,7 @@ func (c *cluster) faults(t *testing.T) {
 	state := h.state
 	env := c.env(c.user)
 	download := func(timeout time.Duration) result {
-		return c.exec(c.compute, c.user, env, timeout+10*time.Second, "perjob", "run", "--state", state, "--",
+		return c.runOn(c.compute, c.user, env, timeout+10*time.Second, "perjob", "run", "--state", state, "--",
 			"curl", "-sS", "--fail", "--max-time", itoa(int(timeout/time.Second)), "-o", "/dev/null",
 			"-w", "%{size_download}", "https://www.internet.test/files/big.bin")
 	}
@@ -325,7 +325,7 @@ func (c *cluster) faults(t *testing.T) {
 	inFlight := func(cmd ...string) <-chan result {
 		ch := make(chan result, 1)
 		go func() {
-			ch <- c.exec(c.compute, c.user, env, 40*time.Second, append([]string{"perjob", "run", "--state", state, "--"}, cmd...)...)
+			ch <- c.runOn(c.compute, c.user, env, 40*time.Second, append([]string{"perjob", "run", "--state", state, "--"}, cmd...)...)
 		}()
 		return ch
 	}

@@ -63,7 +63,7 @@ func (c *cluster) submit(t *testing.T, script string, env []string, timeout time
 		t.Fatal(err)
 	}
 	limit := int(timeout/time.Minute) + 1
-	r := c.exec(c.login, c.user, c.env(c.user, env...), 20*time.Second,
+	r := c.runOn(c.login, c.user, c.env(c.user, env...), 20*time.Second,
 		"sbatch", "--parsable", "--export=ALL", "--time="+fmt.Sprint(limit), "-J", t.Name(), "-o", out, "-D", c.user.home, path)
 	if r.code != 0 {
 		t.Fatalf("sbatch: %s", r)
@@ -80,7 +80,7 @@ func (c *cluster) wait(t *testing.T, id, out string, timeout time.Duration) job 
 	deadline := time.Now().Add(timeout)
 	stateRE := regexp.MustCompile(`JobState=(\S+)`)
 	for {
-		r := c.exec(c.login, nil, c.slurmEnv(), 10*time.Second, "scontrol", "show", "job", "-o", j.id)
+		r := c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scontrol", "show", "job", "-o", j.id)
 		if m := stateRE.FindStringSubmatch(r.out); m != nil {
 			switch m[1] {
 			case "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED":
@@ -91,7 +91,7 @@ func (c *cluster) wait(t *testing.T, id, out string, timeout time.Duration) job 
 			break
 		}
 		if time.Now().After(deadline) {
-			c.exec(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", j.id)
+			c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", j.id)
 			b, _ := os.ReadFile(out)
 			t.Fatalf("job %s did not finish within %s; scontrol: %s\noutput so far:\n%s", j.id, timeout, r.out, b)
 		}
