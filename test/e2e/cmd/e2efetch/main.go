@@ -1,0 +1,86 @@
+// Command e2efetch is the Go client of the end-to-end tests (test/e2e): a
+// program that uses a proxy the way Go programs do, through
+// http.ProxyFromEnvironment, or finds one the way hpcproxy's library users
+// do, with FindActiveProxy.
+//
+//	e2efetch URL             # GET URL through $HTTPS_PROXY/$HTTP_PROXY
+//	e2efetch -find           # print FindActiveProxy's URL, exit 1 if none
+//	e2efetch -find URL       # GET URL through the proxy FindActiveProxy found
+//
+// A fetch prints "bytes=N sha256=HEX" and exits 0 only for a 200 response
+// read completely within -timeout.
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"time"
+
+	"github.com/hpcproxy/hpcproxy"
+)
+
+func main() {
+	find := flag.Bool("find", false, "find the proxy with hpcproxy.FindActiveProxy instead of the environment")
+	timeout := flag.Duration("timeout", 20*time.Second, "bound on the whole request")
+	flag.Parse()
+
+	proxy := http.ProxyFromEnvironment
+	if *find {
+		u, ok := hpcproxy.FindActiveProxy()
+		if !ok {
+			fmt.Fprintln(os.Stderr, "e2efetch: FindActiveProxy found no proxy")
+			os.Exit(1)
+		}
+		if flag.NArg() == 0 {
+			fmt.Println(u)
+			return
+		}
+		pu, err := url.Parse(u)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "e2efetch:", err)
+			os.Exit(1)
+		}
+		proxy = http.ProxyURL(pu)
+	}
+	if flag.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: e2efetch [-find] [-timeout D] URL")
+		os.Exit(2)
+	}
+	if err := fetch(flag.Arg(0), proxy, *timeout); err != nil {
+		fmt.Fprintln(os.Stderr, "e2efetch:", err)
+		os.Exit(1)
+	}
+}
+
+func fetch(u string, proxy func(*http.Request) (*url.URL, error), timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = proxy
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", u, resp.Status)
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, resp.Body)
+	if err != nil {
+		return fmt.Errorf("GET %s: after %d bytes: %w", u, n, err)
+	}
+	fmt.Printf("bytes=%d sha256=%s\n", n, hex.EncodeToString(h.Sum(nil)))
+	return nil
+}
