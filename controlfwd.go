@@ -121,6 +121,10 @@ func (t *controlMasterTunnel) listenRemote(ctx context.Context, network, addr st
 	if err != nil {
 		ln.Close()
 		_ = os.RemoveAll(dir)
+		if errors.Is(err, ErrProhibited) {
+			return nil, fmt.Errorf("hpcproxy: login node refused to listen on %s (sshd's AllowTcpForwarding, "+
+				"AllowStreamLocalForwarding or PermitListen, or the address is in use): %w", addr, err)
+		}
 		return nil, t.downError(fmt.Errorf("hpcproxy: listen on the login node at %s (through the ssh control master): %w", addr, err))
 	}
 	l := &controlListener{Listener: ln, ctlPath: t.ctlPath, fwd: fwd, dir: dir}

@@ -236,8 +236,11 @@ func (f *LocalForward) Start() error {
 	if err != nil {
 		return fmt.Errorf("hpcproxy: local forward: listen: %w", err)
 	}
+	if err := f.attach(ln); err != nil {
+		return err
+	}
 	f.serveErr = make(chan error, 1)
-	go func() { f.serveErr <- f.Serve(ln) }()
+	go func() { f.serveErr <- f.serve(ln) }()
 	return nil
 }
 
@@ -261,6 +264,14 @@ func listenUnixPrivate(path string) (net.Listener, error) {
 // Serve accepts connections on ln and forwards them until Close (then it
 // returns nil) or until Accept fails.
 func (f *LocalForward) Serve(ln net.Listener) error {
+	if err := f.attach(ln); err != nil {
+		return err
+	}
+	return f.serve(ln)
+}
+
+// attach makes ln the forward's listener.
+func (f *LocalForward) attach(ln net.Listener) error {
 	if f.Dial == nil {
 		ln.Close()
 		return errors.New("hpcproxy: local forward: no Dial")
@@ -270,14 +281,16 @@ func (f *LocalForward) Serve(ln net.Listener) error {
 		return errors.New("hpcproxy: local forward already serving")
 	}
 	f.core.mu.Lock()
-	f.ln = ln
-	closed := f.core.closed
-	f.core.mu.Unlock()
+	defer f.core.mu.Unlock()
 	f.core.log = f.Logger
-	if closed {
+	f.ln = ln
+	if f.core.closed {
 		ln.Close()
-		return nil
 	}
+	return nil
+}
+
+func (f *LocalForward) serve(ln net.Listener) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
