@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -99,6 +100,20 @@ type Daemon struct {
 	// Logger optionally receives the daemon's log. If nil, nothing is
 	// logged.
 	Logger *slog.Logger
+
+	// Forwards optionally lists local forwards (`ssh -L`): each listens in
+	// the job and reaches a service on the login side through the tunnel.
+	// They listen before readiness is reported; a bind failure is a
+	// start-up error. In per-job mode they admit only the owner's
+	// connections, like the proxy.
+	Forwards []ForwardSpec
+
+	// Exposes optionally lists reverse forwards (`ssh -R`): the login
+	// node's sshd listens and carries connections to a service in the job.
+	// They need a method that can listen (gossh, controlmaster); sshd
+	// refusing is a start-up error. After a reconnect each is re-requested
+	// on the port it had. The state file records the bound addresses.
+	Exposes []ExposeSpec
 
 	// OnReady optionally is called with the listening address once the
 	// daemon is ready (after ReportFd is told), for programs that run a
@@ -200,7 +215,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			log.Error("listener failed", "err", err)
 			return fmt.Errorf("hpcproxy: listener failed: %w", err)
 		case <-tick.C:
-			ready.refreshStats(log)
+			ready.refreshStats(log, false)
+		case <-ready.rebound:
+			ready.refreshStats(log, true)
 		}
 	}
 }
@@ -223,6 +240,12 @@ type running struct {
 
 	mu        sync.Mutex // serialises state-file writes
 	lastStats ServerStats
+	lastFwd   []ForwardInfo
+
+	locals   []*LocalForward
+	reverses []*ReverseForward
+	rebound  chan struct{} // a reverse forward was (re)bound
+	log      *slog.Logger
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -272,7 +295,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	if err != nil {
 		return nil, err
 	}
-	r := &running{claim: claim, serveErr: make(chan error, 1)}
+	r := &running{claim: claim, serveErr: make(chan error, 1), log: log, rebound: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			r.shutdown(log)
@@ -312,6 +335,10 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		r.srv.AllowClient = allowNetworks(d.AllowNetworks)
 	}
 
+	if err := r.startForwards(ctx, d, mode); err != nil {
+		return nil, err
+	}
+
 	ts := r.sup.State()
 	if err := r.update(func(st *ProxyState) {
 		st.Port = port
@@ -327,6 +354,48 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		}
 	}()
 	return r, nil
+}
+
+// startForwards starts the daemon's local and reverse forwards.
+func (r *running) startForwards(ctx context.Context, d *Daemon, mode Mode) error {
+	for _, fs := range d.Forwards {
+		f := &LocalForward{Listen: fs.Listen, Remote: fs.Remote, Dial: r.sup.Dial, Logger: r.log}
+		if mode == ModePerJob {
+			f.AllowConn = SameUserConn
+		}
+		if err := f.Start(); err != nil {
+			return fmt.Errorf("hpcproxy: forward %s: %w", fs, err)
+		}
+		r.locals = append(r.locals, f)
+		r.log.Info("local forward listening", "listen", f.Addr(), "remote", fs.Remote)
+	}
+	for _, es := range d.Exposes {
+		f := &ReverseForward{Remote: es.Remote, Local: es.Local, Logger: r.log}
+		f.OnBind = func(net.Addr) {
+			// A re-bind, possibly on a new port: Run records it at once.
+			select {
+			case r.rebound <- struct{}{}:
+			default:
+			}
+		}
+		if err := f.Start(ctx, r.sup); err != nil {
+			return fmt.Errorf("hpcproxy: expose %s: %w", es, err)
+		}
+		r.reverses = append(r.reverses, f)
+	}
+	return nil
+}
+
+// forwardInfos snapshots every forward.
+func (r *running) forwardInfos() []ForwardInfo {
+	var out []ForwardInfo
+	for _, f := range r.locals {
+		out = append(out, f.Info())
+	}
+	for _, f := range r.reverses {
+		out = append(out, f.Info())
+	}
+	return out
 }
 
 // recordTunnel writes a tunnel state change to the state file.
@@ -350,14 +419,15 @@ func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
 	}
 }
 
-// refreshStats writes the server's counters to the state file when they
-// changed since the last write.
-func (r *running) refreshStats(log *slog.Logger) {
+// refreshStats writes the server's and the forwards' counters to the
+// state file when they changed since the last write (or when force).
+func (r *running) refreshStats(log *slog.Logger, force bool) {
 	s := r.srv.Stats()
+	fwd := r.forwardInfos()
 	r.mu.Lock()
-	same := s == r.lastStats
+	same := s == r.lastStats && slices.Equal(fwd, r.lastFwd)
 	r.mu.Unlock()
-	if same {
+	if same && !force {
 		return
 	}
 	log.Debug("stats", "active", s.Active, "total", s.Total, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)
@@ -383,12 +453,22 @@ func (r *running) update(mutate func(*ProxyState)) error {
 			FailedHandshakes: s.FailedHandshakes, Updated: time.Now().UTC(),
 		}
 	}
+	r.lastFwd = r.forwardInfos()
+	st.Forwards = r.lastFwd
 	return r.claim.Update(st)
 }
 
 // shutdown stops serving, closes connections and the tunnel, and removes
 // the state file if it is still ours.
 func (r *running) shutdown(log *slog.Logger) {
+	for _, f := range r.reverses {
+		if err := f.Close(); err != nil {
+			log.Debug("reverse forward close", "err", err)
+		}
+	}
+	for _, f := range r.locals {
+		_ = f.Close()
+	}
 	if r.srv != nil {
 		_ = r.srv.Close()
 	} else if r.ln != nil {

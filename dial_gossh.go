@@ -721,3 +721,9 @@ func (t *gosshTunnel) Err() error {
 	defer t.mu.Unlock()
 	return t.err
 }
+
+// listenRemote implements remoteListener with tcpip-forward requests on
+// the SSH connection.
+func (t *gosshTunnel) listenRemote(ctx context.Context, network, addr string) (net.Listener, error) {
+	return listenSSH(ctx, t.client, t.stop, network, addr)
+}

@@ -598,7 +598,8 @@ func (t *childTunnel) downError(err error) error {
 // connection carries every channel.
 type controlMasterTunnel struct {
 	*childTunnel
-	client *ssh.Client
+	client  *ssh.Client
+	ctlPath string // the control socket, for mux commands (controlfwd.go)
 }
 
 var _ tunnelImpl = (*controlMasterTunnel)(nil)
@@ -683,7 +684,7 @@ func attachControlMaster(ctx context.Context, path string, conn net.Conn, proc *
 	}
 	_ = conn.SetDeadline(time.Time{})
 	client := ssh.NewClient(c, chans, reqs)
-	t := &controlMasterTunnel{childTunnel: newChildTunnel(proc, nil, sock), client: client}
+	t := &controlMasterTunnel{childTunnel: newChildTunnel(proc, nil, sock), client: client, ctlPath: path}
 	t.wg.Add(1)
 	go t.watch()
 	return t, nil

@@ -174,6 +174,10 @@ type ProxyState struct {
 	// Stats are the daemon's connection and byte counters, refreshed
 	// periodically while they change.
 	Stats *DaemonStats `json:"stats,omitempty"`
+	// Forwards are the daemon's port forwards (Daemon.Forwards and
+	// Daemon.Exposes) with their addresses, status and counters, refreshed
+	// with Stats and whenever a reverse forward is (re)bound.
+	Forwards []ForwardInfo `json:"forwards,omitempty"`
 }
 
 // DaemonStats are a running daemon's counters as of Updated.

@@ -336,3 +336,36 @@ func (s *SupervisedTunnel) Close() error {
 	}
 	return nil
 }
+
+// WaitTunnel returns the tunnel that is up, waiting (as long as ctx allows)
+// while the supervisor reconnects. After Close it fails with
+// ErrTunnelDown. It makes SupervisedTunnel a [TunnelSource]: a
+// [ReverseForward] uses it to re-request its remote listener on each new
+// tunnel.
+func (s *SupervisedTunnel) WaitTunnel(ctx context.Context) (*Tunnel, error) {
+	for {
+		s.mu.Lock()
+		cur, up, st := s.cur, s.up, s.state
+		s.mu.Unlock()
+		if st.Status == TunnelClosed {
+			return nil, ErrTunnelDown
+		}
+		if cur != nil {
+			select {
+			case <-cur.Done():
+				// Dropped, and the supervisor has not noticed yet.
+				if !sleepCtx(ctx, 5*time.Millisecond) {
+					return nil, ctx.Err()
+				}
+				continue
+			default:
+				return cur, nil
+			}
+		}
+		select {
+		case <-up:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/crypto/ssh"
 )
 
 // Method is a way of reaching the login node. Methods are tried in the order
@@ -410,3 +412,91 @@ func (t *directTunnel) Close() error {
 
 func (t *directTunnel) Done() <-chan struct{} { return t.done }
 func (t *directTunnel) Err() error            { return nil }
+
+// ErrReverseUnsupported is wrapped by [Tunnel.Listen] when the tunnel's
+// method cannot ask the login node to listen: only the methods that hold an
+// SSH connection in process (gossh, controlmaster) can send the
+// tcpip-forward request; the others talk to an ssh child through SOCKS or
+// stdio, or involve no SSH at all.
+var ErrReverseUnsupported = errors.New("hpcproxy: tunnel method cannot listen on the login node")
+
+// remoteListener is implemented by the tunnels that can ask sshd to
+// listen (gossh, controlmaster). ctx governs the request only.
+type remoteListener interface {
+	listenRemote(ctx context.Context, network, addr string) (net.Listener, error)
+}
+
+// Listen asks the login node's sshd to listen on addr and returns a
+// listener whose Accept yields the connections it receives, as `ssh -R`
+// does. network is "tcp" (addr "host:port"; port 0 lets sshd choose, and
+// Addr reports the port it chose) or "unix" (addr a socket path on the
+// login node, created by sshd with its StreamLocalBindMask, owner-only by
+// default; it needs AllowStreamLocalForwarding). sshd binds "127.0.0.1"
+// and "localhost" on the loopback interface; other hosts only where its
+// GatewayPorts allows.
+//
+// ctx governs the request only. A refusal by sshd (AllowTcpForwarding,
+// PermitListen, a port in use) wraps ErrProhibited; a method that cannot
+// listen at all (socks-unix, socks-tcp, exec, direct) fails with an error
+// wrapping ErrReverseUnsupported. The listener ends with the tunnel:
+// Accept then fails. Closing it cancels the remote listener.
+func (t *Tunnel) Listen(ctx context.Context, network, addr string) (net.Listener, error) {
+	rl, ok := t.impl.(remoteListener)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s (use gossh or controlmaster)", ErrReverseUnsupported, t.method)
+	}
+	select {
+	case <-t.impl.Done():
+		if err := t.impl.Err(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrTunnelDown, err)
+		}
+		return nil, ErrTunnelDown
+	default:
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return rl.listenRemote(ctx, network, addr)
+}
+
+// listenSSH sends tcpip-forward (or streamlocal-forward@openssh.com) on
+// client. A request on a dead link blocks until the client is closed, so it
+// is raced against ctx and done, and a listener that comes late is closed.
+func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, network, addr string) (net.Listener, error) {
+	type result struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		ln, err := client.Listen(network, addr)
+		ch <- result{ln, err}
+	}()
+	var r result
+	select {
+	case r = <-ch:
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.ln != nil {
+				_ = r.ln.Close()
+			}
+		}()
+		return nil, fmt.Errorf("hpcproxy: listen on the login node at %s: %w", addr, ctx.Err())
+	}
+	if r.err != nil {
+		select {
+		case <-done:
+			return nil, fmt.Errorf("%w: listen on %s: %w", ErrTunnelDown, addr, r.err)
+		default:
+		}
+		if strings.Contains(r.err.Error(), "denied by peer") {
+			// sshd answers every refusal the same way, a request failure
+			// without a reason: forwarding disallowed, PermitListen, or
+			// the address in use.
+			return nil, fmt.Errorf("hpcproxy: login node refused to listen on %s (sshd's AllowTcpForwarding, "+
+				"AllowStreamLocalForwarding or PermitListen, or the address is in use): %w: %w", addr, ErrProhibited, r.err)
+		}
+		return nil, fmt.Errorf("hpcproxy: listen on the login node at %s: %w", addr, r.err)
+	}
+	return r.ln, nil
+}

@@ -189,6 +189,8 @@ type tunnelFlags struct {
 	allow     multiString
 	timeout   time.Duration
 	watchPID  int
+	forwards  multiString
+	exposes   multiString
 }
 
 type multiString []string
@@ -208,6 +210,8 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
 	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
 	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
+	f.Var(&t.forwards, "forward", "LOCAL=REMOTE: listen on LOCAL (PORT on 127.0.0.1, HOST:PORT or a socket path) and connect to REMOTE (HOST:PORT as the login node resolves it), like ssh -L (repeatable)")
+	f.Var(&t.exposes, "expose", "LOCAL[=REMOTE]: have the login node listen on REMOTE (PORT or HOST:PORT on its side, or a socket path; default: a free port on its 127.0.0.1) and connect to LOCAL (PORT or HOST:PORT here), like ssh -R; needs method gossh or controlmaster (repeatable)")
 	if a.Mode == hpcproxy.ModeShared {
 		f.Var(&t.allow, "allow", "client network allowed to connect, CIDR (repeatable; default: any client with the token)")
 	} else {
@@ -239,6 +243,12 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	if t.watchPID != 0 {
 		args = append(args, "--watch-pid", strconv.Itoa(t.watchPID))
 	}
+	for _, fw := range t.forwards {
+		args = append(args, "--forward", fw)
+	}
+	for _, e := range t.exposes {
+		args = append(args, "--expose", e)
+	}
 	if verbose {
 		args = append(args, "-v")
 	}
@@ -254,6 +264,9 @@ func (a *App) start(args []string) error {
 	}
 	if f.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q (see --help)", f.Args())
+	}
+	if _, _, err := t.specs(); err != nil {
+		return err
 	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
@@ -295,13 +308,70 @@ func (a *App) start(args []string) error {
 		}
 		return fmt.Errorf("%w\nhint: check the login node with 'ssh %s true'; the log is %s", err, orDirect(t.via), hpcproxy.LogFilePath(state))
 	}
-	if f.verbose {
-		ps, _ := hpcproxy.ReadPidFileAt(state)
-		if ps != nil {
-			fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Via), ps.Method, d.LogFile())
-		}
+	ps, _ := hpcproxy.ReadPidFileAt(state)
+	if f.verbose && ps != nil {
+		fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Via), ps.Method, d.LogFile())
+	}
+	if ps != nil {
+		// What the user asked to expose is useless without the way to it.
+		printForwards(a.Stdout, ps, true)
 	}
 	return nil
+}
+
+// specs parses the --forward and --expose flags.
+func (t *tunnelFlags) specs() ([]hpcproxy.ForwardSpec, []hpcproxy.ExposeSpec, error) {
+	var fwd []hpcproxy.ForwardSpec
+	var exp []hpcproxy.ExposeSpec
+	for _, s := range t.forwards {
+		spec, err := hpcproxy.ParseForwardSpec(s)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--forward: %w", err)
+		}
+		fwd = append(fwd, spec)
+	}
+	for _, s := range t.exposes {
+		spec, err := hpcproxy.ParseExposeSpec(s)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--expose: %w", err)
+		}
+		exp = append(exp, spec)
+	}
+	return fwd, exp, nil
+}
+
+// printForwards lists the forwards of ps; with onlyHints, just the exposes
+// and how to reach them from the user's own machine.
+func printForwards(w io.Writer, ps *hpcproxy.ProxyState, onlyHints bool) {
+	for _, fi := range ps.Forwards {
+		if !onlyHints {
+			arrow := "->"
+			if fi.Kind == hpcproxy.ForwardReverse {
+				arrow = "<-"
+			}
+			fmt.Fprintf(w, "forward:     %-7s %s %s %s (%s): %d active, %d total, %d failed, %d bytes in, %d out\n",
+				fi.Kind, fi.Listen, arrow, fi.Target, fi.Status, fi.Active, fi.Total, fi.Failed, fi.BytesIn, fi.BytesOut)
+			if fi.LastError != "" {
+				fmt.Fprintf(w, "             last error: %s\n", fi.LastError)
+			}
+		}
+		if fi.Kind != hpcproxy.ForwardReverse {
+			continue
+		}
+		lport := 0
+		if _, p, err := net.SplitHostPort(fi.Target); err == nil {
+			lport, _ = strconv.Atoi(p)
+		}
+		if onlyHints {
+			fmt.Fprintf(w, "exposed %s on %s at %s\n", fi.Target, orDirect(ps.Via), fi.Listen)
+		}
+		if hint := hpcproxy.SSHForwardHint(ps.Via, fi.Listen, lport); hint != "" {
+			fmt.Fprintf(w, "             on your machine: %s\n", hint)
+			if lport > 0 {
+				fmt.Fprintf(w, "             then open http://127.0.0.1:%d/ (use the login node's public name if it differs)\n", lport)
+			}
+		}
+	}
 }
 
 func orDirect(via string) string {
@@ -344,6 +414,12 @@ func (a *App) daemon(args []string) error {
 	if t.watchPID > 0 {
 		d.WatchPID = t.watchPID
 	}
+	fwd, exp, err := t.specs()
+	if err != nil {
+		_ = hpcproxy.ReportError(fds.Report, err)
+		return err
+	}
+	d.Forwards, d.Exposes = fwd, exp
 	for _, s := range t.allow {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
@@ -459,6 +535,7 @@ func (a *App) status(args []string) error {
 		fmt.Fprintf(w, "connections: %d active, %d total\n", s.Active, s.Total)
 		fmt.Fprintf(w, "bytes:       %d in, %d out (as of %s)\n", s.BytesIn, s.BytesOut, s.Updated.Local().Format(time.TimeOnly))
 	}
+	printForwards(w, ps, false)
 	if ps.JobID != "" {
 		fmt.Fprintf(w, "job:         %s %s\n", ps.Scheduler, ps.JobID)
 	}

@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -247,4 +249,52 @@ func TestMergeEnv(t *testing.T) {
 func readFile(statePath, ext string) string {
 	b, _ := os.ReadFile(strings.TrimSuffix(statePath, ".json") + ext)
 	return string(b)
+}
+
+// TestCLIForwardExpose: one start exposes a web server "in the job" on the
+// login node and forwards a local port to a login-side service; start
+// prints the ssh -L hint, status shows both with counters.
+func TestCLIForwardExpose(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	port := webServer(t) // the job's "Jupyter"
+	svc := webServer(t)  // a login-side service
+	lport := strconv.Itoa(sshtest.FreePort(t))
+
+	r := run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state,
+		"--watch-pid", "-1", "--expose", port, "--forward", lport+"=localhost:"+svc)
+	require.Equal(t, 0, r.code, "start: %s\nlog:\n%s", r.stderr, readFile(state, ".log"))
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", state) })
+	ps, err := hpcproxy.ReadPidFileAt(state)
+	require.NoError(t, err)
+	require.Len(t, ps.Forwards, 2)
+	remote := ps.Forwards[1].Listen
+	_, rport, _ := net.SplitHostPort(remote)
+	assert.Contains(t, r.stdout, "exposed 127.0.0.1:"+port+" on sshtest at "+remote)
+	assert.Contains(t, r.stdout, "on your machine: ssh -N -L "+port+":127.0.0.1:"+rport+" sshtest")
+
+	// The login node's port reaches the job's server; the local port
+	// reaches the login side's.
+	resp, err := http.Get("http://" + remote + "/lab")
+	require.NoError(t, err)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Contains(t, string(b), "path=/lab")
+	resp, err = http.Get("http://127.0.0.1:" + lport + "/license")
+	require.NoError(t, err)
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Contains(t, string(b), "path=/license")
+
+	require.Eventually(t, func() bool {
+		r = run(t, "perjob", "", "status", "--state", state)
+		return r.code == 0 && strings.Contains(r.stdout, "1 total")
+	}, 30*time.Second, 200*time.Millisecond, "status: %s", r.stdout)
+	assert.Contains(t, r.stdout, "forward:     local   127.0.0.1:"+lport+" -> localhost:"+svc+" (up)")
+	assert.Contains(t, r.stdout, "forward:     reverse "+remote+" <- 127.0.0.1:"+port+" (up)")
+	assert.Contains(t, r.stdout, "ssh -N -L "+port+":127.0.0.1:"+rport+" sshtest")
+
+	r = run(t, "perjob", "", "start", "--expose", "jupyter")
+	assert.Equal(t, 1, r.code)
+	assert.Contains(t, r.stderr, "--expose")
 }

@@ -1,0 +1,143 @@
+package hpcproxy
+
+import (
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+)
+
+// TestDaemonForwards runs a per-job daemon with a local forward and an
+// expose: both work, both are in the state file with counters, and both
+// survive an sshd restart (the expose on the same port).
+func TestDaemonForwards(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	web := startWebServer(t)
+	echo := startEchoServer(t)
+	_, echoPort, _ := net.SplitHostPort(echo)
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := startTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
+			Methods:           []Method{MethodGoSSH},
+			KeepaliveInterval: 300 * time.Millisecond, KeepaliveCountMax: 2,
+			ConnectTimeout: 2 * time.Second,
+		},
+		StatePath:     statePath,
+		MinBackoff:    50 * time.Millisecond,
+		MaxBackoff:    500 * time.Millisecond,
+		StatsInterval: 50 * time.Millisecond,
+		Forwards:      []ForwardSpec{{Listen: "127.0.0.1:0", Remote: "localhost:" + echoPort}},
+		Exposes:       []ExposeSpec{{Local: strings.TrimPrefix(web.URL, "http://")}},
+	})
+	_ = r
+	st, err := ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	require.Len(t, st.Forwards, 2)
+	local, expose := st.Forwards[0], st.Forwards[1]
+	assert.Equal(t, ForwardLocal, local.Kind)
+	assert.Equal(t, ForwardReverse, expose.Kind)
+	assert.Equal(t, ForwardUp, expose.Status)
+	_, rport, err := net.SplitHostPort(expose.Listen)
+	require.NoError(t, err)
+	assert.NotEqual(t, "0", rport)
+	assert.Equal(t, "ssh -N -L "+rport+":127.0.0.1:"+rport+" sshtest", SSHForwardHint(st.Via, expose.Listen, 0))
+
+	assert.Equal(t, "ping", fwdEcho(t, "tcp", local.Listen, "ping"))
+	assert.Equal(t, "hello /lab", httpGet(t, "http://"+expose.Listen+"/lab"))
+	require.Eventually(t, func() bool {
+		st, err := ReadPidFileAt(statePath)
+		return err == nil && len(st.Forwards) == 2 && st.Forwards[0].BytesOut == 4 && st.Forwards[1].BytesOut > 0 &&
+			st.Forwards[1].Total == 1
+	}, 10*time.Second, 20*time.Millisecond, "counters never reached the state file")
+
+	sshd.Stop()
+	require.Eventually(t, func() bool {
+		st, err := ReadPidFileAt(statePath)
+		return err == nil && st.Status == StatusReconnecting
+	}, 20*time.Second, 20*time.Millisecond)
+	sshd.Start(t)
+	require.Eventually(t, func() bool {
+		st, err := ReadPidFileAt(statePath)
+		return err == nil && st.Status == StatusUp && len(st.Forwards) == 2 && st.Forwards[1].Status == ForwardUp
+	}, 30*time.Second, 20*time.Millisecond, "expose did not come back")
+	st, err = ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, expose.Listen, st.Forwards[1].Listen, "same remote port after the reconnect")
+	assert.Equal(t, "hello /again", httpGet(t, "http://"+expose.Listen+"/again"))
+	assert.Equal(t, "pong", fwdEcho(t, "tcp", local.Listen, "pong"))
+}
+
+// TestDaemonExposeRefused: sshd refusing the remote listener is a start-up
+// error, reported to the parent.
+func TestDaemonExposeRefused(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"AllowTcpForwarding=no"}})
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := runTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+		},
+		StatePath: statePath,
+		Exposes:   []ExposeSpec{{Local: "127.0.0.1:8888"}},
+	})
+	select {
+	case msg := <-r.report:
+		assert.Contains(t, msg, "refused to listen")
+	case <-time.After(30 * time.Second):
+		t.Fatal("no report")
+	}
+	<-r.exited
+	require.ErrorIs(t, r.err, ErrProhibited)
+}
+
+func TestParseSpecs(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want ForwardSpec
+		err  bool
+	}{
+		{in: "5432=db:5432", want: ForwardSpec{"5432", "db:5432"}},
+		{in: "0.0.0.0:5432=db:5432", want: ForwardSpec{"0.0.0.0:5432", "db:5432"}},
+		{in: "/tmp/x/db.sock=db:5432", want: ForwardSpec{"/tmp/x/db.sock", "db:5432"}},
+		{in: "5432", err: true},
+		{in: "5432=db", err: true},
+		{in: "x=db:1", err: true},
+	} {
+		got, err := ParseForwardSpec(tc.in)
+		if tc.err {
+			assert.Error(t, err, tc.in)
+			continue
+		}
+		require.NoError(t, err, tc.in)
+		assert.Equal(t, tc.want, got, tc.in)
+	}
+	for _, tc := range []struct {
+		in   string
+		want ExposeSpec
+		err  bool
+	}{
+		{in: "8888", want: ExposeSpec{Local: "127.0.0.1:8888"}},
+		{in: "node1:8888=9999", want: ExposeSpec{Local: "node1:8888", Remote: "127.0.0.1:9999"}},
+		{in: "8888=/home/u/.jupyter.sock", want: ExposeSpec{Local: "127.0.0.1:8888", Remote: "/home/u/.jupyter.sock"}},
+		{in: "jupyter", err: true},
+	} {
+		got, err := ParseExposeSpec(tc.in)
+		if tc.err {
+			assert.Error(t, err, tc.in)
+			continue
+		}
+		require.NoError(t, err, tc.in)
+		assert.Equal(t, tc.want, got, tc.in)
+	}
+	assert.Equal(t, "ssh -N -L 8888:127.0.0.1:40001 -p 2222 alice@login1", SSHForwardHint("alice@login1:2222", "127.0.0.1:40001", 8888))
+	assert.Equal(t, "ssh -N -L 8888:/home/a/j.sock login1", SSHForwardHint("login1", "/home/a/j.sock", 8888))
+	assert.Equal(t, "", SSHForwardHint("login1", "127.0.0.1:0", 0))
+}

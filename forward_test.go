@@ -1,0 +1,252 @@
+package hpcproxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+)
+
+// testTunnel establishes a tunnel of method m through sshd.
+func testTunnel(t *testing.T, sshd *sshtest.SSHD, m Method) *Tunnel {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
+		Methods: []Method{m}, RuntimeDir: sshtest.PrivateTempDir(t),
+	})
+	require.NoError(t, err, "sshd log:\n%s", sshd.Log())
+	t.Cleanup(func() { tun.Close() })
+	return tun
+}
+
+// fwdEcho writes msg on a new connection to network/addr and returns what
+// comes back once the write side is half-closed.
+func fwdEcho(t *testing.T, network, addr, msg string) string {
+	t.Helper()
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+	_, err = io.WriteString(c, msg)
+	require.NoError(t, err)
+	require.NoError(t, c.(interface{ CloseWrite() error }).CloseWrite())
+	b, err := io.ReadAll(c)
+	require.NoError(t, err)
+	return string(b)
+}
+
+// httpGet fetches url with a fresh client and returns the body.
+func httpGet(t *testing.T, url string) string {
+	t.Helper()
+	tr := &http.Transport{DisableKeepAlives: true}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return string(b)
+}
+
+// TestLocalForward reaches a service through the real sshd by a name only
+// the far side resolves, listening on TCP and on a unix socket.
+func TestLocalForward(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	tun := testTunnel(t, sshd, MethodGoSSH)
+	echo := startEchoServer(t)
+	_, port, _ := net.SplitHostPort(echo)
+	for _, listen := range []string{"127.0.0.1:0", filepath.Join(sshtest.PrivateTempDir(t), "fwd.sock")} {
+		t.Run(listen, func(t *testing.T) {
+			f := &LocalForward{Listen: listen, Remote: net.JoinHostPort("localhost", port), Dial: tun.Dial}
+			require.NoError(t, f.Start())
+			defer func() { assert.NoError(t, f.Close()) }()
+			a := f.Addr()
+			require.NotNil(t, a)
+			assert.Equal(t, "hello forward", fwdEcho(t, a.Network(), a.String(), "hello forward"))
+			assert.Equal(t, "again", fwdEcho(t, a.Network(), a.String(), "again"))
+			require.Eventually(t, func() bool { return f.Info().Active == 0 }, 5*time.Second, 10*time.Millisecond)
+			info := f.Info()
+			assert.Equal(t, ForwardLocal, info.Kind)
+			assert.Equal(t, ForwardUp, info.Status)
+			assert.Equal(t, int64(2), info.Total)
+			assert.Equal(t, int64(len("hello forward")+len("again")), info.BytesIn)
+			assert.Equal(t, info.BytesIn, info.BytesOut)
+		})
+	}
+}
+
+// TestLocalForwardUnreachable counts a target the login node cannot reach
+// as a failure and closes the client's connection.
+func TestLocalForwardUnreachable(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	tun := testTunnel(t, sshd, MethodGoSSH)
+	f := &LocalForward{Listen: "127.0.0.1:0", Remote: net.JoinHostPort("127.0.0.1", strconv.Itoa(sshtest.FreePort(t))), Dial: tun.Dial}
+	require.NoError(t, f.Start())
+	defer f.Close()
+	c, err := net.Dial("tcp", f.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+	n, _ := c.Read(make([]byte, 1)) // EOF or reset: closed without a byte
+	assert.Zero(t, n)
+	require.Eventually(t, func() bool { return f.Info().Failed == 1 }, 5*time.Second, 10*time.Millisecond)
+	assert.Contains(t, f.Info().LastError, "refused")
+}
+
+// TestReverseForward exposes a test HTTP server in "the job" on the sshd
+// side, over TCP (port chosen by sshd) and a unix socket, with each method
+// that can listen.
+func TestReverseForward(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	web := startWebServer(t)
+	local := strings.TrimPrefix(web.URL, "http://")
+	for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
+		t.Run(m.String(), func(t *testing.T) {
+			tun := testTunnel(t, sshd, m)
+			t.Run("tcp", func(t *testing.T) {
+				var bound []net.Addr
+				f := &ReverseForward{Local: local, OnBind: func(a net.Addr) { bound = append(bound, a) }}
+				require.NoError(t, f.Start(context.Background(), tun))
+				ra := f.RemoteAddr().(*net.TCPAddr)
+				assert.Equal(t, "127.0.0.1", ra.IP.String())
+				assert.NotZero(t, ra.Port)
+				assert.Equal(t, []net.Addr{ra}, bound)
+				assert.Equal(t, "hello /jupyter", httpGet(t, "http://"+ra.String()+"/jupyter"))
+				require.Eventually(t, func() bool { return f.Info().Active == 0 }, 5*time.Second, 10*time.Millisecond)
+				info := f.Info()
+				assert.Equal(t, ForwardReverse, info.Kind)
+				assert.Equal(t, ra.String(), info.Listen)
+				assert.Equal(t, local, info.Target)
+				assert.Equal(t, int64(1), info.Total)
+				assert.Greater(t, info.BytesIn, int64(50), "request bytes")
+				assert.Greater(t, info.BytesOut, int64(len("hello /jupyter")), "response bytes")
+				require.NoError(t, f.Close())
+				assert.Equal(t, ForwardClosed, f.Info().Status)
+				// The remote listener is gone: sshd no longer accepts there.
+				require.Eventually(t, func() bool {
+					c, err := net.DialTimeout("tcp", ra.String(), time.Second)
+					if err == nil {
+						c.Close()
+					}
+					return err != nil
+				}, 5*time.Second, 20*time.Millisecond)
+			})
+			t.Run("unix", func(t *testing.T) {
+				sock := filepath.Join(sshtest.PrivateTempDir(t), "jupyter.sock")
+				f := &ReverseForward{Remote: sock, Local: local}
+				require.NoError(t, f.Start(context.Background(), tun))
+				defer f.Close()
+				assert.Equal(t, sock, f.RemoteAddr().String())
+				tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+					var d net.Dialer
+					return d.DialContext(ctx, "unix", sock)
+				}}
+				defer tr.CloseIdleConnections()
+				resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("http://job/unix")
+				require.NoError(t, err)
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				assert.Equal(t, "hello /unix", string(b))
+			})
+		})
+	}
+}
+
+// TestReverseForwardUnsupported: methods without an in-process SSH
+// connection say so.
+func TestReverseForwardUnsupported(t *testing.T) {
+	tun, err := EstablishTunnel(context.Background(), TunnelConfig{Methods: []Method{MethodDirect}})
+	require.NoError(t, err)
+	defer tun.Close()
+	f := &ReverseForward{Local: "127.0.0.1:1"}
+	err = f.Start(context.Background(), tun)
+	require.ErrorIs(t, err, ErrReverseUnsupported)
+	assert.Contains(t, err.Error(), "direct")
+	assert.NoError(t, f.Close())
+}
+
+// TestReverseForwardRefused: sshd's AllowTcpForwarding=no and
+// PermitListen=none surface as ErrProhibited with an explanation.
+func TestReverseForwardRefused(t *testing.T) {
+	for _, opt := range []string{"AllowTcpForwarding=no", "PermitListen=none"} {
+		t.Run(opt, func(t *testing.T) {
+			sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{opt}})
+			for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
+				t.Run(m.String(), func(t *testing.T) {
+					tun := testTunnel(t, sshd, m)
+					f := &ReverseForward{Local: "127.0.0.1:1"}
+					err := f.Start(context.Background(), tun)
+					require.Error(t, err)
+					assert.ErrorIs(t, err, ErrProhibited)
+					assert.Contains(t, err.Error(), "hpcproxy: reverse forward")
+					t.Log(err)
+					assert.NoError(t, f.Close())
+					// The tunnel itself is unharmed.
+					select {
+					case <-tun.Done():
+						t.Fatalf("tunnel went down: %v", tun.Err())
+					default:
+					}
+				})
+			}
+		})
+	}
+}
+
+// TestReverseForwardReconnect restarts sshd under a supervised tunnel: the
+// reverse forward comes back on the same port and serves again.
+func TestReverseForwardReconnect(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	web := startWebServer(t)
+	for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
+		t.Run(m.String(), func(t *testing.T) {
+			if !sshd.Running() {
+				sshd.Start(t)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			sup, err := SuperviseTunnel(ctx, SupervisorConfig{
+				Tunnel: TunnelConfig{
+					Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{m},
+					KeepaliveInterval: 300 * time.Millisecond, KeepaliveCountMax: 2,
+					ConnectTimeout: 2 * time.Second, RuntimeDir: sshtest.PrivateTempDir(t),
+				},
+				MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
+			})
+			require.NoError(t, err)
+			defer sup.Close()
+			binds := make(chan net.Addr, 10)
+			f := &ReverseForward{Local: strings.TrimPrefix(web.URL, "http://"), OnBind: func(a net.Addr) { binds <- a }}
+			require.NoError(t, f.Start(ctx, sup))
+			defer func() { assert.NoError(t, f.Close()) }()
+			first := <-binds
+			assert.Equal(t, "hello /before", httpGet(t, "http://"+first.String()+"/before"))
+
+			sshd.Stop()
+			require.Eventually(t, func() bool { return f.Info().Status == ForwardWaiting }, 20*time.Second, 20*time.Millisecond)
+			sshd.Start(t)
+			var again net.Addr
+			select {
+			case again = <-binds:
+			case <-time.After(30 * time.Second):
+				t.Fatalf("reverse listener not re-registered; info %+v", f.Info())
+			}
+			assert.Equal(t, first.String(), again.String(), "same port after the reconnect")
+			assert.Equal(t, ForwardUp, f.Info().Status)
+			assert.Equal(t, "hello /after", httpGet(t, "http://"+again.String()+"/after"))
+			assert.Equal(t, int64(2), f.Info().Total)
+		})
+	}
+}
