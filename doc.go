@@ -31,7 +31,16 @@
 // way ssh resolves it (ssh_config, Match, ProxyJump), and host keys are
 // always verified against known_hosts: nothing in this package accepts an
 // unverified host key. [DialGoSSH] and [DialSystemSSH] are the one-call
-// forms.
+// forms. [SupervisedTunnel] keeps a tunnel up, re-establishing it with
+// backoff when it drops.
+//
+// # Port forwarding
+//
+// [LocalForward] listens locally and carries each connection through a
+// tunnel to a fixed destination, like `ssh -L`. [ReverseForward] asks the
+// login node's sshd to listen ([Tunnel.Listen]; gossh and controlmaster
+// only) and carries each connection back to a local address, like
+// `ssh -R`, re-registering the listener after a reconnect.
 //
 // # Daemon
 //
