@@ -70,6 +70,7 @@ func TestCluster(t *testing.T) {
 	t.Run("Shared", c.sharedMode)
 	t.Run("Methods", c.methods)
 	t.Run("OtherUser", c.otherUser)
+	t.Run("Expose", c.expose)
 	t.Run("Faults", c.faults)
 }
 
@@ -204,8 +205,15 @@ type heldJob struct {
 // the job is cancelled.
 func (c *cluster) holdJob(t *testing.T, args ...string) *heldJob {
 	t.Helper()
+	return c.holdJobAfter(t, "", args...)
+}
+
+// holdJobAfter is holdJob with setup, a piece of job script, run before
+// perjob start (a step of it that prints RESULT NAME FAIL fails t).
+func (c *cluster) holdJobAfter(t *testing.T, setup string, args ...string) *heldJob {
+	t.Helper()
 	h := &heldJob{}
-	h.id, h.out = c.submit(t, `
+	h.id, h.out = c.submit(t, setup+`
 if perjob start -v `+strings.Join(args, " ")+`; then echo "RESULT start ok"; else echo "RESULT start FAIL"; exit 1; fi
 perjob status
 touch "$HOME/ready-$SLURM_JOB_ID"
@@ -226,8 +234,8 @@ echo "RESULT held ok"
 			return true
 		}
 		b, _ := os.ReadFile(h.out)
-		if strings.Contains(string(b), "RESULT start FAIL") {
-			t.Fatalf("job %s: perjob start failed:\n%s", h.id, b)
+		if failed := regexp.MustCompile(`(?m)^RESULT (\S+) FAIL`).FindStringSubmatch(string(b)); failed != nil {
+			t.Fatalf("job %s: step %s failed:\n%s", h.id, failed[1], b)
 		}
 		return false
 	})

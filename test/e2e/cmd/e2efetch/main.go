@@ -6,18 +6,22 @@
 //	e2efetch URL             # GET URL through $HTTPS_PROXY/$HTTP_PROXY
 //	e2efetch -find           # print FindActiveProxy's URL, exit 1 if none
 //	e2efetch -find URL       # GET URL through the proxy FindActiveProxy found
+//	e2efetch -serve ADDR -body TEXT  # serve TEXT (and a newline) at every path
 //
 // A fetch prints "bytes=N sha256=HEX" and exits 0 only for a 200 response
-// read completely within -timeout.
+// read completely within -timeout. A server prints "serving on ADDR" once
+// it listens and runs until killed, or for -timeout if that was given.
 package main
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -28,8 +32,24 @@ import (
 
 func main() {
 	find := flag.Bool("find", false, "find the proxy with hpcproxy.FindActiveProxy instead of the environment")
-	timeout := flag.Duration("timeout", 20*time.Second, "bound on the whole request")
+	timeout := flag.Duration("timeout", 20*time.Second, "bound on the whole request (with -serve: on the server's life, if given)")
+	serveAddr := flag.String("serve", "", "serve -body on this address instead of fetching")
+	body := flag.String("body", "", "what -serve answers")
 	flag.Parse()
+
+	if *serveAddr != "" {
+		life := time.Duration(0)
+		flag.Visit(func(f *flag.Flag) {
+			if f.Name == "timeout" {
+				life = *timeout
+			}
+		})
+		if err := serve(*serveAddr, *body, life); err != nil {
+			fmt.Fprintln(os.Stderr, "e2efetch:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	proxy := http.ProxyFromEnvironment
 	if *find {
@@ -50,7 +70,7 @@ func main() {
 		proxy = http.ProxyURL(pu)
 	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: e2efetch [-find] [-timeout D] URL")
+		fmt.Fprintln(os.Stderr, "usage: e2efetch [-find] [-timeout D] URL | e2efetch -serve ADDR -body TEXT [-timeout D]")
 		os.Exit(2)
 	}
 	if err := fetch(flag.Arg(0), proxy, *timeout); err != nil {
@@ -83,4 +103,29 @@ func fetch(u string, proxy func(*http.Request) (*url.URL, error), timeout time.D
 	}
 	fmt.Printf("bytes=%d sha256=%s\n", n, hex.EncodeToString(h.Sum(nil)))
 	return nil
+}
+
+// serve answers every request on addr with body and a newline, for life
+// (forever if zero).
+func serve(addr, body string, life time.Duration) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("serving on %s\n", l.Addr())
+	if life > 0 {
+		time.AfterFunc(life, func() { l.Close() })
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain")
+			fmt.Fprintln(w, body)
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	err = srv.Serve(l)
+	if life > 0 && errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
 }
