@@ -157,8 +157,7 @@ type muxReply struct {
 // hello and sends one forwarding command (open or close), returning the
 // master's answer. Refusals wrap ErrProhibited with the master's reason.
 func muxRequest(ctx context.Context, path string, typ uint32, fwd muxForward) (muxReply, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
+	c, err := muxHello(ctx, path)
 	if err != nil {
 		return muxReply{}, err
 	}
@@ -169,19 +168,6 @@ func muxRequest(ctx context.Context, path string, typ uint32, fwd muxForward) (m
 	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
-	var hello muxBuf
-	hello.u32(muxMsgHello)
-	hello.u32(muxVersion)
-	if err := hello.send(c); err != nil {
-		return muxReply{}, fmt.Errorf("mux hello: %w", err)
-	}
-	msg, err := muxRead(c)
-	if err != nil {
-		return muxReply{}, fmt.Errorf("mux hello: %w", err)
-	}
-	if typ, _ := msg.u32(); typ != muxMsgHello {
-		return muxReply{}, fmt.Errorf("mux: expected hello, got %#x", typ)
-	}
 	const reqID = 1
 	var req muxBuf
 	req.u32(typ)
@@ -194,7 +180,7 @@ func muxRequest(ctx context.Context, path string, typ uint32, fwd muxForward) (m
 	if err := req.send(c); err != nil {
 		return muxReply{}, fmt.Errorf("mux request: %w", err)
 	}
-	msg, err = muxRead(c)
+	msg, err := muxRead(c)
 	if err != nil {
 		return muxReply{}, fmt.Errorf("mux reply: %w", err)
 	}

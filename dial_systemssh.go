@@ -600,6 +600,12 @@ type controlMasterTunnel struct {
 	*childTunnel
 	client  *ssh.Client
 	ctlPath string // the control socket, for mux commands (controlfwd.go)
+	log     *slog.Logger
+
+	// The connections dialled as stdio forwards (controlstdio.go), closed
+	// with the tunnel; nil once it is closed.
+	stdioMu sync.Mutex
+	stdio   map[*stdioConn]struct{}
 }
 
 var _ tunnelImpl = (*controlMasterTunnel)(nil)
@@ -615,7 +621,7 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 	}
 	timeout := s.setupTimeout()
 	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" {
-		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second))
+		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second), s.log)
 		if err == nil {
 			s.log.Info("attached to the user's ssh control master", "dest", cfg.Destination, "path", cp)
 			return t, nil
@@ -644,7 +650,7 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 	})
 	var t *controlMasterTunnel
 	if err == nil {
-		t, err = attachControlMaster(ctx, sock, conn, proc, sock, timeout)
+		t, err = attachControlMaster(ctx, sock, conn, proc, sock, timeout, s.log)
 	}
 	if err != nil {
 		proc.stop()
@@ -658,7 +664,7 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 // attachControlMaster speaks mux proxy mode over conn (dialled to path if
 // nil) and returns the tunnel. proc is the master when it is ours.
 func attachControlMaster(ctx context.Context, path string, conn net.Conn, proc *sshProcess, sock string,
-	timeout time.Duration) (*controlMasterTunnel, error) {
+	timeout time.Duration, log *slog.Logger) (*controlMasterTunnel, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if conn == nil {
@@ -684,7 +690,8 @@ func attachControlMaster(ctx context.Context, path string, conn net.Conn, proc *
 	}
 	_ = conn.SetDeadline(time.Time{})
 	client := ssh.NewClient(c, chans, reqs)
-	t := &controlMasterTunnel{childTunnel: newChildTunnel(proc, nil, sock), client: client, ctlPath: path}
+	t := &controlMasterTunnel{childTunnel: newChildTunnel(proc, nil, sock), client: client, ctlPath: path,
+		log: log, stdio: map[*stdioConn]struct{}{}}
 	t.wg.Add(1)
 	go t.watch()
 	return t, nil
@@ -725,9 +732,32 @@ func (t *controlMasterTunnel) watch() {
 	}
 }
 
-// DialContext implements tunnelImpl: one channel over the control
-// connection. Failures the login node reports are *RemoteDialError.
+// DialContext implements tunnelImpl: a stdio forward of the master
+// (controlstdio.go), or, when that fails or too many are open, one channel
+// over the control connection. Failures the login node reports are
+// *RemoteDialError.
 func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, fmt.Errorf("hpcproxy: controlmaster tunnel cannot dial network %q", network)
+	}
+	t.stdioMu.Lock()
+	n, closed := len(t.stdio), t.stdio == nil
+	t.stdioMu.Unlock()
+	if closed {
+		return nil, t.downError(ErrTunnelDown)
+	}
+	if n < maxStdioConns {
+		sc, err := t.dialStdio(ctx, addr)
+		if err == nil {
+			return t.trackStdio(sc)
+		}
+		if ctx.Err() != nil {
+			return nil, t.downError(err)
+		}
+		t.log.Debug("stdio forward failed; trying a proxy-mode channel", "dest", addr, "err", err)
+	}
 	c, err := t.client.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, t.downError(convertOpenChannelError(addr, err))
@@ -735,9 +765,38 @@ func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr str
 	return c, nil
 }
 
-// Close implements tunnelImpl.
+// trackStdio records c so that Close ends it, unless the tunnel is closed
+// already.
+func (t *controlMasterTunnel) trackStdio(c *stdioConn) (net.Conn, error) {
+	t.stdioMu.Lock()
+	defer t.stdioMu.Unlock()
+	if t.stdio == nil {
+		c.Close()
+		return nil, t.downError(ErrTunnelDown)
+	}
+	t.stdio[c] = struct{}{}
+	c.onClose = func() {
+		t.stdioMu.Lock()
+		delete(t.stdio, c)
+		t.stdioMu.Unlock()
+	}
+	return c, nil
+}
+
+// Close implements tunnelImpl. It ends the connections dialled through the
+// tunnel, stdio forwards included (those of a user's master would outlive
+// the tunnel otherwise).
 func (t *controlMasterTunnel) Close() error {
-	t.close(func() { _ = t.client.Close() })
+	t.close(func() {
+		_ = t.client.Close()
+		t.stdioMu.Lock()
+		conns := t.stdio
+		t.stdio = nil
+		t.stdioMu.Unlock()
+		for c := range conns {
+			c.Close()
+		}
+	})
 	return nil
 }
 

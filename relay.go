@@ -108,13 +108,14 @@ type closeWriter interface{ CloseWrite() error }
 // half-close is closed, which ends the relay.
 func (c *copier) run() error {
 	var err error
-	if c.activity == nil && kernelConn(c.src) && kernelConn(c.dst) {
+	src, dst := readSide(c.src), writeSide(c.dst)
+	if c.activity == nil && kernelConn(src) && kernelConn(dst) {
 		// The splice path: both raw sockets reach io.Copy unwrapped.
 		var n int64
-		n, err = io.Copy(c.dst, c.src)
+		n, err = io.Copy(dst, src)
 		c.count.Add(n)
 	} else {
-		err = c.copyBuffered()
+		err = c.copyBuffered(src, dst)
 	}
 	if err != nil {
 		return fmt.Errorf("hpcproxy: relay %s: %w", c.name, err)
@@ -130,6 +131,46 @@ func (c *copier) run() error {
 	return nil
 }
 
+// splitConn is a connection made of two sockets, one for each direction
+// (a stdio forward of an OpenSSH master): the relay reads from one and
+// writes to the other directly, so that it can splice.
+type splitConn interface {
+	readSide() net.Conn
+	writeSide() net.Conn
+}
+
+// netConner is a wrapper that can say what it wraps (like tls.Conn).
+type netConner interface{ NetConn() net.Conn }
+
+// readSide returns what to read c's bytes from: the socket under wrappers
+// and split connections that have one.
+func readSide(c net.Conn) net.Conn {
+	for {
+		switch v := c.(type) {
+		case splitConn:
+			return v.readSide()
+		case netConner:
+			c = v.NetConn()
+		default:
+			return c
+		}
+	}
+}
+
+// writeSide returns what to write c's bytes to, like readSide.
+func writeSide(c net.Conn) net.Conn {
+	for {
+		switch v := c.(type) {
+		case splitConn:
+			return v.writeSide()
+		case netConner:
+			c = v.NetConn()
+		default:
+			return c
+		}
+	}
+}
+
 // kernelConn reports whether c is a socket that Linux can splice from and
 // to with io.Copy.
 func kernelConn(c net.Conn) bool {
@@ -140,32 +181,40 @@ func kernelConn(c net.Conn) bool {
 	return false
 }
 
-// Buffers for user-space copies. A copier takes one per read and gives it
-// back once the bytes are written, so an idle relay holds no large buffer:
-// it waits in Read with a small one, and moves to a large one while reads
-// keep filling the buffer.
+// Buffers for user-space copies, in three sizes. A copier takes one per
+// read and gives it back once the bytes are written, so an idle relay
+// holds no large buffer: it waits in Read with a small one. Each read picks
+// the size that would have held the previous read, one size up when that
+// read filled its buffer: a bulk stream climbs to the largest size within
+// two reads and stays there while reads keep filling most of it, so it
+// moves up to 256 KiB per read and write (an SSH channel returns all it has
+// buffered; a socket all it has received), which means fewer system calls
+// and, on an SSH channel, fewer window adjustments.
 var (
-	smallBufPool = sync.Pool{New: func() any { b := make([]byte, 2<<10); return &b }}
-	largeBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	bufLens  = [...]int{2 << 10, 32 << 10, 256 << 10}
+	bufPools [len(bufLens)]sync.Pool
 )
+
+func init() {
+	for i, n := range bufLens {
+		bufPools[i].New = func() any { b := make([]byte, n); return &b }
+	}
+}
 
 // copyBuffered copies src to dst through pooled buffers until EOF, counting
 // bytes as they flow.
-func (c *copier) copyBuffered() error {
-	large := false
+func (c *copier) copyBuffered(src io.Reader, dst io.Writer) error {
+	size := 0
 	for {
-		pool := &smallBufPool
-		if large {
-			pool = &largeBufPool
-		}
+		pool := &bufPools[size]
 		bp := pool.Get().(*[]byte)
 		buf := *bp
-		nr, rerr := c.src.Read(buf)
+		nr, rerr := src.Read(buf)
 		if nr > 0 {
 			if c.activity != nil {
 				c.activity.Store(time.Now().UnixNano())
 			}
-			nw, werr := c.dst.Write(buf[:nr])
+			nw, werr := dst.Write(buf[:nr])
 			c.count.Add(int64(nw))
 			if werr == nil && nw < nr {
 				werr = io.ErrShortWrite
@@ -175,8 +224,8 @@ func (c *copier) copyBuffered() error {
 				return werr
 			}
 		}
-		large = nr == len(buf)
 		pool.Put(bp)
+		size = nextSize(size, nr)
 		if rerr == io.EOF {
 			return nil
 		}
@@ -184,4 +233,19 @@ func (c *copier) copyBuffered() error {
 			return rerr
 		}
 	}
+}
+
+// nextSize returns the index of the buffer size for the read after one
+// that returned n bytes into a buffer of index cur: one size up when the
+// buffer was full, else the smallest size that would have held n.
+func nextSize(cur, n int) int {
+	if n == bufLens[cur] {
+		return min(cur+1, len(bufLens)-1)
+	}
+	for i, l := range bufLens {
+		if n <= l {
+			return i
+		}
+	}
+	return len(bufLens) - 1
 }

@@ -337,3 +337,26 @@ func BenchmarkConnectLatency(b *testing.B) {
 		}
 	})
 }
+
+// TestRelayBufferSizes checks how the user-space copy picks its buffers:
+// one size up after a full read, else the smallest that holds the last
+// read, so an idle relay waits with the small one.
+func TestRelayBufferSizes(t *testing.T) {
+	small, large, huge := 0, 1, 2
+	for _, tc := range []struct{ cur, n, want int }{
+		{small, 0, small},
+		{small, 100, small},
+		{small, 2 << 10, large},
+		{large, 32 << 10, huge},
+		{huge, 256 << 10, huge},
+		{huge, 100 << 10, huge},
+		{huge, 20 << 10, large},
+		{huge, 1, small},
+		{large, 3 << 10, large},
+		{large, 2 << 10, small},
+	} {
+		if got := nextSize(tc.cur, tc.n); got != tc.want {
+			t.Errorf("nextSize(%d, %d) = %d, want %d", tc.cur, tc.n, got, tc.want)
+		}
+	}
+}

@@ -29,11 +29,16 @@ const (
 	// auth only: ssh-agent, key files, OpenSSH certificates.
 	MethodGoSSH Method = iota + 1
 	// MethodControlMaster starts (or attaches to) an OpenSSH ControlMaster
-	// and multiplexes channels over its control socket in process
+	// and asks it for one stdio forward per connection (as `ssh -W` does
+	// through a master), whose bytes the relay splices; past 4096 open
+	// forwards, and to learn why a destination refused, it opens channels
+	// over the control socket in mux proxy mode instead
 	// ([golang.org/x/crypto/ssh.NewControlClientConn]). OpenSSH does all of
 	// the authentication, so hostbased (ssh-keysign), GSSAPI, MFA done
 	// earlier in a persistent master, ProxyJump and the user's ssh_config
-	// all work.
+	// all work. As with `ssh -W`, once a destination half-closes its side
+	// of a stdio forward, the master stops sending it what the client
+	// sends.
 	MethodControlMaster
 	// MethodSOCKSUnix runs `ssh -N -D /path/sock` (OpenSSH >= 6.7) and
 	// speaks SOCKS5 to it over the unix socket.

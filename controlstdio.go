@@ -1,0 +1,246 @@
+package hpcproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Connections through an OpenSSH ControlMaster's stdio forwards.
+//
+// In mux proxy mode every channel's packets pass through the master, which
+// decrypts them and appends them to one output buffer per control
+// connection. The master writes that buffer to its socket only as fast as
+// the socket takes it, but reads from sshd as fast as the channels' windows
+// allow, so with several busy channels the buffer grows to megabytes, and
+// OpenSSH reallocates (copying and clearing) it for every packet appended:
+// measured here with OpenSSH 9.2, four parallel downloads through one proxy
+// mode connection fell from 200 MB/s to 6 MB/s each. So each connection
+// instead asks the master for a stdio forward (MUX_C_NEW_STDIO_FWD, what
+// `ssh -W` does through a master): the master opens the channel itself and
+// moves its data to and from a socket pair of ours, with OpenSSH's own flow
+// control, as fast as `ssh -D` would; and the relay splices between that
+// socket pair and the client's socket without copying through user space.
+//
+// The master answers a stdio forward that sshd refused with a bare
+// "Session open refused by peer", so a failed stdio forward is retried as a
+// proxy-mode channel, whose refusal says why (connection refused, no such
+// host, prohibited) or which may succeed after all. Each stdio forward
+// costs the master two channels (the control connection and the forward)
+// and OpenSSH exits when a process has more than 16,384 channels; beyond
+// maxStdioConns connections, new ones use proxy mode, one channel each.
+
+// Mux protocol messages of a stdio forward (PROTOCOL.mux).
+const (
+	muxCNewStdioFwd    = 0x10000008
+	muxSSessionOpened  = 0x80000006
+	stdioSetupDeadline = 30 * time.Second
+)
+
+// maxStdioConns caps the stdio forwards open at once through one master
+// (a variable for tests).
+var maxStdioConns = 4096
+
+// muxHello dials the master's control socket at path and exchanges hello
+// messages. ctx bounds the dial and the exchange; the returned conn has no
+// deadline.
+func muxHello(ctx context.Context, path string) (*net.UnixConn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	uc := c.(*net.UnixConn)
+	if err := withConnDeadline(ctx, uc, func() error {
+		var hello muxBuf
+		hello.u32(muxMsgHello)
+		hello.u32(muxVersion)
+		if err := hello.send(uc); err != nil {
+			return fmt.Errorf("mux hello: %w", err)
+		}
+		msg, err := muxRead(uc)
+		if err != nil {
+			return fmt.Errorf("mux hello: %w", err)
+		}
+		if typ, _ := msg.u32(); typ != muxMsgHello {
+			return fmt.Errorf("mux: expected hello, got %#x", typ)
+		}
+		return nil
+	}); err != nil {
+		uc.Close()
+		return nil, err
+	}
+	return uc, nil
+}
+
+// withConnDeadline runs f with c's deadline set from ctx (and to the past
+// when ctx ends), and clears the deadline afterwards.
+func withConnDeadline(ctx context.Context, c net.Conn, f func() error) error {
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
+	err := f()
+	if !stop() && err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("%w (%w)", ctx.Err(), err)
+	}
+	_ = c.SetDeadline(time.Time{})
+	return err
+}
+
+// dialStdio opens a connection to addr through a stdio forward of the
+// master at t.ctlPath.
+func (t *controlMasterTunnel) dialStdio(ctx context.Context, addr string) (*stdioConn, error) {
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: address %q: %w", addr, err)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("hpcproxy: address %q: bad port", addr)
+	}
+	ctx, cancel := context.WithTimeout(ctx, stdioSetupDeadline)
+	defer cancel()
+	ctl, err := muxHello(ctx, t.ctlPath)
+	if err != nil {
+		return nil, err
+	}
+	// in: we write, the master reads (its stdin); out: the master writes,
+	// we read (its stdout). Two pairs, not one, so that each direction
+	// ends by itself: the master closes its stdout at the channel's EOF,
+	// and we see EOF on out while still writing to in.
+	in, inPeer, err := socketPair()
+	if err != nil {
+		ctl.Close()
+		return nil, err
+	}
+	out, outPeer, err := socketPair()
+	if err != nil {
+		ctl.Close()
+		in.Close()
+		inPeer.Close()
+		return nil, err
+	}
+	conn := &stdioConn{r: out, w: in, ctl: ctl, addr: addr}
+	err = withConnDeadline(ctx, ctl, func() error {
+		const reqID = 1
+		var req muxBuf
+		req.u32(muxCNewStdioFwd)
+		req.u32(reqID)
+		req.str("") // reserved
+		req.str(host)
+		req.u32(uint32(port))
+		err := req.send(ctl)
+		for _, f := range []*os.File{inPeer, outPeer} {
+			if err == nil {
+				// One byte with each descriptor, as OpenSSH's
+				// mm_send_fd sends it.
+				_, _, err = ctl.WriteMsgUnix([]byte{0}, syscall.UnixRights(int(f.Fd())), nil)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("mux stdio request: %w", err)
+		}
+		msg, err := muxRead(ctl)
+		if err != nil {
+			return fmt.Errorf("mux stdio reply: %w", err)
+		}
+		rtyp, _ := msg.u32()
+		if id, ok := msg.u32(); !ok || id != reqID {
+			return fmt.Errorf("mux reply %#x for request %d, want %d", rtyp, id, reqID)
+		}
+		switch rtyp {
+		case muxSSessionOpened:
+			return nil
+		case muxSPermissionDenied, muxSFailure:
+			reason, _ := msg.str()
+			return fmt.Errorf("ssh control master: %s", reason)
+		}
+		return fmt.Errorf("mux: unexpected reply %#x", rtyp)
+	})
+	// The master holds its own copies of its ends now (or failed).
+	inPeer.Close()
+	outPeer.Close()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// socketPair returns the two ends of a unix stream socket pair: ours as a
+// *net.UnixConn, the master's as an *os.File to pass it.
+func socketPair() (*net.UnixConn, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("hpcproxy: socketpair: %w", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "stdio-forward")
+	peer := os.NewFile(uintptr(fds[1]), "stdio-forward-peer")
+	c, err := net.FileConn(ours) // dups the descriptor
+	ours.Close()
+	if err != nil {
+		peer.Close()
+		return nil, nil, fmt.Errorf("hpcproxy: socketpair: %w", err)
+	}
+	return c.(*net.UnixConn), peer, nil
+}
+
+// stdioConn is a connection through a master's stdio forward: we write to
+// w, read from r, and hold the control connection that keeps the forward
+// open (the master closes the forward when it closes, and closes it when
+// the forward ends).
+type stdioConn struct {
+	r, w      *net.UnixConn
+	ctl       *net.UnixConn
+	addr      string
+	closeOnce sync.Once
+	onClose   func() // tells the tunnel; nil if untracked
+}
+
+var _ splitConn = (*stdioConn)(nil)
+
+func (c *stdioConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *stdioConn) Write(p []byte) (int, error) { return c.w.Write(p) }
+
+// CloseWrite half-closes: the master reads EOF and sends the channel's
+// EOF to the login node.
+func (c *stdioConn) CloseWrite() error { return c.w.CloseWrite() }
+
+func (c *stdioConn) Close() error {
+	var err error
+	c.closeOnce.Do(func() {
+		err = errors.Join(c.ctl.Close(), c.r.Close(), c.w.Close())
+		if c.onClose != nil {
+			c.onClose()
+		}
+	})
+	return err
+}
+
+// LocalAddr and RemoteAddr name the forward: a stdio forward has no
+// addresses of its own (like an SSH channel).
+func (c *stdioConn) LocalAddr() net.Addr  { return stdioAddr("stdio-forward") }
+func (c *stdioConn) RemoteAddr() net.Addr { return stdioAddr(c.addr) }
+
+func (c *stdioConn) SetDeadline(t time.Time) error {
+	return errors.Join(c.r.SetReadDeadline(t), c.w.SetWriteDeadline(t))
+}
+func (c *stdioConn) SetReadDeadline(t time.Time) error  { return c.r.SetReadDeadline(t) }
+func (c *stdioConn) SetWriteDeadline(t time.Time) error { return c.w.SetWriteDeadline(t) }
+
+func (c *stdioConn) readSide() net.Conn  { return c.r }
+func (c *stdioConn) writeSide() net.Conn { return c.w }
+
+// stdioAddr is the address of a stdio forward: the destination it was
+// asked for.
+type stdioAddr string
+
+func (a stdioAddr) Network() string { return "stdio-forward" }
+func (a stdioAddr) String() string  { return string(a) }

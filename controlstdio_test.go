@@ -1,0 +1,167 @@
+package hpcproxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
+)
+
+// TestControlMasterStdio checks the connections of the controlmaster
+// method: stdio forwards of the master while fewer than maxStdioConns are
+// open, proxy-mode channels beyond, both carrying bytes and half-closes in
+// both directions.
+func TestControlMasterStdio(t *testing.T) {
+	testenv.LookPath(t, "ssh")
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	tun := testTunnel(t, sshd, MethodControlMaster)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	// The destination answers, half-closes, and then reports how many
+	// bytes it still received after that.
+	after := make(chan int, 4)
+	dest := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		_, _ = c.Write([]byte("world"))
+		_ = c.(*net.TCPConn).CloseWrite()
+		n, _ := io.Copy(io.Discard, c)
+		after <- int(n)
+	})
+
+	// check exchanges "hello"/"world" over c, reads the destination's EOF,
+	// then sends more and half-closes. fullDuplex: the destination gets
+	// those bytes (an SSH channel); else it gets none (a stdio forward,
+	// whose master stops reading at the far side's EOF, as ssh -W does).
+	check := func(t *testing.T, c net.Conn, fullDuplex bool) {
+		t.Helper()
+		defer c.Close()
+		_, err := c.Write([]byte("hello"))
+		require.NoError(t, err)
+		got, err := io.ReadAll(c) // EOF: the destination half-closed
+		require.NoError(t, err)
+		require.Equal(t, "world", string(got))
+		_, _ = c.Write([]byte("more bytes"))
+		_ = c.(closeWriter).CloseWrite()
+		want := 0
+		if fullDuplex {
+			want = len("more bytes")
+		}
+		select {
+		case n := <-after:
+			require.Equal(t, want, n)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the destination's connection never ended")
+		}
+	}
+
+	t.Run("stdio forward", func(t *testing.T) {
+		c, err := tun.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		require.IsType(t, &stdioConn{}, c)
+		check(t, c, false)
+	})
+	t.Run("proxy mode beyond the cap", func(t *testing.T) {
+		old := maxStdioConns
+		maxStdioConns = 1
+		defer func() { maxStdioConns = old }()
+		held, err := tun.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		defer held.Close()
+		require.IsType(t, &stdioConn{}, held)
+		c, err := tun.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		_, isStdio := c.(*stdioConn)
+		require.False(t, isStdio, "got a stdio forward beyond the cap")
+		check(t, c, true)
+		held.Close()
+		c, err = tun.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		require.IsType(t, &stdioConn{}, c, "a closed stdio forward must free its slot")
+		c.Close()
+	})
+	t.Run("refused", func(t *testing.T) {
+		// The master only says "refused by peer"; the proxy-mode retry
+		// tells why.
+		_, err := tun.Dial(ctx, "tcp", closedPort(t))
+		require.ErrorIs(t, err, syscall.ECONNREFUSED)
+		var rde *RemoteDialError
+		require.True(t, errors.As(err, &rde), "got %T", err)
+	})
+	t.Run("prohibited", func(t *testing.T) {
+		sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"PermitOpen 127.0.0.1:1"}})
+		tun := testTunnel(t, sshd, MethodControlMaster)
+		_, err := tun.Dial(ctx, "tcp", dest)
+		require.ErrorIs(t, err, ErrProhibited)
+	})
+}
+
+// TestRelaySplitConn relays between a TCP client and a connection made of
+// two socket pairs, as a stdio forward is, checking both directions and
+// both half-closes.
+func TestRelaySplitConn(t *testing.T) {
+	in, inPeer, err := socketPair()
+	require.NoError(t, err)
+	out, outPeer, err := socketPair()
+	require.NoError(t, err)
+	far := &stdioConn{r: out, w: in, ctl: in, addr: "test"}
+	farIn, err := net.FileConn(inPeer)
+	require.NoError(t, err)
+	inPeer.Close()
+	farOut, err := net.FileConn(outPeer)
+	require.NoError(t, err)
+	outPeer.Close()
+	defer farIn.Close()
+	defer farOut.Close()
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	server, err := ln.Accept()
+	require.NoError(t, err)
+
+	var bytesIn, bytesOut atomic.Int64
+	done := make(chan error, 1)
+	go func() { done <- relay(server, far, relayConfig{in: &bytesIn, out: &bytesOut}) }()
+
+	payload := make([]byte, 4<<20)
+	for i := range payload {
+		payload[i] = byte(i)
+	}
+	go func() {
+		_, _ = client.Write(payload)
+		_ = client.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(farIn) // what the master would read
+	require.NoError(t, err)
+	require.Equal(t, payload, got)
+	_, err = farOut.Write([]byte("reply"))
+	require.NoError(t, err)
+	require.NoError(t, farOut.Close()) // the master closes its stdout
+	back, err := io.ReadAll(client)
+	require.NoError(t, err)
+	require.Equal(t, "reply", string(back))
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not end")
+	}
+	require.EqualValues(t, len(payload), bytesIn.Load())
+	require.EqualValues(t, len("reply"), bytesOut.Load())
+}
