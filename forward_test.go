@@ -20,15 +20,7 @@ import (
 // testTunnel establishes a tunnel of method m through sshd.
 func testTunnel(t *testing.T, sshd *sshtest.SSHD, m Method) *Tunnel {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	tun, err := EstablishTunnel(ctx, TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
-		Methods: []Method{m}, RuntimeDir: sshtest.PrivateTempDir(t),
-	})
-	require.NoError(t, err, "sshd log:\n%s", sshd.Log())
-	t.Cleanup(func() { tun.Close() })
-	return tun
+	return pooledTunnel(t, sshd, m, 0)
 }
 
 // fwdEcho writes msg on a new connection to network/addr and returns what

@@ -229,6 +229,17 @@ type TunnelConfig struct {
 	// removed when the tunnel closes.
 	RuntimeDir string
 
+	// Connections optionally specifies how many SSH connections carry the
+	// tunnel, for the methods that multiplex channels over one connection
+	// (gossh, controlmaster; the others ignore it). Each connection is
+	// served by its own sshd process on the login node, and new
+	// connections go to the one that carries the fewest, so parallel
+	// streams use several of its cores. If any connection drops, the whole
+	// tunnel is down (Done fires). A controlmaster tunnel that attaches to
+	// the user's own master has only that one connection to share. If zero
+	// or one, one connection.
+	Connections int
+
 	// Logger optionally receives the tunnel's diagnostics. If nil, nothing
 	// is logged.
 	Logger *slog.Logger
@@ -358,13 +369,21 @@ func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
 			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
 			break
 		}
-		impl, err := startMethod(ctx, &cfg, m)
+		conns := 1
+		var impl tunnelImpl
+		var err error
+		if cfg.Connections > 1 && poolable(m) {
+			conns = cfg.Connections
+			impl, err = startPool(ctx, &cfg, m, conns)
+		} else {
+			impl, err = startMethod(ctx, &cfg, m)
+		}
 		if err != nil {
 			log.Debug("tunnel method failed", "method", m, "dest", cfg.Destination, "err", err)
 			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
 			continue
 		}
-		log.Info("tunnel up", "method", m, "dest", cfg.Destination)
+		log.Info("tunnel up", "method", m, "dest", cfg.Destination, "connections", conns)
 		return &Tunnel{method: m, impl: impl}, nil
 	}
 	return nil, terr

@@ -191,6 +191,7 @@ type tunnelFlags struct {
 	watchPID  int
 	forwards  multiString
 	exposes   multiString
+	conns     int
 }
 
 type multiString []string
@@ -208,6 +209,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.Var(&t.methods, "method", "tunnel methods to try, in order (default: "+hpcproxy.Methods(hpcproxy.DefaultMethods).String()+")")
 	f.StringVar(&t.sshConfig, "ssh-config", "", "ssh_config file to use instead of ~/.ssh/config (like ssh -F)")
 	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
+	f.IntVar(&t.conns, "connections", 1, "SSH connections to the login node (gossh, controlmaster): parallel streams spread over them, each served by its own sshd process there")
 	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
 	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
 	f.Var(&t.forwards, "forward", "LOCAL=REMOTE: listen on LOCAL (PORT on 127.0.0.1, HOST:PORT or a socket path) and connect to REMOTE (HOST:PORT as the login node resolves it), like ssh -L (repeatable)")
@@ -236,6 +238,9 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	}
 	if t.acceptNew {
 		args = append(args, "--accept-new")
+	}
+	if t.conns > 1 {
+		args = append(args, "--connections", strconv.Itoa(t.conns))
 	}
 	for _, n := range t.allow {
 		args = append(args, "--allow", n)
@@ -319,8 +324,11 @@ func (a *App) start(args []string) error {
 	return nil
 }
 
-// specs parses the --forward and --expose flags.
+// specs checks --connections and parses the --forward and --expose flags.
 func (t *tunnelFlags) specs() ([]hpcproxy.ForwardSpec, []hpcproxy.ExposeSpec, error) {
+	if t.conns < 1 {
+		return nil, nil, fmt.Errorf("--connections %d: want at least 1", t.conns)
+	}
 	var fwd []hpcproxy.ForwardSpec
 	var exp []hpcproxy.ExposeSpec
 	for _, s := range t.forwards {
@@ -406,6 +414,7 @@ func (a *App) daemon(args []string) error {
 			Methods:       t.methods,
 			SSHConfigFile: t.sshConfig,
 			SSHOptions:    t.sshOpts,
+			Connections:   t.conns,
 		},
 	}
 	if t.acceptNew {
