@@ -1,0 +1,396 @@
+package main
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// The data source speaks a tiny protocol: a client sends one op byte and,
+// for 'D' and 'U', an 8-byte big-endian length.
+const (
+	opDownload = 'D' // the source sends N bytes
+	opUpload   = 'U' // the source reads N bytes, then answers one byte
+	opEcho     = 'E' // the source echoes until EOF
+)
+
+// source is the far end of every measured connection, on 127.0.0.1.
+type source struct {
+	ln    net.Listener
+	chunk []byte
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+func startSource() (*source, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	s := &source{ln: ln, chunk: make([]byte, 256<<10), conns: map[net.Conn]struct{}{}}
+	for i := range s.chunk {
+		s.chunk[i] = byte(i * 7)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.mu.Lock()
+			s.conns[c] = struct{}{}
+			s.mu.Unlock()
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				s.serve(c)
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+			}()
+		}
+	}()
+	return s, nil
+}
+
+func (s *source) addr() string { return s.ln.Addr().String() }
+
+func (s *source) close() {
+	s.ln.Close()
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+func (s *source) serve(c net.Conn) {
+	defer c.Close()
+	var op [1]byte
+	if _, err := io.ReadFull(c, op[:]); err != nil {
+		return
+	}
+	switch op[0] {
+	case opEcho:
+		// Held connections are many and quiet: a small buffer each.
+		var buf [64]byte
+		for {
+			n, err := c.Read(buf[:])
+			if n > 0 {
+				if _, err := c.Write(buf[:n]); err != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	case opDownload, opUpload:
+		var nb [8]byte
+		if _, err := io.ReadFull(c, nb[:]); err != nil {
+			return
+		}
+		left := int64(binary.BigEndian.Uint64(nb[:]))
+		if op[0] == opUpload {
+			if _, err := io.CopyN(io.Discard, c, left); err != nil {
+				return
+			}
+			_, _ = c.Write([]byte{1})
+			_, _ = io.Copy(io.Discard, c)
+			return
+		}
+		for left > 0 {
+			n, err := c.Write(s.chunk[:min(left, int64(len(s.chunk)))])
+			left -= int64(n)
+			if err != nil {
+				return
+			}
+		}
+		_, _ = io.Copy(io.Discard, c)
+	}
+}
+
+// dialer opens a connection to the source through one contender.
+type dialer func() (net.Conn, error)
+
+// socks5Dialer returns a dialer that asks the SOCKS5 proxy at proxyAddr to
+// connect to target, with username/password when user is not empty. The
+// request and, with auth, the credentials go out in as few writes as the
+// protocol allows, as curl does.
+func socks5Dialer(proxyAddr, target, user, pass string) dialer {
+	host, portStr, _ := net.SplitHostPort(target)
+	port, _ := strconv.Atoi(portStr)
+	ip := net.ParseIP(host).To4()
+	req := []byte{5, 1, 0, 1}
+	req = append(req, ip...)
+	req = binary.BigEndian.AppendUint16(req, uint16(port))
+	greet := []byte{5, 1, 0}
+	var auth []byte
+	if user != "" {
+		greet = []byte{5, 1, 2}
+		auth = append([]byte{1, byte(len(user))}, user...)
+		auth = append(append(auth, byte(len(pass))), pass...)
+	}
+	return func() (net.Conn, error) {
+		c, err := net.Dial("tcp", proxyAddr)
+		if err != nil {
+			return nil, err
+		}
+		if err := socks5Handshake(c, greet, auth, req); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+}
+
+func socks5Handshake(c net.Conn, greet, auth, req []byte) error {
+	if _, err := c.Write(greet); err != nil {
+		return err
+	}
+	var b [10]byte
+	if _, err := io.ReadFull(c, b[:2]); err != nil {
+		return fmt.Errorf("socks5 method reply: %w", err)
+	}
+	if b[0] != 5 || b[1] != greet[2] {
+		return fmt.Errorf("socks5 method reply %x", b[:2])
+	}
+	if auth != nil {
+		if _, err := c.Write(auth); err != nil {
+			return err
+		}
+		if _, err := io.ReadFull(c, b[:2]); err != nil {
+			return fmt.Errorf("socks5 auth reply: %w", err)
+		}
+		if b[1] != 0 {
+			return fmt.Errorf("socks5 auth refused (%d)", b[1])
+		}
+	}
+	if _, err := c.Write(req); err != nil {
+		return err
+	}
+	// Every proxy here answers with an IPv4 bound address: 10 bytes.
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return fmt.Errorf("socks5 connect reply: %w", err)
+	}
+	if b[1] != 0 {
+		return fmt.Errorf("socks5 connect refused (reply %d)", b[1])
+	}
+	return nil
+}
+
+// tcpDialer connects straight to addr (the source, or a port forwarder).
+func tcpDialer(addr string) dialer {
+	return func() (net.Conn, error) { return net.Dial("tcp", addr) }
+}
+
+// download reads n bytes from the source through d and returns how long it
+// took from the request to the last byte.
+func download(d dialer, n int64, buf []byte) (time.Duration, error) {
+	c, err := d()
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	var req [9]byte
+	req[0] = opDownload
+	binary.BigEndian.PutUint64(req[1:], uint64(n))
+	start := time.Now()
+	if _, err := c.Write(req[:]); err != nil {
+		return 0, err
+	}
+	var got int64
+	for got < n {
+		m, err := c.Read(buf[:min(int64(len(buf)), n-got)])
+		got += int64(m)
+		if err != nil && got < n {
+			return 0, fmt.Errorf("download: after %d of %d bytes: %w", got, n, err)
+		}
+	}
+	return time.Since(start), nil
+}
+
+// upload sends n bytes to the source through d and returns how long it
+// took until the source confirmed the last byte.
+func upload(d dialer, n int64, buf []byte) (time.Duration, error) {
+	c, err := d()
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	var req [9]byte
+	req[0] = opUpload
+	binary.BigEndian.PutUint64(req[1:], uint64(n))
+	start := time.Now()
+	if _, err := c.Write(req[:]); err != nil {
+		return 0, err
+	}
+	for left := n; left > 0; {
+		m, err := c.Write(buf[:min(int64(len(buf)), left)])
+		left -= int64(m)
+		if err != nil {
+			return 0, fmt.Errorf("upload: %d bytes left: %w", left, err)
+		}
+	}
+	var ack [1]byte
+	if _, err := io.ReadFull(c, ack[:]); err != nil {
+		return 0, fmt.Errorf("upload: no confirmation: %w", err)
+	}
+	return time.Since(start), nil
+}
+
+// parallelDownload downloads total bytes over streams connections at once
+// and returns the wall time from the first request to the last byte.
+func parallelDownload(d dialer, total int64, streams int) (time.Duration, error) {
+	per := total / int64(streams)
+	var wg sync.WaitGroup
+	errs := make([]error, streams)
+	start := time.Now()
+	for i := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 128<<10)
+			_, errs[i] = download(d, per, buf)
+		}()
+	}
+	wg.Wait()
+	return time.Since(start), errors.Join(errs...)
+}
+
+// echoRoundTrip sends one byte on c and waits for it to come back.
+func echoRoundTrip(c net.Conn) error {
+	var b [1]byte
+	b[0] = 42
+	if _, err := c.Write(b[:]); err != nil {
+		return err
+	}
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return err
+	}
+	if b[0] != 42 {
+		return fmt.Errorf("echo returned %d", b[0])
+	}
+	return nil
+}
+
+// openEcho opens a connection to the source's echo service through d and
+// makes one round trip over it.
+func openEcho(d dialer) (net.Conn, error) {
+	c, err := d()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write([]byte{opEcho}); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := echoRoundTrip(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// connectLatency measures samples sequential "new connection through the
+// proxy, one byte there and back" and returns the sorted durations.
+func connectLatency(d dialer, samples int) ([]time.Duration, error) {
+	out := make([]time.Duration, 0, samples)
+	for range samples {
+		start := time.Now()
+		c, err := openEcho(d)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, time.Since(start))
+		c.Close()
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// percentile returns the p-th percentile (0-100) of sorted durations.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted)-1) * p / 100)
+	return sorted[i]
+}
+
+// holdResult is what holding many idle connections at once measured.
+type holdResult struct {
+	n        int
+	errors   int           // connections that failed to open or to echo
+	perConn  float64       // bytes of proxy RSS per held connection
+	openTime time.Duration // to open all n
+	firstErr error
+}
+
+// holdConns opens up to n echo connections through d (parallel openers,
+// at most par in flight), keeping the ones that work in *held.
+func holdConns(d dialer, n, par int, held *[]net.Conn) (errs int, firstErr error) {
+	var mu sync.Mutex
+	sem := make(chan struct{}, par)
+	var wg sync.WaitGroup
+	for range n {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := openEcho(d)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs++
+				if firstErr == nil {
+					firstErr = err
+				}
+				return
+			}
+			*held = append(*held, c)
+		}()
+	}
+	wg.Wait()
+	return errs, firstErr
+}
+
+// checkHeld makes one more round trip over every held connection, par at a
+// time, and counts the failures.
+func checkHeld(held []net.Conn, par int) (errs int, firstErr error) {
+	var mu sync.Mutex
+	sem := make(chan struct{}, par)
+	var wg sync.WaitGroup
+	for _, c := range held {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+			err := echoRoundTrip(c)
+			_ = c.SetDeadline(time.Time{})
+			if err != nil {
+				mu.Lock()
+				errs++
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return errs, firstErr
+}

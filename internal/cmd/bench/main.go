@@ -1,0 +1,420 @@
+// Command bench measures hpcproxy side by side with the tools it replaces,
+// all in one run on this machine: through a throwaway OpenSSH sshd on
+// loopback, hpcproxy's per-job daemon with the gossh method (one SSH
+// connection, and a pool of two), with the controlmaster method, and
+// OpenSSH's own `ssh -N -D`, all with the same cipher; and without SSH,
+// hpcproxy's shared daemon relaying directly next to socat and microsocks.
+//
+//	go run ./internal/cmd/bench                 # everything, about 10 minutes
+//	go run ./internal/cmd/bench -only ssh -rounds 3 -hold 1000
+//
+// Every contender is a separate process, started the way users start it
+// (hpcproxy through its example CLI, which this program runs as a child), so
+// that its CPU time and resident memory can be read from /proc. The
+// contenders take turns round by round (A B C A B C ...) and each ratio is
+// computed within a round, so that the machine's drift hits both sides of
+// a ratio alike; the table gives each ratio's median over the rounds and
+// its min-max spread. Measured, per contender:
+//
+//   - single-stream throughput, download and upload;
+//   - aggregate throughput of 8 and 64 parallel downloads;
+//   - connect latency: a new connection through the proxy and a one-byte
+//     round trip to the source, p50 and p99;
+//   - CPU time of the proxy's process tree per GB moved in the
+//     single-stream transfers (/proc/PID/stat);
+//   - resident memory per held idle connection at 1,000 and 10,000
+//     connections (fresh processes, VmRSS of the tree), and errors among
+//     those connections, each checked with a second round trip.
+//
+// BENCHMARKS.md records a full run and what each optimisation bought.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/cli"
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+)
+
+func main() {
+	if code, ok := runCLI(os.Args[1:]); ok {
+		os.Exit(code)
+	}
+	var o options
+	flag.Var(&o.size, "size", "bytes per single-stream transfer (and per parallel run), e.g. 512MiB, 1GiB")
+	flag.IntVar(&o.rounds, "rounds", 5, "rounds: every contender runs every measurement once per round")
+	flag.StringVar(&o.only, "only", "", "run only these contenders: a comma-separated list of groups (ssh, relay) or names")
+	flag.StringVar(&o.hold, "hold", "1000,10000", "numbers of idle connections to hold for the memory measurement (empty: skip it)")
+	flag.IntVar(&o.latency, "latency-samples", 300, "connections per round for the connect latency (0: skip it)")
+	flag.StringVar(&o.streams, "streams", "8,64", "parallel stream counts for the aggregate throughput (empty: skip it)")
+	flag.BoolVar(&o.verbose, "v", false, "print each measurement as it is taken")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "Usage: bench [flags]\n\nRuns hpcproxy side by side with ssh -D, socat and microsocks and prints ratios.\n\nFlags:\n")
+		flag.PrintDefaults()
+	}
+	o.size = 1 << 30
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "bench: unexpected arguments %q (see -help)\n", flag.Args())
+		os.Exit(2)
+	}
+	if err := run(os.Stdout, o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// options are the command's flags.
+type options struct {
+	size    byteSize
+	rounds  int
+	only    string
+	hold    string
+	latency int
+	streams string
+	verbose bool
+}
+
+// byteSize is a flag.Value for sizes like "1GiB", "512MiB", "64KiB" or a
+// plain number of bytes.
+type byteSize int64
+
+func (b *byteSize) String() string {
+	for _, u := range []struct {
+		s string
+		n int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if int64(*b) >= u.n && int64(*b)%u.n == 0 {
+			return strconv.FormatInt(int64(*b)/u.n, 10) + u.s
+		}
+	}
+	return strconv.FormatInt(int64(*b), 10)
+}
+
+func (b *byteSize) Set(s string) error {
+	mult := int64(1)
+	for _, u := range []struct {
+		s string
+		n int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if v, ok := strings.CutSuffix(s, u.s); ok {
+			s, mult = v, u.n
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return fmt.Errorf("want a size like 1GiB or 512MiB")
+	}
+	*b = byteSize(n * mult)
+	return nil
+}
+
+func cliApp(name string) *cli.App {
+	switch name {
+	case "perjob":
+		return &cli.App{Name: "perjob", Mode: hpcproxy.ModePerJob}
+	case "shared":
+		return &cli.App{Name: "shared", Mode: hpcproxy.ModeShared}
+	}
+	return nil
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("%q: want positive numbers separated by commas", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// run sets everything up, measures, prints the tables and tears down.
+func run(w io.Writer, o options) (err error) {
+	streams, err := parseInts(o.streams)
+	if err != nil {
+		return fmt.Errorf("-streams %w", err)
+	}
+	holds, err := parseInts(o.hold)
+	if err != nil {
+		return fmt.Errorf("-hold %w", err)
+	}
+	if o.rounds < 1 {
+		return errors.New("-rounds must be at least 1")
+	}
+	cs, err := selectContenders(o.only)
+	if err != nil {
+		return err
+	}
+
+	h := &harnessTB{}
+	defer h.cleanup()
+	defer func() {
+		if r := recover(); r != nil {
+			f, ok := r.(harnessFailure)
+			if !ok {
+				panic(r)
+			}
+			err = errors.New(f.msg)
+		}
+	}()
+
+	fdLimit := raiseFileLimit()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "hpcbench")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return err
+	}
+	env := &benchEnv{dir: dir, self: self}
+	if needsSSHD(cs) {
+		env.sshd = sshtest.StartSSHD(h, sshtest.Options{Config: []string{"LogLevel ERROR"}})
+	}
+	env.src, err = startSource()
+	if err != nil {
+		return err
+	}
+	defer env.src.close()
+
+	fmt.Fprintf(w, "hpcproxy bench: %s, %d CPUs, %s; %s per transfer, %d rounds, cipher %s, fd limit %d\n",
+		time.Now().Format(time.DateOnly), runtime.NumCPU(), kernel(), o.size.String(), o.rounds, benchCipher, fdLimit)
+	if v := sshVersion(); v != "" {
+		fmt.Fprintf(w, "OpenSSH: %s\n", v)
+	}
+
+	res := newResults(cs, streams)
+	if err := measureRounds(w, env, cs, o, streams, res); err != nil {
+		return err
+	}
+	var hr map[*contender][]holdResult
+	if len(holds) > 0 {
+		hr = measureHold(w, env, cs, holds, o.verbose)
+	}
+	printTables(w, cs, res, streams, holds, hr, int64(o.size))
+	return nil
+}
+
+func needsSSHD(cs []*contender) bool {
+	return slices.ContainsFunc(cs, func(c *contender) bool { return c.group == "ssh" })
+}
+
+// selectContenders picks the contenders named by -only (groups or names),
+// all of them if it is empty. A group's baseline is always included.
+func selectContenders(only string) ([]*contender, error) {
+	all := allContenders()
+	if only == "" {
+		return all, nil
+	}
+	want := map[string]bool{}
+	for _, f := range strings.Split(only, ",") {
+		want[strings.TrimSpace(f)] = true
+	}
+	var out []*contender
+	groups := map[string]bool{}
+	for _, c := range all {
+		if want[c.group] || want[c.name] {
+			out = append(out, c)
+			groups[c.group] = true
+			delete(want, c.name)
+		}
+	}
+	for k := range want {
+		if k != "ssh" && k != "relay" {
+			return nil, fmt.Errorf("-only: no contender or group %q", k)
+		}
+	}
+	for _, c := range all {
+		if c.baseline && groups[c.group] && !slices.Contains(out, c) {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return runtime.GOOS
+	}
+	return "Linux " + strings.TrimSpace(string(b))
+}
+
+func sshVersion() string {
+	out, err := execOutput("ssh", "-V")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(out)
+}
+
+// results holds every round's figures, per contender.
+type results struct {
+	down, up map[*contender][]float64         // bytes/s
+	par      map[*contender]map[int][]float64 // streams -> bytes/s
+	p50, p99 map[*contender][]time.Duration
+	cpuPerGB map[*contender][]float64 // CPU seconds per GB (1e9 bytes)
+	skipped  map[*contender]error
+}
+
+func newResults(cs []*contender, streams []int) *results {
+	r := &results{
+		down: map[*contender][]float64{}, up: map[*contender][]float64{},
+		par: map[*contender]map[int][]float64{},
+		p50: map[*contender][]time.Duration{}, p99: map[*contender][]time.Duration{},
+		cpuPerGB: map[*contender][]float64{}, skipped: map[*contender]error{},
+	}
+	for _, c := range cs {
+		r.par[c] = map[int][]float64{}
+	}
+	return r
+}
+
+// measureRounds starts every contender, then runs the throughput, latency
+// and CPU measurements round by round, each contender in turn.
+func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, streams []int, res *results) error {
+	run := map[*contender]*running{}
+	defer func() {
+		for _, r := range run {
+			r.stop()
+		}
+	}()
+	for _, c := range cs {
+		r, err := c.start(env)
+		if err != nil {
+			if c.baseline {
+				return fmt.Errorf("%s: %w", c.name, err)
+			}
+			fmt.Fprintf(w, "SKIPPED %s: %v\n", c.name, err)
+			res.skipped[c] = err
+			continue
+		}
+		run[c] = r
+	}
+	size := int64(o.size)
+	buf := make([]byte, 256<<10)
+	for round := range o.rounds {
+		for _, c := range cs {
+			r := run[c]
+			if r == nil {
+				continue
+			}
+			cpu0 := treeCPU(r.pids)
+			d, err := download(r.dial, size, buf)
+			if err != nil {
+				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
+			}
+			u, err := upload(r.dial, size, buf)
+			if err != nil {
+				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
+			}
+			cpu := treeCPU(r.pids) - cpu0
+			res.down[c] = append(res.down[c], float64(size)/d.Seconds())
+			res.up[c] = append(res.up[c], float64(size)/u.Seconds())
+			res.cpuPerGB[c] = append(res.cpuPerGB[c], cpu.Seconds()/(2*float64(size)/1e9))
+			for _, n := range streams {
+				pd, err := parallelDownload(r.dial, size, n)
+				if err != nil {
+					return fmt.Errorf("%s: round %d: %d streams: %w", c.name, round+1, n, err)
+				}
+				res.par[c][n] = append(res.par[c][n], float64(size/int64(n)*int64(n))/pd.Seconds())
+			}
+			if o.latency > 0 {
+				lat, err := connectLatency(r.dial, o.latency)
+				if err != nil {
+					return fmt.Errorf("%s: round %d: latency: %w", c.name, round+1, err)
+				}
+				res.p50[c] = append(res.p50[c], percentile(lat, 50))
+				res.p99[c] = append(res.p99[c], percentile(lat, 99))
+			}
+			if o.verbose && o.latency > 0 {
+				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB p50 %s p99 %s\n", round+1, c.name,
+					rate(res.down[c][round]), rate(res.up[c][round]), res.cpuPerGB[c][round],
+					res.p50[c][round].Round(time.Microsecond), res.p99[c][round].Round(time.Microsecond))
+			}
+		}
+	}
+	return nil
+}
+
+// measureHold starts each contender afresh and holds idle connections
+// through it, growing to each count in holds, measuring the resident
+// memory they cost and counting the connections that fail.
+func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, verbose bool) map[*contender][]holdResult {
+	out := map[*contender][]holdResult{}
+	for _, c := range cs {
+		if c.name == "socat" {
+			// socat forks a process per connection: holding thousands
+			// measures fork, not a relay.
+			continue
+		}
+		r, err := c.start(env)
+		if err != nil {
+			fmt.Fprintf(w, "SKIPPED hold %s: %v\n", c.name, err)
+			continue
+		}
+		out[c] = holdOne(r, holds, verbose, c.name)
+		r.stop()
+	}
+	return out
+}
+
+func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	// One connection first, so that the baseline includes what any
+	// connection brings up once (buffers, goroutine pools).
+	if c, err := openEcho(r.dial); err == nil {
+		c.Close()
+	}
+	time.Sleep(500 * time.Millisecond)
+	base := treeRSS(r.pids)
+	var out []holdResult
+	for _, n := range holds {
+		start := time.Now()
+		errs, firstErr := holdConns(r.dial, n-len(held), 64, &held)
+		opened := time.Since(start)
+		time.Sleep(time.Second)
+		rss := treeRSS(r.pids)
+		cerrs, cfirst := checkHeld(held, 256)
+		if firstErr == nil {
+			firstErr = cfirst
+		}
+		hr := holdResult{n: n, errors: errs + cerrs, openTime: opened, firstErr: firstErr}
+		if len(held) > 0 {
+			hr.perConn = float64(rss-base) / float64(len(held))
+		}
+		if verbose {
+			fmt.Fprintf(os.Stderr, "hold %-24s %6d conns: %d errors, %.1f KiB/conn, opened in %s (first error: %v)\n",
+				name, n, hr.errors, hr.perConn/1024, opened.Round(time.Millisecond), firstErr)
+		}
+		out = append(out, hr)
+	}
+	return out
+}
