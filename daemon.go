@@ -42,9 +42,9 @@ import (
 // readiness on ReportFd. If any step fails it writes the error on ReportFd
 // instead. Afterwards a dropped tunnel is re-established with backoff
 // while the listener stays up; the state file records the status. Run
-// returns when ctx ends, ExitFd reaches EOF, or WatchPID exits; it then
-// stops accepting, closes live connections, closes the tunnel and removes
-// the state file if it is still this daemon's.
+// returns when ctx ends, ExitFd reaches EOF, or WatchPID exits (during
+// start-up too); it then stops accepting, closes live connections, closes
+// the tunnel and removes the state file if it is still this daemon's.
 type Daemon struct {
 	// Mode is ModeShared or ModePerJob. If empty, ModePerJob.
 	Mode Mode
@@ -160,16 +160,38 @@ func RunDaemon(sshDest string, port int, localOnly bool, reportFd int) error {
 // Run runs the daemon until ctx ends (or ExitFd, or WatchPID); see [Daemon].
 // It returns nil after a requested stop, and the start-up error (also
 // written to ReportFd) when it could not start.
+//
+// ReportFd and ExitFd are marked close-on-exec first thing, before any ssh
+// child starts: a child holding a copy of the report pipe would keep the
+// parent from seeing EOF, and one holding the exit pipe would keep the
+// daemon from seeing it. The exit pipe and WatchPID are watched from the
+// start too: a parent that gives up (or dies) while the tunnel is still
+// being established stops the daemon at once, not after a fallback chain
+// that can take minutes.
 func (d *Daemon) Run(ctx context.Context) error {
 	log := d.Logger
 	if log == nil {
 		log = discardLogger
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	for _, fd := range []int{d.ReportFd, d.ExitFd} {
+		if fd > 0 {
+			if err := PrepareDaemonFds(fd); err != nil {
+				log.Warn("inherited fd unusable", "fd", fd, "err", err)
+			}
+		}
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	d.watchStops(ctx, cancel, log)
 
 	ready, err := d.start(ctx, log)
 	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
+			log.Info("stopping before ready: " + cause.Error())
+			err = fmt.Errorf("hpcproxy: daemon stopped before it was ready: %w", cause)
+			_ = ReportError(d.ReportFd, err) // the parent is most likely gone
+			return nil
+		}
 		if rerr := ReportError(d.ReportFd, err); rerr != nil {
 			log.Warn("could not report start-up error to parent", "err", rerr)
 		}
@@ -185,15 +207,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.OnReady(ready.ln.Addr())
 	}
 
-	exitCh, err := WatchExitFd(ctx, d.ExitFd)
-	if err != nil {
-		log.Warn("exit fd not watched", "err", err)
-		exitCh = nil
-	}
-	var pidCh <-chan struct{}
-	if d.WatchPID > 0 {
-		pidCh = WatchPID(ctx, d.WatchPID, 0)
-	}
 	interval := d.StatsInterval
 	if interval <= 0 {
 		interval = 10 * time.Second
@@ -203,13 +216,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			log.Info("stopping: signalled")
-			return nil
-		case <-exitCh:
-			log.Info("stopping: exit pipe closed")
-			return nil
-		case <-pidCh:
-			log.Info("stopping: watched process exited", "pid", d.WatchPID)
+			if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
+				log.Info("stopping: " + cause.Error())
+			} else {
+				log.Info("stopping: signalled")
+			}
 			return nil
 		case err := <-ready.serveErr:
 			log.Error("listener failed", "err", err)
@@ -220,6 +231,43 @@ func (d *Daemon) Run(ctx context.Context) error {
 			ready.refreshStats(log, true)
 		}
 	}
+}
+
+// errStopRequested is the cancel cause when the exit pipe closes or the
+// watched process exits.
+var errStopRequested = errors.New("stop requested")
+
+// watchStops cancels ctx, with a cause wrapping errStopRequested, when
+// ExitFd reaches EOF or WatchPID exits. The watches end with ctx.
+func (d *Daemon) watchStops(ctx context.Context, cancel context.CancelCauseFunc, log *slog.Logger) {
+	var exitCh, pidCh <-chan struct{}
+	if d.ExitFd > 0 {
+		ch, err := WatchExitFd(ctx, d.ExitFd)
+		if err != nil {
+			log.Warn("exit fd not watched", "err", err)
+		} else {
+			exitCh = ch
+		}
+	}
+	if d.WatchPID > 0 {
+		pidCh = WatchPID(ctx, d.WatchPID, 0)
+	}
+	if exitCh == nil && pidCh == nil {
+		return
+	}
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-exitCh:
+			if ctx.Err() == nil {
+				cancel(fmt.Errorf("%w: exit pipe closed", errStopRequested))
+			}
+		case <-pidCh:
+			if ctx.Err() == nil {
+				cancel(fmt.Errorf("%w: watched process %d exited", errStopRequested, d.WatchPID))
+			}
+		}
+	}()
 }
 
 func (d *Daemon) mode() Mode {

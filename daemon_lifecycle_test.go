@@ -1,0 +1,169 @@
+package hpcproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
+)
+
+func init() {
+	helpers["daemon"] = daemonProcessHelper
+}
+
+// daemonProcessHelper is a real Daemon in a process of its own, as
+// StartDaemon starts one: the fds it inherited, SIGTERM to stop. Without
+// HELPER_VIA it is a shared daemon relaying directly; with it a per-job
+// daemon tunnelling through HELPER_VIA (HELPER_SSH_CONFIG, HELPER_METHODS).
+// Its state file is HELPER_STATE.
+func daemonProcessHelper() int {
+	fds := InheritedDaemonFds()
+	d := &Daemon{
+		Mode:       ModeShared,
+		ListenHost: "127.0.0.1",
+		StatePath:  os.Getenv("HELPER_STATE"),
+		ReportFd:   fds.Report,
+		ExitFd:     fds.Exit,
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+	if via := os.Getenv("HELPER_VIA"); via != "" {
+		d.Mode = ModePerJob
+		d.Tunnel = TunnelConfig{Destination: via, SSHConfigFile: os.Getenv("HELPER_SSH_CONFIG")}
+		if m := os.Getenv("HELPER_METHODS"); m != "" {
+			var ms Methods
+			if err := ms.Set(m); err != nil {
+				_ = ReportError(fds.Report, err)
+				return 1
+			}
+			d.Tunnel.Methods = ms
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if err := d.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Fprintln(os.Stderr, "daemon helper: clean exit")
+	return 0
+}
+
+// startDaemonProcess starts daemonProcessHelper with StartDaemon and
+// returns it with its state file, once it is ready.
+func startDaemonProcess(t *testing.T, exitPipe bool, env ...string) (*DaemonProcess, string) {
+	t.Helper()
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	d, err := StartDaemon(context.Background(), DaemonOptions{
+		Cmd:      helperCommand("daemon", append(env, "HELPER_STATE="+state)...),
+		LogFile:  LogFilePath(state),
+		Timeout:  60 * time.Second,
+		ExitPipe: exitPipe,
+	})
+	require.NoError(t, err, "StartDaemon")
+	t.Cleanup(func() {
+		_ = d.Stop(2 * time.Second)
+		if t.Failed() {
+			b, _ := os.ReadFile(d.LogFile())
+			t.Logf("daemon log:\n%s", b)
+		}
+	})
+	ps, err := ReadPidFileAt(state)
+	require.NoError(t, err, "state file of a ready daemon")
+	require.Equal(t, d.PID(), ps.PID)
+	require.Equal(t, StatusUp, ps.Status)
+	return d, state
+}
+
+// waitExit waits up to 10s for d to exit and returns its exit error.
+func waitExit(t *testing.T, d *DaemonProcess, why string) error {
+	t.Helper()
+	select {
+	case <-d.Done():
+		return d.Wait()
+	case <-time.After(10 * time.Second):
+		t.Fatalf("daemon still running 10s after %s", why)
+		return nil
+	}
+}
+
+// TestDaemonProcessExitPipe runs the real Daemon in a process of its own
+// with an exit pipe: closing the pipe stops it cleanly and its state file
+// goes with it.
+func TestDaemonProcessExitPipe(t *testing.T) {
+	d, state := startDaemonProcess(t, true)
+	select {
+	case <-d.Done():
+		t.Fatal("daemon exited with its exit pipe still open")
+	case <-time.After(200 * time.Millisecond):
+	}
+	require.NoError(t, d.CloseExit())
+	require.NoError(t, waitExit(t, d, "its exit pipe closed"), "exit status")
+	_, err := os.Stat(state)
+	assert.True(t, errors.Is(err, os.ErrNotExist), "state file left behind: %v", err)
+	b, _ := os.ReadFile(d.LogFile())
+	assert.Contains(t, string(b), "exit pipe closed")
+}
+
+// sshWrapper returns an ssh client program like a site's wrapper script:
+// it runs ssh as its child instead of exec'ing it, so it holds every
+// descriptor it inherited for as long as ssh runs (ssh itself closes
+// them).
+func sshWrapper(t *testing.T) string {
+	t.Helper()
+	realSSH := testenv.LookPath(t, "ssh")
+	bin := filepath.Join(t.TempDir(), "ssh-wrapper")
+	script := `#!/bin/sh
+` + realSSH + ` "$@" &
+pid=$!
+trap 'kill -TERM $pid' TERM INT
+wait $pid
+st=$?
+[ $st -gt 128 ] && wait $pid
+exit $st
+`
+	require.NoError(t, os.WriteFile(bin, []byte(script), 0o700))
+	return bin
+}
+
+// TestDaemonReportFdNotInherited gives the daemon a report fd that is not
+// close-on-exec, as a daemon given --report-fd inherits it, and a tunnel
+// that keeps an ssh child (through a wrapper that holds its descriptors)
+// running: the parent still sees EOF on the pipe once the daemon is
+// ready, because the child did not inherit it.
+func TestDaemonReportFdNotInherited(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := runTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
+			Methods: []Method{MethodSOCKSUnix}, SSHBinary: sshWrapper(t),
+		},
+		StatePath: statePath,
+	})
+	select {
+	case msg := <-r.report:
+		require.Equal(t, readyLine, msg)
+	case <-r.exited:
+		t.Fatalf("daemon exited: %v", r.err)
+	case <-time.After(20 * time.Second):
+		st, _ := ReadPidFileAt(statePath)
+		t.Fatalf("no EOF on the report pipe within 20s (state %+v): the ssh child holds it", st)
+	}
+	st, err := ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, StatusUp, st.Status)
+	assert.Equal(t, "socks-unix", st.Method, "an ssh child runs")
+}
