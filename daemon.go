@@ -37,8 +37,9 @@ import (
 // # Lifecycle
 //
 // Run claims the state file (failing with an *[AlreadyRunningError] if a
-// proxy already serves this scope), binds the listener, brings the tunnel
-// up through the method chain, writes the state file and only then reports
+// proxy already serves this scope), binds the listener and records its
+// port (status "starting"), brings the tunnel up through the method chain
+// and starts the forwards, records status "up" and only then reports
 // readiness on ReportFd. If any step fails it writes the error on ReportFd
 // instead. Afterwards a dropped tunnel is re-established with backoff
 // while the listener stays up; the state file records the status. Run
@@ -287,6 +288,7 @@ type running struct {
 	serveWG  sync.WaitGroup
 
 	mu        sync.Mutex // serialises state-file writes
+	ready     bool       // readiness recorded in the state file; under mu
 	lastStats ServerStats
 	lastFwd   []ForwardInfo
 
@@ -359,6 +361,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		return nil, fmt.Errorf("hpcproxy: listen: %w", err)
 	}
 	port := r.ln.Addr().(*net.TCPAddr).Port
+	// The bound port at once, still "starting": a status or stop that reads
+	// the file meanwhile finds a daemon that is alive, not a stale one.
+	if err := r.update(func(st *ProxyState) { st.Port = port }); err != nil {
+		return nil, err
+	}
 
 	r.sup, err = SuperviseTunnel(ctx, SupervisorConfig{
 		Tunnel:     tcfg,
@@ -387,10 +394,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		return nil, err
 	}
 
-	ts := r.sup.State()
 	if err := r.update(func(st *ProxyState) {
-		st.Port = port
-		st.Method, st.Status, st.Reconnects = ts.Method.String(), StatusUp, ts.Reconnects
+		// Ready: from now on recordTunnel writes every tunnel change. The
+		// tunnel may have dropped during start-up already.
+		r.ready = true
+		applyTunnel(st, r.sup.State())
 	}); err != nil {
 		return nil, err
 	}
@@ -446,25 +454,36 @@ func (r *running) forwardInfos() []ForwardInfo {
 	return out
 }
 
-// recordTunnel writes a tunnel state change to the state file.
+// recordTunnel writes a tunnel state change to the state file. Before the
+// daemon is ready the status stays "starting" (start writes the tunnel's
+// status once it is ready); only the method and counters are recorded.
 func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
 	if ts.Status != TunnelUp && ts.Status != TunnelReconnecting {
 		return // closed: the state file is about to go
 	}
 	err := r.update(func(st *ProxyState) {
-		if ts.Status == TunnelUp {
-			st.Status, st.LastError = StatusUp, ""
-		} else {
-			st.Status = StatusReconnecting
-			if ts.LastError != nil {
-				st.LastError = ts.LastError.Error()
-			}
+		if !r.ready {
+			st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+			return
 		}
-		st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+		applyTunnel(st, ts)
 	})
 	if err != nil {
 		log.Warn("state file not updated", "err", err)
 	}
+}
+
+// applyTunnel sets the tunnel fields of st from ts.
+func applyTunnel(st *ProxyState, ts TunnelState) {
+	if ts.Status == TunnelUp {
+		st.Status, st.LastError = StatusUp, ""
+	} else {
+		st.Status = StatusReconnecting
+		if ts.LastError != nil {
+			st.LastError = ts.LastError.Error()
+		}
+	}
+	st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
 }
 
 // refreshStats writes the server's and the forwards' counters to the

@@ -116,6 +116,77 @@ func TestDaemonProcessExitPipe(t *testing.T) {
 	assert.Contains(t, string(b), "exit pipe closed")
 }
 
+// pipeFd returns the read end of a new pipe as a bare descriptor (as a
+// daemon inherits it, owned by no *os.File) and the write end.
+func pipeFd(t *testing.T) (int, *os.File) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	fd, err := syscall.Dup(int(r.Fd()))
+	r.Close()
+	require.NoError(t, err)
+	t.Cleanup(func() { w.Close() })
+	return fd, w
+}
+
+// TestDaemonStartingState holds a daemon between its tunnel coming up and
+// readiness: its expose waits for a login node that never answers the
+// tcpip-forward request. Meanwhile the state file already names the bound
+// port and says "starting", so status and stop find a live daemon rather
+// than a stale one. Closing the exit pipe then stops the daemon at once,
+// before it was ever ready, and its state file goes.
+func TestDaemonStartingState(t *testing.T) {
+	srv := sshtest.StartServer(t)
+	srv.StallGlobalRequests(true)
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	exitFd, exitW := pipeFd(t)
+	r := runTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: srv.SSHConfigFile,
+			Methods: []Method{MethodGoSSH}, KeepaliveInterval: -1,
+		},
+		StatePath: statePath,
+		Exposes:   []ExposeSpec{{Local: "127.0.0.1:9"}},
+		ExitFd:    exitFd,
+	})
+
+	// The tunnel is up (its method is recorded); the expose hangs.
+	var st *ProxyState
+	require.Eventually(t, func() bool {
+		var err error
+		st, err = ReadPidFileAt(statePath)
+		return err == nil && st.Method == "gossh"
+	}, 20*time.Second, 10*time.Millisecond, "the tunnel never came up")
+	assert.Equal(t, StatusStarting, st.Status, "not ready yet")
+	require.NotZero(t, st.Port, "the bound port is recorded before readiness")
+	assert.True(t, ProxyAlive("127.0.0.1", st.Port), "the recorded port is the listener's")
+	assert.Equal(t, VerdictAlive, CheckState(st))
+	v, err := RemoveStaleState(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, VerdictAlive, v)
+	_, err = os.Stat(statePath)
+	require.NoError(t, err, "a starting daemon's state file was removed as stale")
+	select {
+	case msg := <-r.report:
+		t.Fatalf("reported %q before the expose was up", msg)
+	default:
+	}
+
+	start := time.Now()
+	require.NoError(t, exitW.Close())
+	select {
+	case <-r.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon still starting 10s after its exit pipe closed")
+	}
+	assert.Less(t, time.Since(start), 5*time.Second)
+	assert.NoError(t, r.err, "a requested stop is not an error")
+	assert.Contains(t, <-r.report, "stopped before it was ready")
+	_, err = os.Stat(statePath)
+	assert.True(t, errors.Is(err, os.ErrNotExist), "state file left behind: %v", err)
+}
+
 // sshWrapper returns an ssh client program like a site's wrapper script:
 // it runs ssh as its child instead of exec'ing it, so it holds every
 // descriptor it inherited for as long as ssh runs (ssh itself closes

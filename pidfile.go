@@ -68,8 +68,10 @@ type Status string
 
 // Daemon statuses.
 const (
-	// StatusStarting: the state file is claimed, the listener or the
-	// tunnel is not up yet.
+	// StatusStarting: the state file is claimed and the daemon is not
+	// ready yet. Port is 0 (or the requested port) until the listener is
+	// bound, then the bound port, while the tunnel and the forwards come
+	// up.
 	StatusStarting Status = "starting"
 	// StatusUp: listening, tunnel up.
 	StatusUp Status = "up"
