@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -209,6 +210,84 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	_, err = st.Dial(context.Background(), "tcp", "127.0.0.1:1")
 	require.ErrorIs(t, err, ErrTunnelDown)
 	require.NoError(t, st.Close(), "Close is idempotent")
+}
+
+// chainScript starts tunnel methods for establishChain: a method in
+// failing fails, any other comes up as a droppable tunnel.
+type chainScript struct {
+	mu      sync.Mutex
+	failing map[Method]bool
+	tunnels []*droppableTunnel
+}
+
+func (s *chainScript) start(_ context.Context, _ *TunnelConfig, m Method) (tunnelImpl, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.failing[m] {
+		return nil, fmt.Errorf("%s refused", m)
+	}
+	dt := &droppableTunnel{directTunnel: directTunnel{done: make(chan struct{})}}
+	s.tunnels = append(s.tunnels, dt)
+	return dt, nil
+}
+
+func (s *chainScript) set(m Method, failing bool) {
+	s.mu.Lock()
+	s.failing[m] = failing
+	s.mu.Unlock()
+}
+
+func (s *chainScript) last() *droppableTunnel {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tunnels[len(s.tunnels)-1]
+}
+
+// TestSupervisorReconnectFallsThroughChain drops a gossh tunnel while
+// gossh cannot come back: the supervisor goes down the method chain and
+// reconnects with controlmaster. On the next drop it starts from the top of
+// the chain again, and gossh carries the tunnel once more.
+func TestSupervisorReconnectFallsThroughChain(t *testing.T) {
+	cs := &chainScript{failing: map[Method]bool{}}
+	ups := make(chan Method, 16)
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		Tunnel: TunnelConfig{Destination: "login1", Methods: []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix}},
+		establish: func(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+			return establishChain(ctx, cfg, cs.start)
+		},
+		MinBackoff: 10 * time.Millisecond,
+		OnChange: func(s TunnelState, tun *Tunnel) {
+			if s.Status == TunnelUp {
+				ups <- tun.Method()
+			}
+		},
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	require.Equal(t, MethodGoSSH, <-ups)
+
+	cs.set(MethodGoSSH, true) // the agent went away, say
+	cs.last().drop(errors.New("keepalive timeout"))
+	select {
+	case m := <-ups:
+		assert.Equal(t, MethodControlMaster, m, "the reconnect falls through to the next method")
+	case <-time.After(5 * time.Second):
+		t.Fatal("no reconnect within 5s")
+	}
+	state := st.State()
+	assert.Equal(t, MethodControlMaster, state.Method)
+	assert.Equal(t, 1, state.Reconnects)
+	assert.ErrorContains(t, state.LastError, "keepalive timeout")
+
+	cs.set(MethodGoSSH, false)
+	cs.last().drop(errors.New("link down"))
+	select {
+	case m := <-ups:
+		assert.Equal(t, MethodGoSSH, m, "each reconnect starts from the top of the chain")
+	case <-time.After(5 * time.Second):
+		t.Fatal("no second reconnect within 5s")
+	}
+	assert.Equal(t, 2, st.State().Reconnects)
 }
 
 // TestSupervisorSSHDRestart stops the real sshd under a gossh tunnel: the

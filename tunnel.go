@@ -342,6 +342,12 @@ func (t *Tunnel) Method() Method { return t.method }
 // method is further bounded by the connect timeout. If every method fails,
 // the error is a *[TunnelError] naming each method's reason.
 func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	return establishChain(ctx, cfg, startMethod)
+}
+
+// establishChain is EstablishTunnel with the start of one method replaced,
+// for tests of the chain.
+func establishChain(ctx context.Context, cfg TunnelConfig, start func(context.Context, *TunnelConfig, Method) (tunnelImpl, error)) (*Tunnel, error) {
 	methods := cfg.Methods
 	if len(methods) == 0 {
 		methods = DefaultMethods
@@ -353,7 +359,7 @@ func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
 			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
 			break
 		}
-		impl, err := startMethod(ctx, &cfg, m)
+		impl, err := start(ctx, &cfg, m)
 		if err != nil {
 			log.Debug("tunnel method failed", "method", m, "dest", cfg.Destination, "err", err)
 			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
