@@ -2,6 +2,8 @@ package hpcproxy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,8 +11,10 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -33,6 +37,19 @@ import (
 // its owner: a client presenting the token, or a loopback client whose
 // socket belongs to the same UID ([SameUserConn]). It lives until the job
 // ends (see WatchPID) or it is stopped.
+//
+// # Sockets
+//
+// The ssh-based tunnel methods keep unix sockets (an OpenSSH control
+// socket, `ssh -D`'s SOCKS socket, reverse forwards' sockets). Unless
+// Tunnel.RuntimeDir says otherwise, the daemon keeps them in a private
+// directory of its own (mode 0700), created at start, emptied of a killed
+// predecessor's leftovers and removed at exit: in per-job mode beside the
+// state file (proxy-JOBID.run for proxy-JOBID.json), in shared mode in
+// the node-local tmp dir (the shared state dir is usually NFS), and in
+// /tmp/hpcproxy-UID where either path would be too long for a unix
+// socket. $TMPDIR counts only if it exists: a scheduler may pass it on
+// from the submitting host although the node has no such directory.
 //
 // # Lifecycle
 //
@@ -292,6 +309,7 @@ type running struct {
 	lastStats ServerStats
 	lastFwd   []ForwardInfo
 
+	runDir   string // the tunnel's sockets; ours to remove
 	locals   []*LocalForward
 	reverses []*ReverseForward
 	rebound  chan struct{} // a reverse forward was (re)bound
@@ -351,6 +369,13 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 			r.shutdown(log)
 		}
 	}()
+	if tcfg.Destination != "" && tcfg.RuntimeDir == "" {
+		dir := daemonRuntimeDir(mode, statePath)
+		if err := prepareRuntimeDir(dir); err != nil {
+			return nil, err
+		}
+		r.runDir, tcfg.RuntimeDir = dir, dir
+	}
 
 	host := d.ListenHost
 	if host == "" && mode == ModePerJob {
@@ -545,9 +570,52 @@ func (r *running) shutdown(log *slog.Logger) {
 	if r.sup != nil {
 		_ = r.sup.Close()
 	}
+	if r.runDir != "" {
+		if err := os.RemoveAll(r.runDir); err != nil {
+			log.Warn("runtime dir not removed", "err", err)
+		}
+	}
 	if err := r.claim.Release(); err != nil {
 		log.Warn("state file not released", "err", err)
 	}
+}
+
+// daemonRuntimeDir returns the private directory in which a daemon of
+// mode with the state file statePath keeps its tunnel's sockets: in
+// per-job mode the state file's name with ".run" for ".json" (beside it,
+// node-local like the state file), in shared mode
+// LocalStateDir()/shared-HASH.run (node-local, while the state file is
+// usually on NFS), HASH naming the state file. Where that would be too
+// long for unix socket paths (sun_path holds 108 bytes), it is
+// /tmp/hpcproxy-UID/HASH.run.
+func daemonRuntimeDir(mode Mode, statePath string) string {
+	abs, err := filepath.Abs(statePath)
+	if err != nil {
+		abs = statePath
+	}
+	sum := sha256.Sum256([]byte(abs))
+	hash := hex.EncodeToString(sum[:4])
+	dir := strings.TrimSuffix(statePath, ".json") + ".run"
+	if mode == ModeShared {
+		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
+	}
+	if len(dir) > maxRuntimeDir {
+		dir = filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), hash+".run")
+	}
+	return dir
+}
+
+// prepareRuntimeDir makes dir a fresh private directory in a private
+// parent. The caller holds the state file's claim, so no daemon of the
+// same scope runs: whatever is in dir was left by one that was killed.
+func prepareRuntimeDir(dir string) error {
+	if err := EnsurePrivateDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("hpcproxy: runtime dir: %w", err)
+	}
+	return EnsurePrivateDir(dir)
 }
 
 // allowNetworks returns an AllowClient hook admitting loopback and the

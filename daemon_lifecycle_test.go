@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -237,4 +239,81 @@ func TestDaemonReportFdNotInherited(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, StatusUp, st.Status)
 	assert.Equal(t, "socks-unix", st.Method, "an ssh child runs")
+}
+
+func TestDaemonRuntimeDirPaths(t *testing.T) {
+	uidDir := "/tmp/hpcproxy-" + strconv.Itoa(os.Getuid())
+	long := "/scratch/" + strings.Repeat("x", 60) + "/proxy-7.json"
+	for _, tc := range []struct {
+		name, state string
+		mode        Mode
+		wantPrefix  string
+	}{
+		{"per-job beside the state file", "/tmp/hpcproxy-1000/proxy-7.json", ModePerJob, "/tmp/hpcproxy-1000/proxy-7.run"},
+		{"shared node-local", "/home/u/.local/share/hpcproxy/proxy.json", ModeShared, filepath.Join(LocalStateDir(), "shared-")},
+		{"too long", long, ModePerJob, uidDir + "/"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := daemonRuntimeDir(tc.mode, tc.state)
+			assert.True(t, strings.HasPrefix(got, tc.wantPrefix), "got %s, want %s...", got, tc.wantPrefix)
+			assert.LessOrEqual(t, len(got), maxRuntimeDir, "%s too long for sockets", got)
+			assert.Equal(t, got, daemonRuntimeDir(tc.mode, tc.state), "stable")
+		})
+	}
+	assert.NotEqual(t, daemonRuntimeDir(ModeShared, "/a/proxy.json"), daemonRuntimeDir(ModeShared, "/b/proxy.json"),
+		"two shared daemons with different state files share no socket dir")
+}
+
+// TestDaemonSocketsBesideState runs per-job daemons whose tunnel methods
+// keep unix sockets, in a job whose TMPDIR does not exist on the node (as
+// Slurm passes the submitter's on): the sockets live in a private
+// directory beside the state file (or under /tmp/hpcproxy-UID when that
+// path would be too long for a socket), which goes when the daemon stops.
+func TestDaemonSocketsBesideState(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	web := startWebServer(t)
+	for _, tc := range []struct {
+		name   string
+		method Method
+		long   bool
+	}{
+		{"socks-unix", MethodSOCKSUnix, false},
+		{"controlmaster", MethodControlMaster, false},
+		{"socks-unix long state path", MethodSOCKSUnix, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := sshtest.PrivateTempDir(t)
+			if tc.long {
+				dir = filepath.Join(dir, strings.Repeat("d", 70))
+			}
+			statePath := filepath.Join(dir, "proxy-42.json")
+			runDir := daemonRuntimeDir(ModePerJob, statePath)
+			if tc.long {
+				require.True(t, strings.HasPrefix(runDir, "/tmp/hpcproxy-"), "fallback %s", runDir)
+			} else {
+				require.Equal(t, filepath.Join(dir, "proxy-42.run"), runDir)
+			}
+			t.Setenv("TMPDIR", "/nonexistent/submit-host-tmp")
+			r := startTestDaemon(t, &Daemon{
+				Mode: ModePerJob,
+				Tunnel: TunnelConfig{
+					Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
+					Methods: []Method{tc.method},
+				},
+				StatePath: statePath,
+			})
+			code, _ := getVia(t, "http://"+r.addr, web.URL+"/x")
+			assert.Equal(t, 200, code)
+			fi, err := os.Stat(runDir)
+			require.NoError(t, err, "runtime dir")
+			assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
+			socks, _ := filepath.Glob(filepath.Join(runDir, "*.sock"))
+			assert.Len(t, socks, 1, "the tunnel's socket is in the runtime dir")
+
+			r.stop(t)
+			require.NoError(t, r.err)
+			_, err = os.Stat(runDir)
+			assert.True(t, errors.Is(err, os.ErrNotExist), "runtime dir left behind: %v", err)
+		})
+	}
 }

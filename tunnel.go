@@ -218,10 +218,13 @@ type TunnelConfig struct {
 	// is looked up in PATH.
 	SSHBinary string
 
-	// RuntimeDir optionally specifies a directory for control and SOCKS
-	// sockets. It must be owned by the user and not accessible to others.
-	// If empty, a private directory is created under os.TempDir() and
-	// removed when the tunnel closes.
+	// RuntimeDir optionally specifies a directory for control, SOCKS and
+	// reverse-forward sockets. It must be owned by the user and not
+	// accessible to others, and short enough for unix socket paths (about
+	// 60 bytes). If empty, a private directory is created in the node-local
+	// tmp dir ([NodeTmpDir], or /tmp where that path would be too long) and
+	// removed when the tunnel closes. A [Daemon] sets it to a directory
+	// beside its state file.
 	RuntimeDir string
 
 	// Logger optionally receives the tunnel's diagnostics. If nil, nothing
