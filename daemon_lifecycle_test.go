@@ -317,3 +317,35 @@ func TestDaemonSocketsBesideState(t *testing.T) {
 		})
 	}
 }
+
+// TestDaemonLeavesTakenOverState: while a daemon runs, another daemon
+// writes its own state over the file (NFS without working locks, or the
+// file and its lock deleted). The first neither overwrites it with its
+// counters nor removes it when it stops.
+func TestDaemonLeavesTakenOverState(t *testing.T) {
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := startTestDaemon(t, &Daemon{
+		Mode: ModeShared, ListenHost: "127.0.0.1", StatePath: statePath, StatsInterval: 20 * time.Millisecond,
+	})
+	ours, err := ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	theirs := ProxyState{Host: "login2", PID: 4242, Port: 2000, Mode: ModeShared, Status: StatusUp, Started: time.Now().UTC()}
+	require.NoError(t, WritePidFileAt(statePath, theirs))
+	before, err := os.ReadFile(statePath)
+	require.NoError(t, err)
+
+	// Traffic changes the counters, which the daemon would write.
+	web := startWebServer(t)
+	code, _ := getVia(t, ours.URL("http"), web.URL+"/")
+	require.Equal(t, 200, code)
+	time.Sleep(200 * time.Millisecond) // ten stats intervals
+	after, err := os.ReadFile(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, string(before), string(after), "the daemon overwrote another daemon's state")
+
+	r.stop(t)
+	require.NoError(t, r.err)
+	after, err = os.ReadFile(statePath)
+	require.NoError(t, err, "the daemon removed another daemon's state file")
+	assert.Equal(t, string(before), string(after))
+}

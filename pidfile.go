@@ -485,10 +485,16 @@ func RemoveStaleState(path string) (StateVerdict, error) {
 // ps (a new daemon may have replaced it meanwhile).
 func removeIfUnchanged(path string, ps *ProxyState) {
 	cur, err := ReadPidFileAt(path)
-	if err != nil || cur.PID != ps.PID || cur.Host != ps.Host || !cur.Started.Equal(ps.Started) {
+	if err != nil || !sameDaemon(cur, ps) {
 		return
 	}
 	_ = os.Remove(path)
+}
+
+// sameDaemon reports whether two states describe the same daemon: same
+// host, pid and start time.
+func sameDaemon(a, b *ProxyState) bool {
+	return a.PID == b.PID && a.Host == b.Host && a.Started.Equal(b.Started)
 }
 
 // EnsurePrivateDir creates dir with mode 0700 (and missing parents with
@@ -802,14 +808,25 @@ func (c *StateClaim) State() ProxyState {
 	return c.last
 }
 
+// ErrStateTakenOver is wrapped by StateClaim.Update when the state file
+// now describes another daemon (one on another host sharing the state dir
+// over NFS without working locks, or one started after the file and its
+// lock were deleted): the claim never overwrites it, and Release leaves it.
+var ErrStateTakenOver = errors.New("hpcproxy: state file taken over by another daemon")
+
 // Update atomically rewrites the state file with ps (Host and PID are
 // kept as claimed; StatusSince is set when Status changes and ps leaves it
-// unset). It fails after Release.
+// unset). It fails after Release, and with an error wrapping
+// ErrStateTakenOver, writing nothing, if the file now describes another
+// daemon. A missing file is written again.
 func (c *StateClaim) Update(ps ProxyState) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.lock == nil {
 		return errors.New("hpcproxy: state claim released")
+	}
+	if cur, err := ReadPidFileAt(c.path); err == nil && !sameDaemon(cur, &c.last) {
+		return fmt.Errorf("%w: %s now names pid %d on %s", ErrStateTakenOver, c.path, cur.PID, cur.Host)
 	}
 	ps.Host, ps.PID = c.last.Host, c.last.PID
 	if ps.Started.IsZero() {
