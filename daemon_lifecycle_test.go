@@ -318,6 +318,49 @@ func TestDaemonSocketsBesideState(t *testing.T) {
 	}
 }
 
+// processGone reports whether pid has exited (no process, or a zombie).
+func processGone(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] == 'Z'
+}
+
+// TestDaemonProcessSIGTERM stops a real daemon process whose tunnel runs an
+// ssh child and keeps sockets (controlmaster, socks-unix) with SIGTERM: it
+// exits cleanly, its ssh child is gone, and so are its state file and its
+// runtime socket dir.
+func TestDaemonProcessSIGTERM(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	for _, method := range []string{"controlmaster", "socks-unix"} {
+		t.Run(method, func(t *testing.T) {
+			d, state := startDaemonProcess(t, false,
+				"HELPER_VIA=sshtest", "HELPER_SSH_CONFIG="+sshd.SSHConfigFile, "HELPER_METHODS="+method)
+			ps, err := ReadPidFileAt(state)
+			require.NoError(t, err)
+			require.Equal(t, method, ps.Method)
+			runDir := daemonRuntimeDir(ModePerJob, state)
+			socks, _ := filepath.Glob(filepath.Join(runDir, "*.sock"))
+			require.Len(t, socks, 1, "the tunnel's socket in %s", runDir)
+			children := sshtest.Descendants(d.PID())
+			require.NotEmpty(t, children, "an ssh child runs")
+
+			require.NoError(t, syscall.Kill(d.PID(), syscall.SIGTERM))
+			require.NoError(t, waitExit(t, d, "SIGTERM"), "exit status after SIGTERM")
+			for _, pid := range children {
+				assert.True(t, processGone(pid), "child %d outlived the daemon", pid)
+			}
+			_, err = os.Stat(state)
+			assert.True(t, errors.Is(err, os.ErrNotExist), "state file left behind: %v", err)
+			_, err = os.Stat(runDir)
+			assert.True(t, errors.Is(err, os.ErrNotExist), "runtime dir left behind: %v", err)
+		})
+	}
+}
+
 // TestDaemonLeavesTakenOverState: while a daemon runs, another daemon
 // writes its own state over the file (NFS without working locks, or the
 // file and its lock deleted). The first neither overwrites it with its
