@@ -80,6 +80,15 @@ type Daemon struct {
 	// interfaces) in shared mode, "127.0.0.1" in per-job mode.
 	ListenHost string
 
+	// AdvertiseHost optionally names the host clients should dial,
+	// recorded in the state file (ProxyState.AdvertiseHost) for
+	// FindActiveProxy and ProxyEnvList: for a shared proxy, the login
+	// node's name or address on the cluster network when its host name
+	// does not resolve (or resolves to another interface) on the compute
+	// nodes. If empty, clients dial 127.0.0.1 for a per-job proxy and the
+	// daemon's host name for a shared one.
+	AdvertiseHost string
+
 	// StatePath optionally specifies the state file. If empty,
 	// PidFilePath() in shared mode and LocalPidFilePath() in per-job mode.
 	StatePath string
@@ -350,11 +359,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	}
 	job := DetectJob()
 	initial := ProxyState{
-		Via:         tcfg.Destination,
-		Port:        d.Port,
-		Mode:        mode,
-		Credentials: creds,
-		LogFile:     LogFilePath(statePath),
+		Via:           tcfg.Destination,
+		Port:          d.Port,
+		Mode:          mode,
+		AdvertiseHost: d.AdvertiseHost,
+		Credentials:   creds,
+		LogFile:       LogFilePath(statePath),
 	}
 	if job.InJob {
 		initial.JobID, initial.Scheduler = job.JobID, string(job.Scheduler)

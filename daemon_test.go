@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -225,6 +226,21 @@ func TestDaemonSharedRequiresToken(t *testing.T) {
 	wc, err := d.Dial("tcp", strings.TrimPrefix(web.URL, "http://"))
 	require.NoError(t, err)
 	wc.Close()
+}
+
+// TestDaemonAdvertiseHost: a shared daemon told which host clients should
+// dial records it, and the URLs handed to clients use it.
+func TestDaemonAdvertiseHost(t *testing.T) {
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := startTestDaemon(t, &Daemon{Mode: ModeShared, ListenHost: "127.0.0.1", StatePath: statePath, AdvertiseHost: "localhost"})
+	st, err := ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, "localhost", st.AdvertiseHost)
+	assert.Equal(t, "localhost:"+strconv.Itoa(st.Port), r.addr)
+	assert.Contains(t, st.URL("http"), "@localhost:"+strconv.Itoa(st.Port))
+	web := startWebServer(t)
+	code, _ := getVia(t, st.URL("http"), web.URL+"/")
+	assert.Equal(t, 200, code)
 }
 
 func TestDaemonSecondStartReportsRunning(t *testing.T) {

@@ -187,6 +187,7 @@ type tunnelFlags struct {
 	sshOpts   multiString
 	acceptNew bool
 	allow     multiString
+	advertise string
 	timeout   time.Duration
 	watchPID  int
 	forwards  multiString
@@ -214,6 +215,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.Var(&t.exposes, "expose", "LOCAL[=REMOTE]: have the login node listen on REMOTE (PORT or HOST:PORT on its side, or a socket path; default: a free port on its 127.0.0.1) and connect to LOCAL (PORT or HOST:PORT here), like ssh -R; needs method gossh or controlmaster (repeatable)")
 	if a.Mode == hpcproxy.ModeShared {
 		f.Var(&t.allow, "allow", "client network allowed to connect, CIDR (repeatable; default: any client with the token)")
+		f.StringVar(&t.advertise, "advertise", "", "host name or address the compute nodes should dial, recorded in the state file (default: this node's host name)")
 	} else {
 		f.IntVar(&t.watchPID, "watch-pid", 0, "stop when this process exits (default: the job script, else the shell that ran start; -1: never)")
 	}
@@ -239,6 +241,9 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	}
 	for _, n := range t.allow {
 		args = append(args, "--allow", n)
+	}
+	if t.advertise != "" {
+		args = append(args, "--advertise", t.advertise)
 	}
 	if t.watchPID != 0 {
 		args = append(args, "--watch-pid", strconv.Itoa(t.watchPID))
@@ -395,12 +400,13 @@ func (a *App) daemon(args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(a.Stderr, &slog.HandlerOptions{Level: level}))
 	d := &hpcproxy.Daemon{
-		Mode:      a.Mode,
-		Port:      t.port,
-		StatePath: a.statePath(f),
-		ReportFd:  fds.Report,
-		ExitFd:    fds.Exit,
-		Logger:    log,
+		Mode:          a.Mode,
+		Port:          t.port,
+		AdvertiseHost: t.advertise,
+		StatePath:     a.statePath(f),
+		ReportFd:      fds.Report,
+		ExitFd:        fds.Exit,
+		Logger:        log,
 		Tunnel: hpcproxy.TunnelConfig{
 			Destination:   t.via,
 			Methods:       t.methods,

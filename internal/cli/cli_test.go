@@ -189,6 +189,31 @@ func TestCLIShared(t *testing.T) {
 	assert.Contains(t, r.stdout, ps.Credentials.Token, "env carries the token in the proxy URLs")
 }
 
+// TestCLISharedAdvertise: shared start --advertise HOST records the host
+// the compute nodes should dial; status and env use it.
+func TestCLISharedAdvertise(t *testing.T) {
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "shared", "", "start", "--state", state, "--advertise", "127.0.0.1")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { run(t, "shared", "", "stop", "--state", state) })
+	ps, err := hpcproxy.ReadPidFileAt(state)
+	require.NoError(t, err)
+	assert.Equal(t, "127.0.0.1", ps.AdvertiseHost)
+	addr := "127.0.0.1:" + strconv.Itoa(ps.Port)
+
+	r = run(t, "shared", "", "status", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "address:     "+addr+"\n")
+	r = run(t, "shared", "", "env", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "export http_proxy=http://hpcproxy:"+ps.Credentials.Token+"@"+addr+"\n")
+
+	r = run(t, "shared", "", "start", "--help")
+	assert.Contains(t, r.stdout, "-advertise")
+	r = run(t, "perjob", "", "start", "--advertise", "x")
+	assert.Equal(t, 2, r.code, "per-job proxies listen on 127.0.0.1: nothing to advertise")
+}
+
 func TestCLIErrors(t *testing.T) {
 	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
 
