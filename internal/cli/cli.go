@@ -558,13 +558,13 @@ func (a *App) envList(f *flags, noProxy []string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: noProxy}), nil
+	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...)}), nil
 }
 
 func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
-	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable)")
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -579,7 +579,7 @@ func (a *App) env(args []string) error {
 func (a *App) runCmd(args []string) error {
 	f := a.cmdFlags("run")
 	var noProxy multiString
-	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable)")
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
 	if err := f.parse(args); err != nil {
 		return err
 	}

@@ -1,0 +1,34 @@
+package cli
+
+import (
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+)
+
+// TestCLIEnvNoProxy: env and run honour HPCPROXY_NO_PROXY, as
+// ProxyEnvList does, and add --no-proxy entries to it.
+func TestCLIEnvNoProxy(t *testing.T) {
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "shared", "", "start", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { run(t, "shared", "", "stop", "--state", state) })
+	env := []string{hpcproxy.EnvNoProxy + "=cluster.example.edu, 10.0.0.0/8"}
+	const want = "localhost,127.0.0.1,127.0.0.0/8,::1,cluster.example.edu,10.0.0.0/8"
+
+	r = runEnv(t, "shared", env, "", "env", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "export no_proxy="+want+"\n")
+	assert.Contains(t, r.stdout, "export NO_PROXY="+want+"\n")
+	r = runEnv(t, "shared", env, "", "env", "--state", state, "--no-proxy", "hpc.internal")
+	assert.Contains(t, r.stdout, "export no_proxy="+want+",hpc.internal\n")
+
+	r = runEnv(t, "shared", env, "", "run", "--state", state, "--", "sh", "-c", `echo "$no_proxy|$NO_PROXY"`)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Equal(t, want+"|"+want+"\n", r.stdout)
+}
