@@ -311,7 +311,7 @@ func (a *App) start(args []string) error {
 			}
 			return nil
 		}
-		return fmt.Errorf("%w\nhint: check the login node with 'ssh %s true'; the log is %s", err, orDirect(t.via), hpcproxy.LogFilePath(state))
+		return fmt.Errorf("%w\nhint: %s; the log is %s", err, t.startHint(), hpcproxy.LogFilePath(state))
 	}
 	ps, _ := hpcproxy.ReadPidFileAt(state)
 	if f.verbose && ps != nil {
@@ -322,6 +322,19 @@ func (a *App) start(args []string) error {
 		printForwards(a.Stdout, ps, true)
 	}
 	return nil
+}
+
+// startHint says where to look when a daemon with these flags did not
+// start: the login node it tunnels through, or, relaying directly, this
+// node (a --port in use).
+func (t *tunnelFlags) startHint() string {
+	switch {
+	case t.via != "":
+		return "check the login node with 'ssh " + t.via + " true'"
+	case t.port != 0:
+		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
+	}
+	return "the proxy relays directly from this node: the cause is here"
 }
 
 // specs parses the --forward and --expose flags.

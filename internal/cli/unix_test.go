@@ -1,7 +1,9 @@
 package cli
 
 import (
+	"net"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -32,3 +34,20 @@ func TestCLIEnvNoProxy(t *testing.T) {
 	require.Equal(t, 0, r.code, r.stderr)
 	assert.Equal(t, want+"|"+want+"\n", r.stdout)
 }
+
+// TestCLIStartDirectHint: a shared proxy relaying directly that cannot
+// start is not blamed on a login node called "direct".
+func TestCLIStartDirectHint(t *testing.T) {
+	ln, err := net.Listen("tcp", "0.0.0.0:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "shared", "", "start", "--state", state, "--port", itoa(port))
+	assert.Equal(t, 1, r.code)
+	assert.Contains(t, r.stderr, "address already in use")
+	assert.Contains(t, r.stderr, "hint: the proxy relays directly from this node: is port "+itoa(port)+" in use here?")
+	assert.NotContains(t, r.stderr, "ssh direct")
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
