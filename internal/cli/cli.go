@@ -273,6 +273,16 @@ func (a *App) start(args []string) error {
 	if _, _, err := t.specs(); err != nil {
 		return err
 	}
+	// A running proxy first: a second start needs no login node to report
+	// it (outside a job, without --via or HPCPROXY_VIA, there is none).
+	state := a.statePath(f)
+	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
+		// Not an error: the proxy the user asked for is there.
+		if f.verbose {
+			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
+		}
+		return nil
+	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
 		if err != nil {
@@ -285,14 +295,6 @@ func (a *App) start(args []string) error {
 				t.watchPID = j.ScriptPID
 			}
 		}
-	}
-	state := a.statePath(f)
-	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
-		// Not an error: the proxy the user asked for is there.
-		if f.verbose {
-			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
-		}
-		return nil
 	}
 	exe, err := os.Executable()
 	if err != nil {

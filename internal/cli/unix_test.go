@@ -50,4 +50,19 @@ func TestCLIStartDirectHint(t *testing.T) {
 	assert.NotContains(t, r.stderr, "ssh direct")
 }
 
+// TestCLIPerJobSecondStartWithoutVia: outside a job, with neither --via nor
+// HPCPROXY_VIA, a second start reports the running proxy; it needs no
+// login node for that.
+func TestCLIPerJobSecondStartWithoutVia(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state, "--watch-pid", "-1")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", state) })
+
+	r = run(t, "perjob", "", "start", "--state", state, "-v")
+	assert.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "already running")
+}
+
 func itoa(n int) string { return strconv.Itoa(n) }
