@@ -304,6 +304,23 @@ func TestCheckStateReal(t *testing.T) {
 	assert.True(t, ProxyAlive("127.0.0.1", port))
 }
 
+// TestPIDAliveZombie: a process that has exited but is not reaped yet
+// answers kill -0, yet it is not alive, and its state file is stale.
+func TestPIDAliveZombie(t *testing.T) {
+	sleeper := exec.Command("sleep", "60")
+	require.NoError(t, sleeper.Start())
+	pid := sleeper.Process.Pid
+	defer sleeper.Wait()
+	assert.True(t, PIDAlive(pid))
+	require.NoError(t, sleeper.Process.Kill())
+	require.Eventually(t, func() bool { return !PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
+	require.NoError(t, syscall.Kill(pid, 0), "not reaped yet: kill -0 still succeeds")
+	assert.Equal(t, VerdictDeadPID, CheckState(&ProxyState{Host: thisHost(), PID: pid, Port: 1, Status: StatusUp}))
+	assert.True(t, PIDAlive(os.Getpid()))
+	assert.False(t, PIDAlive(0))
+	assert.False(t, PIDAlive(deadPID(t)))
+}
+
 func TestClaimStateFileConcurrent(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state", "proxy.json")
 	const n = 8

@@ -65,12 +65,17 @@ func (a *App) Main(args []string) int {
 	if a.Stdin == nil {
 		a.Stdin = os.Stdin
 	}
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	switch {
+	case len(args) == 0:
+		// A usage error: the usage goes to stderr, stdout stays clean.
+		a.usage(a.Stderr)
+		return 2
+	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || (args[0] == "help" && len(args) == 1):
 		a.usage(a.Stdout)
-		if len(args) == 0 {
-			return 2
-		}
 		return 0
+	case args[0] == "help":
+		// help CMD is CMD --help.
+		return a.Main([]string{args[1], "--help"})
 	}
 	for _, c := range a.commands() {
 		if c.name != args[0] {
@@ -89,7 +94,9 @@ func (a *App) Main(args []string) int {
 		if errors.As(err, &ee) {
 			return ee.code
 		}
-		fmt.Fprintf(a.Stderr, "%s %s: %v\n", a.Name, c.name, err)
+		// The library's errors say "hpcproxy: "; after "perjob start: " that
+		// says nothing more.
+		fmt.Fprintf(a.Stderr, "%s %s: %s\n", a.Name, c.name, strings.TrimPrefix(err.Error(), "hpcproxy: "))
 		return 1
 	}
 	fmt.Fprintf(a.Stderr, "%s: unknown command %q\nRun '%s --help' for the commands.\n", a.Name, args[0], a.Name)
@@ -487,7 +494,7 @@ func (a *App) stop(args []string) error {
 	path := a.statePath(f)
 	ps, err := hpcproxy.ReadPidFileAt(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("no proxy running (no %s)", path)
+		return fmt.Errorf("no proxy running (no %s)\nhint: %s", path, a.stopHint())
 	}
 	if err != nil {
 		return err
@@ -511,7 +518,16 @@ func (a *App) stop(args []string) error {
 	}
 	deadline := time.Now().Add(*wait)
 	for time.Now().Before(deadline) {
-		if syscall.Kill(ps.PID, 0) != nil {
+		// Stopped once its state file is gone (the daemon's last step) or
+		// the process has exited, zombies included: a parent that does not
+		// reap (an init in a container) must not make stop wait in vain.
+		cur, err := hpcproxy.ReadPidFileAt(path)
+		removed := errors.Is(err, os.ErrNotExist) || (err == nil && cur.PID != ps.PID)
+		if removed || !hpcproxy.PIDAlive(ps.PID) {
+			if !removed {
+				// It died without cleaning up.
+				_, _ = hpcproxy.RemoveStaleState(path)
+			}
 			if f.verbose {
 				fmt.Fprintf(a.Stdout, "stopped pid %d\n", ps.PID)
 			}
@@ -520,6 +536,14 @@ func (a *App) stop(args []string) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("pid %d did not exit within %s; its log is %s", ps.PID, *wait, ps.LogFile)
+}
+
+// stopHint says why stop may not find a proxy that runs.
+func (a *App) stopHint() string {
+	if a.Mode == hpcproxy.ModePerJob {
+		return "inside a job the state file is named after the job: run stop in the job that started the proxy, or pass the --state it was started with"
+	}
+	return "pass the --state the proxy was started with, or run stop with the same $" + hpcproxy.EnvStateDir
 }
 
 func (a *App) status(args []string) error {
