@@ -90,6 +90,7 @@ type cluster struct {
 	computeDev               string // compute's veth toward login
 
 	user, other *testUser
+	userNames   []string // accounts useradd made, deleted last by teardown
 
 	caFile     string
 	bigSHA     string // sha256 of /files/big.bin
@@ -261,11 +262,11 @@ func (c *cluster) addUser(name, homes string) *testUser {
 	// Stale from a killed run with the same PID: ours by name.
 	_ = exec.Command("userdel", name).Run()
 	run(t, "useradd", "-M", "-U", "-d", home, "-s", "/bin/sh", "-p", "*", name)
-	t.Cleanup(func() {
-		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
-			t.Logf("userdel %s: %v %s", name, err, out)
-		}
-	})
+	// Deleted by teardown once their processes are gone: a t.Cleanup here
+	// would run before teardown (cleanups run last-in first-out), while
+	// the users' daemons and jobs still run, and userdel refuses a user
+	// with processes.
+	c.userNames = append(c.userNames, name)
 	u, err := user.Lookup(name)
 	if err != nil {
 		t.Fatal(err)
@@ -433,6 +434,22 @@ func (c *cluster) teardown() {
 		_ = os.RemoveAll(c.dir)
 	} else {
 		t.Logf("kept %s (HPCPROXY_E2E_KEEP)", c.dir)
+	}
+	// Last, once every process of theirs killed above has exited (userdel
+	// refuses a user with processes, zombies included).
+	deadline := time.Now().Add(5 * time.Second)
+	for _, u := range []*testUser{c.user, c.other} {
+		for u != nil && len(pidsOfUser(u.uid)) > 0 && time.Now().Before(deadline) {
+			for _, pid := range pidsOfUser(u.uid) {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	for _, name := range c.userNames {
+		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
+			t.Errorf("userdel %s: %v %s", name, err, out)
+		}
 	}
 }
 
