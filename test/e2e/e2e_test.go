@@ -55,6 +55,13 @@ func (c *cluster) checkDownloads(t *testing.T, output, prefix string) {
 
 func TestCluster(t *testing.T) {
 	c := newCluster(t)
+	// Each scenario first checks the suite's time limit (see suiteLimit).
+	scenario := func(name string, f func(*testing.T)) {
+		t.Run(name, func(t *testing.T) {
+			c.checkTime(t)
+			f(t)
+		})
+	}
 
 	// Scenario 1: a per-job proxy inside a batch job, its login node named
 	// by HPCPROXY_VIA, or else found as the job's submit host.
@@ -65,13 +72,13 @@ func TestCluster(t *testing.T) {
 		{"PerJob/ViaEnv", []string{"HPCPROXY_VIA=login"}},
 		{"PerJob/ViaSubmitHost", nil},
 	} {
-		t.Run(v.name, func(t *testing.T) { c.perJobJob(t, v.env) })
+		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env) })
 	}
-	t.Run("Shared", c.sharedMode)
-	t.Run("Methods", c.methods)
-	t.Run("OtherUser", c.otherUser)
-	t.Run("Expose", c.expose)
-	t.Run("Faults", c.faults)
+	scenario("Shared", c.sharedMode)
+	scenario("Methods", c.methods)
+	scenario("OtherUser", c.otherUser)
+	scenario("Expose", c.expose)
+	scenario("Faults", c.faults)
 }
 
 // perJobJob is scenario 1.
@@ -226,7 +233,7 @@ echo "RESULT held ok"
 	t.Cleanup(func() {
 		if !released {
 			writeFile(t, h.release, "", 0o644)
-			c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
+			c.cleanupOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
 		}
 	})
 	c.waitFor(t, "job "+h.id+" holding its proxy", time.Minute, nil, func() bool {
@@ -365,6 +372,7 @@ func (c *cluster) faults(t *testing.T) {
 		t.Helper()
 		start := time.Now()
 		for {
+			c.checkTime(t)
 			r := download(10 * time.Second)
 			if r.code == 0 && strings.TrimSpace(r.out) == itoa(c.bigSize) {
 				t.Logf("%s: download succeeded %s after recovery began", what, time.Since(start).Round(time.Millisecond))
