@@ -64,15 +64,17 @@ func TestCluster(t *testing.T) {
 	}
 
 	// Scenario 1: a per-job proxy inside a batch job, its login node named
-	// by HPCPROXY_VIA, or else found as the job's submit host.
+	// by HPCPROXY_VIA (by address, which the user's known_hosts lists too,
+	// so it cannot be mistaken for the submit host), or else found as the
+	// job's submit host.
 	for _, v := range []struct {
-		name string
-		env  []string
+		name, via string
+		env       []string
 	}{
-		{"PerJob/ViaEnv", []string{"HPCPROXY_VIA=login"}},
-		{"PerJob/ViaSubmitHost", nil},
+		{"PerJob/ViaEnv", loginAddr, []string{"HPCPROXY_VIA=" + loginAddr}},
+		{"PerJob/ViaSubmitHost", "login", nil},
 	} {
-		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env) })
+		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env, v.via) })
 	}
 	scenario("Shared", c.sharedMode)
 	scenario("Methods", c.methods)
@@ -81,8 +83,9 @@ func TestCluster(t *testing.T) {
 	scenario("Faults", c.faults)
 }
 
-// perJobJob is scenario 1.
-func (c *cluster) perJobJob(t *testing.T, env []string) {
+// perJobJob is scenario 1: perjob status in the job must show via as the
+// login node the tunnel goes through.
+func (c *cluster) perJobJob(t *testing.T, env []string, via string) {
 	j := c.sbatch(t, downloadsScript+`
 step no-dns sh -c '! getent hosts www.internet.test'
 step no-route sh -c '! curl -sS --noproxy "*" --max-time 5 -o /dev/null https://10.231.2.2/'
@@ -98,6 +101,9 @@ downloads perjob
 		t.Errorf("job was not submitted from login")
 	}
 	wantOK(t, j.output, "no-dns", "no-route", "start")
+	if got := field(j.output, `(?m)^via:\s+(\S+)$`); got != via {
+		t.Errorf("perjob status: via %q, want %q", got, via)
+	}
 	c.checkDownloads(t, j.output, "perjob")
 
 	// The daemon ends with the job and takes its state file along.
