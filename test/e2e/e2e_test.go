@@ -341,13 +341,19 @@ func (c *cluster) otherUser(t *testing.T) {
 	h.finish()
 }
 
-// faults is scenario 4: sshd on login killed and restarted, then the
-// compute-login link down for longer than the keepalive window. Downloads
-// in flight fail cleanly within their timeout; the daemon notices,
-// reconnects, and later downloads succeed.
+// faults is scenario 4: sshd on login killed and restarted, then (gossh
+// only) the compute-login link down for longer than the keepalive window.
+// Downloads in flight fail cleanly within their timeout; the daemon
+// notices, reconnects, and later downloads succeed. gossh holds the SSH
+// connection in process, controlmaster through an ssh child.
 func (c *cluster) faults(t *testing.T) {
+	t.Run("gossh", func(t *testing.T) { c.faultsWith(t, "gossh", true) })
+	t.Run("controlmaster", func(t *testing.T) { c.faultsWith(t, "controlmaster", false) })
+}
+
+func (c *cluster) faultsWith(t *testing.T, method string, linkDown bool) {
 	// Keepalive every second, two misses: a dead link is noticed in ~3 s.
-	h := c.holdJob(t, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
+	h := c.holdJob(t, "--method", method, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
 	state := h.state
 	env := c.env(c.user)
 	download := func(timeout time.Duration) result {
@@ -417,8 +423,12 @@ func (c *cluster) faults(t *testing.T) {
 	c.sshdUp(t)
 	recovered("sshd restarted", 45*time.Second)
 	ps := c.readState(t, state)
-	if ps.Reconnects < 1 {
-		t.Errorf("after the sshd restart: reconnects %d, want >= 1", ps.Reconnects)
+	if ps.Reconnects < 1 || ps.Method != method {
+		t.Errorf("after the sshd restart: reconnects %d, method %s; want >= 1, %s", ps.Reconnects, ps.Method, method)
+	}
+	if !linkDown {
+		h.finish()
+		return
 	}
 	before := ps.Reconnects
 
