@@ -36,22 +36,41 @@ func (t *droppableTunnel) Err() error {
 }
 
 // scriptedEstablish hands out droppable tunnels; while failing is set it
-// fails instead, counting attempts.
+// fails instead, counting attempts. Its start is the per-method hook of
+// establishChain: the methods in refuse fail.
 type scriptedEstablish struct {
 	mu      sync.Mutex
 	failing bool
+	refuse  map[Method]bool
 	tunnels []*droppableTunnel
 }
 
 func (s *scriptedEstablish) establish(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	impl, err := s.start(ctx, &cfg, MethodDirect)
+	if err != nil {
+		return nil, err
+	}
+	return &Tunnel{method: MethodDirect, impl: impl}, nil
+}
+
+func (s *scriptedEstablish) start(_ context.Context, _ *TunnelConfig, m Method) (tunnelImpl, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.failing {
+	switch {
+	case s.failing:
 		return nil, errors.New("sshd unreachable")
+	case s.refuse[m]:
+		return nil, fmt.Errorf("%s refused", m)
 	}
 	dt := &droppableTunnel{directTunnel: directTunnel{done: make(chan struct{})}}
 	s.tunnels = append(s.tunnels, dt)
-	return &Tunnel{method: MethodDirect, impl: dt}, nil
+	return dt, nil
+}
+
+func (s *scriptedEstablish) setRefused(m Method, v bool) {
+	s.mu.Lock()
+	s.refuse[m] = v
+	s.mu.Unlock()
 }
 
 func (s *scriptedEstablish) setFailing(v bool) {
@@ -212,43 +231,12 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	require.NoError(t, st.Close(), "Close is idempotent")
 }
 
-// chainScript starts tunnel methods for establishChain: a method in
-// failing fails, any other comes up as a droppable tunnel.
-type chainScript struct {
-	mu      sync.Mutex
-	failing map[Method]bool
-	tunnels []*droppableTunnel
-}
-
-func (s *chainScript) start(_ context.Context, _ *TunnelConfig, m Method) (tunnelImpl, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.failing[m] {
-		return nil, fmt.Errorf("%s refused", m)
-	}
-	dt := &droppableTunnel{directTunnel: directTunnel{done: make(chan struct{})}}
-	s.tunnels = append(s.tunnels, dt)
-	return dt, nil
-}
-
-func (s *chainScript) set(m Method, failing bool) {
-	s.mu.Lock()
-	s.failing[m] = failing
-	s.mu.Unlock()
-}
-
-func (s *chainScript) last() *droppableTunnel {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.tunnels[len(s.tunnels)-1]
-}
-
 // TestSupervisorReconnectFallsThroughChain drops a gossh tunnel while
 // gossh cannot come back: the supervisor goes down the method chain and
 // reconnects with controlmaster. On the next drop it starts from the top of
 // the chain again, and gossh carries the tunnel once more.
 func TestSupervisorReconnectFallsThroughChain(t *testing.T) {
-	cs := &chainScript{failing: map[Method]bool{}}
+	cs := &scriptedEstablish{refuse: map[Method]bool{}}
 	ups := make(chan Method, 16)
 	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
 		Tunnel: TunnelConfig{Destination: "login1", Methods: []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix}},
@@ -266,27 +254,28 @@ func TestSupervisorReconnectFallsThroughChain(t *testing.T) {
 	defer st.Close()
 	require.Equal(t, MethodGoSSH, <-ups)
 
-	cs.set(MethodGoSSH, true) // the agent went away, say
-	cs.last().drop(errors.New("keepalive timeout"))
-	select {
-	case m := <-ups:
-		assert.Equal(t, MethodControlMaster, m, "the reconnect falls through to the next method")
-	case <-time.After(5 * time.Second):
-		t.Fatal("no reconnect within 5s")
+	// reconnect drops the tunnel and returns the method that came back.
+	reconnect := func(why string) Method {
+		t.Helper()
+		cs.last().drop(errors.New(why))
+		select {
+		case m := <-ups:
+			return m
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no reconnect within 5s after %s", why)
+			return 0
+		}
 	}
+
+	cs.setRefused(MethodGoSSH, true) // the agent went away, say
+	assert.Equal(t, MethodControlMaster, reconnect("keepalive timeout"), "the reconnect falls through to the next method")
 	state := st.State()
 	assert.Equal(t, MethodControlMaster, state.Method)
 	assert.Equal(t, 1, state.Reconnects)
 	assert.ErrorContains(t, state.LastError, "keepalive timeout")
 
-	cs.set(MethodGoSSH, false)
-	cs.last().drop(errors.New("link down"))
-	select {
-	case m := <-ups:
-		assert.Equal(t, MethodGoSSH, m, "each reconnect starts from the top of the chain")
-	case <-time.After(5 * time.Second):
-		t.Fatal("no second reconnect within 5s")
-	}
+	cs.setRefused(MethodGoSSH, false)
+	assert.Equal(t, MethodGoSSH, reconnect("link down"), "each reconnect starts from the top of the chain")
 	assert.Equal(t, 2, st.State().Reconnects)
 }
 
