@@ -107,7 +107,7 @@ func (t *controlMasterTunnel) listenRemote(ctx context.Context, network, addr st
 	default:
 		return nil, fmt.Errorf("hpcproxy: cannot listen on network %q on the login node", network)
 	}
-	dir, err := os.MkdirTemp("", "hpcproxy-rf-")
+	dir, err := os.MkdirTemp(t.sockBase, "hpcproxy-rf-")
 	if err != nil {
 		return nil, fmt.Errorf("hpcproxy: reverse forward socket dir: %w", err)
 	}

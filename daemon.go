@@ -2,6 +2,8 @@ package hpcproxy
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,8 +11,10 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -34,17 +38,31 @@ import (
 // socket belongs to the same UID ([SameUserConn]). It lives until the job
 // ends (see WatchPID) or it is stopped.
 //
+// # Sockets
+//
+// The ssh-based tunnel methods keep unix sockets (an OpenSSH control
+// socket, `ssh -D`'s SOCKS socket, reverse forwards' sockets). Unless
+// Tunnel.RuntimeDir says otherwise, the daemon keeps them in a private
+// directory of its own (mode 0700), created at start, emptied of a killed
+// predecessor's leftovers and removed at exit: in per-job mode beside the
+// state file (proxy-JOBID.run for proxy-JOBID.json), in shared mode in
+// the node-local tmp dir (the shared state dir is usually NFS), and in
+// /tmp/hpcproxy-UID where either path would be too long for a unix
+// socket. $TMPDIR counts only if it exists: a scheduler may pass it on
+// from the submitting host although the node has no such directory.
+//
 // # Lifecycle
 //
 // Run claims the state file (failing with an *[AlreadyRunningError] if a
-// proxy already serves this scope), binds the listener, brings the tunnel
-// up through the method chain, writes the state file and only then reports
+// proxy already serves this scope), binds the listener and records its
+// port (status "starting"), brings the tunnel up through the method chain
+// and starts the forwards, records status "up" and only then reports
 // readiness on ReportFd. If any step fails it writes the error on ReportFd
 // instead. Afterwards a dropped tunnel is re-established with backoff
 // while the listener stays up; the state file records the status. Run
-// returns when ctx ends, ExitFd reaches EOF, or WatchPID exits; it then
-// stops accepting, closes live connections, closes the tunnel and removes
-// the state file if it is still this daemon's.
+// returns when ctx ends, ExitFd reaches EOF, or WatchPID exits (during
+// start-up too); it then stops accepting, closes live connections, closes
+// the tunnel and removes the state file if it is still this daemon's.
 type Daemon struct {
 	// Mode is ModeShared or ModePerJob. If empty, ModePerJob.
 	Mode Mode
@@ -61,6 +79,15 @@ type Daemon struct {
 	// ListenHost optionally overrides the listening address: "" (all
 	// interfaces) in shared mode, "127.0.0.1" in per-job mode.
 	ListenHost string
+
+	// AdvertiseHost optionally names the host clients should dial,
+	// recorded in the state file (ProxyState.AdvertiseHost) for
+	// FindActiveProxy and ProxyEnvList: for a shared proxy, the login
+	// node's name or address on the cluster network when its host name
+	// does not resolve (or resolves to another interface) on the compute
+	// nodes. If empty, clients dial 127.0.0.1 for a per-job proxy and the
+	// daemon's host name for a shared one.
+	AdvertiseHost string
 
 	// StatePath optionally specifies the state file. If empty,
 	// PidFilePath() in shared mode and LocalPidFilePath() in per-job mode.
@@ -160,16 +187,38 @@ func RunDaemon(sshDest string, port int, localOnly bool, reportFd int) error {
 // Run runs the daemon until ctx ends (or ExitFd, or WatchPID); see [Daemon].
 // It returns nil after a requested stop, and the start-up error (also
 // written to ReportFd) when it could not start.
+//
+// ReportFd and ExitFd are marked close-on-exec first thing, before any ssh
+// child starts: a child holding a copy of the report pipe would keep the
+// parent from seeing EOF, and one holding the exit pipe would keep the
+// daemon from seeing it. The exit pipe and WatchPID are watched from the
+// start too: a parent that gives up (or dies) while the tunnel is still
+// being established stops the daemon at once, not after a fallback chain
+// that can take minutes.
 func (d *Daemon) Run(ctx context.Context) error {
 	log := d.Logger
 	if log == nil {
 		log = discardLogger
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	for _, fd := range []int{d.ReportFd, d.ExitFd} {
+		if fd > 0 {
+			if err := PrepareDaemonFds(fd); err != nil {
+				log.Warn("inherited fd unusable", "fd", fd, "err", err)
+			}
+		}
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	d.watchStops(ctx, cancel, log)
 
 	ready, err := d.start(ctx, log)
 	if err != nil {
+		if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
+			log.Info("stopping before ready: " + cause.Error())
+			err = fmt.Errorf("hpcproxy: daemon stopped before it was ready: %w", cause)
+			_ = ReportError(d.ReportFd, err) // the parent is most likely gone
+			return nil
+		}
 		if rerr := ReportError(d.ReportFd, err); rerr != nil {
 			log.Warn("could not report start-up error to parent", "err", rerr)
 		}
@@ -185,15 +234,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.OnReady(ready.ln.Addr())
 	}
 
-	exitCh, err := WatchExitFd(ctx, d.ExitFd)
-	if err != nil {
-		log.Warn("exit fd not watched", "err", err)
-		exitCh = nil
-	}
-	var pidCh <-chan struct{}
-	if d.WatchPID > 0 {
-		pidCh = WatchPID(ctx, d.WatchPID, 0)
-	}
 	interval := d.StatsInterval
 	if interval <= 0 {
 		interval = 10 * time.Second
@@ -203,13 +243,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
-			log.Info("stopping: signalled")
-			return nil
-		case <-exitCh:
-			log.Info("stopping: exit pipe closed")
-			return nil
-		case <-pidCh:
-			log.Info("stopping: watched process exited", "pid", d.WatchPID)
+			if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
+				log.Info("stopping: " + cause.Error())
+			} else {
+				log.Info("stopping: signalled")
+			}
 			return nil
 		case err := <-ready.serveErr:
 			log.Error("listener failed", "err", err)
@@ -220,6 +258,43 @@ func (d *Daemon) Run(ctx context.Context) error {
 			ready.refreshStats(log, true)
 		}
 	}
+}
+
+// errStopRequested is the cancel cause when the exit pipe closes or the
+// watched process exits.
+var errStopRequested = errors.New("stop requested")
+
+// watchStops cancels ctx, with a cause wrapping errStopRequested, when
+// ExitFd reaches EOF or WatchPID exits. The watches end with ctx.
+func (d *Daemon) watchStops(ctx context.Context, cancel context.CancelCauseFunc, log *slog.Logger) {
+	var exitCh, pidCh <-chan struct{}
+	if d.ExitFd > 0 {
+		ch, err := WatchExitFd(ctx, d.ExitFd)
+		if err != nil {
+			log.Warn("exit fd not watched", "err", err)
+		} else {
+			exitCh = ch
+		}
+	}
+	if d.WatchPID > 0 {
+		pidCh = WatchPID(ctx, d.WatchPID, 0)
+	}
+	if exitCh == nil && pidCh == nil {
+		return
+	}
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-exitCh:
+			if ctx.Err() == nil {
+				cancel(fmt.Errorf("%w: exit pipe closed", errStopRequested))
+			}
+		case <-pidCh:
+			if ctx.Err() == nil {
+				cancel(fmt.Errorf("%w: watched process %d exited", errStopRequested, d.WatchPID))
+			}
+		}
+	}()
 }
 
 func (d *Daemon) mode() Mode {
@@ -239,9 +314,11 @@ type running struct {
 	serveWG  sync.WaitGroup
 
 	mu        sync.Mutex // serialises state-file writes
+	ready     bool       // readiness recorded in the state file; under mu
 	lastStats ServerStats
 	lastFwd   []ForwardInfo
 
+	runDir   string // the tunnel's sockets; ours to remove
 	locals   []*LocalForward
 	reverses []*ReverseForward
 	rebound  chan struct{} // a reverse forward was (re)bound
@@ -282,11 +359,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	}
 	job := DetectJob()
 	initial := ProxyState{
-		Via:         tcfg.Destination,
-		Port:        d.Port,
-		Mode:        mode,
-		Credentials: creds,
-		LogFile:     LogFilePath(statePath),
+		Via:           tcfg.Destination,
+		Port:          d.Port,
+		Mode:          mode,
+		AdvertiseHost: d.AdvertiseHost,
+		Credentials:   creds,
+		LogFile:       LogFilePath(statePath),
 	}
 	if job.InJob {
 		initial.JobID, initial.Scheduler = job.JobID, string(job.Scheduler)
@@ -301,6 +379,13 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 			r.shutdown(log)
 		}
 	}()
+	if tcfg.Destination != "" && tcfg.RuntimeDir == "" {
+		dir := daemonRuntimeDir(mode, statePath)
+		if err := prepareRuntimeDir(dir); err != nil {
+			return nil, err
+		}
+		r.runDir, tcfg.RuntimeDir = dir, dir
+	}
 
 	host := d.ListenHost
 	if host == "" && mode == ModePerJob {
@@ -311,6 +396,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		return nil, fmt.Errorf("hpcproxy: listen: %w", err)
 	}
 	port := r.ln.Addr().(*net.TCPAddr).Port
+	// The bound port at once, still "starting": a status or stop that reads
+	// the file meanwhile finds a daemon that is alive, not a stale one.
+	if err := r.update(func(st *ProxyState) { st.Port = port }); err != nil {
+		return nil, err
+	}
 
 	r.sup, err = SuperviseTunnel(ctx, SupervisorConfig{
 		Tunnel:     tcfg,
@@ -339,10 +429,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		return nil, err
 	}
 
-	ts := r.sup.State()
 	if err := r.update(func(st *ProxyState) {
-		st.Port = port
-		st.Method, st.Status, st.Reconnects = ts.Method.String(), StatusUp, ts.Reconnects
+		// Ready: from now on recordTunnel writes every tunnel change. The
+		// tunnel may have dropped during start-up already.
+		r.ready = true
+		applyTunnel(st, r.sup.State())
 	}); err != nil {
 		return nil, err
 	}
@@ -398,25 +489,36 @@ func (r *running) forwardInfos() []ForwardInfo {
 	return out
 }
 
-// recordTunnel writes a tunnel state change to the state file.
+// recordTunnel writes a tunnel state change to the state file. Before the
+// daemon is ready the status stays "starting" (start writes the tunnel's
+// status once it is ready); only the method and counters are recorded.
 func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
 	if ts.Status != TunnelUp && ts.Status != TunnelReconnecting {
 		return // closed: the state file is about to go
 	}
 	err := r.update(func(st *ProxyState) {
-		if ts.Status == TunnelUp {
-			st.Status, st.LastError = StatusUp, ""
-		} else {
-			st.Status = StatusReconnecting
-			if ts.LastError != nil {
-				st.LastError = ts.LastError.Error()
-			}
+		if !r.ready {
+			st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+			return
 		}
-		st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+		applyTunnel(st, ts)
 	})
 	if err != nil {
 		log.Warn("state file not updated", "err", err)
 	}
+}
+
+// applyTunnel sets the tunnel fields of st from ts.
+func applyTunnel(st *ProxyState, ts TunnelState) {
+	if ts.Status == TunnelUp {
+		st.Status, st.LastError = StatusUp, ""
+	} else {
+		st.Status = StatusReconnecting
+		if ts.LastError != nil {
+			st.LastError = ts.LastError.Error()
+		}
+	}
+	st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
 }
 
 // refreshStats writes the server's and the forwards' counters to the
@@ -478,9 +580,52 @@ func (r *running) shutdown(log *slog.Logger) {
 	if r.sup != nil {
 		_ = r.sup.Close()
 	}
+	if r.runDir != "" {
+		if err := os.RemoveAll(r.runDir); err != nil {
+			log.Warn("runtime dir not removed", "err", err)
+		}
+	}
 	if err := r.claim.Release(); err != nil {
 		log.Warn("state file not released", "err", err)
 	}
+}
+
+// daemonRuntimeDir returns the private directory in which a daemon of
+// mode with the state file statePath keeps its tunnel's sockets: in
+// per-job mode the state file's name with ".run" for ".json" (beside it,
+// node-local like the state file), in shared mode
+// LocalStateDir()/shared-HASH.run (node-local, while the state file is
+// usually on NFS), HASH naming the state file. Where that would be too
+// long for unix socket paths (sun_path holds 108 bytes), it is
+// /tmp/hpcproxy-UID/HASH.run.
+func daemonRuntimeDir(mode Mode, statePath string) string {
+	abs, err := filepath.Abs(statePath)
+	if err != nil {
+		abs = statePath
+	}
+	sum := sha256.Sum256([]byte(abs))
+	hash := hex.EncodeToString(sum[:4])
+	dir := strings.TrimSuffix(statePath, ".json") + ".run"
+	if mode == ModeShared {
+		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
+	}
+	if len(dir) > maxRuntimeDir {
+		dir = filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), hash+".run")
+	}
+	return dir
+}
+
+// prepareRuntimeDir makes dir a fresh private directory in a private
+// parent. The caller holds the state file's claim, so no daemon of the
+// same scope runs: whatever is in dir was left by one that was killed.
+func prepareRuntimeDir(dir string) error {
+	if err := EnsurePrivateDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("hpcproxy: runtime dir: %w", err)
+	}
+	return EnsurePrivateDir(dir)
 }
 
 // allowNetworks returns an AllowClient hook admitting loopback and the

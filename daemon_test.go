@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -227,6 +228,21 @@ func TestDaemonSharedRequiresToken(t *testing.T) {
 	wc.Close()
 }
 
+// TestDaemonAdvertiseHost: a shared daemon told which host clients should
+// dial records it, and the URLs handed to clients use it.
+func TestDaemonAdvertiseHost(t *testing.T) {
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := startTestDaemon(t, &Daemon{Mode: ModeShared, ListenHost: "127.0.0.1", StatePath: statePath, AdvertiseHost: "localhost"})
+	st, err := ReadPidFileAt(statePath)
+	require.NoError(t, err)
+	assert.Equal(t, "localhost", st.AdvertiseHost)
+	assert.Equal(t, "localhost:"+strconv.Itoa(st.Port), r.addr)
+	assert.Contains(t, st.URL("http"), "@localhost:"+strconv.Itoa(st.Port))
+	web := startWebServer(t)
+	code, _ := getVia(t, st.URL("http"), web.URL+"/")
+	assert.Equal(t, 200, code)
+}
+
 func TestDaemonSecondStartReportsRunning(t *testing.T) {
 	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
 	first := startTestDaemon(t, &Daemon{Mode: ModeShared, ListenHost: "127.0.0.1", StatePath: statePath})
@@ -266,22 +282,28 @@ func TestDaemonStartFailureReported(t *testing.T) {
 
 // TestDaemonReconnect stops the login node's sshd under a running daemon:
 // the daemon stays up, records "reconnecting", answers new requests with
-// 503 / SOCKS general failure, and serves again once sshd is back.
+// 503 / SOCKS general failure, and serves again once sshd is back, within
+// the backoff cap (plus one connection's setup) of its return.
 func TestDaemonReconnect(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	web := startWebServer(t)
 	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	const (
+		maxBackoff     = 500 * time.Millisecond
+		connectTimeout = 2 * time.Second
+		slack          = 2 * time.Second // a loaded 2-core machine, -race
+	)
 	r := startTestDaemon(t, &Daemon{
 		Mode: ModePerJob,
 		Tunnel: TunnelConfig{
 			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
 			Methods:           []Method{MethodGoSSH},
 			KeepaliveInterval: 300 * time.Millisecond, KeepaliveCountMax: 2,
-			ConnectTimeout: 2 * time.Second,
+			ConnectTimeout: connectTimeout,
 		},
 		StatePath:  statePath,
 		MinBackoff: 50 * time.Millisecond,
-		MaxBackoff: 500 * time.Millisecond,
+		MaxBackoff: maxBackoff,
 		DialGrace:  200 * time.Millisecond,
 	})
 	code, _ := getVia(t, "http://"+r.addr, web.URL+"/before")
@@ -292,6 +314,7 @@ func TestDaemonReconnect(t *testing.T) {
 		st, err := ReadPidFileAt(statePath)
 		return err == nil && st.Status == StatusReconnecting
 	}, 20*time.Second, 50*time.Millisecond, "state file never said reconnecting")
+	down := time.Now()
 
 	code, body := getVia(t, "http://"+r.addr, web.URL+"/during")
 	assert.Equal(t, http.StatusServiceUnavailable, code)
@@ -307,11 +330,18 @@ func TestDaemonReconnect(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []byte{5, 0, 5, 1}, reply, "SOCKS5: no-auth accepted, then general failure")
 
+	// Long enough down for the backoff to reach its cap (50ms doubling to
+	// 500ms takes under a second of failed attempts).
+	time.Sleep(time.Until(down.Add(2 * time.Second)))
 	sshd.Start(t)
+	back := time.Now()
 	require.Eventually(t, func() bool {
 		st, err := ReadPidFileAt(statePath)
 		return err == nil && st.Status == StatusUp && st.Reconnects == 1
-	}, 20*time.Second, 50*time.Millisecond, "daemon did not reconnect")
+	}, 20*time.Second, 10*time.Millisecond, "daemon did not reconnect")
+	recovery := time.Since(back)
+	t.Logf("reconnected %s after sshd was back", recovery.Round(time.Millisecond))
+	assert.Less(t, recovery, maxBackoff+connectTimeout+slack, "reconnect not within the backoff cap")
 	code, body = getVia(t, "http://"+r.addr, web.URL+"/after")
 	assert.Equal(t, 200, code)
 	assert.Equal(t, "hello /after", body)

@@ -84,6 +84,11 @@ const (
 	// to a ControlPath while binding it ("path.XXXXXXXXXXXXXXXX"), before
 	// renaming it into place.
 	controlPathSuffix = 17
+	// maxRuntimeDir is the longest runtime dir whose sockets fit in
+	// sun_path: the longest is the control socket "/cm-PID-SEQ.sock" (PID
+	// up to 7 digits, SEQ up to 4) with its binding suffix; a SOCKS socket
+	// and a reverse forward's "/hpcproxy-rf-N/s" are shorter.
+	maxRuntimeDir = maxSunPath - controlPathSuffix - len("/cm-1234567-1234.sock")
 )
 
 // errSSHNotFound is the reason the OpenSSH methods fail without an ssh
@@ -427,12 +432,26 @@ type runtimeDir struct {
 
 var socketSeq atomic.Uint64
 
+// socketTempBase is where a tunnel without a RuntimeDir makes its private
+// temporary directories: the node-local tmp dir ([NodeTmpDir]: a
+// scheduler's per-job dir, $TMPDIR if it exists, else /tmp), or /tmp when
+// sockets there would not fit in sun_path. Unlike os.TempDir it survives a
+// job whose TMPDIR, passed on from the submitting host, does not exist on
+// the node.
+func socketTempBase() string {
+	base := NodeTmpDir()
+	if len(base)+len("/hpcproxy-1234567890") > maxRuntimeDir {
+		return "/tmp"
+	}
+	return base
+}
+
 // openRuntimeDir returns TunnelConfig.RuntimeDir after checking that it is
 // a directory owned by us that nobody else can enter, or a fresh private
-// temporary directory.
+// temporary directory under socketTempBase().
 func openRuntimeDir(cfg *TunnelConfig) (*runtimeDir, error) {
 	if cfg.RuntimeDir == "" {
-		p, err := os.MkdirTemp("", "hpcproxy-")
+		p, err := os.MkdirTemp(socketTempBase(), "hpcproxy-")
 		if err != nil {
 			return nil, fmt.Errorf("hpcproxy: create runtime dir: %w", err)
 		}
@@ -600,7 +619,10 @@ type controlMasterTunnel struct {
 	*childTunnel
 	client  *ssh.Client
 	ctlPath string // the control socket, for mux commands (controlfwd.go)
-	log     *slog.Logger
+	// sockBase is where reverse forwards make their socket directories:
+	// TunnelConfig.RuntimeDir, else socketTempBase().
+	sockBase string
+	log      *slog.Logger
 
 	// The connections dialled as stdio forwards (controlstdio.go), closed
 	// with the tunnel; nil once it is closed.
@@ -624,6 +646,10 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second), s.log)
 		if err == nil {
 			s.log.Info("attached to the user's ssh control master", "dest", cfg.Destination, "path", cp)
+			t.sockBase = cfg.RuntimeDir
+			if t.sockBase == "" {
+				t.sockBase = socketTempBase()
+			}
 			return t, nil
 		}
 		s.log.Debug("no usable control master at ControlPath", "path", cp, "err", err)
@@ -657,7 +683,7 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 		dir.cleanup(sock)
 		return nil, err
 	}
-	t.dir = dir
+	t.dir, t.sockBase = dir, dir.path
 	return t, nil
 }
 

@@ -45,12 +45,18 @@ type EnvOptions struct {
 // Credentials in httpURL are carried into every URL. If httpURL is not an
 // http(s) URL with a host, ProxyEnvList returns nil.
 func ProxyEnvList(httpURL string) []string {
-	env, err := ProxyEnvListOptions(httpURL, EnvOptions{NoProxy: splitList(os.Getenv(EnvNoProxy))})
+	env, err := ProxyEnvListOptions(httpURL, EnvOptions{NoProxy: EnvNoProxyEntries()})
 	if err != nil {
 		return nil
 	}
 	return env
 }
+
+// EnvNoProxyEntries returns the entries of $HPCPROXY_NO_PROXY (separated
+// by commas or white space), which ProxyEnvList adds to DefaultNoProxy.
+// Callers of ProxyEnvListOptions and ProxyEnvListFor, which read no
+// environment, pass them in EnvOptions.NoProxy to honour the variable.
+func EnvNoProxyEntries() []string { return splitList(os.Getenv(EnvNoProxy)) }
 
 // ProxyEnvListFor is ProxyEnvListOptions for the proxy a state file
 // describes, with its credentials.

@@ -33,8 +33,9 @@ type LogoutReport struct {
 	// Survives reports whether a daemon started now, from this process's
 	// cgroup, is expected to outlive the user's logout.
 	Survives bool
-	// KillUserProcesses is logind's effective setting for this user
-	// (KillUserProcesses, narrowed by KillOnlyUsers and KillExcludeUsers).
+	// KillUserProcesses is logind's effective setting for this user's
+	// session scopes: KillUserProcesses, overridden by KillExcludeUsers
+	// and KillOnlyUsers as CheckLogout describes.
 	KillUserProcesses bool
 	// Linger reports whether the user lingers (user@UID.service stays up
 	// without sessions).
@@ -54,8 +55,9 @@ type LogoutReport struct {
 // WillSurviveLogout reports whether a proxy daemon started now by this
 // process is expected to survive the user's logout, and logind's effective
 // KillUserProcesses and the user's Linger setting. See CheckLogout for the
-// rules; the seed's "KillUserProcesses=no or Linger=yes" was wrong, since
-// lingering does not save a session scope.
+// rules; the seed's "KillUserProcesses=no or Linger=yes" was wrong both
+// ways: lingering does not save a session scope, and KillUserProcesses=no
+// does not keep the user's service manager up after the last logout.
 func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 	r := CheckLogout()
 	return r.Survives, r.KillUserProcesses, r.Linger
@@ -68,13 +70,25 @@ func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 // KillExcludeUsers; later files win), /var/lib/systemd/linger/USER and
 // /proc/self/cgroup. The rules:
 //
-//	systemd  KillUserProcesses  scope         linger  survives
-//	no       -                  -             -       yes (nothing kills at logout)
-//	yes      no                 any           any     yes (the session is left "closing")
-//	yes      yes                session       any     no  (the session scope is killed)
-//	yes      yes                user-manager  yes     yes (user@UID.service stays up)
-//	yes      yes                user-manager  no      no  (it stops with the last session)
-//	yes      yes                other         any     yes (not logind's, e.g. a batch job)
+//	systemd  scope         KillUserProcesses*  linger  survives
+//	no       -             -                   -       yes (nothing kills at logout)
+//	yes      session       no                  any     yes (the scope is abandoned, left "closing")
+//	yes      session       yes                 any     no  (the session scope is killed)
+//	yes      user-manager  any                 yes     yes (user@UID.service stays up)
+//	yes      user-manager  any                 no      no  (it stops with the last session)
+//	yes      other         any                 any     yes (not logind's, e.g. a batch job)
+//
+// The scope decides first: KillUserProcesses is about session scopes only,
+// and whatever it says, only lingering keeps user@UID.service up after the
+// last session ends.
+//
+// *KillUserProcesses is logind's effective setting for the user, decided
+// as logind.conf(5) describes (and logind's manager_shall_kill does): a
+// user in KillExcludeUsers (default "root") is never killed; otherwise, if
+// KillOnlyUsers is set, the user is killed if and only if listed there,
+// whatever KillUserProcesses says ("these settings override
+// KillUserProcesses="); otherwise KillUserProcesses decides. So
+// KillOnlyUsers=alice kills alice's sessions even with KillUserProcesses=no.
 //
 // Inside a batch job, Survives is about logout only: the daemon still ends
 // with the job. When no configuration sets KillUserProcesses, the default
@@ -108,14 +122,14 @@ func checkLogout(root, userName string, uid int, job JobInfo) LogoutReport {
 	switch {
 	case !r.Systemd:
 		r.Survives, r.Reason = true, "systemd is not running: nothing kills processes at logout"
-	case !r.KillUserProcesses:
-		r.Survives, r.Reason = true, "logind does not kill user processes at logout (KillUserProcesses=no)"
-	case r.Scope == ScopeSession:
-		r.Survives, r.Reason = false, "logind kills the login session's processes at logout (KillUserProcesses=yes), lingering or not: start the daemon with systemd-run --user (with linger on) or from a batch job"
 	case r.Scope == ScopeUserManager && r.Linger:
 		r.Survives, r.Reason = true, "the daemon runs under the user's service manager, which lingering keeps up"
 	case r.Scope == ScopeUserManager:
-		r.Survives, r.Reason = false, "the user's service manager stops at the last logout: enable lingering (loginctl enable-linger)"
+		r.Survives, r.Reason = false, "the user's service manager stops at the last logout, whatever KillUserProcesses says: enable lingering (loginctl enable-linger)"
+	case r.Scope == ScopeSession && !r.KillUserProcesses:
+		r.Survives, r.Reason = true, "logind does not kill this user's session processes at logout (KillUserProcesses=no for the user)"
+	case r.Scope == ScopeSession:
+		r.Survives, r.Reason = false, "logind kills the login session's processes at logout (KillUserProcesses=yes for the user), lingering or not: start the daemon with systemd-run --user (with linger on) or from a batch job"
 	default:
 		r.Survives, r.Reason = true, "the daemon is outside logind's sessions"
 	}
@@ -133,21 +147,20 @@ type logindConf struct {
 	killExcludeUsers  []string
 }
 
+// kills reports whether logind kills userName's session scopes at logout:
+// KillExcludeUsers first, then KillOnlyUsers (which overrides
+// KillUserProcesses when set), then KillUserProcesses; see CheckLogout.
 func (c logindConf) kills(userName string) bool {
-	kill := c.defaultKill
-	if c.killUserProcesses != nil {
-		kill = *c.killUserProcesses
-	}
-	if !kill {
-		return false
-	}
 	if slices.Contains(c.killExcludeUsers, userName) {
 		return false
 	}
-	if len(c.killOnlyUsers) > 0 && !slices.Contains(c.killOnlyUsers, userName) {
-		return false
+	if len(c.killOnlyUsers) > 0 {
+		return slices.Contains(c.killOnlyUsers, userName)
 	}
-	return true
+	if c.killUserProcesses != nil {
+		return *c.killUserProcesses
+	}
+	return c.defaultKill
 }
 
 // logindConfDirs are searched in order of precedence, as systemd does.

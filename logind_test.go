@@ -26,10 +26,16 @@ func TestCheckLogoutFixtures(t *testing.T) {
 		{"session-linger", JobInfo{}, false, true, true, ScopeSession, "lingering or not"},
 		{"manager-linger", JobInfo{}, true, true, true, ScopeUserManager, "lingering keeps up"},
 		{"manager-nolinger", JobInfo{}, false, true, false, ScopeUserManager, "enable-linger"},
+		// KillUserProcesses=no does not keep user@UID.service up: only
+		// lingering does.
+		{"manager-nolinger-killno", JobInfo{}, false, false, false, ScopeUserManager, "enable-linger"},
 		{"dropins-last-wins", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
 		{"dropins-etc-masks", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
 		{"excluded", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
 		{"kill-only-others", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
+		// KillOnlyUsers overrides KillUserProcesses=no for the users it
+		// lists (logind.conf(5)).
+		{"kill-only-alice", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
 		{"slurm-job", slurmJob, true, true, false, ScopeOther, "ends with the job"},
 		{"cgroup-v1", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
 		{"usrlib-main", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},

@@ -68,8 +68,10 @@ type Status string
 
 // Daemon statuses.
 const (
-	// StatusStarting: the state file is claimed, the listener or the
-	// tunnel is not up yet.
+	// StatusStarting: the state file is claimed and the daemon is not
+	// ready yet. Port is 0 (or the requested port) until the listener is
+	// bound, then the bound port, while the tunnel and the forwards come
+	// up.
 	StatusStarting Status = "starting"
 	// StatusUp: listening, tunnel up.
 	StatusUp Status = "up"
@@ -483,10 +485,16 @@ func RemoveStaleState(path string) (StateVerdict, error) {
 // ps (a new daemon may have replaced it meanwhile).
 func removeIfUnchanged(path string, ps *ProxyState) {
 	cur, err := ReadPidFileAt(path)
-	if err != nil || cur.PID != ps.PID || cur.Host != ps.Host || !cur.Started.Equal(ps.Started) {
+	if err != nil || !sameDaemon(cur, ps) {
 		return
 	}
 	_ = os.Remove(path)
+}
+
+// sameDaemon reports whether two states describe the same daemon: same
+// host, pid and start time.
+func sameDaemon(a, b *ProxyState) bool {
+	return a.PID == b.PID && a.Host == b.Host && a.Started.Equal(b.Started)
 }
 
 // EnsurePrivateDir creates dir with mode 0700 (and missing parents with
@@ -601,7 +609,7 @@ type stateChecker struct {
 
 var defaultChecker = stateChecker{
 	hostname: thisHost,
-	pidAlive: pidAlive,
+	pidAlive: PIDAlive,
 	probe:    ProxyAlive,
 	tries:    3,
 	pause:    200 * time.Millisecond,
@@ -638,11 +646,30 @@ func (c stateChecker) check(ps *ProxyState) StateVerdict {
 	return VerdictNoAnswer
 }
 
-// pidAlive reports whether a process with pid exists (kill -0; EPERM means
-// it exists but belongs to someone else).
-func pidAlive(pid int) bool {
-	err := syscall.Kill(pid, 0)
-	return err == nil || errors.Is(err, syscall.EPERM)
+// PIDAlive reports whether the process pid on this host is running: it
+// exists (kill -0; EPERM means it belongs to someone else) and is not a
+// zombie, a process that has exited but that its parent has not reaped
+// yet (kill -0 succeeds on those). State-file checks and `stop` use it.
+func PIDAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
+		return false
+	}
+	return !isZombie(pid)
+}
+
+// isZombie reports whether /proc says pid has exited unreaped (state Z,
+// after the command name in parentheses, which may itself hold ')').
+func isZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false // no /proc: trust kill -0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] == 'Z'
 }
 
 var (
@@ -800,14 +827,25 @@ func (c *StateClaim) State() ProxyState {
 	return c.last
 }
 
+// ErrStateTakenOver is wrapped by StateClaim.Update when the state file
+// now describes another daemon (one on another host sharing the state dir
+// over NFS without working locks, or one started after the file and its
+// lock were deleted): the claim never overwrites it, and Release leaves it.
+var ErrStateTakenOver = errors.New("hpcproxy: state file taken over by another daemon")
+
 // Update atomically rewrites the state file with ps (Host and PID are
 // kept as claimed; StatusSince is set when Status changes and ps leaves it
-// unset). It fails after Release.
+// unset). It fails after Release, and with an error wrapping
+// ErrStateTakenOver, writing nothing, if the file now describes another
+// daemon. A missing file is written again.
 func (c *StateClaim) Update(ps ProxyState) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.lock == nil {
 		return errors.New("hpcproxy: state claim released")
+	}
+	if cur, err := ReadPidFileAt(c.path); err == nil && !sameDaemon(cur, &c.last) {
+		return fmt.Errorf("%w: %s now names pid %d on %s", ErrStateTakenOver, c.path, cur.PID, cur.Host)
 	}
 	ps.Host, ps.PID = c.last.Host, c.last.PID
 	if ps.Started.IsZero() {

@@ -304,6 +304,23 @@ func TestCheckStateReal(t *testing.T) {
 	assert.True(t, ProxyAlive("127.0.0.1", port))
 }
 
+// TestPIDAliveZombie: a process that has exited but is not reaped yet
+// answers kill -0, yet it is not alive, and its state file is stale.
+func TestPIDAliveZombie(t *testing.T) {
+	sleeper := exec.Command("sleep", "60")
+	require.NoError(t, sleeper.Start())
+	pid := sleeper.Process.Pid
+	defer sleeper.Wait()
+	assert.True(t, PIDAlive(pid))
+	require.NoError(t, sleeper.Process.Kill())
+	require.Eventually(t, func() bool { return !PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
+	require.NoError(t, syscall.Kill(pid, 0), "not reaped yet: kill -0 still succeeds")
+	assert.Equal(t, VerdictDeadPID, CheckState(&ProxyState{Host: thisHost(), PID: pid, Port: 1, Status: StatusUp}))
+	assert.True(t, PIDAlive(os.Getpid()))
+	assert.False(t, PIDAlive(0))
+	assert.False(t, PIDAlive(deadPID(t)))
+}
+
 func TestClaimStateFileConcurrent(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state", "proxy.json")
 	const n = 8
@@ -367,6 +384,42 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 	c2, err := ClaimStateFile(path, ProxyState{})
 	require.NoError(t, err)
 	require.NoError(t, c2.Release())
+}
+
+// TestStateClaimTakenOver: another daemon has written its state over ours
+// (NFS without working locks, or the file and its lock deleted under us):
+// Update does not overwrite it, and Release leaves it in place.
+func TestStateClaimTakenOver(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state", "proxy.json")
+	c, err := ClaimStateFile(path, ProxyState{Port: 1000, Mode: ModeShared})
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Release() })
+
+	theirs := ProxyState{Host: "login2", PID: 4242, Port: 2000, Mode: ModeShared, Status: StatusUp, Started: time.Now().UTC()}
+	require.NoError(t, WritePidFileAt(path, theirs))
+	before, err := os.ReadFile(path)
+	require.NoError(t, err)
+
+	up := c.State()
+	up.Status = StatusUp
+	err = c.Update(up)
+	require.ErrorIs(t, err, ErrStateTakenOver)
+	assert.Contains(t, err.Error(), "pid 4242 on login2")
+	require.NoError(t, c.Release())
+	after, err := os.ReadFile(path)
+	require.NoError(t, err, "Release removed another daemon's state file")
+	assert.Equal(t, string(before), string(after), "another daemon's state file was changed")
+
+	// The same on this host, with a pid that differs only by its start time.
+	c2, err := ClaimStateFile(filepath.Join(t.TempDir(), "proxy.json"), ProxyState{Port: 1})
+	require.NoError(t, err)
+	again := c2.State()
+	again.Started = again.Started.Add(time.Second)
+	require.NoError(t, WritePidFileAt(c2.Path(), again))
+	require.ErrorIs(t, c2.Update(c2.State()), ErrStateTakenOver)
+	require.NoError(t, c2.Release())
+	_, err = os.Stat(c2.Path())
+	assert.NoError(t, err, "a restarted daemon's state file (same pid, later start) was removed")
 }
 
 // TestClaimStateFileProcesses races two real processes for one scope.

@@ -24,9 +24,10 @@ import (
 // connection, so that several connections can share the load.
 func poolable(m Method) bool { return m == MethodGoSSH || m == MethodControlMaster }
 
-// startPool starts n tunnels of method m at once and pools them. If any
-// fails, the others are closed and its error is returned.
-func startPool(ctx context.Context, cfg *TunnelConfig, m Method, n int) (tunnelImpl, error) {
+// startPool starts n tunnels of method m at once with start and pools
+// them. If any fails, the others are closed and its error is returned.
+func startPool(ctx context.Context, cfg *TunnelConfig, m Method, n int,
+	start func(context.Context, *TunnelConfig, Method) (tunnelImpl, error)) (tunnelImpl, error) {
 	impls := make([]tunnelImpl, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
@@ -34,7 +35,7 @@ func startPool(ctx context.Context, cfg *TunnelConfig, m Method, n int) (tunnelI
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			impls[i], errs[i] = startMethod(ctx, cfg, m)
+			impls[i], errs[i] = start(ctx, cfg, m)
 		}()
 	}
 	wg.Wait()

@@ -38,9 +38,10 @@ import (
 //
 // The daemon's stdout and stderr go to a log file (mode 0600, appended).
 // A daemon must mark both fds close-on-exec (PrepareDaemonFds, done by
-// InheritedDaemonFds) before it starts any child process, such as ssh:
-// an inherited copy of the report pipe's write end would keep the parent
-// waiting for as long as the child lives.
+// InheritedDaemonFds and again by Daemon.Run for fds given otherwise)
+// before it starts any child process, such as ssh or a wrapper script
+// around it: an inherited copy of the report pipe's write end would keep
+// the parent waiting for as long as the child lives.
 
 // The daemon's inherited file descriptors and the variables naming them.
 const (

@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -35,22 +36,41 @@ func (t *droppableTunnel) Err() error {
 }
 
 // scriptedEstablish hands out droppable tunnels; while failing is set it
-// fails instead, counting attempts.
+// fails instead, counting attempts. Its start is the per-method hook of
+// establishChain: the methods in refuse fail.
 type scriptedEstablish struct {
 	mu      sync.Mutex
 	failing bool
+	refuse  map[Method]bool
 	tunnels []*droppableTunnel
 }
 
 func (s *scriptedEstablish) establish(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	impl, err := s.start(ctx, &cfg, MethodDirect)
+	if err != nil {
+		return nil, err
+	}
+	return &Tunnel{method: MethodDirect, impl: impl}, nil
+}
+
+func (s *scriptedEstablish) start(_ context.Context, _ *TunnelConfig, m Method) (tunnelImpl, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.failing {
+	switch {
+	case s.failing:
 		return nil, errors.New("sshd unreachable")
+	case s.refuse[m]:
+		return nil, fmt.Errorf("%s refused", m)
 	}
 	dt := &droppableTunnel{directTunnel: directTunnel{done: make(chan struct{})}}
 	s.tunnels = append(s.tunnels, dt)
-	return &Tunnel{method: MethodDirect, impl: dt}, nil
+	return dt, nil
+}
+
+func (s *scriptedEstablish) setRefused(m Method, v bool) {
+	s.mu.Lock()
+	s.refuse[m] = v
+	s.mu.Unlock()
 }
 
 func (s *scriptedEstablish) setFailing(v bool) {
@@ -209,6 +229,54 @@ func TestSupervisorCloseWakesWaitingDials(t *testing.T) {
 	_, err = st.Dial(context.Background(), "tcp", "127.0.0.1:1")
 	require.ErrorIs(t, err, ErrTunnelDown)
 	require.NoError(t, st.Close(), "Close is idempotent")
+}
+
+// TestSupervisorReconnectFallsThroughChain drops a gossh tunnel while
+// gossh cannot come back: the supervisor goes down the method chain and
+// reconnects with controlmaster. On the next drop it starts from the top of
+// the chain again, and gossh carries the tunnel once more.
+func TestSupervisorReconnectFallsThroughChain(t *testing.T) {
+	cs := &scriptedEstablish{refuse: map[Method]bool{}}
+	ups := make(chan Method, 16)
+	st, err := SuperviseTunnel(context.Background(), SupervisorConfig{
+		Tunnel: TunnelConfig{Destination: "login1", Methods: []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix}},
+		establish: func(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+			return establishChain(ctx, cfg, cs.start)
+		},
+		MinBackoff: 10 * time.Millisecond,
+		OnChange: func(s TunnelState, tun *Tunnel) {
+			if s.Status == TunnelUp {
+				ups <- tun.Method()
+			}
+		},
+	})
+	require.NoError(t, err)
+	defer st.Close()
+	require.Equal(t, MethodGoSSH, <-ups)
+
+	// reconnect drops the tunnel and returns the method that came back.
+	reconnect := func(why string) Method {
+		t.Helper()
+		cs.last().drop(errors.New(why))
+		select {
+		case m := <-ups:
+			return m
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no reconnect within 5s after %s", why)
+			return 0
+		}
+	}
+
+	cs.setRefused(MethodGoSSH, true) // the agent went away, say
+	assert.Equal(t, MethodControlMaster, reconnect("keepalive timeout"), "the reconnect falls through to the next method")
+	state := st.State()
+	assert.Equal(t, MethodControlMaster, state.Method)
+	assert.Equal(t, 1, state.Reconnects)
+	assert.ErrorContains(t, state.LastError, "keepalive timeout")
+
+	cs.setRefused(MethodGoSSH, false)
+	assert.Equal(t, MethodGoSSH, reconnect("link down"), "each reconnect starts from the top of the chain")
+	assert.Equal(t, 2, st.State().Reconnects)
 }
 
 // TestSupervisorSSHDRestart stops the real sshd under a gossh tunnel: the

@@ -223,10 +223,13 @@ type TunnelConfig struct {
 	// is looked up in PATH.
 	SSHBinary string
 
-	// RuntimeDir optionally specifies a directory for control and SOCKS
-	// sockets. It must be owned by the user and not accessible to others.
-	// If empty, a private directory is created under os.TempDir() and
-	// removed when the tunnel closes.
+	// RuntimeDir optionally specifies a directory for control, SOCKS and
+	// reverse-forward sockets. It must be owned by the user and not
+	// accessible to others, and short enough for unix socket paths (about
+	// 60 bytes). If empty, a private directory is created in the node-local
+	// tmp dir ([NodeTmpDir], or /tmp where that path would be too long) and
+	// removed when the tunnel closes. A [Daemon] sets it to a directory
+	// beside its state file.
 	RuntimeDir string
 
 	// Connections optionally specifies how many SSH connections carry the
@@ -358,6 +361,12 @@ func (t *Tunnel) Method() Method { return t.method }
 // method is further bounded by the connect timeout. If every method fails,
 // the error is a *[TunnelError] naming each method's reason.
 func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
+	return establishChain(ctx, cfg, startMethod)
+}
+
+// establishChain is EstablishTunnel with the start of one method replaced,
+// for tests of the chain.
+func establishChain(ctx context.Context, cfg TunnelConfig, start func(context.Context, *TunnelConfig, Method) (tunnelImpl, error)) (*Tunnel, error) {
 	methods := cfg.Methods
 	if len(methods) == 0 {
 		methods = DefaultMethods
@@ -374,9 +383,9 @@ func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
 		var err error
 		if cfg.Connections > 1 && poolable(m) {
 			conns = cfg.Connections
-			impl, err = startPool(ctx, &cfg, m, conns)
+			impl, err = startPool(ctx, &cfg, m, conns, start)
 		} else {
-			impl, err = startMethod(ctx, &cfg, m)
+			impl, err = start(ctx, &cfg, m)
 		}
 		if err != nil {
 			log.Debug("tunnel method failed", "method", m, "dest", cfg.Destination, "err", err)

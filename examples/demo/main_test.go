@@ -1,29 +1,21 @@
 package main
 
 import (
-	"io"
+	"context"
 	"os"
 	"strings"
 	"testing"
 )
 
-// TestDemo runs the demo and checks every step it prints.
+// TestDemo runs the demo and checks every step it prints, and that it
+// leaves no files behind.
 func TestDemo(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
+	base := t.TempDir()
+	var out strings.Builder
+	if err := run(context.Background(), &out, base); err != nil {
+		t.Fatalf("demo: %v\noutput:\n%s", err, out.String())
 	}
-	stdout := os.Stdout
-	os.Stdout = w
-	out := make(chan string)
-	go func() {
-		b, _ := io.ReadAll(r)
-		out <- string(b)
-	}()
-	main()
-	os.Stdout = stdout
-	w.Close()
-	got := <-out
+	got := out.String()
 	t.Log(got)
 	if n := strings.Count(got, "200 OK: hello from the web server"); n != 4 {
 		t.Errorf("got %d successful fetches, want 4 (SOCKS5, SOCKS4a, CONNECT, plain HTTP)", n)
@@ -32,5 +24,34 @@ func TestDemo(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q", want)
 		}
+	}
+	assertEmpty(t, base)
+}
+
+// TestDemoFailureCleansUp: a demo that fails half-way (here: interrupted
+// before its daemon came up) still removes its files, the client's
+// private key among them.
+func TestDemoFailureCleansUp(t *testing.T) {
+	base := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out strings.Builder
+	if err := run(ctx, &out, base); err == nil {
+		t.Fatalf("an interrupted demo succeeded:\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), "1. login node") {
+		t.Fatalf("the demo failed before it wrote its key:\n%s", out.String())
+	}
+	assertEmpty(t, base)
+}
+
+func assertEmpty(t *testing.T, dir string) {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		t.Errorf("left behind: %s", e.Name())
 	}
 }

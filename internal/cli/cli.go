@@ -65,12 +65,17 @@ func (a *App) Main(args []string) int {
 	if a.Stdin == nil {
 		a.Stdin = os.Stdin
 	}
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	switch {
+	case len(args) == 0:
+		// A usage error: the usage goes to stderr, stdout stays clean.
+		a.usage(a.Stderr)
+		return 2
+	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || (args[0] == "help" && len(args) == 1):
 		a.usage(a.Stdout)
-		if len(args) == 0 {
-			return 2
-		}
 		return 0
+	case args[0] == "help":
+		// help CMD is CMD --help.
+		return a.Main([]string{args[1], "--help"})
 	}
 	for _, c := range a.commands() {
 		if c.name != args[0] {
@@ -89,7 +94,9 @@ func (a *App) Main(args []string) int {
 		if errors.As(err, &ee) {
 			return ee.code
 		}
-		fmt.Fprintf(a.Stderr, "%s %s: %v\n", a.Name, c.name, err)
+		// The library's errors say "hpcproxy: "; after "perjob start: " that
+		// says nothing more.
+		fmt.Fprintf(a.Stderr, "%s %s: %s\n", a.Name, c.name, strings.TrimPrefix(err.Error(), "hpcproxy: "))
 		return 1
 	}
 	fmt.Fprintf(a.Stderr, "%s: unknown command %q\nRun '%s --help' for the commands.\n", a.Name, args[0], a.Name)
@@ -187,6 +194,7 @@ type tunnelFlags struct {
 	sshOpts   multiString
 	acceptNew bool
 	allow     multiString
+	advertise string
 	timeout   time.Duration
 	watchPID  int
 	forwards  multiString
@@ -216,6 +224,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.Var(&t.exposes, "expose", "LOCAL[=REMOTE]: have the login node listen on REMOTE (PORT or HOST:PORT on its side, or a socket path; default: a free port on its 127.0.0.1) and connect to LOCAL (PORT or HOST:PORT here), like ssh -R; needs method gossh or controlmaster (repeatable)")
 	if a.Mode == hpcproxy.ModeShared {
 		f.Var(&t.allow, "allow", "client network allowed to connect, CIDR (repeatable; default: any client with the token)")
+		f.StringVar(&t.advertise, "advertise", "", "host name or address the compute nodes should dial, recorded in the state file (default: this node's host name)")
 	} else {
 		f.IntVar(&t.watchPID, "watch-pid", 0, "stop when this process exits (default: the job script, else the shell that ran start; -1: never)")
 	}
@@ -245,6 +254,9 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	for _, n := range t.allow {
 		args = append(args, "--allow", n)
 	}
+	if t.advertise != "" {
+		args = append(args, "--advertise", t.advertise)
+	}
 	if t.watchPID != 0 {
 		args = append(args, "--watch-pid", strconv.Itoa(t.watchPID))
 	}
@@ -273,6 +285,16 @@ func (a *App) start(args []string) error {
 	if _, _, err := t.specs(); err != nil {
 		return err
 	}
+	// A running proxy first: a second start needs no login node to report
+	// it (outside a job, without --via or HPCPROXY_VIA, there is none).
+	state := a.statePath(f)
+	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
+		// Not an error: the proxy the user asked for is there.
+		if f.verbose {
+			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
+		}
+		return nil
+	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
 		if err != nil {
@@ -285,14 +307,6 @@ func (a *App) start(args []string) error {
 				t.watchPID = j.ScriptPID
 			}
 		}
-	}
-	state := a.statePath(f)
-	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
-		// Not an error: the proxy the user asked for is there.
-		if f.verbose {
-			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
-		}
-		return nil
 	}
 	exe, err := os.Executable()
 	if err != nil {
@@ -311,7 +325,7 @@ func (a *App) start(args []string) error {
 			}
 			return nil
 		}
-		return fmt.Errorf("%w\nhint: check the login node with 'ssh %s true'; the log is %s", err, orDirect(t.via), hpcproxy.LogFilePath(state))
+		return fmt.Errorf("%w\nhint: %s; the log is %s", err, t.startHint(), hpcproxy.LogFilePath(state))
 	}
 	ps, _ := hpcproxy.ReadPidFileAt(state)
 	if f.verbose && ps != nil {
@@ -322,6 +336,19 @@ func (a *App) start(args []string) error {
 		printForwards(a.Stdout, ps, true)
 	}
 	return nil
+}
+
+// startHint says where to look when a daemon with these flags did not
+// start: the login node it tunnels through, or, relaying directly, this
+// node (a --port in use).
+func (t *tunnelFlags) startHint() string {
+	switch {
+	case t.via != "":
+		return "check the login node with 'ssh " + t.via + " true'"
+	case t.port != 0:
+		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
+	}
+	return "the proxy relays directly from this node: the cause is here"
 }
 
 // specs checks --connections and parses the --forward and --expose flags.
@@ -403,12 +430,13 @@ func (a *App) daemon(args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(a.Stderr, &slog.HandlerOptions{Level: level}))
 	d := &hpcproxy.Daemon{
-		Mode:      a.Mode,
-		Port:      t.port,
-		StatePath: a.statePath(f),
-		ReportFd:  fds.Report,
-		ExitFd:    fds.Exit,
-		Logger:    log,
+		Mode:          a.Mode,
+		Port:          t.port,
+		AdvertiseHost: t.advertise,
+		StatePath:     a.statePath(f),
+		ReportFd:      fds.Report,
+		ExitFd:        fds.Exit,
+		Logger:        log,
 		Tunnel: hpcproxy.TunnelConfig{
 			Destination:   t.via,
 			Methods:       t.methods,
@@ -475,7 +503,7 @@ func (a *App) stop(args []string) error {
 	path := a.statePath(f)
 	ps, err := hpcproxy.ReadPidFileAt(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("no proxy running (no %s)", path)
+		return fmt.Errorf("no proxy running (no %s)\nhint: %s", path, a.stopHint())
 	}
 	if err != nil {
 		return err
@@ -499,7 +527,16 @@ func (a *App) stop(args []string) error {
 	}
 	deadline := time.Now().Add(*wait)
 	for time.Now().Before(deadline) {
-		if syscall.Kill(ps.PID, 0) != nil {
+		// Stopped once its state file is gone (the daemon's last step) or
+		// the process has exited, zombies included: a parent that does not
+		// reap (an init in a container) must not make stop wait in vain.
+		cur, err := hpcproxy.ReadPidFileAt(path)
+		removed := errors.Is(err, os.ErrNotExist) || (err == nil && cur.PID != ps.PID)
+		if removed || !hpcproxy.PIDAlive(ps.PID) {
+			if !removed {
+				// It died without cleaning up.
+				_, _ = hpcproxy.RemoveStaleState(path)
+			}
 			if f.verbose {
 				fmt.Fprintf(a.Stdout, "stopped pid %d\n", ps.PID)
 			}
@@ -508,6 +545,14 @@ func (a *App) stop(args []string) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("pid %d did not exit within %s; its log is %s", ps.PID, *wait, ps.LogFile)
+}
+
+// stopHint says why stop may not find a proxy that runs.
+func (a *App) stopHint() string {
+	if a.Mode == hpcproxy.ModePerJob {
+		return "inside a job the state file is named after the job: run stop in the job that started the proxy, or pass the --state it was started with"
+	}
+	return "pass the --state the proxy was started with, or run stop with the same $" + hpcproxy.EnvStateDir
 }
 
 func (a *App) status(args []string) error {
@@ -561,13 +606,13 @@ func (a *App) envList(f *flags, noProxy []string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: noProxy}), nil
+	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...)}), nil
 }
 
 func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
-	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable)")
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -582,7 +627,7 @@ func (a *App) env(args []string) error {
 func (a *App) runCmd(args []string) error {
 	f := a.cmdFlags("run")
 	var noProxy multiString
-	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable)")
+	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
 	if err := f.parse(args); err != nil {
 		return err
 	}

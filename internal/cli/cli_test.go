@@ -62,8 +62,14 @@ func cleanEnv() []string {
 // run runs the test binary as app with args.
 func run(t *testing.T, app string, stdin string, args ...string) result {
 	t.Helper()
+	return runEnv(t, app, nil, stdin, args...)
+}
+
+// runEnv is run with env added to the clean environment.
+func runEnv(t *testing.T, app string, env []string, stdin string, args ...string) result {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(cleanEnv(), envApp+"="+app)
+	cmd.Env = append(append(cleanEnv(), env...), envApp+"="+app)
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -187,6 +193,31 @@ func TestCLIShared(t *testing.T) {
 	assert.Equal(t, "path=/shared via=1.1 hpcproxy", r.stdout)
 	r = run(t, "shared", "", "env", "--state", state)
 	assert.Contains(t, r.stdout, ps.Credentials.Token, "env carries the token in the proxy URLs")
+}
+
+// TestCLISharedAdvertise: shared start --advertise HOST records the host
+// the compute nodes should dial; status and env use it.
+func TestCLISharedAdvertise(t *testing.T) {
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "shared", "", "start", "--state", state, "--advertise", "127.0.0.1")
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { run(t, "shared", "", "stop", "--state", state) })
+	ps, err := hpcproxy.ReadPidFileAt(state)
+	require.NoError(t, err)
+	assert.Equal(t, "127.0.0.1", ps.AdvertiseHost)
+	addr := "127.0.0.1:" + strconv.Itoa(ps.Port)
+
+	r = run(t, "shared", "", "status", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "address:     "+addr+"\n")
+	r = run(t, "shared", "", "env", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	assert.Contains(t, r.stdout, "export http_proxy=http://hpcproxy:"+ps.Credentials.Token+"@"+addr+"\n")
+
+	r = run(t, "shared", "", "start", "--help")
+	assert.Contains(t, r.stdout, "-advertise")
+	r = run(t, "perjob", "", "start", "--advertise", "x")
+	assert.Equal(t, 2, r.code, "per-job proxies listen on 127.0.0.1: nothing to advertise")
 }
 
 func TestCLIErrors(t *testing.T) {

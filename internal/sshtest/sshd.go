@@ -223,7 +223,7 @@ func (s *SSHD) Stop() {
 	// "stopped" server really drops its clients. List them first: once the
 	// listener is dead they are reparented and no longer look like its
 	// children.
-	children := descendants(s.cmd.Process.Pid)
+	children := Descendants(s.cmd.Process.Pid)
 	_ = s.cmd.Process.Kill()
 	<-s.exit
 	for _, pid := range children {
@@ -265,9 +265,9 @@ func (s *SSHD) AuthorizeKey(t testing.TB, pub ssh.PublicKey, options ...string) 
 	}
 }
 
-// descendants returns the processes below pid (sshd's per-session
+// Descendants returns the processes below pid (sshd's per-session
 // children survive the listener), deepest first.
-func descendants(pid int) []int {
+func Descendants(pid int) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
@@ -279,7 +279,7 @@ func descendants(pid int) []int {
 			continue
 		}
 		if ppidOf(child) == pid {
-			out = append(out, descendants(child)...)
+			out = append(out, Descendants(child)...)
 			out = append(out, child)
 		}
 	}

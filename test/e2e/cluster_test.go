@@ -19,8 +19,11 @@
 //
 //	CI=true go test -v -run TestCluster ./test/e2e/
 //
-// A failure prints the job outputs and every log: the per-job daemon's,
-// sshd's, slurmctld's, slurmd's, munged's and the internet servers'.
+// Every scenario is bounded in time, and the whole suite by suiteLimit (9
+// minutes): past it the running scenario fails saying so, the rest fail at
+// once, and teardown still runs. A failure prints the job outputs and
+// every log: the per-job daemon's, sshd's, slurmctld's, slurmd's, munged's
+// and the internet servers'.
 // HPCPROXY_E2E_KEEP=1 keeps the cluster's files (not its processes).
 package e2e
 
@@ -90,6 +93,7 @@ type cluster struct {
 	computeDev               string // compute's veth toward login
 
 	user, other *testUser
+	userNames   []string // accounts useradd made, deleted last by teardown
 
 	caFile     string
 	bigSHA     string // sha256 of /files/big.bin
@@ -107,6 +111,35 @@ type cluster struct {
 	mu    sync.Mutex
 	procs []*proc
 	sshd  *proc
+
+	deadline time.Time // the suite's time limit (suiteLimit from its start)
+}
+
+// suiteLimit bounds the whole suite. Past it every wait and command of the
+// cluster gives up and the test fails saying so, with time left for
+// teardown and the logs before go test's default -timeout of 10 minutes
+// (which would kill the binary without either).
+const suiteLimit = 9 * time.Minute
+
+// bounded cuts timeout to what is left of the suite's time.
+func (c *cluster) bounded(timeout time.Duration) time.Duration {
+	if c.deadline.IsZero() {
+		return timeout
+	}
+	return min(timeout, time.Until(c.deadline))
+}
+
+// overTime reports whether the suite's time is up.
+func (c *cluster) overTime() bool {
+	return !c.deadline.IsZero() && !time.Now().Before(c.deadline)
+}
+
+// checkTime fails t if the suite's time is up.
+func (c *cluster) checkTime(t testing.TB) {
+	t.Helper()
+	if c.overTime() {
+		t.Fatalf("the e2e suite's time limit of %s is reached", suiteLimit)
+	}
 }
 
 // proc is a long-running process the cluster started.
@@ -154,9 +187,10 @@ func newCluster(t *testing.T) *cluster {
 	chmod(t, dir, 0o755)
 	id := strconv.Itoa(os.Getpid() % 100000)
 	c := &cluster{
-		t:   t,
-		dir: dir,
-		bin: filepath.Join(dir, "bin"),
+		t:        t,
+		dir:      dir,
+		bin:      filepath.Join(dir, "bin"),
+		deadline: time.Now().Add(suiteLimit),
 	}
 	c.compute = node{name: "compute", ns: "hpe2e-" + id + "-compute", hosts: filepath.Join(dir, "hosts", "compute")}
 	c.login = node{name: "login", ns: "hpe2e-" + id + "-login", hosts: filepath.Join(dir, "hosts", "login")}
@@ -261,11 +295,11 @@ func (c *cluster) addUser(name, homes string) *testUser {
 	// Stale from a killed run with the same PID: ours by name.
 	_ = exec.Command("userdel", name).Run()
 	run(t, "useradd", "-M", "-U", "-d", home, "-s", "/bin/sh", "-p", "*", name)
-	t.Cleanup(func() {
-		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
-			t.Logf("userdel %s: %v %s", name, err, out)
-		}
-	})
+	// Deleted by teardown once their processes are gone: a t.Cleanup here
+	// would run before teardown (cleanups run last-in first-out), while
+	// the users' daemons and jobs still run, and userdel refuses a user
+	// with processes.
+	c.userNames = append(c.userNames, name)
 	u, err := user.Lookup(name)
 	if err != nil {
 		t.Fatal(err)
@@ -327,9 +361,24 @@ func (r result) String() string {
 	return fmt.Sprintf("exit %d after %s\nstdout:\n%s\nstderr:\n%s", r.code, r.elapsed.Round(time.Millisecond), r.out, r.err)
 }
 
-// runOn runs args on n as u, bounded by timeout.
+// runOn runs args on n as u, bounded by timeout and the suite's time
+// limit.
 func (c *cluster) runOn(n node, u *testUser, env []string, timeout time.Duration, args ...string) result {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	return c.runLimited(n, u, env, timeout, true, args...)
+}
+
+// cleanupOn is runOn without the suite's time limit, for clean-up that
+// must run after it too (scancel).
+func (c *cluster) cleanupOn(n node, u *testUser, env []string, timeout time.Duration, args ...string) result {
+	return c.runLimited(n, u, env, timeout, false, args...)
+}
+
+func (c *cluster) runLimited(n node, u *testUser, env []string, timeout time.Duration, suiteLimited bool, args ...string) result {
+	limit := timeout
+	if suiteLimited {
+		limit = c.bounded(timeout)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	cmd := c.command(ctx, n, u, env, args...)
 	var so, se bytes.Buffer
@@ -342,7 +391,10 @@ func (c *cluster) runOn(n node, u *testUser, env []string, timeout time.Duration
 		if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() >= 0 {
 			r.code = ee.ExitCode()
 		}
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil && suiteLimited && c.overTime():
+			r.err += fmt.Sprintf("\n[killed: the e2e suite's time limit of %s is reached]", suiteLimit)
+		case ctx.Err() != nil:
 			r.err += fmt.Sprintf("\n[killed after the %s timeout]", timeout)
 		}
 	}
@@ -433,6 +485,22 @@ func (c *cluster) teardown() {
 		_ = os.RemoveAll(c.dir)
 	} else {
 		t.Logf("kept %s (HPCPROXY_E2E_KEEP)", c.dir)
+	}
+	// Last, once every process of theirs killed above has exited (userdel
+	// refuses a user with processes, zombies included).
+	deadline := time.Now().Add(5 * time.Second)
+	for _, u := range []*testUser{c.user, c.other} {
+		for u != nil && len(pidsOfUser(u.uid)) > 0 && time.Now().Before(deadline) {
+			for _, pid := range pidsOfUser(u.uid) {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	for _, name := range c.userNames {
+		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
+			t.Errorf("userdel %s: %v %s", name, err, out)
+		}
 	}
 }
 
@@ -729,6 +797,9 @@ func (c *cluster) waitFor(t testing.TB, what string, timeout time.Duration, p *p
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: not ready within %s", what, timeout)
+		}
+		if c.overTime() {
+			t.Fatalf("%s: the e2e suite's time limit of %s is reached", what, suiteLimit)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -55,27 +55,37 @@ func (c *cluster) checkDownloads(t *testing.T, output, prefix string) {
 
 func TestCluster(t *testing.T) {
 	c := newCluster(t)
+	// Each scenario first checks the suite's time limit (see suiteLimit).
+	scenario := func(name string, f func(*testing.T)) {
+		t.Run(name, func(t *testing.T) {
+			c.checkTime(t)
+			f(t)
+		})
+	}
 
 	// Scenario 1: a per-job proxy inside a batch job, its login node named
-	// by HPCPROXY_VIA, or else found as the job's submit host.
+	// by HPCPROXY_VIA (by address, which the user's known_hosts lists too,
+	// so it cannot be mistaken for the submit host), or else found as the
+	// job's submit host.
 	for _, v := range []struct {
-		name string
-		env  []string
+		name, via string
+		env       []string
 	}{
-		{"PerJob/ViaEnv", []string{"HPCPROXY_VIA=login"}},
-		{"PerJob/ViaSubmitHost", nil},
+		{"PerJob/ViaEnv", loginAddr, []string{"HPCPROXY_VIA=" + loginAddr}},
+		{"PerJob/ViaSubmitHost", "login", nil},
 	} {
-		t.Run(v.name, func(t *testing.T) { c.perJobJob(t, v.env) })
+		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env, v.via) })
 	}
-	t.Run("Shared", c.sharedMode)
-	t.Run("Methods", c.methods)
-	t.Run("OtherUser", c.otherUser)
-	t.Run("Expose", c.expose)
-	t.Run("Faults", c.faults)
+	scenario("Shared", c.sharedMode)
+	scenario("Methods", c.methods)
+	scenario("OtherUser", c.otherUser)
+	scenario("Expose", c.expose)
+	scenario("Faults", c.faults)
 }
 
-// perJobJob is scenario 1.
-func (c *cluster) perJobJob(t *testing.T, env []string) {
+// perJobJob is scenario 1: perjob status in the job must show via as the
+// login node the tunnel goes through.
+func (c *cluster) perJobJob(t *testing.T, env []string, via string) {
 	j := c.sbatch(t, downloadsScript+`
 step no-dns sh -c '! getent hosts www.internet.test'
 step no-route sh -c '! curl -sS --noproxy "*" --max-time 5 -o /dev/null https://10.231.2.2/'
@@ -91,6 +101,9 @@ downloads perjob
 		t.Errorf("job was not submitted from login")
 	}
 	wantOK(t, j.output, "no-dns", "no-route", "start")
+	if got := field(j.output, `(?m)^via:\s+(\S+)$`); got != via {
+		t.Errorf("perjob status: via %q, want %q", got, via)
+	}
 	c.checkDownloads(t, j.output, "perjob")
 
 	// The daemon ends with the job and takes its state file along.
@@ -139,12 +152,13 @@ downloads shared
 bare=$(echo "$url" | sed 's#//[^@]*@#//#')
 echo "NOTOKEN-CONNECT $(curl -s -o /dev/null --max-time 10 --proxy "$bare" -w '%{http_connect}' https://www.internet.test/files/hello.txt)"
 echo "NOTOKEN-GET $(curl -s -o /dev/null --max-time 10 --proxy "$bare" -w '%{http_code}' http://www.internet.test/files/hello.txt)"
-step notoken-socks sh -c '! curl -sS --max-time 10 --proxy "socks5h://${0#http://}" -o /dev/null https://www.internet.test/files/hello.txt' "$bare"
+curl -sS --max-time 10 --proxy "socks5h://${bare#http://}" -o /dev/null https://www.internet.test/files/hello.txt 2>"$scratch/notoken-socks.stderr"
+echo "NOTOKEN-SOCKS exit $? $(head -c 300 "$scratch/notoken-socks.stderr" | tr '\n' ' ')"
 `, nil, 2*time.Minute)
 	if j.state != "COMPLETED" {
 		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
 	}
-	wantOK(t, j.output, "find", "find-fetch", "notoken-socks")
+	wantOK(t, j.output, "find", "find-fetch")
 	if got, want := field(j.output, `FOUND (\S+)`), "http://hpcproxy:TOKEN@login:"+itoa(ps.Port); got != want {
 		t.Errorf("FindActiveProxy in the job: %q, want %q", got, want)
 	}
@@ -157,7 +171,21 @@ step notoken-socks sh -c '! curl -sS --max-time 10 --proxy "socks5h://${0#http:/
 			t.Errorf("%s without the token: status %q, want 407", k, got)
 		}
 	}
+	// Refused by the proxy itself, not failing for any other reason.
+	if m := regexp.MustCompile(`(?m)^NOTOKEN-SOCKS exit (\d+) (.*)$`).FindStringSubmatch(j.output); m == nil {
+		t.Errorf("SOCKS5 without the token: no result")
+	} else if m[1] != curlProxyError || !strings.Contains(m[2], curlNoAuthMethod) {
+		t.Errorf("SOCKS5 without the token: curl exit %s (%s), want %s (CURLE_PROXY) and %q", m[1], m[2], curlProxyError, curlNoAuthMethod)
+	}
 }
+
+// How curl (>= 7.73) fails when a SOCKS5 proxy accepts none of the
+// authentication methods it offers: the proxy's refusal, not a network
+// error.
+const (
+	curlProxyError   = "97" // CURLE_PROXY
+	curlNoAuthMethod = "No authentication method was acceptable"
+)
 
 // methods is scenario 3: each tunnel method forced in turn carries the
 // same downloads, in one job.
@@ -226,7 +254,7 @@ echo "RESULT held ok"
 	t.Cleanup(func() {
 		if !released {
 			writeFile(t, h.release, "", 0o644)
-			c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
+			c.cleanupOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", h.id)
 		}
 	})
 	c.waitFor(t, "job "+h.id+" holding its proxy", time.Minute, nil, func() bool {
@@ -300,8 +328,8 @@ func (c *cluster) otherUser(t *testing.T) {
 		"--proxy", "http://"+addr, "-w", "%{http_code}", "http://www.internet.test/files/hello.txt"); r.out != "407" {
 		t.Errorf("another user, plain HTTP: want 407, got %s", r)
 	}
-	if r := curl(c.other, "socks5h://"+addr, ""); r.code == 0 {
-		t.Errorf("another user, SOCKS5: want refused, got %s", r)
+	if r := curl(c.other, "socks5h://"+addr, ""); itoa(r.code) != curlProxyError || !strings.Contains(r.err, curlNoAuthMethod) {
+		t.Errorf("another user, SOCKS5: want curl exit %s (CURLE_PROXY), %q; got %s", curlProxyError, curlNoAuthMethod, r)
 	}
 	// The owner's own processes need no token.
 	if r := curl(c.user, "http://"+addr, "%{http_connect}"); r.code != 0 || r.out != "200" {
@@ -313,13 +341,19 @@ func (c *cluster) otherUser(t *testing.T) {
 	h.finish()
 }
 
-// faults is scenario 4: sshd on login killed and restarted, then the
-// compute-login link down for longer than the keepalive window. Downloads
-// in flight fail cleanly within their timeout; the daemon notices,
-// reconnects, and later downloads succeed.
+// faults is scenario 4: sshd on login killed and restarted, then (gossh
+// only) the compute-login link down for longer than the keepalive window.
+// Downloads in flight fail cleanly within their timeout; the daemon
+// notices, reconnects, and later downloads succeed. gossh holds the SSH
+// connection in process, controlmaster through an ssh child.
 func (c *cluster) faults(t *testing.T) {
+	t.Run("gossh", func(t *testing.T) { c.faultsWith(t, "gossh", true) })
+	t.Run("controlmaster", func(t *testing.T) { c.faultsWith(t, "controlmaster", false) })
+}
+
+func (c *cluster) faultsWith(t *testing.T, method string, linkDown bool) {
 	// Keepalive every second, two misses: a dead link is noticed in ~3 s.
-	h := c.holdJob(t, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
+	h := c.holdJob(t, "--method", method, "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")
 	state := h.state
 	env := c.env(c.user)
 	download := func(timeout time.Duration) result {
@@ -365,6 +399,7 @@ func (c *cluster) faults(t *testing.T) {
 		t.Helper()
 		start := time.Now()
 		for {
+			c.checkTime(t)
 			r := download(10 * time.Second)
 			if r.code == 0 && strings.TrimSpace(r.out) == itoa(c.bigSize) {
 				t.Logf("%s: download succeeded %s after recovery began", what, time.Since(start).Round(time.Millisecond))
@@ -388,8 +423,12 @@ func (c *cluster) faults(t *testing.T) {
 	c.sshdUp(t)
 	recovered("sshd restarted", 45*time.Second)
 	ps := c.readState(t, state)
-	if ps.Reconnects < 1 {
-		t.Errorf("after the sshd restart: reconnects %d, want >= 1", ps.Reconnects)
+	if ps.Reconnects < 1 || ps.Method != method {
+		t.Errorf("after the sshd restart: reconnects %d, method %s; want >= 1, %s", ps.Reconnects, ps.Method, method)
+	}
+	if !linkDown {
+		h.finish()
+		return
 	}
 	before := ps.Reconnects
 

@@ -90,10 +90,14 @@ func (c *cluster) wait(t *testing.T, id, out string, timeout time.Duration) job 
 		if j.state != "" {
 			break
 		}
-		if time.Now().After(deadline) {
-			c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", j.id)
+		if time.Now().After(deadline) || c.overTime() {
+			why := fmt.Sprintf("within %s", timeout)
+			if c.overTime() {
+				why = fmt.Sprintf("before the e2e suite's time limit of %s", suiteLimit)
+			}
+			c.cleanupOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", j.id)
 			b, _ := os.ReadFile(out)
-			t.Fatalf("job %s did not finish within %s; scontrol: %s\noutput so far:\n%s", j.id, timeout, r.out, b)
+			t.Fatalf("job %s did not finish %s; scontrol: %s\noutput so far:\n%s", j.id, why, r.out, b)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
