@@ -37,13 +37,15 @@ func parseDestination(s string) (destination, error) {
 	if s == "" {
 		return d, fmt.Errorf("hpcproxy: empty SSH destination")
 	}
+	// Errors quote the whole destination as given, not what is left of it.
+	orig := s
 	if strings.ContainsAny(s, " \t\r\n") || strings.HasPrefix(s, "-") {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q", s)
+		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q", orig)
 	}
 	if i := strings.LastIndex(s, "@"); i >= 0 {
 		d.User, s = s[:i], s[i+1:]
 		if d.User == "" {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty user", s)
+			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty user", orig)
 		}
 	}
 	host, port := s, ""
@@ -51,9 +53,10 @@ func parseDestination(s string) (destination, error) {
 	case strings.HasPrefix(s, "["):
 		h, p, err := net.SplitHostPort(s)
 		if err != nil {
+			// "[v6addr]" without a port; anything else is malformed.
 			h = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-			if strings.ContainsAny(h, "[]") {
-				return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: %w", s, err)
+			if !strings.HasSuffix(s, "]") || strings.ContainsAny(h, "[]") {
+				return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: %w", orig, err)
 			}
 			p = ""
 		}
@@ -62,13 +65,13 @@ func parseDestination(s string) (destination, error) {
 		host, port, _ = strings.Cut(s, ":")
 	}
 	if host == "" {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty host", s)
+		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty host", orig)
 	}
 	d.Host = host
 	if port != "" {
 		n, err := strconv.Atoi(port)
 		if err != nil || n < 1 || n > 65535 {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: bad port %q", s, port)
+			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: bad port %q", orig, port)
 		}
 		d.Port = n
 	}
