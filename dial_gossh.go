@@ -360,7 +360,9 @@ func (k *gosshKeys) close() {
 //
 //   - the ssh-agent's keys (IdentityAgent, else $SSH_AUTH_SOCK; "none"
 //     disables it), only those matching an IdentityFile when
-//     IdentitiesOnly=yes. Its socket stays open for signing until
+//     IdentitiesOnly=yes (an IdentityFile matches through its private key,
+//     its KEY.pub when the private key is absent, or its own content when
+//     it is a public key file, as in OpenSSH). Its socket stays open for signing until
 //     gosshKeys.close, which the caller calls once authentication is over
 //     (well before the tunnel closes: nothing needs the agent after that);
 //   - the IdentityFiles (OpenSSH's default list when none is configured);
@@ -375,13 +377,18 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 	keys := &gosshKeys{}
 	type fileKey struct {
 		path   string
-		signer ssh.Signer // nil for an encrypted key
+		signer ssh.Signer // nil when only the public key is known (encrypted or absent)
 		pub    ssh.PublicKey
 	}
 	var files []fileKey
 	for _, p := range s.IdentityFiles {
 		b, err := os.ReadFile(p)
 		if errors.Is(err, fs.ErrNotExist) {
+			// As in OpenSSH, an IdentityFile whose private half is
+			// absent still selects the agent key of its KEY.pub.
+			if pub := readPublicKey(p + ".pub"); pub != nil {
+				files = append(files, fileKey{path: p, pub: pub})
+			}
 			continue
 		}
 		if err != nil {
@@ -401,6 +408,12 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 			}
 			files = append(files, fileKey{path: p, pub: pub})
 		case err != nil:
+			if pub, _, _, _, perr := ssh.ParseAuthorizedKey(b); perr == nil {
+				// A public key named as IdentityFile: it selects an
+				// agent key, as in OpenSSH.
+				files = append(files, fileKey{path: p, pub: pub})
+				continue
+			}
 			log.Debug("skipping unusable key file", "file", p, "err", err)
 			keys.skipped = append(keys.skipped, p+": "+err.Error())
 		default:

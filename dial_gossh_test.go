@@ -122,6 +122,56 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		require.NoError(t, err)
 		requireEcho(t, tun)
 	})
+	t.Run("IdentitiesOnly selects agent keys by KEY.pub or a public key file", func(t *testing.T) {
+		// A second agent key the server does not accept. Named by an
+		// IdentityFile whose private half is absent (only KEY.pub, as
+		// OpenSSH allows), it is the only key offered, so login fails.
+		other := sshtest.GenerateKey(t, "ed25519")
+		ag.Add(t, other, nil)
+		otherSigner, err := ssh.NewSignerFromKey(other)
+		require.NoError(t, err)
+		dir := t.TempDir()
+		otherPath := filepath.Join(dir, "id_other")
+		require.NoError(t, os.WriteFile(otherPath+".pub", ssh.MarshalAuthorizedKey(otherSigner.PublicKey()), 0o600))
+		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
+			"IdentityFile "+otherPath, "IdentitiesOnly yes")
+		_, err = establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		var ae *AuthError
+		require.ErrorAs(t, err, &ae)
+		require.Equal(t, []string{"agent: " + describeKey(otherSigner.PublicKey())}, ae.Offered)
+
+		// The authorised key, named by KEY.pub alone or by its public key
+		// file itself, is picked from the agent and logs in.
+		goodPath := filepath.Join(dir, "id_good")
+		require.NoError(t, os.WriteFile(goodPath+".pub", ssh.MarshalAuthorizedKey(signers[0].PublicKey()), 0o600))
+		for _, idFile := range []string{goodPath, goodPath + ".pub"} {
+			cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
+				"IdentityFile "+idFile, "IdentitiesOnly yes")
+			tun, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+			require.NoError(t, err, "IdentityFile %s", idFile)
+			requireEcho(t, tun)
+		}
+	})
+	t.Run("RSA agent key signs rsa-sha2", func(t *testing.T) {
+		// sshd here refuses SHA-1 ssh-rsa signatures (OpenSSH >= 8.8, see
+		// TestGoSSHKeyFiles), so a login with an RSA agent key proves the
+		// agent was asked for rsa-sha2-256/512.
+		rsaKey := sshtest.GenerateKey(t, "rsa")
+		ag.Add(t, rsaKey, nil)
+		rsaSigner, err := ssh.NewSignerFromKey(rsaKey)
+		require.NoError(t, err)
+		sshd.AuthorizeKey(t, rsaSigner.PublicKey())
+		dir := t.TempDir()
+		rsaPath := filepath.Join(dir, "id_rsa")
+		require.NoError(t, os.WriteFile(rsaPath+".pub", ssh.MarshalAuthorizedKey(rsaSigner.PublicKey()), 0o600))
+		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
+			"IdentityFile "+rsaPath, "IdentitiesOnly yes")
+		tun, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		require.NoError(t, err, "sshd log:\n%s", sshd.Log())
+		requireEcho(t, tun)
+		require.Contains(t, sshd.Log(), "Accepted publickey for "+sshd.User+" from 127.0.0.1")
+		require.Contains(t, sshd.Log(), "RSA "+ssh.FingerprintSHA256(rsaSigner.PublicKey()))
+	})
 }
 
 func TestGoSSHKeyFiles(t *testing.T) {
