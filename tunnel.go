@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -57,6 +58,13 @@ var methodNames = map[Method]string{
 	MethodExec:          "exec",
 	MethodDirect:        "direct",
 }
+
+// Method, Methods and HostKeyPolicy are command-line flags.
+var (
+	_ flag.Value = (*Method)(nil)
+	_ flag.Value = (*Methods)(nil)
+	_ flag.Value = (*HostKeyPolicy)(nil)
+)
 
 // DefaultMethods is the fallback chain used when [TunnelConfig.Methods] is
 // empty. MethodDirect is not in it: relaying without a tunnel is a choice
