@@ -10,7 +10,9 @@ package hpcproxy
 // Every ssh child gets, in this order (ssh keeps the FIRST value it sees for
 // an option, and -o options beat the config files):
 //
-//  1. -F TunnelConfig.SSHConfigFile, when set.
+//  1. -F TunnelConfig.SSHConfigFile, when set, and -l USER and -p PORT when
+//     the destination names them ("user@host:port"): they beat
+//     SSHOptions' User and Port, the precedence sshResolver documents.
 //  2. Options the user cannot override: BatchMode=yes (never prompt),
 //     ExitOnForwardFailure=yes (a forward that cannot be set up is an exit,
 //     not a warning), and StrictHostKeyChecking=yes, or accept-new under
@@ -212,15 +214,17 @@ func (s *sshCommand) resolve(ctx context.Context) {
 	}
 }
 
-// args returns ssh's arguments: -F, the fixed options, the explicit
-// TunnelConfig values, extraFixed (method options the user cannot
-// override), SSHOptions, overridable, the ssh -G defaults, flags, and the
-// destination. See the comment at the top of this file.
+// args returns ssh's arguments: -F, the destination's -l and -p, the
+// fixed options, the explicit TunnelConfig values, extraFixed (method
+// options the user cannot override), SSHOptions, overridable, the ssh -G
+// defaults, flags, and the destination. See the comment at the top of this
+// file.
 func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []string {
 	var a []string
 	if s.cfg.SSHConfigFile != "" {
 		a = append(a, "-F", s.cfg.SSHConfigFile)
 	}
+	a = append(a, s.dest.loginArgs()...)
 	opt := func(o ...string) {
 		for _, v := range o {
 			a = append(a, "-o", v)
@@ -250,7 +254,7 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 	opt(overridable...)
 	a = append(a, s.defaults...)
 	a = append(a, flags...)
-	return append(a, s.dest.sshArgs()...)
+	return append(a, "--", s.dest.Host)
 }
 
 func ceilSeconds(d time.Duration) int {

@@ -43,9 +43,9 @@ func TestSSHArgs(t *testing.T) {
 			name:     "ssh_config leaves keepalive and loglevel unset",
 			cfg:      TunnelConfig{Destination: "alice@login:2222", SSHConfigFile: "/cfg"},
 			resolved: map[string]string{"serveraliveinterval": "0", "loglevel": "ERROR"},
-			want: []string{"-F", "/cfg", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+			want: []string{"-F", "/cfg", "-l", "alice", "-p", "2222", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
 				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=60", "-o", "LogLevel=INFO",
-				"-N", "-l", "alice", "-p", "2222", "--", "login"},
+				"-N", "--", "login"},
 		},
 		{
 			name:     "ssh_config sets keepalive",
@@ -121,6 +121,28 @@ func TestSSHArgsHostKeyCheckingWins(t *testing.T) {
 		assert.Equal(t, want, resolveWith(t, s)["stricthostkeychecking"])
 		assert.Equal(t, "60", resolveWith(t, s)["serveraliveinterval"])
 		assert.Equal(t, "INFO", resolveWith(t, s)["loglevel"])
+	}
+}
+
+// The destination's user@ and :port beat SSHOptions' User and Port, as
+// documented (and as gossh's resolution does): -l and -p come before every
+// -o. Checked with the real ssh -G.
+func TestSSHArgsDestinationWins(t *testing.T) {
+	sshBin := testenv.LookPath(t, "ssh")
+	cfgFile := filepath.Join(t.TempDir(), "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte("Host *\n  User erin\n  Port 5555\n"), 0o600))
+	for dest, want := range map[string][2]string{
+		"carol@login.example:3333": {"carol", "3333"},
+		"carol@login.example":      {"carol", "4444"},
+		"login.example:3333":       {"dave", "3333"},
+		"login.example":            {"dave", "4444"},
+	} {
+		cfg := TunnelConfig{Destination: dest, SSHConfigFile: cfgFile, SSHBinary: sshBin,
+			SSHOptions: []string{"User=dave", "Port=4444"}}
+		s, err := newSSHCommand(context.Background(), &cfg)
+		require.NoError(t, err)
+		got := resolveWith(t, s)
+		assert.Equal(t, want, [2]string{got["user"], got["port"]}, dest)
 	}
 }
 

@@ -78,9 +78,11 @@ func parseDestination(s string) (destination, error) {
 	return d, nil
 }
 
-// sshArgs returns the ssh command-line arguments that name d: options for
-// the user and port (when given) followed by the host.
-func (d destination) sshArgs() []string {
+// loginArgs returns ssh's -l and -p arguments for the user and port of d,
+// when given. They must come before every -o on ssh's command line: ssh
+// keeps the first value it sees, and the destination's explicit parts take
+// precedence over -o User/Port (see sshResolver).
+func (d destination) loginArgs() []string {
 	var args []string
 	if d.User != "" {
 		args = append(args, "-l", d.User)
@@ -88,7 +90,7 @@ func (d destination) sshArgs() []string {
 	if d.Port != 0 {
 		args = append(args, "-p", strconv.Itoa(d.Port))
 	}
-	return append(args, "--", d.Host)
+	return args
 }
 
 // sshSettings is the configuration of one SSH destination, resolved the way
@@ -240,10 +242,7 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 	if r.configFile != "" {
 		args = append(args, "-F", r.configFile)
 	}
-	// -l and -p before -o: on ssh's command line the first value wins, and
-	// the destination's explicit parts take precedence over SSHOptions.
-	dargs := d.sshArgs()
-	args = append(args, dargs[:len(dargs)-2]...)
+	args = append(args, d.loginArgs()...)
 	for _, o := range r.options {
 		args = append(args, "-o", o)
 	}
