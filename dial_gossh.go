@@ -100,22 +100,32 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The connect timeout bounds the resolution too (`ssh -G` runs Match
+	// exec commands, which may hang). ssh_config's ConnectTimeout is known
+	// only afterwards: until then the default applies, and then it bounds
+	// the setup counted from its start.
+	start := time.Now()
+	timeout := cfg.ConnectTimeout
+	if timeout <= 0 {
+		timeout = defaultConnectTimeout
+	}
 	r := newResolver(cfg)
-	target, err := r.resolve(ctx, d)
+	resolveCtx, cancelResolve := context.WithTimeout(ctx, timeout)
+	target, err := r.resolve(resolveCtx, d)
+	if err != nil {
+		err = timeoutError(ctx, resolveCtx, timeout, err)
+	}
+	cancelResolve()
 	if err != nil {
 		return nil, err
 	}
 	if target.ProxyCommand != "" {
 		return nil, fmt.Errorf("hpcproxy: %s uses ProxyCommand, which only OpenSSH can run (the controlmaster method can)", d.Host)
 	}
-	timeout := cfg.ConnectTimeout
-	if timeout <= 0 {
+	if cfg.ConnectTimeout <= 0 && target.ConnectTimeout > 0 {
 		timeout = target.ConnectTimeout
 	}
-	if timeout <= 0 {
-		timeout = defaultConnectTimeout
-	}
-	setupCtx, cancel := context.WithTimeout(ctx, timeout)
+	setupCtx, cancel := context.WithDeadline(ctx, start.Add(timeout))
 	defer cancel()
 
 	chain, err := r.jumpChain(setupCtx, target, 0)

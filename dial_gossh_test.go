@@ -22,6 +22,7 @@ import (
 	"golang.org/x/crypto/ssh/knownhosts"
 
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
 // testSSHConfig writes a client ssh_config naming addr as Host "sshtest"
@@ -589,6 +590,41 @@ func TestGoSSHConnectTimeout(t *testing.T) {
 	_, err = establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile, ConnectTimeout: 300 * time.Millisecond})
 	require.ErrorContains(t, err, "timed out after 300ms")
 	require.Less(t, time.Since(start), 3*time.Second)
+}
+
+// ConnectTimeout bounds the resolution too: `ssh -G` runs Match exec
+// commands, and one that hangs must not hang the setup. The command is
+// killed with ssh.
+func TestGoSSHConnectTimeoutBoundsResolution(t *testing.T) {
+	noAgent(t)
+	testenv.LookPath(t, "ssh")
+	const sleep = "31.4159" // a duration no other process uses
+	cfgFile := filepath.Join(t.TempDir(), "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte("Match exec \"sleep "+sleep+"\"\n  User x\n"), 0o600))
+	start := time.Now()
+	_, err := establishGoSSH(t, TunnelConfig{Destination: "login.invalid", SSHConfigFile: cfgFile, ConnectTimeout: 300 * time.Millisecond})
+	require.ErrorContains(t, err, "timed out after 300ms")
+	require.Less(t, time.Since(start), 3*time.Second)
+	require.Eventually(t, func() bool { return len(processesWithArgs("sleep", sleep)) == 0 }, 5*time.Second, 20*time.Millisecond,
+		"Match exec command outlived ssh -G")
+}
+
+// processesWithArgs returns the pids whose command line is exactly args.
+func processesWithArgs(args ...string) []int {
+	ents, _ := os.ReadDir("/proc")
+	want := strings.Join(args, "\x00") + "\x00"
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err == nil && string(b) == want && processAlive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 func TestGoSSHProxyCommandFallsBack(t *testing.T) {

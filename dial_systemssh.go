@@ -163,8 +163,13 @@ func findSSH(name string) (string, error) {
 }
 
 // resolve runs `ssh -G` and derives the default options from its output.
+// It takes at most 10 seconds, or ConnectTimeout when that is shorter.
 func (s *sshCommand) resolve(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	timeout := 10 * time.Second
+	if ct := s.cfg.ConnectTimeout; ct > 0 {
+		timeout = min(timeout, ct)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	// Under BatchMode=yes, OpenSSH defaults ServerAliveInterval to 300;
 	// resolve with BatchMode=no to see whether ssh_config sets it.
@@ -185,25 +190,14 @@ func (s *sshCommand) resolve(ctx context.Context) {
 		}
 		args = append(args, a)
 	}
-	cmd := exec.CommandContext(ctx, s.bin, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	kv, err := runSSHG(ctx, s.bin, args)
 	if err != nil {
-		s.log.Debug("ssh -G failed; leaving ssh_config in charge", "dest", s.cfg.Destination,
-			"err", err, "stderr", strings.TrimSpace(stderr.String()))
+		s.log.Debug("ssh -G failed; leaving ssh_config in charge", "dest", s.cfg.Destination, "err", err)
 		return
 	}
-	s.resolved = make(map[string]string)
-	for line := range strings.Lines(string(out)) {
-		k, v, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok {
-			continue
-		}
-		k = strings.ToLower(k)
-		if _, dup := s.resolved[k]; !dup { // multi-valued keys: keep the first
-			s.resolved[k] = v
-		}
+	s.resolved = make(map[string]string, len(kv))
+	for k, v := range kv {
+		s.resolved[k] = v[0] // multi-valued keys: keep the first
 	}
 	if s.cfg.KeepaliveInterval == 0 && s.resolved["serveraliveinterval"] == "0" {
 		s.defaults = append(s.defaults, "-o", "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))

@@ -88,6 +88,7 @@ func TestSSHArgs(t *testing.T) {
 			script := "#!/bin/sh\nexit 255\n"
 			if tt.resolved != nil {
 				var b strings.Builder
+				b.WriteString("hostname login\nport 22\n")
 				for k, v := range tt.resolved {
 					b.WriteString(k + " " + v + "\n")
 				}

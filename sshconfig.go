@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kevinburke/ssh_config"
@@ -309,6 +310,12 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 // keys in lower case, values in order of appearance.
 func runSSHG(ctx context.Context, path string, args []string) (map[string][]string, error) {
 	cmd := exec.CommandContext(ctx, path, args...)
+	// ssh -G runs Match exec commands, which inherit its stderr: when ctx
+	// ends, kill ssh's whole process group, and do not wait for a
+	// straggler holding the pipe.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

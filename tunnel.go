@@ -192,10 +192,12 @@ type TunnelConfig struct {
 	// DefaultMethods is used.
 	Methods []Method
 
-	// ConnectTimeout optionally bounds the setup of one method: TCP connect,
-	// SSH handshake and authentication, or the start of an ssh child
-	// process. If zero, the destination's ConnectTimeout from ssh_config is
-	// used, and 30 seconds if that is unset too.
+	// ConnectTimeout optionally bounds the setup of one method: resolving
+	// the destination's configuration (`ssh -G`, which runs ssh_config's
+	// Match exec commands), TCP connect, SSH handshake and authentication,
+	// or the start of an ssh child process. If zero, the destination's
+	// ConnectTimeout from ssh_config is used, and 30 seconds if that is
+	// unset too.
 	ConnectTimeout time.Duration
 
 	// KeepaliveInterval optionally specifies how often an idle tunnel is
