@@ -32,8 +32,9 @@ package hpcproxy
 //     make it 300, with ServerAliveCountMax 3 a 15-minute blind spot), and LogLevel=INFO when ssh_config
 //     asks for less, so that ssh's reasons ("open failed: connect failed:
 //     Connection refused") reach the captured stderr. When `ssh -G` is not
-//     available (OpenSSH < 6.8) or fails, no defaults are added and
-//     ssh_config is left in charge.
+//     available (OpenSSH < 6.8) or fails, the ssh_config parser is asked
+//     instead (sshCommand.resolveParsed): ServerAliveInterval=60 is added
+//     unless it finds ServerAliveInterval set.
 //
 // # Child processes
 //
@@ -192,7 +193,8 @@ func (s *sshCommand) resolve(ctx context.Context) {
 	}
 	kv, err := runSSHG(ctx, s.bin, args)
 	if err != nil {
-		s.log.Debug("ssh -G failed; leaving ssh_config in charge", "dest", s.cfg.Destination, "err", err)
+		s.log.Debug("ssh -G failed; parsing ssh_config instead", "dest", s.cfg.Destination, "err", err)
+		s.resolveParsed(ctx)
 		return
 	}
 	s.resolved = make(map[string]string, len(kv))
@@ -205,6 +207,26 @@ func (s *sshCommand) resolve(ctx context.Context) {
 	switch strings.ToUpper(s.resolved["loglevel"]) {
 	case "QUIET", "SILENT", "FATAL", "ERROR":
 		s.defaults = append(s.defaults, "-o", "LogLevel=INFO")
+	}
+}
+
+// resolveParsed derives the step-6 defaults from the ssh_config parser
+// when `ssh -G` failed. ServerAliveInterval=60 is added unless the parser
+// finds the option set: without it, BatchMode=yes makes OpenSSH wait 300
+// seconds (times ServerAliveCountMax) before it notices a dead link. When
+// the parser cannot read the configuration either (Match exec, say), the
+// default is added all the same. ServerAliveCountMax is left alone: OpenSSH
+// defaults it to 3 whatever BatchMode says, and an -o would override a
+// value the parser could not see.
+func (s *sshCommand) resolveParsed(ctx context.Context) {
+	r := newResolver(s.cfg)
+	r.forceParse = true
+	st, err := r.resolve(ctx, s.dest)
+	if err != nil {
+		s.log.Debug("ssh_config parser failed too; using hpcproxy's defaults", "dest", s.cfg.Destination, "err", err)
+	}
+	if s.cfg.KeepaliveInterval == 0 && (err != nil || st.ServerAliveInterval == 0) {
+		s.defaults = append(s.defaults, "-o", "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))
 	}
 }
 

@@ -35,9 +35,15 @@ func TestSSHArgs(t *testing.T) {
 	}{
 		{
 			name: "minimal, ssh -G unavailable",
-			cfg:  TunnelConfig{Destination: "login"},
-			want: []string{"-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
-				"-o", "StrictHostKeyChecking=yes", "-N", "--", "login"},
+			cfg:  TunnelConfig{Destination: "login", SSHConfigFile: "none"},
+			want: []string{"-F", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=60", "-N", "--", "login"},
+		},
+		{
+			name: "ssh -G unavailable, keepalive explicit",
+			cfg:  TunnelConfig{Destination: "login", SSHConfigFile: "none", KeepaliveInterval: 5 * time.Second},
+			want: []string{"-F", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=5", "-N", "--", "login"},
 		},
 		{
 			name:     "ssh_config leaves keepalive and loglevel unset",
@@ -99,6 +105,39 @@ func TestSSHArgs(t *testing.T) {
 			s.resolve(context.Background())
 			got := s.args(nil, nil, "-N")
 			assert.Equal(t, tt.want, got)
+		})
+	}
+}
+
+// When ssh -G fails, the ssh_config parser decides whether the
+// ServerAliveInterval default is needed; when it cannot read the
+// configuration either, the default is added.
+func TestSSHArgsWithoutSSHG(t *testing.T) {
+	noG := filepath.Join(t.TempDir(), "ssh")
+	require.NoError(t, os.WriteFile(noG, []byte("#!/bin/sh\necho 'ssh: illegal option -- G' >&2\nexit 255\n"), 0o700))
+	for _, tt := range []struct {
+		name, config string
+		want         bool // ServerAliveInterval=60 added
+	}{
+		{"unset", "Host login\n  User alice\n", true},
+		{"set for the host", "Host login\n  ServerAliveInterval 15\n", false},
+		{"set for another host", "Host other\n  ServerAliveInterval 15\n", true},
+		{"set by Host *", "Host *\n  ServerAliveInterval 1m\n", false},
+		{"unparsable (Match exec)", "Match exec true\n  ServerAliveInterval 15\n", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfgFile := filepath.Join(t.TempDir(), "ssh_config")
+			require.NoError(t, os.WriteFile(cfgFile, []byte(tt.config), 0o600))
+			cfg := TunnelConfig{Destination: "login", SSHConfigFile: cfgFile, SSHBinary: noG}
+			s, err := newSSHCommand(context.Background(), &cfg)
+			require.NoError(t, err)
+			require.Nil(t, s.resolved)
+			args := strings.Join(s.args(nil, nil, "-N"), " ")
+			if tt.want {
+				assert.Contains(t, args, "-o ServerAliveInterval=60")
+			} else {
+				assert.NotContains(t, args, "ServerAliveInterval")
+			}
 		})
 	}
 }
