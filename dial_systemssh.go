@@ -277,6 +277,26 @@ func ceilSeconds(d time.Duration) int {
 	return int((d + time.Second - 1) / time.Second)
 }
 
+// userMasterOK reports whether the user's own ControlMaster for the
+// destination may carry our traffic (the controlmaster method attaching to
+// it, exec's `ssh -W` handing off to it). Such a master was started by the
+// user, with whatever options they gave it, so its host key was checked
+// only if their configuration asked for that: it may be used only when
+// `ssh -G` resolved a ControlPath for the destination and does not say
+// "stricthostkeychecking false" for it (StrictHostKeyChecking no/off in
+// ssh_config or SSHOptions). A master started by hand with
+// -o StrictHostKeyChecking=no cannot be told apart; ssh_config is what
+// hpcproxy can check.
+func (s *sshCommand) userMasterOK() bool {
+	if s.resolved == nil {
+		return false
+	}
+	if cp := s.resolved["controlpath"]; cp == "" || cp == "none" {
+		return false
+	}
+	return s.resolved["stricthostkeychecking"] != "false"
+}
+
 // setupTimeout is how long a method may take to come up: ConnectTimeout,
 // else ssh_config's ConnectTimeout, else defaultSetupTimeout.
 func (s *sshCommand) setupTimeout() time.Duration {
@@ -625,22 +645,26 @@ type controlMasterTunnel struct {
 var _ tunnelImpl = (*controlMasterTunnel)(nil)
 
 // startControlMaster attaches to the user's live ControlMaster for the
-// destination (ControlPath from ssh_config, as `ssh -G` resolves it) or
-// starts `ssh -M -S SOCK -N` and attaches to that. An attached user master
-// is left running on Close; one we started dies with the tunnel.
+// destination (ControlPath from ssh_config, as `ssh -G` resolves it) when
+// userMasterOK allows it, or starts `ssh -M -S SOCK -N` and attaches to
+// that. An attached user master is left running on Close; one we started
+// dies with the tunnel.
 func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	s, err := newSSHCommand(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
 	timeout := s.setupTimeout()
-	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" {
+	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" && s.userMasterOK() {
 		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second))
 		if err == nil {
 			s.log.Info("attached to the user's ssh control master", "dest", cfg.Destination, "path", cp)
 			return t, nil
 		}
 		s.log.Debug("no usable control master at ControlPath", "path", cp, "err", err)
+	} else if cp != "" && cp != "none" {
+		s.log.Info("not using the user's ssh control master: ssh_config disables host key checking for the destination",
+			"dest", cfg.Destination, "path", cp)
 	}
 
 	dir, err := openRuntimeDir(cfg)
@@ -1021,9 +1045,15 @@ func (t *execTunnel) DialContext(ctx context.Context, network, addr string) (net
 		inW.Close()
 		return nil, fmt.Errorf("hpcproxy: %w", err)
 	}
-	// ControlMaster=no: never become a master ourselves; a live master of
-	// the user's (ControlPath) is still used, which makes -W fast.
-	args := t.s.args(nil, []string{"ControlMaster=no"}, "-W", net.JoinHostPort(host, port))
+	// ControlMaster=no: never become a master ourselves. A live master of
+	// the user's (ControlPath) makes -W fast, but is used only when
+	// userMasterOK: otherwise ControlPath=none, which SSHOptions cannot
+	// undo.
+	var fixed []string
+	if !t.s.userMasterOK() {
+		fixed = []string{"ControlPath=none"}
+	}
+	args := t.s.args(fixed, []string{"ControlMaster=no"}, "-W", net.JoinHostPort(host, port))
 	proc, err := t.s.start(args, inR, outW)
 	inR.Close()
 	outW.Close()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -306,10 +307,12 @@ func TestRuntimeDir(t *testing.T) {
 }
 
 // startMaster runs a user's own ControlMaster (as `ssh -M -N` with a
-// ControlPath in ssh_config) and stops it when the test ends.
-func startMaster(t *testing.T, sshd *sshtest.SSHD, cfgFile, sock string) *exec.Cmd {
+// ControlPath in ssh_config, and extra arguments) and stops it when the
+// test ends.
+func startMaster(t *testing.T, sshd *sshtest.SSHD, cfgFile, sock string, extra ...string) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(testenv.LookPath(t, "ssh"), "-F", cfgFile, "-M", "-N", "-o", "ControlPersist=no", "sshtest")
+	args := append([]string{"-F", cfgFile, "-M", "-N", "-o", "ControlPersist=no"}, extra...)
+	cmd := exec.Command(testenv.LookPath(t, "ssh"), append(args, "sshtest")...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
@@ -378,6 +381,52 @@ func TestControlMasterAttachesToUsersMaster(t *testing.T) {
 	require.ErrorContains(t, tun.Err(), "control connection lost")
 	_, err = tun.Dial(ctx, "tcp", echo)
 	require.ErrorIs(t, err, ErrTunnelDown)
+}
+
+// A user's master whose ssh_config turns host key checking off may sit on
+// an unverified host key: neither controlmaster nor exec may use it. Here
+// it really does (the host is in no known_hosts), so both must fail host
+// key verification with their own connection instead of using it.
+func TestUserMasterNotUsedWithoutHostKeyChecking(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	dir := sshtest.PrivateTempDir(t)
+	sock := filepath.Join(dir, "user-master.sock")
+	emptyKnown := filepath.Join(dir, "known_hosts")
+	require.NoError(t, os.WriteFile(emptyKnown, nil, 0o600))
+	base, err := os.ReadFile(sshd.SSHConfigFile)
+	require.NoError(t, err)
+	cfg := strings.ReplaceAll(string(base), sshd.KnownHostsFile, emptyKnown)
+	cfg = strings.ReplaceAll(cfg, "StrictHostKeyChecking yes", "StrictHostKeyChecking no")
+	cfgFile := filepath.Join(dir, "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte("ControlPath "+sock+"\n"+cfg), 0o600))
+	// The master accepts the unknown key and records it nowhere.
+	startMaster(t, sshd, cfgFile, sock, "-o", "UserKnownHostsFile=/dev/null")
+	out, err := exec.Command("ssh", "-F", cfgFile, "-O", "check", "sshtest").CombinedOutput()
+	require.NoError(t, err, "user master not answering: %s", out)
+
+	for _, m := range []Method{MethodControlMaster, MethodExec} {
+		t.Run(m.String(), func(t *testing.T) {
+			var logs syncBuffer
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			tun, err := EstablishTunnel(ctx, TunnelConfig{
+				Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
+				Methods: []Method{m},
+				Logger:  slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			})
+			if err == nil {
+				tun.Close()
+			}
+			require.ErrorContains(t, err, "Host key verification failed")
+			require.NotContains(t, logs.String(), "attached to the user's ssh control master")
+			if m == MethodControlMaster {
+				require.Contains(t, logs.String(), "not using the user's ssh control master")
+			}
+		})
+	}
+	known, err := os.ReadFile(emptyKnown)
+	require.NoError(t, err)
+	require.Empty(t, known, "an unverified host key was recorded")
 }
 
 // When the link to the login node drops, the ssh child exits: Done fires

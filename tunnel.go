@@ -35,6 +35,12 @@ const (
 	// the authentication, so hostbased (ssh-keysign), GSSAPI, MFA done
 	// earlier in a persistent master, ProxyJump and the user's ssh_config
 	// all work.
+	//
+	// It attaches to the user's own live master (ssh_config's ControlPath)
+	// only when `ssh -G` shows that ssh_config (with SSHOptions) leaves host
+	// key checking on for the destination: a master started under
+	// StrictHostKeyChecking=no may sit on an unverified host key. Otherwise
+	// it starts its own master, with hpcproxy's host key checking.
 	MethodControlMaster
 	// MethodSOCKSUnix runs `ssh -N -D /path/sock` (OpenSSH >= 6.7) and
 	// speaks SOCKS5 to it over the unix socket.
@@ -43,7 +49,10 @@ const (
 	// than 6.7.
 	MethodSOCKSTCP
 	// MethodExec runs `ssh -W host:port` once per connection: the slow last
-	// resort, one ssh process and one SSH handshake per connection.
+	// resort, one ssh process and one SSH handshake per connection. Like
+	// MethodControlMaster, it hands off to the user's live ControlMaster
+	// only when ssh_config leaves host key checking on for the destination
+	// (otherwise it runs ssh with ControlPath=none).
 	MethodExec
 	// MethodDirect dials with a [net.Dialer]: for a login node that relays
 	// its own traffic. It involves no SSH at all.
