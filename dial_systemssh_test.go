@@ -429,6 +429,134 @@ func TestUserMasterNotUsedWithoutHostKeyChecking(t *testing.T) {
 	require.Empty(t, known, "an unverified host key was recorded")
 }
 
+// ProxyJump hops get our forced options too: OpenSSH's own ProxyJump
+// passes only -F to the jump ssh, so a `StrictHostKeyChecking no` for the
+// jump host in ssh_config would let it through unverified. jumpCommand
+// replaces it with a ProxyCommand of ours; it must work through one hop,
+// two hops (a nested ProxyCommand), and a first hop with a ProxyJump of its
+// own, whatever $SHELL is.
+func TestSystemSSHProxyJumpHopChecked(t *testing.T) {
+	jump := sshtest.StartSSHD(t, sshtest.Options{})
+	target := sshtest.StartSSHD(t, sshtest.Options{})
+	target.AuthorizeKey(t, jump.ClientSigner.PublicKey())
+	t.Setenv("SSH_AUTH_SOCK", "")
+	// ssh runs a ProxyCommand with $SHELL: ours must not depend on it.
+	t.Setenv("SHELL", "/bin/false")
+	dir := sshtest.PrivateTempDir(t)
+	known := filepath.Join(dir, "known_hosts")
+	lines := []string{
+		"Host jump jumpvia",
+		"  HostName 127.0.0.1",
+		"  Port " + strconv.Itoa(jump.Port),
+		"  StrictHostKeyChecking no",
+		"Host jumpvia",
+		"  ProxyJump jump",
+		"Host target",
+		"  ProxyJump jump",
+		"Host target2",
+		"  ProxyJump jump,jump",
+		"Host target3",
+		"  ProxyJump jumpvia",
+		"Host target target2 target3",
+		"  HostName 127.0.0.1",
+		"  Port " + strconv.Itoa(target.Port),
+		"Host *",
+		"  User " + jump.User,
+		"  IdentityFile " + jump.ClientKeyFile,
+		"  IdentitiesOnly yes",
+		"  UserKnownHostsFile " + known,
+		"  GlobalKnownHostsFile /dev/null",
+		"  StrictHostKeyChecking yes",
+		"  BatchMode yes",
+	}
+	cfgFile := filepath.Join(dir, "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600))
+	establish := func(t *testing.T, dest string, m Method) (*Tunnel, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return EstablishTunnel(ctx, TunnelConfig{
+			Destination: dest, SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t), Methods: []Method{m},
+		})
+	}
+
+	for _, dest := range []string{"target", "target2", "target3"} {
+		t.Run(dest, func(t *testing.T) {
+			t.Run("jump host unknown", func(t *testing.T) {
+				onlyTarget := mustRead(t, target.KnownHostsFile)
+				require.NoError(t, os.WriteFile(known, onlyTarget, 0o600))
+				for _, m := range systemSSHMethods {
+					tun, err := establish(t, dest, m)
+					if err == nil {
+						tun.Close()
+					}
+					require.ErrorContains(t, err, "Host key verification failed", "%s through an unverified jump host", m)
+				}
+				require.Equal(t, onlyTarget, mustRead(t, known), "the jump host's key was recorded")
+			})
+			t.Run("jump host known", func(t *testing.T) {
+				require.NoError(t, os.WriteFile(known, append(mustRead(t, jump.KnownHostsFile), mustRead(t, target.KnownHostsFile)...), 0o600))
+				for _, m := range systemSSHMethods {
+					tun, err := establish(t, dest, m)
+					require.NoError(t, err, "%s\njump log:\n%s\ntarget log:\n%s", m, jump.Log(), target.Log())
+					require.NoError(t, echoOnce(context.Background(), tun, startEchoServer(t), []byte("via "+dest)), "%s", m)
+					require.NoError(t, tun.Close())
+				}
+			})
+		})
+	}
+}
+
+// jumpCommand's quoting, checked by what /bin/sh makes of it after ssh's
+// %-expansion, level by level.
+func TestJumpCommandQuoting(t *testing.T) {
+	s := &sshCommand{bin: "/opt/my ssh/ssh", cfg: &TunnelConfig{SSHConfigFile: "/cfg/100%'s $HOME"}, log: discardLogger}
+	cmd, err := s.jumpCommand(context.Background(), []destination{{Host: "gw1"}, {User: "bob", Host: "gw2", Port: 2200}}, 0)
+	require.NoError(t, err)
+	assert.True(t, strings.HasSuffix(cmd, ` -W '[%h]:%p' -- gw2`), cmd)
+
+	expand := func(c, host, port string) string {
+		return strings.NewReplacer("%%", "%", "%h", host, "%p", port).Replace(c)
+	}
+	// The jump ssh for gw2, as the destination's ssh runs it.
+	argv := shellArgv(t, expand(cmd, "target", "22"))
+	require.Equal(t, []string{"/opt/my ssh/ssh", "-F", "/cfg/100%'s $HOME", "-l", "bob", "-p", "2200"}, argv[:7])
+	require.Equal(t, []string{"-W", "[target]:22", "--", "gw2"}, argv[len(argv)-4:])
+	for _, o := range []string{"BatchMode=yes", "StrictHostKeyChecking=yes", "ControlMaster=no", "ControlPath=none", "ServerAliveInterval=60"} {
+		require.Contains(t, argv, o)
+	}
+	var nested string
+	for _, a := range argv {
+		if v, ok := strings.CutPrefix(a, "ProxyCommand="); ok {
+			nested = v
+		}
+	}
+	require.NotEmpty(t, nested, "no ProxyCommand for the hop before gw2: %q", argv)
+	// The jump ssh for gw1, as the one for gw2 runs it.
+	argv = shellArgv(t, expand(nested, "gw2", "2200"))
+	require.Equal(t, []string{"/opt/my ssh/ssh", "-F", "/cfg/100%'s $HOME", "-o", "BatchMode=yes"}, argv[:5])
+	require.Equal(t, []string{"-W", "[gw2]:2200", "--", "gw1"}, argv[len(argv)-4:])
+	for _, a := range argv {
+		require.False(t, strings.HasPrefix(a, "ProxyCommand="), "gw1 has no jump of its own: %q", argv)
+	}
+
+	// Accept-new and explicit keepalives reach the hops.
+	s.cfg.HostKeyPolicy, s.cfg.KeepaliveInterval, s.cfg.KeepaliveCountMax = HostKeyAcceptNew, 7*time.Second, 2
+	cmd, err = s.jumpCommand(context.Background(), []destination{{Host: "gw1"}}, 0)
+	require.NoError(t, err)
+	argv = shellArgv(t, expand(cmd, "target", "22"))
+	for _, o := range []string{"StrictHostKeyChecking=accept-new", "ServerAliveInterval=7", "ServerAliveCountMax=2"} {
+		require.Contains(t, argv, o)
+	}
+}
+
+// shellArgv runs command's words through /bin/sh and returns them.
+func shellArgv(t *testing.T, command string) []string {
+	t.Helper()
+	out, err := exec.Command("/bin/sh", "-c", `set -- `+command+`; for a; do printf '%s\0' "$a"; done`).Output()
+	require.NoError(t, err, "%s", command)
+	return strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
+}
+
 // When the link to the login node drops, the ssh child exits: Done fires
 // and Err carries ssh's own words.
 func TestSystemSSHDoneWhenServerStops(t *testing.T) {
