@@ -26,15 +26,16 @@ var conformanceMethods = []struct {
 	method Method
 	// refusedKnown: the method can tell "connection refused" apart from
 	// other failures. `ssh -D` closes the SOCKS socket without a reply code
-	// when a channel open fails, so the SOCKS methods cannot.
+	// when a channel open fails; the SOCKS methods read the reason from
+	// ssh's log.
 	refusedKnown bool
 	// closesConns: Close also ends connections already dialled.
 	closesConns bool
 }{
 	{MethodGoSSH, true, true},
 	{MethodControlMaster, true, true},
-	{MethodSOCKSUnix, false, false},
-	{MethodSOCKSTCP, false, false},
+	{MethodSOCKSUnix, true, false},
+	{MethodSOCKSTCP, true, false},
 	{MethodExec, true, false},
 	{MethodDirect, true, false},
 }

@@ -606,19 +606,36 @@ func (p *sshProcess) stop() {
 
 // tailBuffer keeps the last max bytes written to it.
 type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
+	mu      sync.Mutex
+	max     int
+	buf     []byte
+	written int64 // bytes written so far, kept or not
 }
 
 func (b *tailBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.buf = append(b.buf, p...)
+	b.written += int64(len(p))
 	if over := len(b.buf) - b.max; over > 0 {
 		b.buf = append(b.buf[:0], b.buf[over:]...)
 	}
 	return len(p), nil
+}
+
+// offset returns how many bytes have been written so far.
+func (b *tailBuffer) offset() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.written
+}
+
+// since returns what was written after offset off, as far as it is kept.
+func (b *tailBuffer) since(off int64) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := int(min(max(b.written-off, 0), int64(len(b.buf))))
+	return string(b.buf[len(b.buf)-n:])
 }
 
 // String returns the kept text, trimmed, lines joined with "; ".
@@ -989,9 +1006,16 @@ func (t *controlMasterTunnel) Close() error {
 // ---- socks-unix, socks-tcp ----
 
 // socksTunnel speaks SOCKS5 to `ssh -N -D` over a unix socket or a
-// loopback TCP port. ssh -D gives no reason when the login node cannot
-// connect (it closes the socket without a SOCKS reply), so such errors are
-// a *RemoteDialError without a cause.
+// loopback TCP port. When the login node cannot connect, ssh -D closes the
+// socket without a SOCKS reply, but logs the reason ("channel 3: open
+// failed: connect failed: Connection refused"; LogLevel INFO is forced, see
+// the file comment): a failed dial looks briefly for such a line written
+// to ssh's stderr since its handshake began, and its *RemoteDialError
+// carries that reason and its cause (ECONNREFUSED, ...). When there is no
+// such line, or concurrent failures logged different reasons, the error
+// has no cause. The lines do not name the destination, so a failure
+// reported at the same moment by another dial with the same reason cannot
+// be told apart; that is the heuristic's limit.
 //
 // The TCP variant listens on 127.0.0.1: any local user can use it while it
 // runs. It exists for OpenSSH older than 6.7; prefer the others.
@@ -1112,6 +1136,7 @@ func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (ne
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	logged := t.proc.stderr.offset()
 	if _, err := t.socks.DialWithConn(ctx, c, network, addr); err != nil {
 		c.Close()
 		if ctx.Err() != nil {
@@ -1121,11 +1146,60 @@ func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (ne
 			return nil, t.downError(err)
 		}
 		// ssh -D hangs up without a SOCKS reply when its channel open
-		// fails: the login node could not connect, reason unknown.
+		// fails: the login node could not connect, and ssh logged why.
 		rde := &RemoteDialError{Addr: addr, Reason: "no reason given by ssh -D"}
+		if reason := t.openFailure(ctx, logged); reason != "" {
+			rde = newRemoteDialError(addr, reason)
+		}
 		return nil, fmt.Errorf("%w (%w)", rde, err)
 	}
 	return c, nil
+}
+
+// openFailureWait is how long a failed SOCKS dial waits for ssh's reason to
+// reach its stderr (ssh logs it before it closes the socket; our copy of
+// its stderr trails a little).
+const openFailureWait = 100 * time.Millisecond
+
+// openFailure returns the reason ssh logged for a failed channel open
+// after stderr offset off, waiting up to openFailureWait for it; "" if
+// none arrives or the reasons logged meanwhile differ.
+func (t *socksTunnel) openFailure(ctx context.Context, off int64) string {
+	timer := time.NewTimer(openFailureWait)
+	defer timer.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if r, ok := openFailureReason(t.proc.stderr.since(off)); ok {
+			return r
+		}
+		select {
+		case <-tick.C:
+		case <-timer.C:
+			return ""
+		case <-ctx.Done():
+			return ""
+		}
+	}
+}
+
+// openFailureReason finds ssh's "channel N: open failed: REASON" lines in
+// log. ok is false when there is none; when there are several with
+// different reasons, ok is true and reason "" (which one is ours is
+// unknown).
+func openFailureReason(log string) (reason string, ok bool) {
+	for line := range strings.Lines(log) {
+		_, r, found := strings.Cut(line, "open failed: ")
+		if !found {
+			continue
+		}
+		r = strings.TrimSpace(r)
+		if ok && r != reason {
+			return "", true
+		}
+		reason, ok = r, true
+	}
+	return reason, ok
 }
 
 // Close implements tunnelImpl. Connections already dialled are separate

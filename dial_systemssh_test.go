@@ -219,6 +219,41 @@ func TestTailBuffer(t *testing.T) {
 	assert.Equal(t, "line one; line two", b.String())
 }
 
+func TestTailBufferSince(t *testing.T) {
+	b := &tailBuffer{max: 16}
+	_, _ = b.Write([]byte("0123456789"))
+	off := b.offset()
+	assert.Equal(t, int64(10), off)
+	assert.Equal(t, "", b.since(off))
+	_, _ = b.Write([]byte("abc"))
+	assert.Equal(t, "abc", b.since(off))
+	assert.Equal(t, "9abc", b.since(off-1))
+	_, _ = b.Write([]byte("defghijklmnop")) // more than max: the start is gone
+	assert.Equal(t, "abcdefghijklmnop", b.since(off))
+	assert.Equal(t, "abcdefghijklmnop", b.since(0), "only what is kept")
+	assert.Equal(t, "", b.since(b.offset()+5))
+}
+
+func TestOpenFailureReason(t *testing.T) {
+	for _, tt := range []struct {
+		log, reason string
+		ok          bool
+	}{
+		{"", "", false},
+		{"Warning: something else\n", "", false},
+		{"channel 3: open failed: connect failed: Connection refused\r\n", "connect failed: Connection refused", true},
+		{"channel 2: open failed: administratively prohibited: open failed\nchannel 4: open failed: administratively prohibited: open failed\n",
+			"administratively prohibited: open failed", true},
+		// Two dials failing for different reasons at once: which is ours
+		// is unknown.
+		{"channel 2: open failed: connect failed: Connection refused\nchannel 3: open failed: connect failed: No route to host\n", "", true},
+	} {
+		reason, ok := openFailureReason(tt.log)
+		assert.Equal(t, tt.reason, reason, "%q", tt.log)
+		assert.Equal(t, tt.ok, ok, "%q", tt.log)
+	}
+}
+
 func TestRuntimeDir(t *testing.T) {
 	t.Run("private dir accepted", func(t *testing.T) {
 		dir := sshtest.PrivateTempDir(t)
@@ -769,7 +804,7 @@ func TestExecConn(t *testing.T) {
 // method (and so does every other method).
 func TestSystemSSHForwardingProhibited(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"AllowTcpForwarding=no"}})
-	for _, m := range []Method{MethodExec, MethodControlMaster} {
+	for _, m := range []Method{MethodExec, MethodControlMaster, MethodSOCKSUnix} {
 		t.Run(m.String(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
