@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -184,6 +185,7 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 		hops:   clients[:len(clients)-1],
 		log:    log,
 		stop:   make(chan struct{}),
+		dying:  make(chan struct{}),
 		done:   make(chan struct{}),
 	}
 	go t.run(interval, count)
@@ -568,6 +570,10 @@ type gosshTunnel struct {
 
 	stopOnce sync.Once
 	stop     chan struct{} // closed by Close
+	// dying is closed by run as soon as the tunnel goes down, before it
+	// closes the clients: from then on dials fail with ErrTunnelDown.
+	dying    chan struct{}
+	dyingErr error         // why, written before dying is closed; nil after Close
 	done     chan struct{} // closed by run when everything is torn down
 
 	mu     sync.Mutex
@@ -612,10 +618,15 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	if err != nil {
 		t.log.Warn("tunnel down", "err", err)
 	}
+	t.dyingErr = err
+	close(t.dying)
 	close(kaStop)
 	_ = t.client.Close()
 	for _, h := range slices.Backward(t.hops) {
 		_ = h.Close()
+	}
+	if testHookGoSSHClientsClosed != nil {
+		testHookGoSSHClientsClosed()
 	}
 	for ; waiting > 0; waiting-- {
 		<-waitc
@@ -628,6 +639,10 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	t.dials.Wait()
 	close(t.done)
 }
+
+// testHookGoSSHClientsClosed, when set by a test, runs in run right after
+// the clients are closed, while the tunnel is still winding down.
+var testHookGoSSHClientsClosed func()
 
 // keepalive sends keepalive@openssh.com (want reply) every interval. A
 // SendRequest on a dead link blocks (holding x/crypto's global-request
@@ -678,20 +693,34 @@ func (t *gosshTunnel) keepalive(interval time.Duration, countMax int, stop <-cha
 
 // DialContext opens a direct-tcpip channel to addr; the name in addr is
 // resolved by the login node. ctx governs the channel open only; a channel
-// that opens after ctx ended is closed.
+// that opens after ctx ended is closed. From the moment the tunnel starts
+// going down (before Done fires), dials fail with an error wrapping
+// ErrTunnelDown and the reason.
 func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	switch network {
 	case "tcp", "tcp4", "tcp6":
 	default:
 		return nil, fmt.Errorf("hpcproxy: gossh tunnel cannot dial network %q", network)
 	}
+	// Checked here so that any other failure of client.Dial is the
+	// connection's (see dialError).
+	if _, port, err := net.SplitHostPort(addr); err != nil {
+		return nil, fmt.Errorf("hpcproxy: dial %s: %w", addr, err)
+	} else if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return nil, fmt.Errorf("hpcproxy: dial %s: bad port", addr)
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	select {
+	case <-t.dying:
+		return nil, t.downError(nil)
+	default:
 	}
 	t.mu.Lock()
 	if t.closed {
 		t.mu.Unlock()
-		return nil, ErrTunnelDown
+		return nil, t.downError(nil)
 	}
 	t.dials.Add(1)
 	t.mu.Unlock()
@@ -715,17 +744,49 @@ func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (ne
 	select {
 	case r := <-ch:
 		if r.err != nil {
-			select {
-			case <-t.stop:
-				return nil, fmt.Errorf("%w: %w", ErrTunnelDown, r.err)
-			default:
-			}
-			return nil, convertOpenChannelError(addr, r.err)
+			return nil, t.dialError(ctx, addr, r.err)
 		}
 		return r.c, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// dialError maps a failed channel open. The server's refusal is a
+// *RemoteDialError. Any other failure is the SSH connection's: run notices
+// that at once, so dialError waits (a second at most) for dying and
+// reports the tunnel down, as it does for any failure once dying.
+func (t *gosshTunnel) dialError(ctx context.Context, addr string, err error) error {
+	var oce *ssh.OpenChannelError
+	if !errors.As(err, &oce) {
+		timer := time.NewTimer(time.Second)
+		defer timer.Stop()
+		select {
+		case <-t.dying:
+		case <-timer.C:
+		case <-ctx.Done():
+		}
+	}
+	select {
+	case <-t.dying:
+		return t.downError(err)
+	default:
+	}
+	return convertOpenChannelError(addr, err)
+}
+
+// downError wraps ErrTunnelDown, the reason the tunnel went down (if not a
+// plain Close) and err (if any). Call it only once dying is closed.
+func (t *gosshTunnel) downError(err error) error {
+	switch {
+	case t.dyingErr != nil && err != nil:
+		return fmt.Errorf("%w: %w: %w", ErrTunnelDown, t.dyingErr, err)
+	case t.dyingErr != nil:
+		return fmt.Errorf("%w: %w", ErrTunnelDown, t.dyingErr)
+	case err != nil:
+		return fmt.Errorf("%w: %w", ErrTunnelDown, err)
+	}
+	return ErrTunnelDown
 }
 
 // Close closes the SSH client (ending every connection dialled through it)

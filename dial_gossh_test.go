@@ -512,6 +512,34 @@ func TestGoSSHFaults(t *testing.T) {
 		}
 		require.ErrorContains(t, tun.Err(), "dropped")
 	})
+	t.Run("dial while the tunnel goes down", func(t *testing.T) {
+		// run has closed the clients but not yet fired Done: a dial in
+		// that window must still say the tunnel is down, not pass on the
+		// closed client's error.
+		reached, release := make(chan struct{}), make(chan struct{})
+		testHookGoSSHClientsClosed = func() { close(reached); <-release }
+		tun, err := establishGoSSH(t, cfg)
+		require.NoError(t, err)
+		defer func() {
+			<-tun.Done() // run is gone: the hook can be reset
+			testHookGoSSHClientsClosed = nil
+		}()
+		defer close(release)
+		srv.DropConnections()
+		select {
+		case <-reached:
+		case <-time.After(10 * time.Second):
+			t.Fatal("tunnel did not go down after the connection dropped")
+		}
+		select {
+		case <-tun.Done():
+			t.Fatal("Done fired while run was held")
+		default:
+		}
+		_, err = tun.Dial(context.Background(), "tcp", startEchoServer(t))
+		require.ErrorIs(t, err, ErrTunnelDown)
+		require.ErrorContains(t, err, "dropped")
+	})
 	t.Run("channels refused", func(t *testing.T) {
 		tun, err := establishGoSSH(t, cfg)
 		require.NoError(t, err)
