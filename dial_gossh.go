@@ -809,5 +809,5 @@ func (t *gosshTunnel) Err() error {
 // listenRemote implements remoteListener with tcpip-forward requests on
 // the SSH connection.
 func (t *gosshTunnel) listenRemote(ctx context.Context, network, addr string) (net.Listener, error) {
-	return listenSSH(ctx, t.client, t.stop, network, addr)
+	return listenSSH(ctx, t.client, t.dying, network, addr)
 }

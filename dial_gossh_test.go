@@ -540,6 +540,21 @@ func TestGoSSHFaults(t *testing.T) {
 		require.ErrorIs(t, err, ErrTunnelDown)
 		require.ErrorContains(t, err, "dropped")
 	})
+	t.Run("listen while the tunnel dies", func(t *testing.T) {
+		// tcpip-forward is a global request: stalled, it never returns on
+		// its own. When keepalives declare the link dead, Listen must
+		// fail with ErrTunnelDown.
+		c := cfg
+		c.KeepaliveInterval, c.KeepaliveCountMax = 100*time.Millisecond, 2
+		tun, err := establishGoSSH(t, c)
+		require.NoError(t, err)
+		srv.StallGlobalRequests(true)
+		defer srv.StallGlobalRequests(false)
+		_, err = tun.Listen(context.Background(), "tcp", "127.0.0.1:0")
+		require.ErrorIs(t, err, ErrTunnelDown)
+		<-tun.Done()
+		require.ErrorContains(t, tun.Err(), "keepalives")
+	})
 	t.Run("channels refused", func(t *testing.T) {
 		tun, err := establishGoSSH(t, cfg)
 		require.NoError(t, err)
@@ -581,6 +596,39 @@ func TestGoSSHFaults(t *testing.T) {
 		wg.Wait()
 		require.NoError(t, tun.Close()) // waits for every late channel
 	})
+}
+
+// listenSSH races the request against done as well as ctx: a request the
+// server never answers returns as soon as done is closed.
+func TestListenSSHDone(t *testing.T) {
+	srv := sshtest.StartServer(t)
+	client, err := ssh.Dial("tcp", srv.Addr, &ssh.ClientConfig{
+		User:            srv.User,
+		Auth:            []ssh.AuthMethod{ssh.PublicKeys(srv.ClientSigner)},
+		HostKeyCallback: ssh.FixedHostKey(srv.HostKey.PublicKey()),
+		Timeout:         10 * time.Second,
+	})
+	require.NoError(t, err)
+	defer client.Close() // ends the abandoned request
+	srv.StallGlobalRequests(true)
+	done := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		_, err := listenSSH(context.Background(), client, done, "tcp", "127.0.0.1:0")
+		errc <- err
+	}()
+	select {
+	case err := <-errc:
+		t.Fatalf("listenSSH returned before done: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(done)
+	select {
+	case err := <-errc:
+		require.ErrorIs(t, err, ErrTunnelDown)
+	case <-time.After(5 * time.Second):
+		t.Fatal("listenSSH ignored done")
+	}
 }
 
 // startEchoAddr is a target for dials whose result does not matter.

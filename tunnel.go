@@ -480,7 +480,8 @@ func (t *Tunnel) Listen(ctx context.Context, network, addr string) (net.Listener
 
 // listenSSH sends tcpip-forward (or streamlocal-forward@openssh.com) on
 // client. A request on a dead link blocks until the client is closed, so it
-// is raced against ctx and done, and a listener that comes late is closed.
+// is raced against ctx and done (closed when the tunnel goes down), and a
+// listener that comes late is closed.
 func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, network, addr string) (net.Listener, error) {
 	type result struct {
 		ln  net.Listener
@@ -491,16 +492,22 @@ func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, ne
 		ln, err := client.Listen(network, addr)
 		ch <- result{ln, err}
 	}()
-	var r result
-	select {
-	case r = <-ch:
-	case <-ctx.Done():
+	closeLate := func() {
 		go func() {
 			if r := <-ch; r.ln != nil {
 				_ = r.ln.Close()
 			}
 		}()
+	}
+	var r result
+	select {
+	case r = <-ch:
+	case <-ctx.Done():
+		closeLate()
 		return nil, fmt.Errorf("hpcproxy: listen on the login node at %s: %w", addr, ctx.Err())
+	case <-done:
+		closeLate()
+		return nil, fmt.Errorf("%w: listen on %s", ErrTunnelDown, addr)
 	}
 	if r.err != nil {
 		select {
