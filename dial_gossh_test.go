@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	mrand "math/rand/v2"
 	"net"
 	"os"
@@ -12,12 +13,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/knownhosts"
 
@@ -474,7 +477,8 @@ func TestGoSSHFaults(t *testing.T) {
 	cfg := TunnelConfig{SSHConfigFile: srv.SSHConfigFile}
 
 	t.Run("keepalive unanswered", func(t *testing.T) {
-		const interval, count = 200 * time.Millisecond, 2
+		const interval, count = 400 * time.Millisecond, 2
+		before := goleak.IgnoreCurrent()
 		c := cfg
 		c.KeepaliveInterval, c.KeepaliveCountMax = interval, count
 		tun, err := establishGoSSH(t, c)
@@ -494,12 +498,41 @@ func TestGoSSHFaults(t *testing.T) {
 			t.Fatal("Done did not fire after keepalives stopped")
 		}
 		took := time.Since(start)
-		// The stall may begin just after a probe was answered: allow one
-		// extra interval, plus scheduling slack.
-		require.Less(t, took, interval*(count+2)+500*time.Millisecond)
-		require.ErrorContains(t, tun.Err(), "stopped answering keepalives after 2 x 200ms")
+		// The first unanswered probe goes out at the first tick after
+		// the stall began (or just before it, still in flight), and the
+		// count-th tick after it gives up: count x interval at least,
+		// (count+1) x interval at most, plus scheduling slack.
+		require.GreaterOrEqual(t, took, count*interval-50*time.Millisecond, "gave up too early")
+		require.LessOrEqual(t, took, (count+1)*interval+200*time.Millisecond, "gave up too late")
+		require.ErrorContains(t, tun.Err(), "stopped answering keepalives after 2 x 400ms")
 		_, err = tun.Dial(context.Background(), "tcp", "127.0.0.1:1")
 		require.ErrorIs(t, err, ErrTunnelDown)
+		// Done means torn down: no goroutine of the tunnel (nor of the
+		// server's side of its connection) is left.
+		goleak.VerifyNone(t, before)
+	})
+	t.Run("late keepalive replies reset the miss count", func(t *testing.T) {
+		// Every other probe is answered late: after the next tick (a
+		// miss) but before the count-th. Each reply proves the server
+		// alive, so the misses never add up to count.
+		const interval, count = 200 * time.Millisecond, 2
+		srv.DelayGlobalRequests(func(n int) time.Duration {
+			if n%2 == 0 {
+				return interval * 3 / 2
+			}
+			return 0
+		})
+		defer srv.DelayGlobalRequests(nil)
+		c := cfg
+		c.KeepaliveInterval, c.KeepaliveCountMax = interval, count
+		tun, err := establishGoSSH(t, c)
+		require.NoError(t, err)
+		select {
+		case <-tun.Done():
+			t.Fatalf("tunnel went down although every keepalive was answered: %v", tun.Err())
+		case <-time.After(10 * interval):
+		}
+		requireEcho(t, tun)
 	})
 	t.Run("connection dropped", func(t *testing.T) {
 		tun, err := establishGoSSH(t, cfg)
@@ -577,24 +610,56 @@ func TestGoSSHFaults(t *testing.T) {
 		_, err = tun.Dial(context.Background(), "tcp", closedPort(t))
 		require.True(t, errors.Is(err, syscall.ECONNREFUSED), "got %v, want ECONNREFUSED", err)
 	})
-	t.Run("dial cancelled while opening", func(t *testing.T) {
+	t.Run("channel that opens after cancel is closed", func(t *testing.T) {
+		// The server opens channels late; dials give up before that.
+		// Each late channel must be closed as soon as it arrives, not
+		// when the tunnel closes: the server's count of open channels
+		// returns to zero while the tunnel is still up.
+		const delay = 150 * time.Millisecond
+		// Started first, so that its cleanup (which waits for its
+		// conns) runs after the tunnel's, even when the test fails.
+		echo := startEchoServer(t)
 		tun, err := establishGoSSH(t, cfg)
 		require.NoError(t, err)
-		srv.StallGlobalRequests(false)
+		srv.DelayChannelOpens(delay)
+		defer srv.DelayChannelOpens(0)
+		accepted0, _ := srv.Channels()
+		requested0 := len(srv.Targets())
 		var wg sync.WaitGroup
-		for range 20 {
+		var gaveUp, served atomic.Int32
+		for i := range 20 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(mrand.IntN(2e6)))
-				defer cancel()
-				if c, err := tun.Dial(ctx, "tcp", startEchoAddr); err == nil {
-					c.Close()
+				// Most give up long before the channel opens, some
+				// around the time it does, some wait for it.
+				timeout := time.Duration(mrand.IntN(int(delay / 2)))
+				if i%5 == 0 {
+					timeout = delay + time.Duration(mrand.IntN(int(delay/5)))
 				}
+				if i%10 == 0 {
+					timeout = 10 * time.Second
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), timeout)
+				defer cancel()
+				c, err := tun.Dial(ctx, "tcp", echo)
+				if err != nil {
+					gaveUp.Add(1)
+					return
+				}
+				served.Add(1)
+				c.Close()
 			}()
 		}
 		wg.Wait()
-		require.NoError(t, tun.Close()) // waits for every late channel
+		require.NotZero(t, gaveUp.Load())
+		require.GreaterOrEqual(t, served.Load(), int32(2))
+		require.Eventually(t, func() bool {
+			accepted, open := srv.Channels()
+			requested := len(srv.Targets()) - requested0
+			return requested > 0 && accepted-accepted0 == requested && open == 0
+		}, 10*time.Second, 10*time.Millisecond, "late channels left open (accepted, open: %v)", fmt.Sprint(srv.Channels()))
+		require.NoError(t, tun.Close())
 	})
 }
 
@@ -630,9 +695,6 @@ func TestListenSSHDone(t *testing.T) {
 		t.Fatal("listenSSH ignored done")
 	}
 }
-
-// startEchoAddr is a target for dials whose result does not matter.
-const startEchoAddr = "127.0.0.1:9"
 
 func TestGoSSHConnectTimeout(t *testing.T) {
 	noAgent(t)
