@@ -6,9 +6,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	mrand "math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -798,4 +801,105 @@ func TestGoSSHCiphers(t *testing.T) {
 	require.Contains(t, got, ssh.CipherChaCha20Poly1305)
 	require.Equal(t, []string{"aes256-ctr"}, gosshCiphers([]string{"aes256-ctr", "no-such-cipher"}, discardLogger))
 	require.Equal(t, got, gosshCiphers([]string{"no-such-cipher"}, discardLogger))
+}
+
+// DialGoSSH resolves the destination from the user's own ~/.ssh/config,
+// found through the passwd entry (not $HOME), as ssh does. So the test
+// needs a real user whose passwd home holds that config: a throwaway user
+// runs a copy of this test binary (helper "dialgossh"), which calls
+// DialGoSSH("sshtest") and echoes through the tunnel.
+func TestDialGoSSH(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, p := range []string{"useradd", "usermod", "userdel", "chown"} {
+		testenv.LookPath(t, p)
+	}
+	testenv.LookPath(t, "ssh")
+	name, home := throwawayUser(t)
+	u, err := user.Lookup(name)
+	require.NoError(t, err)
+	uid, err := strconv.ParseUint(u.Uid, 10, 32)
+	require.NoError(t, err)
+	gid, err := strconv.ParseUint(u.Gid, 10, 32)
+	require.NoError(t, err)
+
+	dotSSH := filepath.Join(home, ".ssh")
+	require.NoError(t, os.MkdirAll(dotSSH, 0o700))
+	key := sshtest.GenerateKeyFile(t, "ed25519", filepath.Join(dotSSH, "id_ed25519"))
+	authorized := filepath.Join(dotSSH, "authorized_keys")
+	require.NoError(t, os.WriteFile(authorized, ssh.MarshalAuthorizedKey(key.PublicKey()), 0o600))
+	// sshd reads authorized_keys as the user: it must be in their home.
+	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"AuthorizedKeysFile=" + authorized}})
+	require.NoError(t, os.WriteFile(filepath.Join(dotSSH, "known_hosts"), mustRead(t, sshd.KnownHostsFile), 0o600))
+	config := strings.Join([]string{
+		"Host sshtest",
+		"  HostName 127.0.0.1",
+		"  Port " + strconv.Itoa(sshd.Port),
+		"  User " + name,
+		"  IdentityFile ~/.ssh/id_ed25519",
+		"  IdentitiesOnly yes",
+		"  UserKnownHostsFile ~/.ssh/known_hosts",
+		"  GlobalKnownHostsFile /dev/null",
+	}, "\n") + "\n"
+	require.NoError(t, os.WriteFile(filepath.Join(dotSSH, "config"), []byte(config), 0o600))
+	// The test binary lives in a directory only we can enter.
+	self, err := os.Executable()
+	require.NoError(t, err)
+	bin := filepath.Join(home, "hpcproxy.test")
+	require.NoError(t, os.WriteFile(bin, mustRead(t, self), 0o755))
+	chownR(t, home, name)
+
+	echo := startEchoServer(t)
+	cmd := exec.Command(bin, "-test.run=^TestHelperDaemon$", "-test.count=1")
+	cmd.Dir = home
+	cmd.Env = []string{
+		helperEnv + "=dialgossh",
+		"HPCPROXY_HELPER_ECHO=" + echo,
+		"PATH=" + os.Getenv("PATH"),
+		"HOME=/nonexistent", // OpenSSH and DialGoSSH go by the passwd entry
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "helper: %s\nsshd log:\n%s", out, sshd.Log())
+	require.Contains(t, string(out), "DIALGOSSH OK")
+	require.Contains(t, sshd.Log(), "Accepted publickey for "+name)
+}
+
+func init() {
+	helpers["dialgossh"] = dialGoSSHHelper
+}
+
+// dialGoSSHHelper runs as the throwaway user of TestDialGoSSH.
+func dialGoSSHHelper() int {
+	fail := func(format string, args ...any) int {
+		fmt.Fprintf(os.Stderr, "dialgossh: "+format+"\n", args...)
+		return 1
+	}
+	dial, stop, done, err := DialGoSSH("sshtest")
+	if err != nil {
+		return fail("%v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := dial(ctx, "tcp", os.Getenv("HPCPROXY_HELPER_ECHO"))
+	if err != nil {
+		return fail("dial: %v", err)
+	}
+	msg := []byte("hello from DialGoSSH")
+	if _, err := c.Write(msg); err != nil {
+		return fail("write: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != string(msg) {
+		return fail("echo: got %q, %v", got, err)
+	}
+	c.Close()
+	select {
+	case <-done:
+		return fail("done fired before stop")
+	default:
+	}
+	stop()
+	<-done
+	fmt.Println("DIALGOSSH OK")
+	return 0
 }
