@@ -100,6 +100,31 @@ func TestGoSSHAgentAuth(t *testing.T) {
 	require.Len(t, signers, 1)
 	sshd.AuthorizeKey(t, signers[0].PublicKey())
 	missing := filepath.Join(t.TempDir(), "no_such_key")
+	// onlyIdentity brings up a tunnel offering only what idFile names
+	// (IdentitiesOnly).
+	onlyIdentity := func(t *testing.T, idFile string) (*Tunnel, error) {
+		t.Helper()
+		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
+			"IdentityFile "+idFile, "IdentitiesOnly yes")
+		return establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+	}
+	// agentKey adds a new key of type typ to the agent.
+	agentKey := func(t *testing.T, typ string) ssh.Signer {
+		t.Helper()
+		k := sshtest.GenerateKey(t, typ)
+		ag.Add(t, k, nil)
+		signer, err := ssh.NewSignerFromKey(k)
+		require.NoError(t, err)
+		return signer
+	}
+	// pubOnly writes pub to a fresh KEY.pub with no KEY beside it and
+	// returns KEY.
+	pubOnly := func(t *testing.T, pub ssh.PublicKey) string {
+		t.Helper()
+		path := filepath.Join(t.TempDir(), "id_pub_only")
+		require.NoError(t, os.WriteFile(path+".pub", ssh.MarshalAuthorizedKey(pub), 0o600))
+		return path
+	}
 
 	t.Run("agent key", func(t *testing.T) {
 		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile, "IdentityFile "+missing)
@@ -108,9 +133,7 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		requireEcho(t, tun)
 	})
 	t.Run("IdentitiesOnly filters agent keys", func(t *testing.T) {
-		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
-			"IdentityFile "+missing, "IdentitiesOnly yes")
-		_, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		_, err := onlyIdentity(t, missing)
 		var ae *AuthError
 		require.ErrorAs(t, err, &ae)
 		require.Empty(t, ae.Offered)
@@ -123,9 +146,7 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		block, err := ssh.MarshalPrivateKeyWithPassphrase(key, "", []byte("secret"))
 		require.NoError(t, err)
 		require.NoError(t, os.WriteFile(path, pemEncode(block), 0o600))
-		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
-			"IdentityFile "+path, "IdentitiesOnly yes")
-		tun, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		tun, err := onlyIdentity(t, path)
 		require.NoError(t, err)
 		requireEcho(t, tun)
 	})
@@ -133,28 +154,17 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		// A second agent key the server does not accept. Named by an
 		// IdentityFile whose private half is absent (only KEY.pub, as
 		// OpenSSH allows), it is the only key offered, so login fails.
-		other := sshtest.GenerateKey(t, "ed25519")
-		ag.Add(t, other, nil)
-		otherSigner, err := ssh.NewSignerFromKey(other)
-		require.NoError(t, err)
-		dir := t.TempDir()
-		otherPath := filepath.Join(dir, "id_other")
-		require.NoError(t, os.WriteFile(otherPath+".pub", ssh.MarshalAuthorizedKey(otherSigner.PublicKey()), 0o600))
-		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
-			"IdentityFile "+otherPath, "IdentitiesOnly yes")
-		_, err = establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		otherSigner := agentKey(t, "ed25519")
+		_, err := onlyIdentity(t, pubOnly(t, otherSigner.PublicKey()))
 		var ae *AuthError
 		require.ErrorAs(t, err, &ae)
 		require.Equal(t, []string{"agent: " + describeKey(otherSigner.PublicKey())}, ae.Offered)
 
 		// The authorised key, named by KEY.pub alone or by its public key
 		// file itself, is picked from the agent and logs in.
-		goodPath := filepath.Join(dir, "id_good")
-		require.NoError(t, os.WriteFile(goodPath+".pub", ssh.MarshalAuthorizedKey(signers[0].PublicKey()), 0o600))
+		goodPath := pubOnly(t, signers[0].PublicKey())
 		for _, idFile := range []string{goodPath, goodPath + ".pub"} {
-			cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
-				"IdentityFile "+idFile, "IdentitiesOnly yes")
-			tun, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+			tun, err := onlyIdentity(t, idFile)
 			require.NoError(t, err, "IdentityFile %s", idFile)
 			requireEcho(t, tun)
 		}
@@ -163,17 +173,9 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		// sshd here refuses SHA-1 ssh-rsa signatures (OpenSSH >= 8.8, see
 		// TestGoSSHKeyFiles), so a login with an RSA agent key proves the
 		// agent was asked for rsa-sha2-256/512.
-		rsaKey := sshtest.GenerateKey(t, "rsa")
-		ag.Add(t, rsaKey, nil)
-		rsaSigner, err := ssh.NewSignerFromKey(rsaKey)
-		require.NoError(t, err)
+		rsaSigner := agentKey(t, "rsa")
 		sshd.AuthorizeKey(t, rsaSigner.PublicKey())
-		dir := t.TempDir()
-		rsaPath := filepath.Join(dir, "id_rsa")
-		require.NoError(t, os.WriteFile(rsaPath+".pub", ssh.MarshalAuthorizedKey(rsaSigner.PublicKey()), 0o600))
-		cfgFile := testSSHConfig(t, sshd.Addr, sshd.User, sshd.KnownHostsFile,
-			"IdentityFile "+rsaPath, "IdentitiesOnly yes")
-		tun, err := establishGoSSH(t, TunnelConfig{SSHConfigFile: cfgFile})
+		tun, err := onlyIdentity(t, pubOnly(t, rsaSigner.PublicKey()))
 		require.NoError(t, err, "sshd log:\n%s", sshd.Log())
 		requireEcho(t, tun)
 		require.Contains(t, sshd.Log(), "Accepted publickey for "+sshd.User+" from 127.0.0.1")
