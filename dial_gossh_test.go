@@ -484,16 +484,8 @@ func TestGoSSHFaults(t *testing.T) {
 	t.Run("keepalive unanswered", func(t *testing.T) {
 		const interval, count = 400 * time.Millisecond, 2
 		before := goleak.IgnoreCurrent()
-		c := cfg
-		c.KeepaliveInterval, c.KeepaliveCountMax = interval, count
-		tun, err := establishGoSSH(t, c)
-		require.NoError(t, err)
-		// Answered keepalives keep it up.
-		select {
-		case <-tun.Done():
-			t.Fatalf("tunnel went down while keepalives were answered: %v", tun.Err())
-		case <-time.After(3 * interval):
-		}
+		tun := establishKeepalive(t, cfg, interval, count)
+		requireStaysUp(t, tun, 3*interval, "while keepalives were answered")
 		srv.StallGlobalRequests(true)
 		defer srv.StallGlobalRequests(false)
 		start := time.Now()
@@ -510,7 +502,7 @@ func TestGoSSHFaults(t *testing.T) {
 		require.GreaterOrEqual(t, took, count*interval-50*time.Millisecond, "gave up too early")
 		require.LessOrEqual(t, took, (count+1)*interval+200*time.Millisecond, "gave up too late")
 		require.ErrorContains(t, tun.Err(), "stopped answering keepalives after 2 x 400ms")
-		_, err = tun.Dial(context.Background(), "tcp", "127.0.0.1:1")
+		_, err := tun.Dial(context.Background(), "tcp", "127.0.0.1:1")
 		require.ErrorIs(t, err, ErrTunnelDown)
 		// Done means torn down: no goroutine of the tunnel (nor of the
 		// server's side of its connection) is left.
@@ -528,15 +520,8 @@ func TestGoSSHFaults(t *testing.T) {
 			return 0
 		})
 		defer srv.DelayGlobalRequests(nil)
-		c := cfg
-		c.KeepaliveInterval, c.KeepaliveCountMax = interval, count
-		tun, err := establishGoSSH(t, c)
-		require.NoError(t, err)
-		select {
-		case <-tun.Done():
-			t.Fatalf("tunnel went down although every keepalive was answered: %v", tun.Err())
-		case <-time.After(10 * interval):
-		}
+		tun := establishKeepalive(t, cfg, interval, count)
+		requireStaysUp(t, tun, 10*interval, "although every keepalive was answered")
 		requireEcho(t, tun)
 	})
 	t.Run("connection dropped", func(t *testing.T) {
@@ -582,13 +567,10 @@ func TestGoSSHFaults(t *testing.T) {
 		// tcpip-forward is a global request: stalled, it never returns on
 		// its own. When keepalives declare the link dead, Listen must
 		// fail with ErrTunnelDown.
-		c := cfg
-		c.KeepaliveInterval, c.KeepaliveCountMax = 100*time.Millisecond, 2
-		tun, err := establishGoSSH(t, c)
-		require.NoError(t, err)
+		tun := establishKeepalive(t, cfg, 100*time.Millisecond, 2)
 		srv.StallGlobalRequests(true)
 		defer srv.StallGlobalRequests(false)
-		_, err = tun.Listen(context.Background(), "tcp", "127.0.0.1:0")
+		_, err := tun.Listen(context.Background(), "tcp", "127.0.0.1:0")
 		require.ErrorIs(t, err, ErrTunnelDown)
 		<-tun.Done()
 		require.ErrorContains(t, tun.Err(), "keepalives")
@@ -666,6 +648,26 @@ func TestGoSSHFaults(t *testing.T) {
 		}, 10*time.Second, 10*time.Millisecond, "late channels left open (accepted, open: %v)", fmt.Sprint(srv.Channels()))
 		require.NoError(t, tun.Close())
 	})
+}
+
+// establishKeepalive brings up a gossh tunnel with cfg and the given
+// keepalive interval and count.
+func establishKeepalive(t *testing.T, cfg TunnelConfig, interval time.Duration, count int) *Tunnel {
+	t.Helper()
+	cfg.KeepaliveInterval, cfg.KeepaliveCountMax = interval, count
+	tun, err := establishGoSSH(t, cfg)
+	require.NoError(t, err)
+	return tun
+}
+
+// requireStaysUp fails t if tun goes down within d.
+func requireStaysUp(t *testing.T, tun *Tunnel, d time.Duration, why string) {
+	t.Helper()
+	select {
+	case <-tun.Done():
+		t.Fatalf("tunnel went down %s: %v", why, tun.Err())
+	case <-time.After(d):
+	}
 }
 
 // listenSSH races the request against done as well as ctx: a request the
