@@ -48,13 +48,24 @@ func testSSHConfig(t *testing.T, addr, user, knownHosts string, extra ...string)
 	for _, e := range extra {
 		lines = append(lines, "  "+e)
 	}
-	lines = append(lines,
-		"  User "+user,
-		"  UserKnownHostsFile "+knownHosts,
+	return writeSSHConfig(t, append(lines, clientDefaults(user, knownHosts)...))
+}
+
+// clientDefaults are the last lines of a test's "Host *": user, host keys
+// checked strictly against knownHosts only, batch mode.
+func clientDefaults(user, knownHosts string) []string {
+	return []string{
+		"  User " + user,
+		"  UserKnownHostsFile " + knownHosts,
 		"  GlobalKnownHostsFile /dev/null",
 		"  StrictHostKeyChecking yes",
 		"  BatchMode yes",
-	)
+	}
+}
+
+// writeSSHConfig writes lines to a fresh ssh_config and returns its path.
+func writeSSHConfig(t *testing.T, lines []string) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "ssh_config")
 	require.NoError(t, os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600))
 	return path
@@ -287,35 +298,43 @@ func TestGoSSHCertificate(t *testing.T) {
 	})
 }
 
+// startJumpAndTarget starts two sshds, a jump host and a target that
+// accepts the jump host's client key: one key logs in to both.
+func startJumpAndTarget(t *testing.T) (jump, target *sshtest.SSHD) {
+	t.Helper()
+	jump = sshtest.StartSSHD(t, sshtest.Options{})
+	target = sshtest.StartSSHD(t, sshtest.Options{})
+	target.AuthorizeKey(t, jump.ClientSigner.PublicKey())
+	return jump, target
+}
+
+// writeJumpConfig writes an ssh_config with hostLines, then a "Host *"
+// block logging in as sshd's user with its client key, checking host keys
+// strictly against known only. It returns the file's path.
+func writeJumpConfig(t *testing.T, sshd *sshtest.SSHD, known string, hostLines ...string) string {
+	t.Helper()
+	lines := append(hostLines, "Host *", "  IdentityFile "+sshd.ClientKeyFile, "  IdentitiesOnly yes")
+	return writeSSHConfig(t, append(lines, clientDefaults(sshd.User, known)...))
+}
+
 func TestGoSSHProxyJump(t *testing.T) {
 	noAgent(t)
-	jump := sshtest.StartSSHD(t, sshtest.Options{})
-	target := sshtest.StartSSHD(t, sshtest.Options{})
-	target.AuthorizeKey(t, jump.ClientSigner.PublicKey())
+	jump, target := startJumpAndTarget(t)
 	known := filepath.Join(t.TempDir(), "known_hosts")
 	require.NoError(t, os.WriteFile(known, append(mustRead(t, jump.KnownHostsFile), mustRead(t, target.KnownHostsFile)...), 0o600))
-	lines := []string{
+	cfgFile := writeJumpConfig(t, jump, known,
 		"Host jump",
 		"  HostName 127.0.0.1",
-		"  Port " + strconv.Itoa(jump.Port),
+		"  Port "+strconv.Itoa(jump.Port),
 		"Host target",
 		"  HostName 127.0.0.1",
-		"  Port " + strconv.Itoa(target.Port),
+		"  Port "+strconv.Itoa(target.Port),
 		"  ProxyJump jump",
 		"Host target2",
 		"  HostName 127.0.0.1",
-		"  Port " + strconv.Itoa(target.Port),
+		"  Port "+strconv.Itoa(target.Port),
 		"  ProxyJump jump,jump",
-		"Host *",
-		"  User " + jump.User,
-		"  IdentityFile " + jump.ClientKeyFile,
-		"  IdentitiesOnly yes",
-		"  UserKnownHostsFile " + known,
-		"  GlobalKnownHostsFile /dev/null",
-		"  BatchMode yes",
-	}
-	cfgFile := filepath.Join(t.TempDir(), "ssh_config")
-	require.NoError(t, os.WriteFile(cfgFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600))
+	)
 
 	for _, dest := range []string{"target", "target2"} {
 		t.Run(dest, func(t *testing.T) {

@@ -471,18 +471,16 @@ func TestUserMasterNotUsedWithoutHostKeyChecking(t *testing.T) {
 // two hops (a nested ProxyCommand), and a first hop with a ProxyJump of its
 // own, whatever $SHELL is.
 func TestSystemSSHProxyJumpHopChecked(t *testing.T) {
-	jump := sshtest.StartSSHD(t, sshtest.Options{})
-	target := sshtest.StartSSHD(t, sshtest.Options{})
-	target.AuthorizeKey(t, jump.ClientSigner.PublicKey())
+	jump, target := startJumpAndTarget(t)
 	t.Setenv("SSH_AUTH_SOCK", "")
 	// ssh runs a ProxyCommand with $SHELL: ours must not depend on it.
 	t.Setenv("SHELL", "/bin/false")
 	dir := sshtest.PrivateTempDir(t)
 	known := filepath.Join(dir, "known_hosts")
-	lines := []string{
+	cfgFile := writeJumpConfig(t, jump, known,
 		"Host jump jumpvia",
 		"  HostName 127.0.0.1",
-		"  Port " + strconv.Itoa(jump.Port),
+		"  Port "+strconv.Itoa(jump.Port),
 		"  StrictHostKeyChecking no",
 		"Host jumpvia",
 		"  ProxyJump jump",
@@ -494,18 +492,8 @@ func TestSystemSSHProxyJumpHopChecked(t *testing.T) {
 		"  ProxyJump jumpvia",
 		"Host target target2 target3",
 		"  HostName 127.0.0.1",
-		"  Port " + strconv.Itoa(target.Port),
-		"Host *",
-		"  User " + jump.User,
-		"  IdentityFile " + jump.ClientKeyFile,
-		"  IdentitiesOnly yes",
-		"  UserKnownHostsFile " + known,
-		"  GlobalKnownHostsFile /dev/null",
-		"  StrictHostKeyChecking yes",
-		"  BatchMode yes",
-	}
-	cfgFile := filepath.Join(dir, "ssh_config")
-	require.NoError(t, os.WriteFile(cfgFile, []byte(strings.Join(lines, "\n")+"\n"), 0o600))
+		"  Port "+strconv.Itoa(target.Port),
+	)
 	establish := func(t *testing.T, dest string, m Method) (*Tunnel, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
