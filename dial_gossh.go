@@ -374,9 +374,10 @@ func (k *gosshKeys) close() {
 //     disables it), only those matching an IdentityFile when
 //     IdentitiesOnly=yes (an IdentityFile matches through its private key,
 //     its KEY.pub when the private key is absent, or its own content when
-//     it is a public key file, as in OpenSSH). Its socket stays open for signing until
-//     gosshKeys.close, which the caller calls once authentication is over
-//     (well before the tunnel closes: nothing needs the agent after that);
+//     it is a public key file, as in OpenSSH). Its socket stays open for
+//     signing until gosshKeys.close, which the caller calls once
+//     authentication is over (well before the tunnel closes: nothing needs
+//     the agent after that);
 //   - the IdentityFiles (OpenSSH's default list when none is configured);
 //     encrypted ones are skipped with a debug line;
 //   - for each key, the certificates matching it: CertificateFile entries
