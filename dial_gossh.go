@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -100,22 +101,32 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The connect timeout bounds the resolution too (`ssh -G` runs Match
+	// exec commands, which may hang). ssh_config's ConnectTimeout is known
+	// only afterwards: until then the default applies, and then it bounds
+	// the setup counted from its start.
+	start := time.Now()
+	timeout := cfg.ConnectTimeout
+	if timeout <= 0 {
+		timeout = defaultConnectTimeout
+	}
 	r := newResolver(cfg)
-	target, err := r.resolve(ctx, d)
+	resolveCtx, cancelResolve := context.WithTimeout(ctx, timeout)
+	target, err := r.resolve(resolveCtx, d)
+	if err != nil {
+		err = timeoutError(ctx, resolveCtx, timeout, err)
+	}
+	cancelResolve()
 	if err != nil {
 		return nil, err
 	}
 	if target.ProxyCommand != "" {
 		return nil, fmt.Errorf("hpcproxy: %s uses ProxyCommand, which only OpenSSH can run (the controlmaster method can)", d.Host)
 	}
-	timeout := cfg.ConnectTimeout
-	if timeout <= 0 {
+	if cfg.ConnectTimeout <= 0 && target.ConnectTimeout > 0 {
 		timeout = target.ConnectTimeout
 	}
-	if timeout <= 0 {
-		timeout = defaultConnectTimeout
-	}
-	setupCtx, cancel := context.WithTimeout(ctx, timeout)
+	setupCtx, cancel := context.WithDeadline(ctx, start.Add(timeout))
 	defer cancel()
 
 	chain, err := r.jumpChain(setupCtx, target, 0)
@@ -174,6 +185,7 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 		hops:   clients[:len(clients)-1],
 		log:    log,
 		stop:   make(chan struct{}),
+		dying:  make(chan struct{}),
 		done:   make(chan struct{}),
 	}
 	go t.run(interval, count)
@@ -360,9 +372,12 @@ func (k *gosshKeys) close() {
 //
 //   - the ssh-agent's keys (IdentityAgent, else $SSH_AUTH_SOCK; "none"
 //     disables it), only those matching an IdentityFile when
-//     IdentitiesOnly=yes. Its socket stays open for signing until
-//     gosshKeys.close, which the caller calls once authentication is over
-//     (well before the tunnel closes: nothing needs the agent after that);
+//     IdentitiesOnly=yes (an IdentityFile matches through its private key,
+//     its KEY.pub when the private key is absent, or its own content when
+//     it is a public key file, as in OpenSSH). Its socket stays open for
+//     signing until gosshKeys.close, which the caller calls once
+//     authentication is over (well before the tunnel closes: nothing needs
+//     the agent after that);
 //   - the IdentityFiles (OpenSSH's default list when none is configured);
 //     encrypted ones are skipped with a debug line;
 //   - for each key, the certificates matching it: CertificateFile entries
@@ -375,13 +390,18 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 	keys := &gosshKeys{}
 	type fileKey struct {
 		path   string
-		signer ssh.Signer // nil for an encrypted key
+		signer ssh.Signer // nil when only the public key is known (encrypted or absent)
 		pub    ssh.PublicKey
 	}
 	var files []fileKey
 	for _, p := range s.IdentityFiles {
 		b, err := os.ReadFile(p)
 		if errors.Is(err, fs.ErrNotExist) {
+			// As in OpenSSH, an IdentityFile whose private half is
+			// absent still selects the agent key of its KEY.pub.
+			if pub := readPublicKey(p + ".pub"); pub != nil {
+				files = append(files, fileKey{path: p, pub: pub})
+			}
 			continue
 		}
 		if err != nil {
@@ -401,6 +421,12 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 			}
 			files = append(files, fileKey{path: p, pub: pub})
 		case err != nil:
+			if pub, _, _, _, perr := ssh.ParseAuthorizedKey(b); perr == nil {
+				// A public key named as IdentityFile: it selects an
+				// agent key, as in OpenSSH.
+				files = append(files, fileKey{path: p, pub: pub})
+				continue
+			}
 			log.Debug("skipping unusable key file", "file", p, "err", err)
 			keys.skipped = append(keys.skipped, p+": "+err.Error())
 		default:
@@ -545,6 +571,10 @@ type gosshTunnel struct {
 
 	stopOnce sync.Once
 	stop     chan struct{} // closed by Close
+	// dying is closed by run as soon as the tunnel goes down, before it
+	// closes the clients: from then on dials fail with ErrTunnelDown.
+	dying    chan struct{}
+	dyingErr error         // why, written before dying is closed; nil after Close
 	done     chan struct{} // closed by run when everything is torn down
 
 	mu     sync.Mutex
@@ -589,10 +619,15 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	if err != nil {
 		t.log.Warn("tunnel down", "err", err)
 	}
+	t.dyingErr = err
+	close(t.dying)
 	close(kaStop)
 	_ = t.client.Close()
 	for _, h := range slices.Backward(t.hops) {
 		_ = h.Close()
+	}
+	if testHookGoSSHClientsClosed != nil {
+		testHookGoSSHClientsClosed()
 	}
 	for ; waiting > 0; waiting-- {
 		<-waitc
@@ -605,6 +640,10 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	t.dials.Wait()
 	close(t.done)
 }
+
+// testHookGoSSHClientsClosed, when set by a test, runs in run right after
+// the clients are closed, while the tunnel is still winding down.
+var testHookGoSSHClientsClosed func()
 
 // keepalive sends keepalive@openssh.com (want reply) every interval. A
 // SendRequest on a dead link blocks (holding x/crypto's global-request
@@ -655,20 +694,34 @@ func (t *gosshTunnel) keepalive(interval time.Duration, countMax int, stop <-cha
 
 // DialContext opens a direct-tcpip channel to addr; the name in addr is
 // resolved by the login node. ctx governs the channel open only; a channel
-// that opens after ctx ended is closed.
+// that opens after ctx ended is closed. From the moment the tunnel starts
+// going down (before Done fires), dials fail with an error wrapping
+// ErrTunnelDown and the reason.
 func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	switch network {
 	case "tcp", "tcp4", "tcp6":
 	default:
 		return nil, fmt.Errorf("hpcproxy: gossh tunnel cannot dial network %q", network)
 	}
+	// Checked here so that any other failure of client.Dial is the
+	// connection's (see dialError).
+	if _, port, err := net.SplitHostPort(addr); err != nil {
+		return nil, fmt.Errorf("hpcproxy: dial %s: %w", addr, err)
+	} else if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return nil, fmt.Errorf("hpcproxy: dial %s: bad port", addr)
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	select {
+	case <-t.dying:
+		return nil, t.downError(nil)
+	default:
 	}
 	t.mu.Lock()
 	if t.closed {
 		t.mu.Unlock()
-		return nil, ErrTunnelDown
+		return nil, t.downError(nil)
 	}
 	t.dials.Add(1)
 	t.mu.Unlock()
@@ -692,17 +745,49 @@ func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (ne
 	select {
 	case r := <-ch:
 		if r.err != nil {
-			select {
-			case <-t.stop:
-				return nil, fmt.Errorf("%w: %w", ErrTunnelDown, r.err)
-			default:
-			}
-			return nil, convertOpenChannelError(addr, r.err)
+			return nil, t.dialError(ctx, addr, r.err)
 		}
 		return r.c, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// dialError maps a failed channel open. The server's refusal is a
+// *RemoteDialError. Any other failure is the SSH connection's: run notices
+// that at once, so dialError waits (a second at most) for dying and
+// reports the tunnel down, as it does for any failure once dying.
+func (t *gosshTunnel) dialError(ctx context.Context, addr string, err error) error {
+	var oce *ssh.OpenChannelError
+	if !errors.As(err, &oce) {
+		timer := time.NewTimer(time.Second)
+		defer timer.Stop()
+		select {
+		case <-t.dying:
+		case <-timer.C:
+		case <-ctx.Done():
+		}
+	}
+	select {
+	case <-t.dying:
+		return t.downError(err)
+	default:
+	}
+	return convertOpenChannelError(addr, err)
+}
+
+// downError wraps ErrTunnelDown, the reason the tunnel went down (if not a
+// plain Close) and err (if any). Call it only once dying is closed.
+func (t *gosshTunnel) downError(err error) error {
+	switch {
+	case t.dyingErr != nil && err != nil:
+		return fmt.Errorf("%w: %w: %w", ErrTunnelDown, t.dyingErr, err)
+	case t.dyingErr != nil:
+		return fmt.Errorf("%w: %w", ErrTunnelDown, t.dyingErr)
+	case err != nil:
+		return fmt.Errorf("%w: %w", ErrTunnelDown, err)
+	}
+	return ErrTunnelDown
 }
 
 // Close closes the SSH client (ending every connection dialled through it)
@@ -725,5 +810,5 @@ func (t *gosshTunnel) Err() error {
 // listenRemote implements remoteListener with tcpip-forward requests on
 // the SSH connection.
 func (t *gosshTunnel) listenRemote(ctx context.Context, network, addr string) (net.Listener, error) {
-	return listenSSH(ctx, t.client, t.stop, network, addr)
+	return listenSSH(ctx, t.client, t.dying, network, addr)
 }

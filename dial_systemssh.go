@@ -10,7 +10,9 @@ package hpcproxy
 // Every ssh child gets, in this order (ssh keeps the FIRST value it sees for
 // an option, and -o options beat the config files):
 //
-//  1. -F TunnelConfig.SSHConfigFile, when set.
+//  1. -F TunnelConfig.SSHConfigFile, when set, and -l USER and -p PORT when
+//     the destination names them ("user@host:port"): they beat
+//     SSHOptions' User and Port, the precedence sshResolver documents.
 //  2. Options the user cannot override: BatchMode=yes (never prompt),
 //     ExitOnForwardFailure=yes (a forward that cannot be set up is an exit,
 //     not a warning), and StrictHostKeyChecking=yes, or accept-new under
@@ -18,6 +20,9 @@ package hpcproxy
 //     a StrictHostKeyChecking=no in the user's ssh_config or SSHOptions is
 //     overridden. (With "no", OpenSSH would also silently disable
 //     forwarding when a known key CHANGED, so the tunnel would never work.)
+//     When the destination has a ProxyJump, a ProxyCommand of ours that
+//     replaces it (sshCommand.jumpCommand), so that the jump hosts get
+//     BatchMode, host key checking and keepalives too.
 //  3. The values TunnelConfig sets explicitly: ServerAliveInterval from
 //     KeepaliveInterval (0 when negative: off), ServerAliveCountMax from
 //     KeepaliveCountMax, ConnectTimeout from ConnectTimeout.
@@ -30,8 +35,9 @@ package hpcproxy
 //     make it 300, with ServerAliveCountMax 3 a 15-minute blind spot), and LogLevel=INFO when ssh_config
 //     asks for less, so that ssh's reasons ("open failed: connect failed:
 //     Connection refused") reach the captured stderr. When `ssh -G` is not
-//     available (OpenSSH < 6.8) or fails, no defaults are added and
-//     ssh_config is left in charge.
+//     available (OpenSSH < 6.8) or fails, the ssh_config parser is asked
+//     instead (sshCommand.resolveParsed): ServerAliveInterval=60 is added
+//     unless it finds ServerAliveInterval set.
 //
 // # Child processes
 //
@@ -130,8 +136,17 @@ type sshCommand struct {
 	// resolved is `ssh -G`'s view of the destination (lower-case keys);
 	// nil when ssh -G failed.
 	resolved map[string]string
+	// parsed is the ssh_config parser's view when ssh -G failed; nil when
+	// ssh -G worked or the parser failed too.
+	parsed *sshSettings
 	// defaults are the step-6 options, derived from resolved.
 	defaults []string
+	// proxyCommand replaces the destination's ProxyJump (see jumpCommand);
+	// "" when it has none.
+	proxyCommand string
+	// hopUnchecked is set when a jump host's ssh_config turns host key
+	// checking off, or could not be read: see userMasterOK.
+	hopUnchecked bool
 }
 
 // newSSHCommand finds the ssh binary, parses the destination and resolves
@@ -147,6 +162,21 @@ func newSSHCommand(ctx context.Context, cfg *TunnelConfig) (*sshCommand, error) 
 	}
 	s := &sshCommand{bin: bin, cfg: cfg, dest: dest, log: cfg.logger()}
 	s.resolve(ctx)
+	jump := s.resolved["proxyjump"]
+	if s.parsed != nil {
+		jump = s.parsed.ProxyJump
+	}
+	if jump = noneToEmpty(jump); jump != "" {
+		hops, err := jumpHops(jump)
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(ctx, s.resolveTimeout())
+		defer cancel()
+		if s.proxyCommand, err = s.jumpCommand(ctx, hops, 0); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -165,9 +195,19 @@ func findSSH(name string) (string, error) {
 	return p, nil
 }
 
+// resolveTimeout bounds each step of the resolution: 10 seconds, or
+// ConnectTimeout when that is shorter.
+func (s *sshCommand) resolveTimeout() time.Duration {
+	timeout := 10 * time.Second
+	if ct := s.cfg.ConnectTimeout; ct > 0 {
+		timeout = min(timeout, ct)
+	}
+	return timeout
+}
+
 // resolve runs `ssh -G` and derives the default options from its output.
 func (s *sshCommand) resolve(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, s.resolveTimeout())
 	defer cancel()
 	// Under BatchMode=yes, OpenSSH defaults ServerAliveInterval to 300;
 	// resolve with BatchMode=no to see whether ssh_config sets it.
@@ -188,25 +228,15 @@ func (s *sshCommand) resolve(ctx context.Context) {
 		}
 		args = append(args, a)
 	}
-	cmd := exec.CommandContext(ctx, s.bin, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	kv, err := runSSHG(ctx, s.bin, args)
 	if err != nil {
-		s.log.Debug("ssh -G failed; leaving ssh_config in charge", "dest", s.cfg.Destination,
-			"err", err, "stderr", strings.TrimSpace(stderr.String()))
+		s.log.Debug("ssh -G failed; parsing ssh_config instead", "dest", s.cfg.Destination, "err", err)
+		s.resolveParsed(ctx)
 		return
 	}
-	s.resolved = make(map[string]string)
-	for line := range strings.Lines(string(out)) {
-		k, v, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok {
-			continue
-		}
-		k = strings.ToLower(k)
-		if _, dup := s.resolved[k]; !dup { // multi-valued keys: keep the first
-			s.resolved[k] = v
-		}
+	s.resolved = make(map[string]string, len(kv))
+	for k, v := range kv {
+		s.resolved[k] = v[0] // multi-valued keys: keep the first
 	}
 	if s.cfg.KeepaliveInterval == 0 && s.resolved["serveraliveinterval"] == "0" {
 		s.defaults = append(s.defaults, "-o", "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))
@@ -217,15 +247,193 @@ func (s *sshCommand) resolve(ctx context.Context) {
 	}
 }
 
-// args returns ssh's arguments: -F, the fixed options, the explicit
-// TunnelConfig values, extraFixed (method options the user cannot
-// override), SSHOptions, overridable, the ssh -G defaults, flags, and the
-// destination. See the comment at the top of this file.
+// resolveParsed derives the step-6 defaults from the ssh_config parser
+// when `ssh -G` failed. ServerAliveInterval=60 is added unless the parser
+// finds the option set: without it, BatchMode=yes makes OpenSSH wait 300
+// seconds (times ServerAliveCountMax) before it notices a dead link. When
+// the parser cannot read the configuration either (Match exec, say), the
+// default is added all the same. ServerAliveCountMax is left alone: OpenSSH
+// defaults it to 3 whatever BatchMode says, and an -o would override a
+// value the parser could not see.
+func (s *sshCommand) resolveParsed(ctx context.Context) {
+	r := newResolver(s.cfg)
+	r.forceParse = true
+	st, err := r.resolve(ctx, s.dest)
+	if err != nil {
+		s.log.Debug("ssh_config parser failed too; using hpcproxy's defaults", "dest", s.cfg.Destination, "err", err)
+	} else {
+		s.parsed = st
+	}
+	if s.cfg.KeepaliveInterval == 0 && (err != nil || st.ServerAliveInterval == 0) {
+		s.defaults = append(s.defaults, "-o", "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))
+	}
+}
+
+// hopConfig is what jumpCommand needs to know of a jump host's ssh_config.
+type hopConfig struct {
+	proxyJump string
+	// strictHostKeyChecking is in ssh -G's words (true, false, ask,
+	// accept-new); "" when unknown.
+	strictHostKeyChecking string
+	keepaliveSet          bool // ServerAliveInterval is set (not 0)
+	controlPath           string
+}
+
+// lookupHop resolves a jump host's configuration with `ssh -G` (as the
+// jump ssh will: same config file, its own -l and -p, no SSHOptions), or
+// with the parser when ssh -G fails. The zero hopConfig means neither
+// could read it.
+func (s *sshCommand) lookupHop(ctx context.Context, d destination) hopConfig {
+	args := []string{"-G"}
+	if s.cfg.SSHConfigFile != "" {
+		args = append(args, "-F", s.cfg.SSHConfigFile)
+	}
+	args = append(args, d.loginArgs()...)
+	// BatchMode=no: under BatchMode, ssh -G shows 300 for an unset
+	// ServerAliveInterval.
+	args = append(args, "-o", "BatchMode=no", "--", d.Host)
+	if kv, err := runSSHG(ctx, s.bin, args); err == nil {
+		first := func(k string) string {
+			if v := kv[k]; len(v) > 0 {
+				return v[0]
+			}
+			return ""
+		}
+		return hopConfig{
+			proxyJump:             noneToEmpty(first("proxyjump")),
+			strictHostKeyChecking: first("stricthostkeychecking"),
+			keepaliveSet:          first("serveraliveinterval") != "0",
+			controlPath:           noneToEmpty(first("controlpath")),
+		}
+	}
+	r := newResolver(s.cfg)
+	r.forceParse, r.options = true, nil
+	st, err := r.resolve(ctx, d)
+	if err != nil {
+		s.log.Debug("cannot resolve jump host", "host", d.Host, "err", err)
+		return hopConfig{}
+	}
+	shkc := map[string]string{"yes": "true", "no": "false", "off": "false"}[st.StrictHostKeyChecking]
+	return hopConfig{
+		proxyJump:             st.ProxyJump,
+		strictHostKeyChecking: orDefault(shkc, st.StrictHostKeyChecking),
+		keepaliveSet:          st.ServerAliveInterval != 0,
+	}
+}
+
+// jumpCommand returns a ProxyCommand that reaches %h:%p through hops (a
+// ProxyJump list, in order), for ssh's command line.
+//
+// OpenSSH turns ProxyJump into a ProxyCommand of its own that passes only
+// -F to the jump ssh: none of our forced options (BatchMode, host key
+// checking, keepalives) would reach the jump hosts, and a
+// `StrictHostKeyChecking no` in ssh_config would be honoured there. So we
+// build that command ourselves, as OpenSSH builds it (the last hop is
+// reached through the ones before it; the first hop's own ProxyJump
+// applies), with the jump ssh getting BatchMode=yes, StrictHostKeyChecking
+// yes (accept-new under HostKeyAcceptNew or when the hop's ssh_config says
+// so), ControlMaster=no, ControlPath=none unless the hop's ssh_config keeps
+// host key checking on, ServerAliveInterval (TunnelConfig's, else 60 when
+// ssh_config leaves it unset), ServerAliveCountMax and ConnectTimeout when
+// TunnelConfig sets them, and, for the hops before it, a nested
+// ProxyCommand built the same way.
+//
+// ssh runs a ProxyCommand with $SHELL -c after expanding its %-tokens, so
+// every literal word is %-escaped and single-quoted, and the children run
+// with SHELL=/bin/sh (sshProcess.start).
+func (s *sshCommand) jumpCommand(ctx context.Context, hops []destination, depth int) (string, error) {
+	if depth >= maxJumpDepth {
+		return "", fmt.Errorf("hpcproxy: ProxyJump chain for %s is longer than %d hops (a loop?)", s.dest.Host, maxJumpDepth)
+	}
+	last := hops[len(hops)-1]
+	hc := s.lookupHop(ctx, last)
+	if hc.strictHostKeyChecking == "" || hc.strictHostKeyChecking == "false" {
+		s.hopUnchecked = true
+	}
+	var inner string
+	switch {
+	case len(hops) > 1:
+		var err error
+		if inner, err = s.jumpCommand(ctx, hops[:len(hops)-1], depth+1); err != nil {
+			return "", err
+		}
+	case hc.proxyJump != "":
+		sub, err := jumpHops(hc.proxyJump)
+		if err != nil {
+			return "", err
+		}
+		if inner, err = s.jumpCommand(ctx, sub, depth+1); err != nil {
+			return "", err
+		}
+	}
+
+	hostKey := "StrictHostKeyChecking=yes"
+	if s.cfg.HostKeyPolicy == HostKeyAcceptNew || hc.strictHostKeyChecking == "accept-new" {
+		hostKey = "StrictHostKeyChecking=accept-new"
+	}
+	opts := []string{"BatchMode=yes", hostKey, "ControlMaster=no"}
+	if hc.controlPath == "" || hc.strictHostKeyChecking == "" || hc.strictHostKeyChecking == "false" {
+		opts = append(opts, "ControlPath=none")
+	}
+	switch ka := s.cfg.KeepaliveInterval; {
+	case ka > 0:
+		opts = append(opts, "ServerAliveInterval="+strconv.Itoa(ceilSeconds(ka)))
+	case ka < 0:
+		opts = append(opts, "ServerAliveInterval=0")
+	case !hc.keepaliveSet:
+		opts = append(opts, "ServerAliveInterval="+strconv.Itoa(defaultServerAliveInterval))
+	}
+	if n := s.cfg.KeepaliveCountMax; n > 0 {
+		opts = append(opts, "ServerAliveCountMax="+strconv.Itoa(n))
+	}
+	if ct := s.cfg.ConnectTimeout; ct > 0 {
+		opts = append(opts, "ConnectTimeout="+strconv.Itoa(ceilSeconds(ct)))
+	}
+	if inner != "" {
+		opts = append(opts, "ProxyCommand="+inner)
+	}
+
+	words := []string{s.bin}
+	if s.cfg.SSHConfigFile != "" {
+		words = append(words, "-F", s.cfg.SSHConfigFile)
+	}
+	words = append(words, last.loginArgs()...)
+	for _, o := range opts {
+		words = append(words, "-o", o)
+	}
+	var b strings.Builder
+	for _, w := range words {
+		b.WriteString(shellQuote(percentEscape(w)))
+		b.WriteByte(' ')
+	}
+	// The one place where the tokens are meant: the outer ssh's target.
+	b.WriteString("-W '[%h]:%p' -- ")
+	b.WriteString(shellQuote(percentEscape(last.Host)))
+	return b.String(), nil
+}
+
+// percentEscape protects s from ssh's %-token expansion.
+func percentEscape(s string) string { return strings.ReplaceAll(s, "%", "%%") }
+
+// shellQuote quotes s for a POSIX shell, unless it needs no quoting.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// args returns ssh's arguments: -F, the destination's -l and -p, the
+// fixed options, the explicit TunnelConfig values, extraFixed (method
+// options the user cannot override), SSHOptions, overridable, the ssh -G
+// defaults, flags, and the destination. See the comment at the top of this
+// file.
 func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []string {
 	var a []string
 	if s.cfg.SSHConfigFile != "" {
 		a = append(a, "-F", s.cfg.SSHConfigFile)
 	}
+	a = append(a, s.dest.loginArgs()...)
 	opt := func(o ...string) {
 		for _, v := range o {
 			a = append(a, "-o", v)
@@ -238,6 +446,10 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 		hostKey = "StrictHostKeyChecking=accept-new"
 	}
 	opt("BatchMode=yes", "ExitOnForwardFailure=yes", hostKey)
+	if s.proxyCommand != "" {
+		// Before SSHOptions and ssh_config: it replaces their ProxyJump.
+		opt("ProxyCommand=" + s.proxyCommand)
+	}
 	switch ka := s.cfg.KeepaliveInterval; {
 	case ka > 0:
 		opt("ServerAliveInterval=" + strconv.Itoa(ceilSeconds(ka)))
@@ -255,11 +467,32 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 	opt(overridable...)
 	a = append(a, s.defaults...)
 	a = append(a, flags...)
-	return append(a, s.dest.sshArgs()...)
+	return append(a, "--", s.dest.Host)
 }
 
 func ceilSeconds(d time.Duration) int {
 	return int((d + time.Second - 1) / time.Second)
+}
+
+// userMasterOK reports whether the user's own ControlMaster for the
+// destination may carry our traffic (the controlmaster method attaching to
+// it, exec's `ssh -W` handing off to it). Such a master was started by the
+// user, with whatever options they gave it, so its host key was checked
+// only if their configuration asked for that: it may be used only when
+// `ssh -G` resolved a ControlPath for the destination and does not say
+// "stricthostkeychecking false" for it (StrictHostKeyChecking no/off in
+// ssh_config or SSHOptions), nor for any of its jump hosts. A master
+// started by hand with
+// -o StrictHostKeyChecking=no cannot be told apart; ssh_config is what
+// hpcproxy can check.
+func (s *sshCommand) userMasterOK() bool {
+	if s.resolved == nil {
+		return false
+	}
+	if cp := s.resolved["controlpath"]; cp == "" || cp == "none" {
+		return false
+	}
+	return s.resolved["stricthostkeychecking"] != "false" && !s.hopUnchecked
 }
 
 // setupTimeout is how long a method may take to come up: ConnectTimeout,
@@ -274,10 +507,16 @@ func (s *sshCommand) setupTimeout() time.Duration {
 	return defaultSetupTimeout
 }
 
-// start starts ssh with the given arguments.
+// start starts ssh with the given arguments. With our own ProxyCommand
+// (jumpCommand), ssh runs with SHELL=/bin/sh: ssh hands a ProxyCommand to
+// $SHELL, and the command is quoted for a POSIX shell.
 func (s *sshCommand) start(args []string, stdin, stdout *os.File) (*sshProcess, error) {
 	s.log.Debug("starting ssh", "bin", s.bin, "args", args)
-	return startSSHProcess(s.bin, args, stdin, stdout)
+	var env []string
+	if s.proxyCommand != "" {
+		env = append(os.Environ(), "SHELL=/bin/sh")
+	}
+	return startSSHProcess(s.bin, args, env, stdin, stdout)
 }
 
 // sshProcess is a running ssh child.
@@ -290,10 +529,12 @@ type sshProcess struct {
 
 // startSSHProcess starts bin in its own session with Pdeathsig, on a
 // goroutine locked to its OS thread that then waits for the child (see the
-// file comment). stdin and stdout may be nil (/dev/null).
-func startSSHProcess(bin string, args []string, stdin, stdout *os.File) (*sshProcess, error) {
+// file comment). env nil means our environment. stdin and stdout may be
+// nil (/dev/null).
+func startSSHProcess(bin string, args, env []string, stdin, stdout *os.File) (*sshProcess, error) {
 	p := &sshProcess{stderr: &tailBuffer{max: stderrTail}, exited: make(chan struct{})}
 	cmd := exec.Command(bin, args...)
+	cmd.Env = env
 	if stdin != nil {
 		cmd.Stdin = stdin
 	}
@@ -370,19 +611,36 @@ func (p *sshProcess) stop() {
 
 // tailBuffer keeps the last max bytes written to it.
 type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
+	mu      sync.Mutex
+	max     int
+	buf     []byte
+	written int64 // bytes written so far, kept or not
 }
 
 func (b *tailBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.buf = append(b.buf, p...)
+	b.written += int64(len(p))
 	if over := len(b.buf) - b.max; over > 0 {
 		b.buf = append(b.buf[:0], b.buf[over:]...)
 	}
 	return len(p), nil
+}
+
+// offset returns how many bytes have been written so far.
+func (b *tailBuffer) offset() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.written
+}
+
+// since returns what was written after offset off, as far as it is kept.
+func (b *tailBuffer) since(off int64) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := int(min(max(b.written-off, 0), int64(len(b.buf))))
+	return string(b.buf[len(b.buf)-n:])
 }
 
 // String returns the kept text, trimmed, lines joined with "; ".
@@ -633,16 +891,17 @@ type controlMasterTunnel struct {
 var _ tunnelImpl = (*controlMasterTunnel)(nil)
 
 // startControlMaster attaches to the user's live ControlMaster for the
-// destination (ControlPath from ssh_config, as `ssh -G` resolves it) or
-// starts `ssh -M -S SOCK -N` and attaches to that. An attached user master
-// is left running on Close; one we started dies with the tunnel.
+// destination (ControlPath from ssh_config, as `ssh -G` resolves it) when
+// userMasterOK allows it, or starts `ssh -M -S SOCK -N` and attaches to
+// that. An attached user master is left running on Close; one we started
+// dies with the tunnel.
 func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	s, err := newSSHCommand(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
 	timeout := s.setupTimeout()
-	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" {
+	if cp := s.resolved["controlpath"]; cp != "" && cp != "none" && s.userMasterOK() {
 		t, err := attachControlMaster(ctx, cp, nil, nil, "", min(timeout, 5*time.Second), s.log)
 		if err == nil {
 			s.log.Info("attached to the user's ssh control master", "dest", cfg.Destination, "path", cp)
@@ -653,6 +912,9 @@ func startControlMaster(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, err
 			return t, nil
 		}
 		s.log.Debug("no usable control master at ControlPath", "path", cp, "err", err)
+	} else if cp != "" && cp != "none" {
+		s.log.Info("not using the user's ssh control master: ssh_config disables host key checking for the destination",
+			"dest", cfg.Destination, "path", cp)
 	}
 
 	dir, err := openRuntimeDir(cfg)
@@ -829,9 +1091,16 @@ func (t *controlMasterTunnel) Close() error {
 // ---- socks-unix, socks-tcp ----
 
 // socksTunnel speaks SOCKS5 to `ssh -N -D` over a unix socket or a
-// loopback TCP port. ssh -D gives no reason when the login node cannot
-// connect (it closes the socket without a SOCKS reply), so such errors are
-// a *RemoteDialError without a cause.
+// loopback TCP port. When the login node cannot connect, ssh -D closes the
+// socket without a SOCKS reply, but logs the reason ("channel 3: open
+// failed: connect failed: Connection refused"; LogLevel INFO is forced, see
+// the file comment): a failed dial looks briefly for such a line written
+// to ssh's stderr since its handshake began, and its *RemoteDialError
+// carries that reason and its cause (ECONNREFUSED, ...). When there is no
+// such line, or concurrent failures logged different reasons, the error
+// has no cause. The lines do not name the destination, so a failure
+// reported at the same moment by another dial with the same reason cannot
+// be told apart; that is the heuristic's limit.
 //
 // The TCP variant listens on 127.0.0.1: any local user can use it while it
 // runs. It exists for OpenSSH older than 6.7; prefer the others.
@@ -952,6 +1221,7 @@ func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (ne
 	if tc, ok := c.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 	}
+	logged := t.proc.stderr.offset()
 	if _, err := t.socks.DialWithConn(ctx, c, network, addr); err != nil {
 		c.Close()
 		if ctx.Err() != nil {
@@ -961,11 +1231,60 @@ func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (ne
 			return nil, t.downError(err)
 		}
 		// ssh -D hangs up without a SOCKS reply when its channel open
-		// fails: the login node could not connect, reason unknown.
+		// fails: the login node could not connect, and ssh logged why.
 		rde := &RemoteDialError{Addr: addr, Reason: "no reason given by ssh -D"}
+		if reason := t.openFailure(ctx, logged); reason != "" {
+			rde = newRemoteDialError(addr, reason)
+		}
 		return nil, fmt.Errorf("%w (%w)", rde, err)
 	}
 	return c, nil
+}
+
+// openFailureWait is how long a failed SOCKS dial waits for ssh's reason to
+// reach its stderr (ssh logs it before it closes the socket; our copy of
+// its stderr trails a little).
+const openFailureWait = 100 * time.Millisecond
+
+// openFailure returns the reason ssh logged for a failed channel open
+// after stderr offset off, waiting up to openFailureWait for it; "" if
+// none arrives or the reasons logged meanwhile differ.
+func (t *socksTunnel) openFailure(ctx context.Context, off int64) string {
+	timer := time.NewTimer(openFailureWait)
+	defer timer.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if r, ok := openFailureReason(t.proc.stderr.since(off)); ok {
+			return r
+		}
+		select {
+		case <-tick.C:
+		case <-timer.C:
+			return ""
+		case <-ctx.Done():
+			return ""
+		}
+	}
+}
+
+// openFailureReason finds ssh's "channel N: open failed: REASON" lines in
+// log. ok is false when there is none; when there are several with
+// different reasons, ok is true and reason "" (which one is ours is
+// unknown).
+func openFailureReason(log string) (reason string, ok bool) {
+	for line := range strings.Lines(log) {
+		_, r, found := strings.Cut(line, "open failed: ")
+		if !found {
+			continue
+		}
+		r = strings.TrimSpace(r)
+		if ok && r != reason {
+			return "", true
+		}
+		reason, ok = r, true
+	}
+	return reason, ok
 }
 
 // Close implements tunnelImpl. Connections already dialled are separate
@@ -1086,9 +1405,15 @@ func (t *execTunnel) DialContext(ctx context.Context, network, addr string) (net
 		inW.Close()
 		return nil, fmt.Errorf("hpcproxy: %w", err)
 	}
-	// ControlMaster=no: never become a master ourselves; a live master of
-	// the user's (ControlPath) is still used, which makes -W fast.
-	args := t.s.args(nil, []string{"ControlMaster=no"}, "-W", net.JoinHostPort(host, port))
+	// ControlMaster=no: never become a master ourselves. A live master of
+	// the user's (ControlPath) makes -W fast, but is used only when
+	// userMasterOK: otherwise ControlPath=none, which SSHOptions cannot
+	// undo.
+	var fixed []string
+	if !t.s.userMasterOK() {
+		fixed = []string{"ControlPath=none"}
+	}
+	args := t.s.args(fixed, []string{"ControlMaster=no"}, "-W", net.JoinHostPort(host, port))
 	proc, err := t.s.start(args, inR, outW)
 	inR.Close()
 	outW.Close()

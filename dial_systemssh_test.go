@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -35,17 +36,23 @@ func TestSSHArgs(t *testing.T) {
 	}{
 		{
 			name: "minimal, ssh -G unavailable",
-			cfg:  TunnelConfig{Destination: "login"},
-			want: []string{"-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
-				"-o", "StrictHostKeyChecking=yes", "-N", "--", "login"},
+			cfg:  TunnelConfig{Destination: "login", SSHConfigFile: "none"},
+			want: []string{"-F", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=60", "-N", "--", "login"},
+		},
+		{
+			name: "ssh -G unavailable, keepalive explicit",
+			cfg:  TunnelConfig{Destination: "login", SSHConfigFile: "none", KeepaliveInterval: 5 * time.Second},
+			want: []string{"-F", "none", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=5", "-N", "--", "login"},
 		},
 		{
 			name:     "ssh_config leaves keepalive and loglevel unset",
 			cfg:      TunnelConfig{Destination: "alice@login:2222", SSHConfigFile: "/cfg"},
 			resolved: map[string]string{"serveraliveinterval": "0", "loglevel": "ERROR"},
-			want: []string{"-F", "/cfg", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+			want: []string{"-F", "/cfg", "-l", "alice", "-p", "2222", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
 				"-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=60", "-o", "LogLevel=INFO",
-				"-N", "-l", "alice", "-p", "2222", "--", "login"},
+				"-N", "--", "login"},
 		},
 		{
 			name:     "ssh_config sets keepalive",
@@ -88,6 +95,7 @@ func TestSSHArgs(t *testing.T) {
 			script := "#!/bin/sh\nexit 255\n"
 			if tt.resolved != nil {
 				var b strings.Builder
+				b.WriteString("hostname login\nport 22\n")
 				for k, v := range tt.resolved {
 					b.WriteString(k + " " + v + "\n")
 				}
@@ -98,6 +106,39 @@ func TestSSHArgs(t *testing.T) {
 			s.resolve(context.Background())
 			got := s.args(nil, nil, "-N")
 			assert.Equal(t, tt.want, got)
+		})
+	}
+}
+
+// When ssh -G fails, the ssh_config parser decides whether the
+// ServerAliveInterval default is needed; when it cannot read the
+// configuration either, the default is added.
+func TestSSHArgsWithoutSSHG(t *testing.T) {
+	noG := filepath.Join(t.TempDir(), "ssh")
+	require.NoError(t, os.WriteFile(noG, []byte("#!/bin/sh\necho 'ssh: illegal option -- G' >&2\nexit 255\n"), 0o700))
+	for _, tt := range []struct {
+		name, config string
+		want         bool // ServerAliveInterval=60 added
+	}{
+		{"unset", "Host login\n  User alice\n", true},
+		{"set for the host", "Host login\n  ServerAliveInterval 15\n", false},
+		{"set for another host", "Host other\n  ServerAliveInterval 15\n", true},
+		{"set by Host *", "Host *\n  ServerAliveInterval 1m\n", false},
+		{"unparsable (Match exec)", "Match exec true\n  ServerAliveInterval 15\n", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfgFile := filepath.Join(t.TempDir(), "ssh_config")
+			require.NoError(t, os.WriteFile(cfgFile, []byte(tt.config), 0o600))
+			cfg := TunnelConfig{Destination: "login", SSHConfigFile: cfgFile, SSHBinary: noG}
+			s, err := newSSHCommand(context.Background(), &cfg)
+			require.NoError(t, err)
+			require.Nil(t, s.resolved)
+			args := strings.Join(s.args(nil, nil, "-N"), " ")
+			if tt.want {
+				assert.Contains(t, args, "-o ServerAliveInterval=60")
+			} else {
+				assert.NotContains(t, args, "ServerAliveInterval")
+			}
 		})
 	}
 }
@@ -121,6 +162,28 @@ func TestSSHArgsHostKeyCheckingWins(t *testing.T) {
 		assert.Equal(t, want, resolveWith(t, s)["stricthostkeychecking"])
 		assert.Equal(t, "60", resolveWith(t, s)["serveraliveinterval"])
 		assert.Equal(t, "INFO", resolveWith(t, s)["loglevel"])
+	}
+}
+
+// The destination's user@ and :port beat SSHOptions' User and Port, as
+// documented (and as gossh's resolution does): -l and -p come before every
+// -o. Checked with the real ssh -G.
+func TestSSHArgsDestinationWins(t *testing.T) {
+	sshBin := testenv.LookPath(t, "ssh")
+	cfgFile := filepath.Join(t.TempDir(), "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte("Host *\n  User erin\n  Port 5555\n"), 0o600))
+	for dest, want := range map[string][2]string{
+		"carol@login.example:3333": {"carol", "3333"},
+		"carol@login.example":      {"carol", "4444"},
+		"login.example:3333":       {"dave", "3333"},
+		"login.example":            {"dave", "4444"},
+	} {
+		cfg := TunnelConfig{Destination: dest, SSHConfigFile: cfgFile, SSHBinary: sshBin,
+			SSHOptions: []string{"User=dave", "Port=4444"}}
+		s, err := newSSHCommand(context.Background(), &cfg)
+		require.NoError(t, err)
+		got := resolveWith(t, s)
+		assert.Equal(t, want, [2]string{got["user"], got["port"]}, dest)
 	}
 }
 
@@ -154,6 +217,41 @@ func TestTailBuffer(t *testing.T) {
 	b = &tailBuffer{max: 100}
 	_, _ = b.Write([]byte("line one\nline two\n"))
 	assert.Equal(t, "line one; line two", b.String())
+}
+
+func TestTailBufferSince(t *testing.T) {
+	b := &tailBuffer{max: 16}
+	_, _ = b.Write([]byte("0123456789"))
+	off := b.offset()
+	assert.Equal(t, int64(10), off)
+	assert.Equal(t, "", b.since(off))
+	_, _ = b.Write([]byte("abc"))
+	assert.Equal(t, "abc", b.since(off))
+	assert.Equal(t, "9abc", b.since(off-1))
+	_, _ = b.Write([]byte("defghijklmnop")) // more than max: the start is gone
+	assert.Equal(t, "abcdefghijklmnop", b.since(off))
+	assert.Equal(t, "abcdefghijklmnop", b.since(0), "only what is kept")
+	assert.Equal(t, "", b.since(b.offset()+5))
+}
+
+func TestOpenFailureReason(t *testing.T) {
+	for _, tt := range []struct {
+		log, reason string
+		ok          bool
+	}{
+		{"", "", false},
+		{"Warning: something else\n", "", false},
+		{"channel 3: open failed: connect failed: Connection refused\r\n", "connect failed: Connection refused", true},
+		{"channel 2: open failed: administratively prohibited: open failed\nchannel 4: open failed: administratively prohibited: open failed\n",
+			"administratively prohibited: open failed", true},
+		// Two dials failing for different reasons at once: which is ours
+		// is unknown.
+		{"channel 2: open failed: connect failed: Connection refused\nchannel 3: open failed: connect failed: No route to host\n", "", true},
+	} {
+		reason, ok := openFailureReason(tt.log)
+		assert.Equal(t, tt.reason, reason, "%q", tt.log)
+		assert.Equal(t, tt.ok, ok, "%q", tt.log)
+	}
 }
 
 func TestRuntimeDir(t *testing.T) {
@@ -244,10 +342,12 @@ func TestRuntimeDir(t *testing.T) {
 }
 
 // startMaster runs a user's own ControlMaster (as `ssh -M -N` with a
-// ControlPath in ssh_config) and stops it when the test ends.
-func startMaster(t *testing.T, sshd *sshtest.SSHD, cfgFile, sock string) *exec.Cmd {
+// ControlPath in ssh_config, and extra arguments) and stops it when the
+// test ends.
+func startMaster(t *testing.T, sshd *sshtest.SSHD, cfgFile, sock string, extra ...string) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(testenv.LookPath(t, "ssh"), "-F", cfgFile, "-M", "-N", "-o", "ControlPersist=no", "sshtest")
+	args := append([]string{"-F", cfgFile, "-M", "-N", "-o", "ControlPersist=no"}, extra...)
+	cmd := exec.Command(testenv.LookPath(t, "ssh"), append(args, "sshtest")...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
@@ -316,6 +416,168 @@ func TestControlMasterAttachesToUsersMaster(t *testing.T) {
 	require.ErrorContains(t, tun.Err(), "control connection lost")
 	_, err = tun.Dial(ctx, "tcp", echo)
 	require.ErrorIs(t, err, ErrTunnelDown)
+}
+
+// A user's master whose ssh_config turns host key checking off may sit on
+// an unverified host key: neither controlmaster nor exec may use it. Here
+// it really does (the host is in no known_hosts), so both must fail host
+// key verification with their own connection instead of using it.
+func TestUserMasterNotUsedWithoutHostKeyChecking(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	dir := sshtest.PrivateTempDir(t)
+	sock := filepath.Join(dir, "user-master.sock")
+	emptyKnown := filepath.Join(dir, "known_hosts")
+	require.NoError(t, os.WriteFile(emptyKnown, nil, 0o600))
+	base, err := os.ReadFile(sshd.SSHConfigFile)
+	require.NoError(t, err)
+	cfg := strings.ReplaceAll(string(base), sshd.KnownHostsFile, emptyKnown)
+	cfg = strings.ReplaceAll(cfg, "StrictHostKeyChecking yes", "StrictHostKeyChecking no")
+	cfgFile := filepath.Join(dir, "ssh_config")
+	require.NoError(t, os.WriteFile(cfgFile, []byte("ControlPath "+sock+"\n"+cfg), 0o600))
+	// The master accepts the unknown key and records it nowhere.
+	startMaster(t, sshd, cfgFile, sock, "-o", "UserKnownHostsFile=/dev/null")
+	out, err := exec.Command("ssh", "-F", cfgFile, "-O", "check", "sshtest").CombinedOutput()
+	require.NoError(t, err, "user master not answering: %s", out)
+
+	for _, m := range []Method{MethodControlMaster, MethodExec} {
+		t.Run(m.String(), func(t *testing.T) {
+			var logs syncBuffer
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			tun, err := EstablishTunnel(ctx, TunnelConfig{
+				Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
+				Methods: []Method{m},
+				Logger:  slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			})
+			if err == nil {
+				tun.Close()
+			}
+			require.ErrorContains(t, err, "Host key verification failed")
+			require.NotContains(t, logs.String(), "attached to the user's ssh control master")
+			if m == MethodControlMaster {
+				require.Contains(t, logs.String(), "not using the user's ssh control master")
+			}
+		})
+	}
+	known, err := os.ReadFile(emptyKnown)
+	require.NoError(t, err)
+	require.Empty(t, known, "an unverified host key was recorded")
+}
+
+// ProxyJump hops get our forced options too: OpenSSH's own ProxyJump
+// passes only -F to the jump ssh, so a `StrictHostKeyChecking no` for the
+// jump host in ssh_config would let it through unverified. jumpCommand
+// replaces it with a ProxyCommand of ours; it must work through one hop,
+// two hops (a nested ProxyCommand), and a first hop with a ProxyJump of its
+// own, whatever $SHELL is.
+func TestSystemSSHProxyJumpHopChecked(t *testing.T) {
+	jump, target := startJumpAndTarget(t)
+	t.Setenv("SSH_AUTH_SOCK", "")
+	// ssh runs a ProxyCommand with $SHELL: ours must not depend on it.
+	t.Setenv("SHELL", "/bin/false")
+	dir := sshtest.PrivateTempDir(t)
+	known := filepath.Join(dir, "known_hosts")
+	cfgFile := writeJumpConfig(t, jump, known,
+		"Host jump jumpvia",
+		"  HostName 127.0.0.1",
+		"  Port "+strconv.Itoa(jump.Port),
+		"  StrictHostKeyChecking no",
+		"Host jumpvia",
+		"  ProxyJump jump",
+		"Host target",
+		"  ProxyJump jump",
+		"Host target2",
+		"  ProxyJump jump,jump",
+		"Host target3",
+		"  ProxyJump jumpvia",
+		"Host target target2 target3",
+		"  HostName 127.0.0.1",
+		"  Port "+strconv.Itoa(target.Port),
+	)
+	establish := func(t *testing.T, dest string, m Method) (*Tunnel, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return EstablishTunnel(ctx, TunnelConfig{
+			Destination: dest, SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t), Methods: []Method{m},
+		})
+	}
+
+	for _, dest := range []string{"target", "target2", "target3"} {
+		t.Run(dest, func(t *testing.T) {
+			t.Run("jump host unknown", func(t *testing.T) {
+				onlyTarget := mustRead(t, target.KnownHostsFile)
+				require.NoError(t, os.WriteFile(known, onlyTarget, 0o600))
+				for _, m := range systemSSHMethods {
+					tun, err := establish(t, dest, m)
+					if err == nil {
+						tun.Close()
+					}
+					require.ErrorContains(t, err, "Host key verification failed", "%s through an unverified jump host", m)
+				}
+				require.Equal(t, onlyTarget, mustRead(t, known), "the jump host's key was recorded")
+			})
+			t.Run("jump host known", func(t *testing.T) {
+				require.NoError(t, os.WriteFile(known, append(mustRead(t, jump.KnownHostsFile), mustRead(t, target.KnownHostsFile)...), 0o600))
+				for _, m := range systemSSHMethods {
+					tun, err := establish(t, dest, m)
+					require.NoError(t, err, "%s\njump log:\n%s\ntarget log:\n%s", m, jump.Log(), target.Log())
+					require.NoError(t, echoOnce(context.Background(), tun, startEchoServer(t), []byte("via "+dest)), "%s", m)
+					require.NoError(t, tun.Close())
+				}
+			})
+		})
+	}
+}
+
+// jumpCommand's quoting, checked by what /bin/sh makes of it after ssh's
+// %-expansion, level by level.
+func TestJumpCommandQuoting(t *testing.T) {
+	s := &sshCommand{bin: "/opt/my ssh/ssh", cfg: &TunnelConfig{SSHConfigFile: "/cfg/100%'s $HOME"}, log: discardLogger}
+	cmd, err := s.jumpCommand(context.Background(), []destination{{Host: "gw1"}, {User: "bob", Host: "gw2", Port: 2200}}, 0)
+	require.NoError(t, err)
+	assert.True(t, strings.HasSuffix(cmd, ` -W '[%h]:%p' -- gw2`), cmd)
+
+	expand := func(c, host, port string) string {
+		return strings.NewReplacer("%%", "%", "%h", host, "%p", port).Replace(c)
+	}
+	// The jump ssh for gw2, as the destination's ssh runs it.
+	argv := shellArgv(t, expand(cmd, "target", "22"))
+	require.Equal(t, []string{"/opt/my ssh/ssh", "-F", "/cfg/100%'s $HOME", "-l", "bob", "-p", "2200"}, argv[:7])
+	require.Equal(t, []string{"-W", "[target]:22", "--", "gw2"}, argv[len(argv)-4:])
+	for _, o := range []string{"BatchMode=yes", "StrictHostKeyChecking=yes", "ControlMaster=no", "ControlPath=none", "ServerAliveInterval=60"} {
+		require.Contains(t, argv, o)
+	}
+	var nested string
+	for _, a := range argv {
+		if v, ok := strings.CutPrefix(a, "ProxyCommand="); ok {
+			nested = v
+		}
+	}
+	require.NotEmpty(t, nested, "no ProxyCommand for the hop before gw2: %q", argv)
+	// The jump ssh for gw1, as the one for gw2 runs it.
+	argv = shellArgv(t, expand(nested, "gw2", "2200"))
+	require.Equal(t, []string{"/opt/my ssh/ssh", "-F", "/cfg/100%'s $HOME", "-o", "BatchMode=yes"}, argv[:5])
+	require.Equal(t, []string{"-W", "[gw2]:2200", "--", "gw1"}, argv[len(argv)-4:])
+	for _, a := range argv {
+		require.False(t, strings.HasPrefix(a, "ProxyCommand="), "gw1 has no jump of its own: %q", argv)
+	}
+
+	// Accept-new and explicit keepalives reach the hops.
+	s.cfg.HostKeyPolicy, s.cfg.KeepaliveInterval, s.cfg.KeepaliveCountMax = HostKeyAcceptNew, 7*time.Second, 2
+	cmd, err = s.jumpCommand(context.Background(), []destination{{Host: "gw1"}}, 0)
+	require.NoError(t, err)
+	argv = shellArgv(t, expand(cmd, "target", "22"))
+	for _, o := range []string{"StrictHostKeyChecking=accept-new", "ServerAliveInterval=7", "ServerAliveCountMax=2"} {
+		require.Contains(t, argv, o)
+	}
+}
+
+// shellArgv runs command's words through /bin/sh and returns them.
+func shellArgv(t *testing.T, command string) []string {
+	t.Helper()
+	out, err := exec.Command("/bin/sh", "-c", `set -- `+command+`; for a; do printf '%s\0' "$a"; done`).Output()
+	require.NoError(t, err, "%s", command)
+	return strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
 }
 
 // When the link to the login node drops, the ssh child exits: Done fires
@@ -530,7 +792,7 @@ func TestExecConn(t *testing.T) {
 // method (and so does every other method).
 func TestSystemSSHForwardingProhibited(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"AllowTcpForwarding=no"}})
-	for _, m := range []Method{MethodExec, MethodControlMaster} {
+	for _, m := range []Method{MethodExec, MethodControlMaster, MethodSOCKSUnix} {
 		t.Run(m.String(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()

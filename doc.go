@@ -56,6 +56,7 @@
 // The package never prompts for passwords or passphrases: authentication
 // that needs a person (MFA, an encrypted key without an agent) must happen
 // beforehand, for instance in an OpenSSH ControlMaster that
-// [MethodControlMaster] can attach to. UDP (SOCKS5 UDP ASSOCIATE) and BIND
+// [MethodControlMaster] can attach to (when ssh_config keeps host key
+// checking on for the login node). UDP (SOCKS5 UDP ASSOCIATE) and BIND
 // are not supported.
 package hpcproxy

@@ -3,8 +3,13 @@ package hpcproxy
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -204,4 +209,231 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// Without any ssh binary the default chain still comes up: gossh resolves
+// the destination with the ssh_config parser.
+func TestFallbackNoSSHBinaryGoSSHUp(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	t.Setenv("SSH_AUTH_SOCK", "")
+	var logs syncBuffer
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, SSHBinary: "/nonexistent/bin/ssh",
+		RuntimeDir: sshtest.PrivateTempDir(t), Logger: debugLogger(&logs),
+	})
+	require.NoError(t, err)
+	defer tun.Close()
+	require.Equal(t, MethodGoSSH, tun.Method())
+	require.NoError(t, echoOnce(ctx, tun, startEchoServer(t), []byte("no ssh binary")))
+	assert.Contains(t, logs.String(), `config="ssh_config parser"`)
+}
+
+// noGSSH writes a wrapper around the real ssh that refuses -G, as OpenSSH
+// older than 6.8 does.
+func noGSSH(t *testing.T) string {
+	t.Helper()
+	realSSH := testenv.LookPath(t, "ssh")
+	bin := filepath.Join(t.TempDir(), "ssh-6.7")
+	script := `#!/bin/sh
+for a; do
+	if [ "$a" = -G ]; then
+		echo "ssh: illegal option -- G" >&2
+		echo "usage: ssh [-1246AaCfgKkMNnqsTtVvXxYy] ..." >&2
+		exit 255
+	fi
+done
+exec ` + realSSH + ` "$@"
+`
+	require.NoError(t, os.WriteFile(bin, []byte(script), 0o700))
+	return bin
+}
+
+// An ssh without -G: gossh resolves with the parser, and the OpenSSH
+// methods still tunnel, with the keepalive default the parser allows.
+func TestFallbackNoSSHG(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	t.Setenv("SSH_AUTH_SOCK", "")
+	bin := noGSSH(t)
+	for _, methods := range [][]Method{DefaultMethods, systemSSHMethods} {
+		t.Run(Methods(methods).String(), func(t *testing.T) {
+			var logs syncBuffer
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			tun, err := EstablishTunnel(ctx, TunnelConfig{
+				Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, SSHBinary: bin,
+				RuntimeDir: sshtest.PrivateTempDir(t), Methods: methods, Logger: debugLogger(&logs),
+			})
+			require.NoError(t, err, "%s", logs.String())
+			defer tun.Close()
+			require.Equal(t, methods[0], tun.Method())
+			require.NoError(t, echoOnce(ctx, tun, startEchoServer(t), []byte("no ssh -G")))
+			if methods[0] == MethodGoSSH {
+				assert.Contains(t, logs.String(), `config="ssh_config parser"`)
+			} else {
+				assert.Contains(t, logs.String(), "illegal option -- G")
+				assert.Contains(t, logs.String(), "ServerAliveInterval=60")
+			}
+		})
+	}
+}
+
+// oldMasterSSH writes a wrapper around the real ssh whose master (-M)
+// speaks the mux protocol of OpenSSH older than 7.4: it answers the proxy
+// request with "unsupported request". Everything else runs the real ssh.
+func oldMasterSSH(t *testing.T) string {
+	t.Helper()
+	realSSH := testenv.LookPath(t, "ssh")
+	self, err := os.Executable()
+	require.NoError(t, err)
+	bin := filepath.Join(t.TempDir(), "ssh-7.3")
+	script := `#!/bin/sh
+prev=
+master=
+for a; do
+	[ "$a" = -M ] && master=1
+	[ "$prev" = -S ] && sock=$a
+	prev=$a
+done
+if [ -n "$master" ]; then
+	exec env ` + helperEnv + `=oldmaster HPCPROXY_OLDMASTER_SOCK="$sock" ` + self + ` -test.run='^TestHelperDaemon$' -test.count=1
+fi
+exec ` + realSSH + ` "$@"
+`
+	require.NoError(t, os.WriteFile(bin, []byte(script), 0o700))
+	return bin
+}
+
+func init() {
+	helpers["oldmaster"] = oldMasterHelper
+}
+
+// oldMasterHelper plays an OpenSSH 7.3 control master on
+// $HPCPROXY_OLDMASTER_SOCK until it is killed.
+func oldMasterHelper() int {
+	ln, err := net.Listen("unix", os.Getenv("HPCPROXY_OLDMASTER_SOCK"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "oldmaster:", err)
+		return 1
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return 1
+		}
+		go serveOldMux(c)
+	}
+}
+
+// serveOldMux answers like OpenSSH 7.3's mux_master_read_cb: hello
+// (protocol 4), then MUX_S_FAILURE "unsupported request" for the
+// MUX_C_PROXY that came after the client's hello.
+func serveOldMux(c net.Conn) {
+	defer c.Close()
+	packet := func(words []uint32, s string) []byte {
+		var body []byte
+		for _, w := range words {
+			body = binary.BigEndian.AppendUint32(body, w)
+		}
+		if s != "" {
+			body = binary.BigEndian.AppendUint32(body, uint32(len(s)))
+			body = append(body, s...)
+		}
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(body))), body...)
+	}
+	read := func() []byte {
+		var n [4]byte
+		if _, err := io.ReadFull(c, n[:]); err != nil {
+			return nil
+		}
+		b := make([]byte, binary.BigEndian.Uint32(n[:]))
+		if _, err := io.ReadFull(c, b); err != nil {
+			return nil
+		}
+		return b
+	}
+	const muxHello, muxSFailure = 0x00000001, 0x80000003
+	_, _ = c.Write(packet([]uint32{muxHello, 4}, ""))
+	if read() == nil { // the client's hello
+		return
+	}
+	req := read() // MUX_C_PROXY, request id
+	if len(req) < 8 {
+		return
+	}
+	_, _ = c.Write(packet([]uint32{muxSFailure, binary.BigEndian.Uint32(req[4:8])}, "unsupported request"))
+	_, _ = io.Copy(io.Discard, c)
+}
+
+// A master too old for mux proxy mode fails controlmaster with a clear
+// reason, and the chain moves on to socks-unix.
+func TestFallbackOldMaster(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	t.Setenv("SSH_AUTH_SOCK", "")
+	var logs syncBuffer
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, SSHBinary: oldMasterSSH(t),
+		RuntimeDir: sshtest.PrivateTempDir(t), Methods: []Method{MethodControlMaster, MethodSOCKSUnix},
+		Logger: debugLogger(&logs),
+	}
+	tun, err := EstablishTunnel(ctx, cfg)
+	require.NoError(t, err, "%s", logs.String())
+	defer tun.Close()
+	require.Equal(t, MethodSOCKSUnix, tun.Method())
+	require.NoError(t, echoOnce(ctx, tun, startEchoServer(t), []byte("old master")))
+	assert.Contains(t, logs.String(), "mux proxy mode needs OpenSSH >= 7.4")
+
+	cfg.Methods, cfg.Logger = []Method{MethodControlMaster}, nil
+	_, err = EstablishTunnel(ctx, cfg)
+	requireTunnelError(t, err, cfg.Methods)
+	require.ErrorContains(t, err, "mux proxy mode needs OpenSSH >= 7.4")
+	require.ErrorContains(t, err, "expected server proxy response")
+}
+
+// A key that x/crypto cannot use (a DSA key in OpenSSH's format, which
+// OpenSSH still reads when allowed to) leaves gossh with no key: its
+// reason is an *AuthError, and the chain goes on to controlmaster, where
+// OpenSSH logs in with that key. Needs no root.
+func TestFallbackNoKeyForGoSSH(t *testing.T) {
+	keygen := testenv.LookPath(t, "ssh-keygen")
+	dir := sshtest.PrivateTempDir(t)
+	dsaKey := filepath.Join(dir, "id_dsa")
+	out, err := exec.Command(keygen, "-q", "-t", "dsa", "-N", "", "-f", dsaKey).CombinedOutput()
+	testenv.Require(t, err == nil, "ssh-keygen cannot make a DSA key (OpenSSH >= 9.8?): %v: %s", err, out)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"PubkeyAcceptedAlgorithms=+ssh-dss"}})
+	pubLine := mustRead(t, dsaKey+".pub")
+	f, err := os.OpenFile(sshd.AuthorizedKeysFile, os.O_APPEND|os.O_WRONLY, 0o600)
+	require.NoError(t, err)
+	_, err = f.Write(pubLine)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	t.Setenv("SSH_AUTH_SOCK", "")
+	cfgFile := writeClientConfig(t, sshd, dir, map[string]string{
+		sshd.ClientKeyFile: dsaKey + "\n  PubkeyAcceptedAlgorithms +ssh-dss",
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := TunnelConfig{Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: dir, Methods: []Method{MethodGoSSH}}
+	_, err = EstablishTunnel(ctx, cfg)
+	var ae *AuthError
+	require.ErrorAs(t, err, &ae)
+	assert.Empty(t, ae.Offered)
+	assert.NotEmpty(t, ae.Skipped)
+
+	cfg.Methods = nil // the default chain
+	tun, err := EstablishTunnel(ctx, cfg)
+	require.NoError(t, err, "sshd log:\n%s", sshd.Log())
+	defer tun.Close()
+	require.Equal(t, MethodControlMaster, tun.Method())
+	require.NoError(t, echoOnce(ctx, tun, startEchoServer(t), []byte("dsa via OpenSSH")))
+	assert.Contains(t, sshd.Log(), "Accepted publickey for "+sshd.User)
+	assert.Contains(t, sshd.Log(), "DSA SHA256:")
+}
+
+func debugLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }

@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kevinburke/ssh_config"
@@ -37,13 +38,15 @@ func parseDestination(s string) (destination, error) {
 	if s == "" {
 		return d, fmt.Errorf("hpcproxy: empty SSH destination")
 	}
+	// Errors quote the whole destination as given, not what is left of it.
+	orig := s
 	if strings.ContainsAny(s, " \t\r\n") || strings.HasPrefix(s, "-") {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q", s)
+		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q", orig)
 	}
 	if i := strings.LastIndex(s, "@"); i >= 0 {
 		d.User, s = s[:i], s[i+1:]
 		if d.User == "" {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty user", s)
+			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty user", orig)
 		}
 	}
 	host, port := s, ""
@@ -51,9 +54,10 @@ func parseDestination(s string) (destination, error) {
 	case strings.HasPrefix(s, "["):
 		h, p, err := net.SplitHostPort(s)
 		if err != nil {
+			// "[v6addr]" without a port; anything else is malformed.
 			h = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-			if strings.ContainsAny(h, "[]") {
-				return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: %w", s, err)
+			if !strings.HasSuffix(s, "]") || strings.ContainsAny(h, "[]") {
+				return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: %w", orig, err)
 			}
 			p = ""
 		}
@@ -62,22 +66,24 @@ func parseDestination(s string) (destination, error) {
 		host, port, _ = strings.Cut(s, ":")
 	}
 	if host == "" {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty host", s)
+		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty host", orig)
 	}
 	d.Host = host
 	if port != "" {
 		n, err := strconv.Atoi(port)
 		if err != nil || n < 1 || n > 65535 {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: bad port %q", s, port)
+			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: bad port %q", orig, port)
 		}
 		d.Port = n
 	}
 	return d, nil
 }
 
-// sshArgs returns the ssh command-line arguments that name d: options for
-// the user and port (when given) followed by the host.
-func (d destination) sshArgs() []string {
+// loginArgs returns ssh's -l and -p arguments for the user and port of d,
+// when given. They must come before every -o on ssh's command line: ssh
+// keeps the first value it sees, and the destination's explicit parts take
+// precedence over -o User/Port (see sshResolver).
+func (d destination) loginArgs() []string {
 	var args []string
 	if d.User != "" {
 		args = append(args, "-l", d.User)
@@ -85,7 +91,7 @@ func (d destination) sshArgs() []string {
 	if d.Port != 0 {
 		args = append(args, "-p", strconv.Itoa(d.Port))
 	}
-	return append(args, "--", d.Host)
+	return args
 }
 
 // sshSettings is the configuration of one SSH destination, resolved the way
@@ -237,10 +243,7 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 	if r.configFile != "" {
 		args = append(args, "-F", r.configFile)
 	}
-	// -l and -p before -o: on ssh's command line the first value wins, and
-	// the destination's explicit parts take precedence over SSHOptions.
-	dargs := d.sshArgs()
-	args = append(args, dargs[:len(dargs)-2]...)
+	args = append(args, d.loginArgs()...)
 	for _, o := range r.options {
 		args = append(args, "-o", o)
 	}
@@ -307,6 +310,12 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 // keys in lower case, values in order of appearance.
 func runSSHG(ctx context.Context, path string, args []string) (map[string][]string, error) {
 	cmd := exec.CommandContext(ctx, path, args...)
+	// ssh -G runs Match exec commands, which inherit its stderr: when ctx
+	// ends, kill ssh's whole process group, and do not wait for a
+	// straggler holding the pipe.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

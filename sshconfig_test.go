@@ -45,6 +45,21 @@ func TestParseDestination(t *testing.T) {
 	}
 }
 
+// Errors quote the destination as the user gave it, not what is left of it
+// after "user@" was cut off.
+func TestParseDestinationErrors(t *testing.T) {
+	for in, want := range map[string]string{
+		"@login":          `hpcproxy: invalid SSH destination "@login": empty user`,
+		"alice@":          `hpcproxy: invalid SSH destination "alice@": empty host`,
+		"alice@login:0":   `hpcproxy: invalid SSH destination "alice@login:0": bad port "0"`,
+		"alice@[::1":      `hpcproxy: invalid SSH destination "alice@[::1": address [::1: missing ']' in address`,
+		"bob@login:65536": `hpcproxy: invalid SSH destination "bob@login:65536": bad port "65536"`,
+	} {
+		_, err := parseDestination(in)
+		assert.EqualError(t, err, want, "parseDestination(%q)", in)
+	}
+}
+
 const testConfig = `
 Host login
   HostName login.example.org

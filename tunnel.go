@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -39,6 +40,12 @@ const (
 	// all work. As with `ssh -W`, once a destination half-closes its side
 	// of a stdio forward, the master stops sending it what the client
 	// sends.
+	//
+	// It attaches to the user's own live master (ssh_config's ControlPath)
+	// only when `ssh -G` shows that ssh_config (with SSHOptions) leaves host
+	// key checking on for the destination: a master started under
+	// StrictHostKeyChecking=no may sit on an unverified host key. Otherwise
+	// it starts its own master, with hpcproxy's host key checking.
 	MethodControlMaster
 	// MethodSOCKSUnix runs `ssh -N -D /path/sock` (OpenSSH >= 6.7) and
 	// speaks SOCKS5 to it over the unix socket.
@@ -47,7 +54,10 @@ const (
 	// than 6.7.
 	MethodSOCKSTCP
 	// MethodExec runs `ssh -W host:port` once per connection: the slow last
-	// resort, one ssh process and one SSH handshake per connection.
+	// resort, one ssh process and one SSH handshake per connection. Like
+	// MethodControlMaster, it hands off to the user's live ControlMaster
+	// only when ssh_config leaves host key checking on for the destination
+	// (otherwise it runs ssh with ControlPath=none).
 	MethodExec
 	// MethodDirect dials with a [net.Dialer]: for a login node that relays
 	// its own traffic. It involves no SSH at all.
@@ -62,6 +72,13 @@ var methodNames = map[Method]string{
 	MethodExec:          "exec",
 	MethodDirect:        "direct",
 }
+
+// Method, Methods and HostKeyPolicy are command-line flags.
+var (
+	_ flag.Value = (*Method)(nil)
+	_ flag.Value = (*Methods)(nil)
+	_ flag.Value = (*HostKeyPolicy)(nil)
+)
 
 // DefaultMethods is the fallback chain used when [TunnelConfig.Methods] is
 // empty. MethodDirect is not in it: relaying without a tunnel is a choice
@@ -189,10 +206,12 @@ type TunnelConfig struct {
 	// DefaultMethods is used.
 	Methods []Method
 
-	// ConnectTimeout optionally bounds the setup of one method: TCP connect,
-	// SSH handshake and authentication, or the start of an ssh child
-	// process. If zero, the destination's ConnectTimeout from ssh_config is
-	// used, and 30 seconds if that is unset too.
+	// ConnectTimeout optionally bounds the setup of one method: resolving
+	// the destination's configuration (`ssh -G`, which runs ssh_config's
+	// Match exec commands), TCP connect, SSH handshake and authentication,
+	// or the start of an ssh child process. If zero, the destination's
+	// ConnectTimeout from ssh_config is used, and 30 seconds if that is
+	// unset too.
 	ConnectTimeout time.Duration
 
 	// KeepaliveInterval optionally specifies how often an idle tunnel is
@@ -494,7 +513,8 @@ func (t *Tunnel) Listen(ctx context.Context, network, addr string) (net.Listener
 
 // listenSSH sends tcpip-forward (or streamlocal-forward@openssh.com) on
 // client. A request on a dead link blocks until the client is closed, so it
-// is raced against ctx and done, and a listener that comes late is closed.
+// is raced against ctx and done (closed when the tunnel goes down), and a
+// listener that comes late is closed.
 func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, network, addr string) (net.Listener, error) {
 	type result struct {
 		ln  net.Listener
@@ -505,16 +525,22 @@ func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, ne
 		ln, err := client.Listen(network, addr)
 		ch <- result{ln, err}
 	}()
-	var r result
-	select {
-	case r = <-ch:
-	case <-ctx.Done():
+	closeLate := func() {
 		go func() {
 			if r := <-ch; r.ln != nil {
 				_ = r.ln.Close()
 			}
 		}()
+	}
+	var r result
+	select {
+	case r = <-ch:
+	case <-ctx.Done():
+		closeLate()
 		return nil, fmt.Errorf("hpcproxy: listen on the login node at %s: %w", addr, ctx.Err())
+	case <-done:
+		closeLate()
+		return nil, fmt.Errorf("%w: listen on %s", ErrTunnelDown, addr)
 	}
 	if r.err != nil {
 		select {

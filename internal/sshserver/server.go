@@ -24,8 +24,13 @@ import (
 type Server struct {
 	cfg *ssh.ServerConfig
 
-	refuse atomic.Bool
-	stall  atomic.Bool
+	refuse    atomic.Bool
+	stall     atomic.Bool
+	openDelay atomic.Int64 // time.Duration before a channel is served
+	reqDelay  atomic.Pointer[func(n int) time.Duration]
+	accepted  atomic.Int64  // direct-tcpip channels accepted so far
+	open      atomic.Int64  // of those, the ones not yet closed
+	quit      chan struct{} // closed by Close
 
 	mu         sync.Mutex
 	authorized map[string]bool
@@ -43,6 +48,7 @@ func New(hostKey ssh.Signer, authorized ...ssh.PublicKey) *Server {
 		authorized: map[string]bool{},
 		conns:      map[net.Conn]struct{}{},
 		lns:        map[net.Listener]struct{}{},
+		quit:       make(chan struct{}),
 	}
 	for _, k := range authorized {
 		s.AuthorizeKey(k)
@@ -77,6 +83,29 @@ func (s *Server) RefuseChannels(refuse bool) { s.refuse.Store(refuse) }
 // without ever answering them (true), as a hung login node would, or answer
 // them again (false). Channel traffic keeps flowing.
 func (s *Server) StallGlobalRequests(stall bool) { s.stall.Store(stall) }
+
+// DelayChannelOpens makes the server wait d before it serves (dials the
+// target, then accepts or rejects) each new direct-tcpip channel, as a slow
+// login node would. Zero serves them at once.
+func (s *Server) DelayChannelOpens(d time.Duration) { s.openDelay.Store(int64(d)) }
+
+// DelayGlobalRequests makes the server wait delay(n) before it answers the
+// n-th global request of a connection (counting from 0), such as a
+// keepalive. nil answers at once. StallGlobalRequests takes precedence.
+func (s *Server) DelayGlobalRequests(delay func(n int) time.Duration) {
+	if delay == nil {
+		s.reqDelay.Store(nil)
+		return
+	}
+	s.reqDelay.Store(&delay)
+}
+
+// Channels reports how many direct-tcpip channels the server has accepted
+// so far, and how many of those are still open (not yet closed by both
+// sides and done with).
+func (s *Server) Channels() (accepted, open int) {
+	return int(s.accepted.Load()), int(s.open.Load())
+}
 
 // DropConnections closes every client connection at the TCP level, without
 // an SSH disconnect message. The server keeps accepting new ones.
@@ -136,6 +165,9 @@ func (s *Server) serve(ln net.Listener) error {
 // goroutines. It is idempotent.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	if !s.closed {
+		close(s.quit)
+	}
 	s.closed = true
 	for ln := range s.lns {
 		_ = ln.Close()
@@ -166,10 +198,15 @@ func (s *Server) handle(c net.Conn) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
+		n := 0
 		for req := range reqs {
 			if s.stall.Load() {
 				continue // never answered
 			}
+			if delay := s.reqDelay.Load(); delay != nil {
+				s.sleep((*delay)(n))
+			}
+			n++
 			if req.WantReply {
 				_ = req.Reply(false, nil)
 			}
@@ -195,8 +232,22 @@ func (s *Server) handle(c net.Conn) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			serveDirectTCPIP(nc, target)
+			s.sleep(time.Duration(s.openDelay.Load()))
+			s.serveDirectTCPIP(nc, target)
 		}()
+	}
+}
+
+// sleep waits d, or less if the server is closed.
+func (s *Server) sleep(d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-s.quit:
 	}
 }
 
@@ -222,7 +273,7 @@ func sshString(b []byte) (string, []byte, bool) {
 	return string(b[4 : 4+n]), b[4+n:], true
 }
 
-func serveDirectTCPIP(nc ssh.NewChannel, target string) {
+func (s *Server) serveDirectTCPIP(nc ssh.NewChannel, target string) {
 	c, err := net.DialTimeout("tcp", target, 5*time.Second)
 	if err != nil {
 		// The message follows OpenSSH's ("connect failed: Connection refused").
@@ -230,8 +281,14 @@ func serveDirectTCPIP(nc ssh.NewChannel, target string) {
 		return
 	}
 	defer c.Close()
+	// Counted before the confirmation goes out, so that a client that has
+	// its channel sees it counted.
+	s.accepted.Add(1)
+	s.open.Add(1)
+	defer s.open.Add(-1) // runs last: after the channel is closed
 	ch, reqs, err := nc.Accept()
 	if err != nil {
+		s.accepted.Add(-1)
 		return
 	}
 	defer ch.Close()

@@ -19,7 +19,8 @@ import (
 // direct-tcpip channels by dialling the target itself, and answers every
 // global request (such as keepalive@openssh.com) with a failure reply, as
 // OpenSSH does. The embedded sshserver.Server's switches make it refuse
-// channels, stop answering global requests, or drop every connection.
+// channels, open them late, stop answering global requests or answer them
+// late, or drop every connection; it counts the channels it has open.
 type Server struct {
 	*sshserver.Server
 

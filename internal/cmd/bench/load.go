@@ -142,14 +142,16 @@ func socks5Dialer(proxyAddr, target, user, pass string) dialer {
 		auth = append(append(auth, byte(len(pass))), pass...)
 	}
 	return func() (net.Conn, error) {
-		c, err := net.Dial("tcp", proxyAddr)
+		c, err := net.DialTimeout("tcp", proxyAddr, dialTimeout)
 		if err != nil {
 			return nil, err
 		}
+		_ = c.SetDeadline(time.Now().Add(dialTimeout))
 		if err := socks5Handshake(c, greet, auth, req); err != nil {
 			c.Close()
 			return nil, err
 		}
+		_ = c.SetDeadline(time.Time{})
 		return c, nil
 	}
 }
@@ -191,8 +193,13 @@ func socks5Handshake(c net.Conn, greet, auth, req []byte) error {
 
 // tcpDialer connects straight to addr (the source, or a port forwarder).
 func tcpDialer(addr string) dialer {
-	return func() (net.Conn, error) { return net.Dial("tcp", addr) }
+	return func() (net.Conn, error) { return net.DialTimeout("tcp", addr, dialTimeout) }
 }
+
+// dialTimeout bounds a connection through a proxy, handshake included, and
+// one echo round trip: a contender that stalls fails the measurement
+// instead of hanging the benchmark.
+const dialTimeout = 30 * time.Second
 
 // download reads n bytes from the source through d and returns how long it
 // took from the request to the last byte.
@@ -291,6 +298,7 @@ func openEcho(d dialer) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	_ = c.SetDeadline(time.Now().Add(dialTimeout))
 	if _, err := c.Write([]byte{opEcho}); err != nil {
 		c.Close()
 		return nil, err
@@ -299,6 +307,7 @@ func openEcho(d dialer) (net.Conn, error) {
 		c.Close()
 		return nil, err
 	}
+	_ = c.SetDeadline(time.Time{})
 	return c, nil
 }
 
@@ -378,7 +387,7 @@ func checkHeld(held []net.Conn, par int) (errs int, firstErr error) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+			_ = c.SetDeadline(time.Now().Add(dialTimeout))
 			err := echoRoundTrip(c)
 			_ = c.SetDeadline(time.Time{})
 			if err != nil {
