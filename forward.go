@@ -72,7 +72,14 @@ type forwardCore struct {
 	closed  bool
 	lastErr string
 	wg      sync.WaitGroup
+	// dialCtx is the parent of every target dial; shut cancels it, so a
+	// dial waiting for a tunnel that is down does not hold up Close.
+	dialCtx    context.Context
+	cancelDial context.CancelFunc
 }
+
+// forwardDialTimeout bounds one dial of a forward's target.
+const forwardDialTimeout = 30 * time.Second
 
 func (c *forwardCore) logger() *slog.Logger {
 	if c.log == nil {
@@ -93,6 +100,10 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 	if c.conns == nil {
 		c.conns = map[net.Conn]struct{}{}
 	}
+	if c.dialCtx == nil {
+		c.dialCtx, c.cancelDial = context.WithCancel(context.Background())
+	}
+	parent := c.dialCtx
 	c.conns[conn] = struct{}{}
 	c.wg.Add(1)
 	c.mu.Unlock()
@@ -106,9 +117,14 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 			delete(c.conns, conn)
 			c.mu.Unlock()
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(parent, forwardDialTimeout)
 		dst, err := dial(ctx)
 		cancel()
+		if err != nil && parent.Err() != nil {
+			// Closed while dialling: not the target's failure.
+			conn.Close()
+			return
+		}
 		if err != nil {
 			c.failed.Add(1)
 			c.setErr(err)
@@ -144,10 +160,14 @@ func (c *forwardCore) setErr(err error) {
 	c.mu.Unlock()
 }
 
-// shut marks the core closed, closes live conns and waits for handlers.
+// shut marks the core closed, cancels dials in flight, closes live conns
+// and waits for handlers.
 func (c *forwardCore) shut() {
 	c.mu.Lock()
 	c.closed = true
+	if c.cancelDial != nil {
+		c.cancelDial()
+	}
 	for conn := range c.conns {
 		conn.Close()
 	}
@@ -334,8 +354,9 @@ func (f *LocalForward) Info() ForwardInfo {
 	return f.core.info(ForwardLocal, listen, f.Remote, status)
 }
 
-// Close stops listening, closes the forwarded connections and waits for
-// their goroutines. It is idempotent.
+// Close stops listening, cancels dials in flight (such as dials waiting
+// for a reconnecting tunnel), closes the forwarded connections and waits
+// for their goroutines. It is idempotent.
 func (f *LocalForward) Close() error {
 	f.closing.Store(true)
 	f.core.mu.Lock()

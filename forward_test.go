@@ -250,3 +250,40 @@ func TestReverseForwardReconnect(t *testing.T) {
 		})
 	}
 }
+
+// TestLocalForwardCloseWhileDialing closes a forward whose dial hangs (a
+// tunnel that is down): Close cancels the dial and returns at once, the
+// client's connection is closed, and the cancelled dial is no failure.
+func TestLocalForwardCloseWhileDialing(t *testing.T) {
+	dialing := make(chan struct{})
+	dialErr := make(chan error, 1)
+	f := &LocalForward{Listen: "127.0.0.1:0", Remote: "db.internal:5432",
+		Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			close(dialing)
+			<-ctx.Done()
+			dialErr <- ctx.Err()
+			return nil, ctx.Err()
+		}}
+	require.NoError(t, f.Start())
+	c, err := net.Dial("tcp", f.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	select {
+	case <-dialing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the forward never dialled")
+	}
+
+	start := time.Now()
+	require.NoError(t, f.Close())
+	assert.Less(t, time.Since(start), 2*time.Second, "Close waited for the hanging dial")
+	assert.ErrorIs(t, <-dialErr, context.Canceled, "the dial's ctx was not cancelled")
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(5*time.Second)))
+	n, err := c.Read(make([]byte, 1))
+	assert.Zero(t, n)
+	assert.Error(t, err, "client connection left open")
+	info := f.Info()
+	assert.Equal(t, int64(0), info.Failed, "a dial cancelled by Close counted as a failure")
+	assert.Empty(t, info.LastError)
+	assert.Equal(t, ForwardClosed, info.Status)
+}
