@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -264,21 +266,91 @@ func (f *LocalForward) Start() error {
 	return nil
 }
 
-// listenUnixPrivate listens on a unix socket readable only by the user,
-// replacing a stale socket file that nothing listens on.
+// listenUnixPrivate listens on a unix socket at path that only the user
+// can connect to (mode 0600), without touching the process-wide umask and
+// without a moment in which the socket is reachable with a wider mode: it
+// binds in a fresh 0700 directory beside path, sets the mode there, and
+// only then links the socket into place. link(2) never replaces a file;
+// a stale socket at path (nothing listens on it) is replaced, a live one
+// or a file that is not a socket is an error (EADDRINUSE). Closing the
+// listener removes path if it is still this socket.
 func listenUnixPrivate(path string) (net.Listener, error) {
-	old := syscall.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	if err != nil && errors.Is(err, syscall.EADDRINUSE) {
-		if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-			c.Close()
-		} else if fi, serr := os.Lstat(path); serr == nil && fi.Mode()&os.ModeSocket != 0 {
-			_ = os.Remove(path)
-			ln, err = net.Listen("unix", path)
-		}
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".hpcproxy-")
+	if err != nil {
+		return nil, err
 	}
-	syscall.Umask(old)
-	return ln, err
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "s")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(false) // it will not be at tmp; Close removes path
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := placeSocket(tmp, path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return &privateUnixListener{UnixListener: ln, addr: &net.UnixAddr{Name: path, Net: "unix"}, file: fi}, nil
+}
+
+// placeSocket gives the socket at tmp the name path: a hard link where
+// nothing is at path, else a rename over a stale socket.
+func placeSocket(tmp, path string) error {
+	err := os.Link(tmp, path)
+	if err == nil {
+		return nil
+	}
+	fi, serr := os.Lstat(path)
+	if errors.Is(serr, fs.ErrNotExist) {
+		// No hard links on this file system, and nothing in the way.
+		return os.Rename(tmp, path)
+	}
+	if !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if serr != nil {
+		return serr
+	}
+	inUse := &os.PathError{Op: "listen", Path: path, Err: syscall.EADDRINUSE}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return inUse // not a socket: not ours to replace
+	}
+	if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
+		c.Close()
+		return inUse
+	}
+	return os.Rename(tmp, path)
+}
+
+// privateUnixListener is a listener made by listenUnixPrivate: it reports
+// path as its address and removes path on Close if path is still its
+// socket.
+type privateUnixListener struct {
+	*net.UnixListener
+	addr      *net.UnixAddr
+	file      fs.FileInfo
+	closeOnce sync.Once
+}
+
+func (l *privateUnixListener) Addr() net.Addr { return l.addr }
+
+func (l *privateUnixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.closeOnce.Do(func() {
+		if fi, serr := os.Lstat(l.addr.Name); serr == nil && os.SameFile(fi, l.file) {
+			_ = os.Remove(l.addr.Name)
+		}
+	})
+	return err
 }
 
 // Serve accepts connections on ln and forwards them until Close (then it

@@ -3,11 +3,14 @@ package hpcproxy
 import (
 	"context"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -286,4 +289,102 @@ func TestLocalForwardCloseWhileDialing(t *testing.T) {
 	assert.Equal(t, int64(0), info.Failed, "a dial cancelled by Close counted as a failure")
 	assert.Empty(t, info.LastError)
 	assert.Equal(t, ForwardClosed, info.Status)
+}
+
+// TestListenUnixPrivate: the socket is 0600 at its path, nothing is left
+// beside it, a stale socket is replaced, a live one or another file is
+// not, and Close removes the socket.
+func TestListenUnixPrivate(t *testing.T) {
+	dir := sshtest.PrivateTempDir(t)
+	path := filepath.Join(dir, "fwd.sock")
+
+	// A stale socket (its listener gone) is in the way at first.
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	require.NoError(t, err)
+	stale.SetUnlinkOnClose(false)
+	require.NoError(t, stale.Close())
+
+	ln, err := listenUnixPrivate(path)
+	require.NoError(t, err)
+	defer ln.Close()
+	assert.Equal(t, path, ln.Addr().String())
+	fi, err := os.Lstat(path)
+	require.NoError(t, err)
+	assert.Equal(t, os.ModeSocket, fi.Mode().Type())
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	require.Len(t, entries, 1, "left beside the socket: %v", entries)
+
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			c.Close()
+		}
+		accepted <- err
+	}()
+	c, err := net.Dial("unix", path)
+	require.NoError(t, err)
+	c.Close()
+	require.NoError(t, <-accepted)
+
+	// A live socket is not taken over.
+	_, err = listenUnixPrivate(path)
+	assert.ErrorIs(t, err, syscall.EADDRINUSE)
+
+	require.NoError(t, ln.Close())
+	_, err = os.Lstat(path)
+	assert.ErrorIs(t, err, fs.ErrNotExist, "Close left the socket file")
+
+	// A file that is not a socket is never replaced.
+	require.NoError(t, os.WriteFile(path, []byte("data"), 0o600))
+	_, err = listenUnixPrivate(path)
+	assert.ErrorIs(t, err, syscall.EADDRINUSE)
+	b, _ := os.ReadFile(path)
+	assert.Equal(t, "data", string(b))
+	entries, _ = os.ReadDir(dir)
+	assert.Len(t, entries, 1, "a failed listen left files behind")
+}
+
+// TestListenUnixPrivateUmask creates directories while forwards listen on
+// unix sockets: their modes must follow the process's umask throughout,
+// which a listener that narrows the umask for its bind would break.
+func TestListenUnixPrivateUmask(t *testing.T) {
+	dir := sshtest.PrivateTempDir(t)
+	old := syscall.Umask(0o022)
+	syscall.Umask(old)
+	want := os.FileMode(0o700) &^ os.FileMode(old)
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			ln, err := listenUnixPrivate(filepath.Join(dir, "s"+strconv.Itoa(i%4)))
+			if err != nil {
+				done <- err
+				return
+			}
+			ln.Close()
+		}
+	}()
+	for i := 0; i < 2000; i++ {
+		d, err := os.MkdirTemp(dir, "m")
+		require.NoError(t, err)
+		fi, err := os.Stat(d)
+		require.NoError(t, err)
+		if fi.Mode().Perm() != want {
+			close(stop)
+			<-done
+			t.Fatalf("directory made while listening has mode %v, want %v", fi.Mode().Perm(), want)
+		}
+		require.NoError(t, os.Remove(d))
+	}
+	close(stop)
+	require.NoError(t, <-done)
 }
