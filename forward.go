@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -43,7 +44,8 @@ const (
 
 // ForwardInfo is a snapshot of a forward, as the daemon's state file
 // records it. BytesIn counts bytes from the connecting side (the client of
-// the listener) to the target, BytesOut the reverse.
+// the listener) to the target, BytesOut the reverse; both grow while
+// connections are open, not only when they end.
 type ForwardInfo struct {
 	Kind ForwardKind `json:"kind"`
 	// Listen is where the forward listens: a local "host:port" or socket
@@ -82,6 +84,17 @@ type forwardCore struct {
 
 // forwardDialTimeout bounds one dial of a forward's target.
 const forwardDialTimeout = 30 * time.Second
+
+// forwardRelayIdle is the relay's idle timeout for forwards: in effect
+// never. It is set because a relay with an idle timeout copies through
+// user space and counts bytes as they flow, also between two kernel
+// sockets (a controlmaster expose's unix conn and a TCP service in the
+// job; a local forward over the socks or direct methods), where it would
+// otherwise splice and count only once the connection ends, so that a
+// long-lived session (a notebook's websocket) would show 0 bytes in status
+// for hours. Apart from the direct method, ssh is the bottleneck of every
+// forward, not this copy.
+const forwardRelayIdle = time.Duration(math.MaxInt64)
 
 func (c *forwardCore) logger() *slog.Logger {
 	if c.log == nil {
@@ -145,7 +158,7 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 			dst.Close()
 			return
 		}
-		err = relay(conn, dst, relayConfig{in: &c.in, out: &c.out})
+		err = relay(conn, dst, relayConfig{idle: forwardRelayIdle, in: &c.in, out: &c.out})
 		c.mu.Lock()
 		delete(c.conns, dst)
 		c.mu.Unlock()

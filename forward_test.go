@@ -388,3 +388,32 @@ func TestListenUnixPrivateUmask(t *testing.T) {
 	close(stop)
 	require.NoError(t, <-done)
 }
+
+// TestForwardCountsWhileFlowing: the byte counters of a forward between
+// two kernel sockets (where the relay could splice and count only at the
+// end) move while the connection is still open.
+func TestForwardCountsWhileFlowing(t *testing.T) {
+	echo := startEchoServer(t)
+	var d net.Dialer
+	for _, listen := range []string{"127.0.0.1:0", filepath.Join(sshtest.PrivateTempDir(t), "fwd.sock")} {
+		t.Run(listen, func(t *testing.T) {
+			f := &LocalForward{Listen: listen, Remote: echo, Dial: d.DialContext}
+			require.NoError(t, f.Start())
+			defer f.Close()
+			a := f.Addr()
+			c, err := net.Dial(a.Network(), a.String())
+			require.NoError(t, err)
+			defer c.Close()
+			require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+			_, err = io.WriteString(c, "ping")
+			require.NoError(t, err)
+			_, err = io.ReadFull(c, make([]byte, 4))
+			require.NoError(t, err)
+			require.Eventually(t, func() bool {
+				i := f.Info()
+				return i.BytesIn == 4 && i.BytesOut == 4
+			}, 5*time.Second, 10*time.Millisecond, "counters of an open connection: %+v", f.Info())
+			assert.Equal(t, int64(1), f.Info().Active, "the connection is still open")
+		})
+	}
+}
