@@ -5,9 +5,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -83,6 +85,85 @@ func TestRelayHalfClose(t *testing.T) {
 				got, err := io.ReadAll(c)
 				require.NoError(t, err)
 				require.Equal(t, msg, string(got))
+			})
+		}
+	}
+}
+
+// TestRelayDestinationHalfClose: the destination says goodbye and
+// half-closes first; the client sees EOF and keeps sending, and every byte
+// it sends after that EOF reaches the destination.
+func TestRelayDestinationHalfClose(t *testing.T) {
+	received := make(chan string, 8) // never blocks a handler: one conn per subtest
+	dest := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = io.WriteString(c, "bye from the destination")
+		_ = c.(*net.TCPConn).CloseWrite()
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, _ := io.ReadAll(c)
+		received <- string(b)
+	})
+	for _, path := range relayPaths {
+		for _, proto := range []string{"socks5", "connect"} {
+			t.Run(path.name+"/"+proto, func(t *testing.T) {
+				addr := startServer(t, &Server{Dial: path.dial})
+				c := connectVia(t, proto, addr, dest)
+				defer c.Close()
+				require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+				got, err := io.ReadAll(c)
+				require.NoError(t, err)
+				require.Equal(t, "bye from the destination", string(got))
+				var sent strings.Builder
+				for i := range 5 {
+					msg := "still sending " + strconv.Itoa(i) + "; "
+					_, err := io.WriteString(c, msg)
+					require.NoError(t, err, "write %d after the destination's EOF", i)
+					sent.WriteString(msg)
+					time.Sleep(10 * time.Millisecond)
+				}
+				require.NoError(t, c.(*net.TCPConn).CloseWrite())
+				select {
+				case got := <-received:
+					require.Equal(t, sent.String(), got)
+				case <-time.After(10 * time.Second):
+					t.Fatal("the destination never saw the client's EOF")
+				}
+			})
+		}
+	}
+}
+
+// TestRelayReplyAfterEOF: the destination answers only once it has read
+// the client's whole request (EOF), like a one-shot RPC; the answer must
+// still reach the client after the client half-closed.
+func TestRelayReplyAfterEOF(t *testing.T) {
+	dest := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			return
+		}
+		sum := sha256.Sum256(b)
+		_, _ = fmt.Fprintf(c, "%d bytes, sha256 %x", len(b), sum)
+	})
+	req := make([]byte, 1<<20)
+	_, _ = rand.Read(req)
+	want := fmt.Sprintf("%d bytes, sha256 %x", len(req), sha256.Sum256(req))
+	for _, path := range relayPaths {
+		for _, proto := range []string{"socks5", "connect"} {
+			t.Run(path.name+"/"+proto, func(t *testing.T) {
+				srv := &Server{Dial: path.dial}
+				addr := startServer(t, srv)
+				c := connectVia(t, proto, addr, dest)
+				defer c.Close()
+				require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+				_, err := c.Write(req)
+				require.NoError(t, err)
+				require.NoError(t, c.(*net.TCPConn).CloseWrite())
+				got, err := io.ReadAll(c)
+				require.NoError(t, err)
+				require.Equal(t, want, string(got))
+				require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+					"the relay did not end after both sides closed")
 			})
 		}
 	}
