@@ -1,7 +1,11 @@
 package hpcproxy
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"net"
@@ -63,12 +67,23 @@ func httpGet(t *testing.T, url string) string {
 	return string(b)
 }
 
-// TestLocalForward reaches a service through the real sshd by a name only
-// the far side resolves, listening on TCP and on a unix socket.
+// TestLocalForward reaches a service through the real sshd, listening on
+// TCP and on a unix socket. The target is on this machine too, so the
+// origin checks who connected to it: sshd (which resolved "localhost" on
+// its side), not this process.
 func TestLocalForward(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	tun := testTunnel(t, sshd, MethodGoSSH)
-	echo := startEchoServer(t)
+	peers := make(chan string, 10)
+	echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		comm, err := peerComm(c)
+		if err != nil {
+			comm = err.Error()
+		}
+		peers <- comm
+		_, _ = io.Copy(c, c)
+		_ = c.(*net.TCPConn).CloseWrite()
+	})
 	_, port, _ := net.SplitHostPort(echo)
 	for _, listen := range []string{"127.0.0.1:0", filepath.Join(sshtest.PrivateTempDir(t), "fwd.sock")} {
 		t.Run(listen, func(t *testing.T) {
@@ -79,6 +94,9 @@ func TestLocalForward(t *testing.T) {
 			require.NotNil(t, a)
 			assert.Equal(t, "hello forward", fwdEcho(t, a.Network(), a.String(), "hello forward"))
 			assert.Equal(t, "again", fwdEcho(t, a.Network(), a.String(), "again"))
+			for range 2 {
+				assert.Equal(t, "sshd", <-peers, "who connected to the origin")
+			}
 			require.Eventually(t, func() bool { return f.Info().Active == 0 }, 5*time.Second, 10*time.Millisecond)
 			info := f.Info()
 			assert.Equal(t, ForwardLocal, info.Kind)
@@ -88,6 +106,59 @@ func TestLocalForward(t *testing.T) {
 			assert.Equal(t, info.BytesIn, info.BytesOut)
 		})
 	}
+}
+
+// peerComm tells who holds the client end of c, a TCP connection accepted
+// on loopback: "self" (this process), "sshd" (an sshd process), or an
+// error. Only those processes' descriptors are searched.
+func peerComm(c net.Conn) (string, error) {
+	peer, err := addrPortOf(c.RemoteAddr())
+	if err != nil {
+		return "", err
+	}
+	self, err := addrPortOf(c.LocalAddr())
+	if err != nil {
+		return "", err
+	}
+	var inode uint64
+	portTag := []byte(fmt.Sprintf(":%04X ", peer.Port()))
+	for _, name := range procNetTCPFiles {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			continue
+		}
+		for _, line := range bytes.Split(b, []byte("\n")) {
+			if !bytes.Contains(line, portTag) {
+				continue
+			}
+			if e, ok, err := parseProcNetLine(line, binary.NativeEndian); err == nil && ok && e.Local == peer && e.Remote == self {
+				inode = e.Inode
+			}
+		}
+	}
+	if inode == 0 {
+		return "", fmt.Errorf("no socket %v -> %v", peer, self)
+	}
+	want := "socket:[" + strconv.FormatUint(inode, 10) + "]"
+	holds := func(proc string) bool {
+		fds, _ := filepath.Glob(proc + "/fd/*")
+		for _, fd := range fds {
+			if l, err := os.Readlink(fd); err == nil && l == want {
+				return true
+			}
+		}
+		return false
+	}
+	if holds("/proc/self") {
+		return "self", nil
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, p := range procs {
+		if comm, err := os.ReadFile(p + "/comm"); err == nil && strings.TrimSpace(string(comm)) == "sshd" && holds(p) {
+			return "sshd", nil
+		}
+	}
+	return "", fmt.Errorf("neither this process nor an sshd holds %s", want)
 }
 
 // TestLocalForwardUnreachable counts a target the login node cannot reach
@@ -106,6 +177,41 @@ func TestLocalForwardUnreachable(t *testing.T) {
 	assert.Zero(t, n)
 	require.Eventually(t, func() bool { return f.Info().Failed == 1 }, 5*time.Second, 10*time.Millisecond)
 	assert.Contains(t, f.Info().LastError, "refused")
+}
+
+// TestLocalForwardRefused: sshd refusing the forward (AllowTcpForwarding
+// no, PermitOpen none) closes the client's connection, counts a failure
+// and says why in LastError, with each method that opens channels itself.
+func TestLocalForwardRefused(t *testing.T) {
+	echo := startEchoServer(t)
+	for _, opt := range []string{"AllowTcpForwarding=no", "PermitOpen=none"} {
+		t.Run(opt, func(t *testing.T) {
+			sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{opt}})
+			for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
+				t.Run(m.String(), func(t *testing.T) {
+					tun := testTunnel(t, sshd, m)
+					f := &LocalForward{Listen: "127.0.0.1:0", Remote: echo, Dial: tun.Dial}
+					require.NoError(t, f.Start())
+					defer f.Close()
+					c, err := net.Dial("tcp", f.Addr().String())
+					require.NoError(t, err)
+					defer c.Close()
+					require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+					_, _ = io.WriteString(c, "let me through")
+					n, err := c.Read(make([]byte, 1))
+					assert.Zero(t, n)
+					require.Error(t, err, "the client's connection was not closed")
+					var ne net.Error
+					assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the client's connection was left open: %v", err)
+					require.Eventually(t, func() bool { return f.Info().Failed == 1 }, 5*time.Second, 10*time.Millisecond)
+					info := f.Info()
+					assert.Contains(t, info.LastError, "prohibited")
+					assert.Equal(t, int64(0), info.BytesOut)
+					t.Log(info.LastError)
+				})
+			}
+		})
+	}
 }
 
 // TestReverseForward exposes a test HTTP server in "the job" on the sshd
