@@ -88,7 +88,9 @@
 // tunnel to a fixed destination, like `ssh -L`. [ReverseForward] asks the
 // login node's sshd to listen ([Tunnel.Listen]; gossh and controlmaster
 // only) and carries each connection back to a local address, like
-// `ssh -R`, re-registering the listener after a reconnect.
+// `ssh -R`, re-registering the listener after a reconnect. A [Daemon] runs
+// them from its Forwards and Exposes, and takes more while it runs through
+// its owner-only control socket ([AddForward], [AddExpose]).
 //
 // # Daemon
 //

@@ -811,6 +811,37 @@ func ParseForwardSpec(s string) (ForwardSpec, error) {
 	return ForwardSpec{Listen: local, Remote: remote}, nil
 }
 
+// Matches reports whether fi, a forward as a daemon reports it, is the
+// local forward s asks for: the same target, listening where s says (on
+// any port if s asks for port 0).
+func (s ForwardSpec) Matches(fi ForwardInfo) bool {
+	if fi.Kind != ForwardLocal || fi.Target != s.Remote {
+		return false
+	}
+	network, addr, err := ListenAddr(s.Listen)
+	if err != nil {
+		return false
+	}
+	if network == "unix" {
+		return fi.Listen == addr
+	}
+	return sameHostPort(addr, fi.Listen)
+}
+
+// sameHostPort reports whether bound, a listener's "host:port", is what
+// want asks for, where port 0 in want stands for any port.
+func sameHostPort(want, bound string) bool {
+	wh, wp, err := net.SplitHostPort(want)
+	if err != nil {
+		return false
+	}
+	bh, bp, err := net.SplitHostPort(bound)
+	if err != nil {
+		return false
+	}
+	return wh == bh && (wp == "0" || wp == bp)
+}
+
 // ExposeSpec is a reverse forward of a [Daemon]: the login node listens
 // on Remote and connections reach Local in the job.
 type ExposeSpec struct {
@@ -824,6 +855,22 @@ func (s ExposeSpec) String() string {
 		return s.Local
 	}
 	return s.Local + "=" + s.Remote
+}
+
+// Matches reports whether fi, a forward as a daemon reports it, is the
+// reverse forward s asks for: the same service in the job, and, if s names
+// one, the same address on the login node (any port if s asks for port 0).
+func (s ExposeSpec) Matches(fi ForwardInfo) bool {
+	if fi.Kind != ForwardReverse || fi.Target != s.Local {
+		return false
+	}
+	switch {
+	case s.Remote == "":
+		return true
+	case isSocketPath(s.Remote):
+		return fi.Listen == s.Remote
+	}
+	return sameHostPort(s.Remote, fi.Listen)
 }
 
 // ParseExposeSpec parses "LOCAL[=REMOTE]": LOCAL a port (of 127.0.0.1),
