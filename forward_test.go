@@ -166,52 +166,57 @@ func peerComm(c net.Conn) (string, error) {
 func TestLocalForwardUnreachable(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	tun := testTunnel(t, sshd, MethodGoSSH)
-	f := &LocalForward{Listen: "127.0.0.1:0", Remote: net.JoinHostPort("127.0.0.1", strconv.Itoa(sshtest.FreePort(t))), Dial: tun.Dial}
+	requireForwardFails(t, tun.Dial, net.JoinHostPort("127.0.0.1", strconv.Itoa(sshtest.FreePort(t))), "refused")
+}
+
+// requireForwardFails starts a local forward to remote over dial, connects
+// to it, and checks that the connection is closed unserved and counted as
+// a failure with wantErr in LastError.
+func requireForwardFails(t *testing.T, dial DialFunc, remote, wantErr string) {
+	t.Helper()
+	f := &LocalForward{Listen: "127.0.0.1:0", Remote: remote, Dial: dial}
 	require.NoError(t, f.Start())
 	defer f.Close()
 	c, err := net.Dial("tcp", f.Addr().String())
 	require.NoError(t, err)
 	defer c.Close()
 	require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-	n, _ := c.Read(make([]byte, 1)) // EOF or reset: closed without a byte
+	_, _ = io.WriteString(c, "let me through")
+	n, err := c.Read(make([]byte, 1)) // EOF or reset: closed without a byte
 	assert.Zero(t, n)
+	require.Error(t, err, "the client's connection was not closed")
+	var ne net.Error
+	assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the client's connection was left open: %v", err)
 	require.Eventually(t, func() bool { return f.Info().Failed == 1 }, 5*time.Second, 10*time.Millisecond)
-	assert.Contains(t, f.Info().LastError, "refused")
+	info := f.Info()
+	assert.Contains(t, info.LastError, wantErr)
+	assert.Zero(t, info.BytesOut)
+	t.Log(info.LastError)
+}
+
+// eachRefusingTunnel runs f on a tunnel of each method that opens channels
+// and listeners itself (gossh, controlmaster), through an sshd started with
+// each of the sshd options opts.
+func eachRefusingTunnel(t *testing.T, opts []string, f func(t *testing.T, tun *Tunnel)) {
+	t.Helper()
+	for _, opt := range opts {
+		t.Run(opt, func(t *testing.T) {
+			sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{opt}})
+			for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
+				t.Run(m.String(), func(t *testing.T) { f(t, testTunnel(t, sshd, m)) })
+			}
+		})
+	}
 }
 
 // TestLocalForwardRefused: sshd refusing the forward (AllowTcpForwarding
 // no, PermitOpen none) closes the client's connection, counts a failure
-// and says why in LastError, with each method that opens channels itself.
+// and says why in LastError.
 func TestLocalForwardRefused(t *testing.T) {
 	echo := startEchoServer(t)
-	for _, opt := range []string{"AllowTcpForwarding=no", "PermitOpen=none"} {
-		t.Run(opt, func(t *testing.T) {
-			sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{opt}})
-			for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
-				t.Run(m.String(), func(t *testing.T) {
-					tun := testTunnel(t, sshd, m)
-					f := &LocalForward{Listen: "127.0.0.1:0", Remote: echo, Dial: tun.Dial}
-					require.NoError(t, f.Start())
-					defer f.Close()
-					c, err := net.Dial("tcp", f.Addr().String())
-					require.NoError(t, err)
-					defer c.Close()
-					require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-					_, _ = io.WriteString(c, "let me through")
-					n, err := c.Read(make([]byte, 1))
-					assert.Zero(t, n)
-					require.Error(t, err, "the client's connection was not closed")
-					var ne net.Error
-					assert.False(t, errors.As(err, &ne) && ne.Timeout(), "the client's connection was left open: %v", err)
-					require.Eventually(t, func() bool { return f.Info().Failed == 1 }, 5*time.Second, 10*time.Millisecond)
-					info := f.Info()
-					assert.Contains(t, info.LastError, "prohibited")
-					assert.Equal(t, int64(0), info.BytesOut)
-					t.Log(info.LastError)
-				})
-			}
-		})
-	}
+	eachRefusingTunnel(t, []string{"AllowTcpForwarding=no", "PermitOpen=none"}, func(t *testing.T, tun *Tunnel) {
+		requireForwardFails(t, tun.Dial, echo, "prohibited")
+	})
 }
 
 // TestReverseForward exposes a test HTTP server in "the job" on the sshd
@@ -289,29 +294,21 @@ func TestReverseForwardUnsupported(t *testing.T) {
 // TestReverseForwardRefused: sshd's AllowTcpForwarding=no and
 // PermitListen=none surface as ErrProhibited with an explanation.
 func TestReverseForwardRefused(t *testing.T) {
-	for _, opt := range []string{"AllowTcpForwarding=no", "PermitListen=none"} {
-		t.Run(opt, func(t *testing.T) {
-			sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{opt}})
-			for _, m := range []Method{MethodGoSSH, MethodControlMaster} {
-				t.Run(m.String(), func(t *testing.T) {
-					tun := testTunnel(t, sshd, m)
-					f := &ReverseForward{Local: "127.0.0.1:1"}
-					err := f.Start(context.Background(), tun)
-					require.Error(t, err)
-					assert.ErrorIs(t, err, ErrProhibited)
-					assert.Contains(t, err.Error(), "hpcproxy: reverse forward")
-					t.Log(err)
-					assert.NoError(t, f.Close())
-					// The tunnel itself is unharmed.
-					select {
-					case <-tun.Done():
-						t.Fatalf("tunnel went down: %v", tun.Err())
-					default:
-					}
-				})
-			}
-		})
-	}
+	eachRefusingTunnel(t, []string{"AllowTcpForwarding=no", "PermitListen=none"}, func(t *testing.T, tun *Tunnel) {
+		f := &ReverseForward{Local: "127.0.0.1:1"}
+		err := f.Start(context.Background(), tun)
+		require.Error(t, err)
+		assert.ErrorIs(t, err, ErrProhibited)
+		assert.Contains(t, err.Error(), "hpcproxy: reverse forward")
+		t.Log(err)
+		assert.NoError(t, f.Close())
+		// The tunnel itself is unharmed.
+		select {
+		case <-tun.Done():
+			t.Fatalf("tunnel went down: %v", tun.Err())
+		default:
+		}
+	})
 }
 
 // TestReverseForwardReconnect restarts sshd under a supervised tunnel: the

@@ -69,25 +69,34 @@ func connectVia(t testing.TB, proto, addr, target string) net.Conn {
 	return nil
 }
 
-func TestRelayHalfClose(t *testing.T) {
-	echo := startEchoServer(t)
+// eachRelayPath runs f in a subtest for each relay path and each of
+// SOCKS5 and CONNECT, with a connection to dest through a fresh server.
+func eachRelayPath(t *testing.T, dest string, f func(t *testing.T, srv *Server, c net.Conn)) {
+	t.Helper()
 	for _, path := range relayPaths {
 		for _, proto := range []string{"socks5", "connect"} {
 			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				addr := startServer(t, &Server{Dial: path.dial})
-				c := connectVia(t, proto, addr, echo)
+				srv := &Server{Dial: path.dial}
+				c := connectVia(t, proto, startServer(t, srv), dest)
 				defer c.Close()
-				msg := "written, then half-closed, then read back"
-				_, err := io.WriteString(c, msg)
-				require.NoError(t, err)
-				require.NoError(t, c.(*net.TCPConn).CloseWrite())
-				require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
-				got, err := io.ReadAll(c)
-				require.NoError(t, err)
-				require.Equal(t, msg, string(got))
+				f(t, srv, c)
 			})
 		}
 	}
+}
+
+func TestRelayHalfClose(t *testing.T) {
+	echo := startEchoServer(t)
+	eachRelayPath(t, echo, func(t *testing.T, srv *Server, c net.Conn) {
+		msg := "written, then half-closed, then read back"
+		_, err := io.WriteString(c, msg)
+		require.NoError(t, err)
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, msg, string(got))
+	})
 }
 
 // TestRelayDestinationHalfClose: the destination says goodbye and
@@ -102,34 +111,27 @@ func TestRelayDestinationHalfClose(t *testing.T) {
 		b, _ := io.ReadAll(c)
 		received <- string(b)
 	})
-	for _, path := range relayPaths {
-		for _, proto := range []string{"socks5", "connect"} {
-			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				addr := startServer(t, &Server{Dial: path.dial})
-				c := connectVia(t, proto, addr, dest)
-				defer c.Close()
-				require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-				got, err := io.ReadAll(c)
-				require.NoError(t, err)
-				require.Equal(t, "bye from the destination", string(got))
-				var sent strings.Builder
-				for i := range 5 {
-					msg := "still sending " + strconv.Itoa(i) + "; "
-					_, err := io.WriteString(c, msg)
-					require.NoError(t, err, "write %d after the destination's EOF", i)
-					sent.WriteString(msg)
-					time.Sleep(10 * time.Millisecond)
-				}
-				require.NoError(t, c.(*net.TCPConn).CloseWrite())
-				select {
-				case got := <-received:
-					require.Equal(t, sent.String(), got)
-				case <-time.After(10 * time.Second):
-					t.Fatal("the destination never saw the client's EOF")
-				}
-			})
+	eachRelayPath(t, dest, func(t *testing.T, srv *Server, c net.Conn) {
+		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, "bye from the destination", string(got))
+		var sent strings.Builder
+		for i := range 5 {
+			msg := "still sending " + strconv.Itoa(i) + "; "
+			_, err := io.WriteString(c, msg)
+			require.NoError(t, err, "write %d after the destination's EOF", i)
+			sent.WriteString(msg)
+			time.Sleep(10 * time.Millisecond)
 		}
-	}
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		select {
+		case got := <-received:
+			require.Equal(t, sent.String(), got)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the destination never saw the client's EOF")
+		}
+	})
 }
 
 // TestRelayReplyAfterEOF: the destination answers only once it has read
@@ -148,25 +150,17 @@ func TestRelayReplyAfterEOF(t *testing.T) {
 	req := make([]byte, 1<<20)
 	_, _ = rand.Read(req)
 	want := fmt.Sprintf("%d bytes, sha256 %x", len(req), sha256.Sum256(req))
-	for _, path := range relayPaths {
-		for _, proto := range []string{"socks5", "connect"} {
-			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				srv := &Server{Dial: path.dial}
-				addr := startServer(t, srv)
-				c := connectVia(t, proto, addr, dest)
-				defer c.Close()
-				require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-				_, err := c.Write(req)
-				require.NoError(t, err)
-				require.NoError(t, c.(*net.TCPConn).CloseWrite())
-				got, err := io.ReadAll(c)
-				require.NoError(t, err)
-				require.Equal(t, want, string(got))
-				require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
-					"the relay did not end after both sides closed")
-			})
-		}
-	}
+	eachRelayPath(t, dest, func(t *testing.T, srv *Server, c net.Conn) {
+		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+		_, err := c.Write(req)
+		require.NoError(t, err)
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, want, string(got))
+		require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+			"the relay did not end after both sides closed")
+	})
 }
 
 // TestRelayEarlyBytes sends the handshake and the first payload bytes in
@@ -212,34 +206,26 @@ func TestRelayLargeTransfer(t *testing.T) {
 	payload := make([]byte, 32<<20)
 	_, _ = rand.Read(payload)
 	want := sha256.Sum256(payload)
-	for _, path := range relayPaths {
-		for _, proto := range []string{"socks5", "connect"} {
-			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				srv := &Server{Dial: path.dial}
-				addr := startServer(t, srv)
-				c := connectVia(t, proto, addr, echo)
-				defer c.Close()
-				var wg sync.WaitGroup
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					_, _ = c.Write(payload)
-					_ = c.(*net.TCPConn).CloseWrite()
-				}()
-				h := sha256.New()
-				n, err := io.Copy(h, c)
-				wg.Wait()
-				require.NoError(t, err)
-				require.Equal(t, int64(len(payload)), n)
-				require.Equal(t, want[:], h.Sum(nil), "payload corrupted")
-				c.Close()
-				require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond)
-				st := srv.Stats()
-				require.Equal(t, int64(len(payload)), st.BytesOut)
-				require.GreaterOrEqual(t, st.BytesIn, int64(len(payload)))
-			})
-		}
-	}
+	eachRelayPath(t, echo, func(t *testing.T, srv *Server, c net.Conn) {
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = c.Write(payload)
+			_ = c.(*net.TCPConn).CloseWrite()
+		}()
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		wg.Wait()
+		require.NoError(t, err)
+		require.Equal(t, int64(len(payload)), n)
+		require.Equal(t, want[:], h.Sum(nil), "payload corrupted")
+		c.Close()
+		require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond)
+		st := srv.Stats()
+		require.Equal(t, int64(len(payload)), st.BytesOut)
+		require.GreaterOrEqual(t, st.BytesIn, int64(len(payload)))
+	})
 }
 
 // ipv6Loopback skips (fails under CI) when [::1] is not usable.

@@ -17,59 +17,65 @@ import (
 // second start that asks for forwards the daemon lacks points at them.
 
 func (a *App) expose(args []string) error {
-	f := a.cmdFlags("expose")
-	timeout := f.Duration("timeout", 2*time.Minute, "how long to wait for the login node to listen (the tunnel may be reconnecting)")
-	if err := f.parse(args); err != nil {
-		return err
-	}
-	if f.NArg() != 1 {
-		fmt.Fprintf(a.Stderr, "%s expose: want one LOCAL[=REMOTE], such as 8888\nUsage: %s expose [flags] LOCAL[=REMOTE]\n", a.Name, a.Name)
-		return errUsage
-	}
-	spec, err := hpcproxy.ParseExposeSpec(f.Arg(0))
+	var spec hpcproxy.ExposeSpec
+	ps, fi, err := a.addToRunning(args, "expose", "LOCAL[=REMOTE], such as 8888", 2*time.Minute,
+		"how long to wait for the login node to listen (the tunnel may be reconnecting)",
+		func(arg string) (err error) { spec, err = hpcproxy.ParseExposeSpec(arg); return err },
+		func(ctx context.Context, state string) (hpcproxy.ForwardInfo, error) {
+			return hpcproxy.AddExpose(ctx, state, spec)
+		})
 	if err != nil {
 		return err
-	}
-	ps, err := a.controllable(f, "expose")
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-	defer cancel()
-	fi, err := hpcproxy.AddExpose(ctx, a.statePath(f), spec)
-	if err != nil {
-		return a.controlError(f, ps, err)
 	}
 	printForwards(a.Stdout, &hpcproxy.ProxyState{Via: ps.Via, Forwards: []hpcproxy.ForwardInfo{fi}}, true)
 	return nil
 }
 
 func (a *App) forward(args []string) error {
-	f := a.cmdFlags("forward")
-	timeout := f.Duration("timeout", 30*time.Second, "how long to wait for the daemon")
-	if err := f.parse(args); err != nil {
-		return err
-	}
-	if f.NArg() != 1 {
-		fmt.Fprintf(a.Stderr, "%s forward: want one LOCAL=REMOTE, such as 5432=db.internal:5432\nUsage: %s forward [flags] LOCAL=REMOTE\n", a.Name, a.Name)
-		return errUsage
-	}
-	spec, err := hpcproxy.ParseForwardSpec(f.Arg(0))
+	var spec hpcproxy.ForwardSpec
+	ps, fi, err := a.addToRunning(args, "forward", "LOCAL=REMOTE, such as 5432=db.internal:5432", 30*time.Second,
+		"how long to wait for the daemon",
+		func(arg string) (err error) { spec, err = hpcproxy.ParseForwardSpec(arg); return err },
+		func(ctx context.Context, state string) (hpcproxy.ForwardInfo, error) {
+			return hpcproxy.AddForward(ctx, state, spec)
+		})
 	if err != nil {
 		return err
-	}
-	ps, err := a.controllable(f, "forward")
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-	defer cancel()
-	fi, err := hpcproxy.AddForward(ctx, a.statePath(f), spec)
-	if err != nil {
-		return a.controlError(f, ps, err)
 	}
 	fmt.Fprintf(a.Stdout, "forwarding %s -> %s (resolved on %s)\n", fi.Listen, fi.Target, orDirect(ps.Via))
 	return nil
+}
+
+// addToRunning is the expose and forward commands: it parses the flags
+// and the one argument (want describes it), finds the proxy running here
+// and has add ask it for the forward.
+func (a *App) addToRunning(args []string, cmd, want string, timeout time.Duration, timeoutHelp string,
+	parse func(arg string) error, add func(ctx context.Context, statePath string) (hpcproxy.ForwardInfo, error),
+) (*hpcproxy.ProxyState, hpcproxy.ForwardInfo, error) {
+	f := a.cmdFlags(cmd)
+	wait := f.Duration("timeout", timeout, timeoutHelp)
+	if err := f.parse(args); err != nil {
+		return nil, hpcproxy.ForwardInfo{}, err
+	}
+	if f.NArg() != 1 {
+		name, _, _ := strings.Cut(want, ",")
+		fmt.Fprintf(a.Stderr, "%s %s: want one %s\nUsage: %s %s [flags] %s\n", a.Name, cmd, want, a.Name, cmd, name)
+		return nil, hpcproxy.ForwardInfo{}, errUsage
+	}
+	if err := parse(f.Arg(0)); err != nil {
+		return nil, hpcproxy.ForwardInfo{}, err
+	}
+	ps, err := a.controllable(f, cmd)
+	if err != nil {
+		return nil, hpcproxy.ForwardInfo{}, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *wait)
+	defer cancel()
+	fi, err := add(ctx, a.statePath(f))
+	if err != nil {
+		return nil, hpcproxy.ForwardInfo{}, a.controlError(ps, err)
+	}
+	return ps, fi, nil
 }
 
 // controllable finds the running proxy and checks that it runs here, where
@@ -86,7 +92,7 @@ func (a *App) controllable(f *flags, cmd string) (*hpcproxy.ProxyState, error) {
 }
 
 // controlError explains a failed control request.
-func (a *App) controlError(f *flags, ps *hpcproxy.ProxyState, err error) error {
+func (a *App) controlError(ps *hpcproxy.ProxyState, err error) error {
 	if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
 		return fmt.Errorf("%w\nthe running proxy (pid %d) takes no new forwards: its log %s says why; "+
 			"'%s stop' and start it again with --forward/--expose", err, ps.PID, ps.LogFile, a.Name)
