@@ -184,6 +184,12 @@ func muxRequest(ctx context.Context, path string, typ uint32, fwd muxForward) (m
 	if err != nil {
 		return muxReply{}, fmt.Errorf("mux reply: %w", err)
 	}
+	return parseMuxReply(msg, reqID)
+}
+
+// parseMuxReply reads the master's answer to request reqID. Refusals wrap
+// ErrProhibited with the master's reason.
+func parseMuxReply(msg muxMsg, reqID uint32) (muxReply, error) {
 	rtyp, _ := msg.u32()
 	if id, ok := msg.u32(); !ok || id != reqID {
 		return muxReply{}, fmt.Errorf("mux reply %#x for request %d, want %d", rtyp, id, reqID)

@@ -132,7 +132,8 @@ type Daemon struct {
 	// the job and reaches a service on the login side through the tunnel.
 	// They listen before readiness is reported; a bind failure is a
 	// start-up error. In per-job mode they admit only the owner's
-	// connections, like the proxy.
+	// connections, like the proxy. While the daemon runs, [AddForward]
+	// adds more through its control socket ([ControlSocketPath]).
 	Forwards []ForwardSpec
 
 	// Exposes optionally lists reverse forwards (`ssh -R`): the login
@@ -140,6 +141,8 @@ type Daemon struct {
 	// They need a method that can listen (gossh, controlmaster); sshd
 	// refusing is a start-up error. After a reconnect each is re-requested
 	// on the port it had. The state file records the bound addresses.
+	// While the daemon runs, [AddExpose] adds more through its control
+	// socket.
 	Exposes []ExposeSpec
 
 	// OnReady optionally is called with the listening address once the
@@ -323,6 +326,9 @@ type running struct {
 	reverses []*ReverseForward
 	rebound  chan struct{} // a reverse forward was (re)bound
 	log      *slog.Logger
+
+	fmu sync.Mutex     // guards locals and reverses: the control socket adds to them
+	ctl *controlServer // the control socket (daemonctl.go), if it listens
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -447,46 +453,28 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	return r, nil
 }
 
-// startForwards starts the daemon's local and reverse forwards.
+// startForwards starts the daemon's local and reverse forwards, and the
+// control socket through which more can be added while it runs.
 func (r *running) startForwards(ctx context.Context, d *Daemon, mode Mode) error {
 	for _, fs := range d.Forwards {
-		f := &LocalForward{Listen: fs.Listen, Remote: fs.Remote, Dial: r.sup.Dial, Logger: r.log}
-		if mode == ModePerJob {
-			f.AllowConn = SameUserConn
+		if _, err := r.addLocal(fs, mode); err != nil {
+			return err
 		}
-		if err := f.Start(); err != nil {
-			return fmt.Errorf("hpcproxy: forward %s: %w", fs, err)
-		}
-		r.locals = append(r.locals, f)
-		r.log.Info("local forward listening", "listen", f.Addr(), "remote", fs.Remote)
 	}
 	for _, es := range d.Exposes {
-		f := &ReverseForward{Remote: es.Remote, Local: es.Local, Logger: r.log}
-		f.OnBind = func(net.Addr) {
-			// A re-bind, possibly on a new port: Run records it at once.
-			select {
-			case r.rebound <- struct{}{}:
-			default:
-			}
+		if _, err := r.addExpose(ctx, es); err != nil {
+			return err
 		}
-		if err := f.Start(ctx, r.sup); err != nil {
-			return fmt.Errorf("hpcproxy: expose %s: %w", es, err)
-		}
-		r.reverses = append(r.reverses, f)
 	}
+	r.startControl(mode)
 	return nil
 }
 
 // forwardInfos snapshots every forward.
 func (r *running) forwardInfos() []ForwardInfo {
-	var out []ForwardInfo
-	for _, f := range r.locals {
-		out = append(out, f.Info())
-	}
-	for _, f := range r.reverses {
-		out = append(out, f.Info())
-	}
-	return out
+	r.fmu.Lock()
+	defer r.fmu.Unlock()
+	return r.forwardInfosLocked()
 }
 
 // recordTunnel writes a tunnel state change to the state file. Before the
@@ -563,6 +551,7 @@ func (r *running) update(mutate func(*ProxyState)) error {
 // shutdown stops serving, closes connections and the tunnel, and removes
 // the state file if it is still ours.
 func (r *running) shutdown(log *slog.Logger) {
+	r.stopControl() // no forward is added from here on
 	for _, f := range r.reverses {
 		if err := f.Close(); err != nil {
 			log.Debug("reverse forward close", "err", err)

@@ -2,8 +2,11 @@ package hpcproxy
 
 import (
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -11,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
 // TestDaemonForwards runs a per-job daemon with a local forward and an
@@ -140,4 +144,55 @@ func TestParseSpecs(t *testing.T) {
 	assert.Equal(t, "ssh -N -L 8888:127.0.0.1:40001 -p 2222 alice@login1", SSHForwardHint("alice@login1:2222", "127.0.0.1:40001", 8888))
 	assert.Equal(t, "ssh -N -L 8888:/home/a/j.sock login1", SSHForwardHint("login1", "/home/a/j.sock", 8888))
 	assert.Equal(t, "", SSHForwardHint("login1", "127.0.0.1:0", 0))
+}
+
+// TestDaemonForwardUnixSocket: a per-job daemon's --forward on a unix
+// socket admits its owner (SO_PEERCRED) and refuses another user, even one
+// the socket's mode lets in.
+func TestDaemonForwardUnixSocket(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	echo := startEchoServer(t)
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	sock := otherUserSocketPath(t)
+	startTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+		},
+		StatePath:     statePath,
+		StatsInterval: 50 * time.Millisecond,
+		Forwards:      []ForwardSpec{{Listen: sock, Remote: echo}},
+	})
+	fi, err := os.Lstat(sock)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "socket mode")
+
+	assert.Equal(t, "owner", fwdEcho(t, "unix", sock, "owner"), "the owner is refused")
+	forwardTotal := func() int64 {
+		st, err := ReadPidFileAt(statePath)
+		if err != nil || len(st.Forwards) != 1 {
+			return -1
+		}
+		return st.Forwards[0].Total
+	}
+	require.Eventually(t, func() bool { return forwardTotal() == 1 }, 10*time.Second, 20*time.Millisecond)
+
+	t.Run("other user", func(t *testing.T) {
+		testenv.RequireRoot(t)
+		socat := testenv.LookPath(t, "socat")
+		require.NoError(t, os.Chmod(sock, 0o666)) // only the peer check stands in the way
+		cmd := exec.Command(socat, "-t", "5", "-T", "10", "-", "UNIX-CONNECT:"+sock)
+		cmd.Env = []string{}
+		cmd.Stdin = strings.NewReader("intruder")
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 48213, Gid: 48213}}
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		// socat connected (no "Permission denied": the mode let it in), and
+		// the echo server never saw it: nothing came back.
+		assert.NotContains(t, stderr.String(), "ermission denied", "socat could not connect: %v", err)
+		assert.Empty(t, stdout.String(), "another user's connection was forwarded (socat: %v %s)", err, stderr.String())
+		time.Sleep(200 * time.Millisecond) // several stats intervals
+		assert.Equal(t, int64(1), forwardTotal(), "another user's connection was forwarded")
+	})
 }

@@ -21,6 +21,54 @@
 // resolved on the far side of the tunnel, where DNS works. [RunProxy] is the
 // one-call form.
 //
+// # Replies
+//
+// Every request the server refuses gets the answer its protocol defines,
+// and the connection is closed (a client that [Server.AllowClient] refuses
+// is closed without one). HTTP errors carry a short text body that says
+// why:
+//
+//	400 Bad Request            malformed request; origin-form ("GET /path")
+//	                           or "*" instead of an absolute URL; a URL
+//	                           without host, a bad host:port or port, a
+//	                           scheme other than http; CONNECT without
+//	                           host:port
+//	403 Forbidden              the destination is prohibited (the login
+//	                           node's AllowTcpForwarding or PermitOpen)
+//	405 Method Not Allowed     an absolute https:// URL: use CONNECT
+//	                           ("Allow: CONNECT")
+//	407 Proxy Authentication   credentials required and missing or wrong
+//	    Required               (Proxy-Authenticate: Basic realm="hpcproxy")
+//	431 Request Header Fields  the request's header block is too large
+//	    Too Large
+//	502 Bad Gateway            the dial failed: refused, unreachable, a name
+//	                           that does not resolve, any other error; or
+//	                           the origin's response was broken
+//	503 Service Unavailable    the tunnel is down or reconnecting, or the
+//	                           server is at Server.MaxConns
+//	504 Gateway Timeout        the dial timed out
+//	505 HTTP Version Not       not HTTP/1.x
+//	    Supported
+//
+// SOCKS5 replies (RFC 1928 REP field); method selection answers 0xFF when
+// no offered method is acceptable, and wrong credentials get RFC 1929
+// status 0x01:
+//
+//	0x00 succeeded
+//	0x01 general failure: the tunnel is down or reconnecting, MaxConns, a
+//	     bad request version or host name, any dial error not below
+//	0x02 not allowed: the destination is prohibited
+//	0x03 network unreachable
+//	0x04 host unreachable, or the name does not resolve on the far side
+//	0x05 connection refused
+//	0x06 TTL expired: the dial timed out
+//	0x07 command not supported: BIND, UDP ASSOCIATE, any other command
+//	0x08 address type not supported
+//
+// SOCKS4 and SOCKS4a reply 0x5A (granted) or 0x5B (rejected) for every
+// failure: a malformed request, a user ID that is not a valid token, any
+// dial failure, MaxConns.
+//
 // # Tunnels
 //
 // [EstablishTunnel] reaches the login node by the first of several
@@ -40,7 +88,9 @@
 // tunnel to a fixed destination, like `ssh -L`. [ReverseForward] asks the
 // login node's sshd to listen ([Tunnel.Listen]; gossh and controlmaster
 // only) and carries each connection back to a local address, like
-// `ssh -R`, re-registering the listener after a reconnect.
+// `ssh -R`, re-registering the listener after a reconnect. A [Daemon] runs
+// them from its Forwards and Exposes, and takes more while it runs through
+// its owner-only control socket ([AddForward], [AddExpose]).
 //
 // # Daemon
 //

@@ -69,8 +69,13 @@ func convertOpenChannelError(addr string, err error) error {
 	if e.cause == nil && oce.Reason == ssh.Prohibited {
 		e.cause = ErrProhibited
 	}
-	if e.Reason == "" {
+	switch {
+	case e.Reason == "":
 		e.Reason = oce.Reason.String()
+	case oce.Reason == ssh.Prohibited && !strings.Contains(strings.ToLower(e.Reason), "prohibited"):
+		// sshd refusing by AllowTcpForwarding or PermitOpen says only
+		// "open failed": name the reason code.
+		e.Reason = oce.Reason.String() + ": " + e.Reason
 	}
 	return e
 }

@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
+	"math"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,7 +44,8 @@ const (
 
 // ForwardInfo is a snapshot of a forward, as the daemon's state file
 // records it. BytesIn counts bytes from the connecting side (the client of
-// the listener) to the target, BytesOut the reverse.
+// the listener) to the target, BytesOut the reverse; both grow while
+// connections are open, not only when they end.
 type ForwardInfo struct {
 	Kind ForwardKind `json:"kind"`
 	// Listen is where the forward listens: a local "host:port" or socket
@@ -72,7 +76,25 @@ type forwardCore struct {
 	closed  bool
 	lastErr string
 	wg      sync.WaitGroup
+	// dialCtx is the parent of every target dial; shut cancels it, so a
+	// dial waiting for a tunnel that is down does not hold up Close.
+	dialCtx    context.Context
+	cancelDial context.CancelFunc
 }
+
+// forwardDialTimeout bounds one dial of a forward's target.
+const forwardDialTimeout = 30 * time.Second
+
+// forwardRelayIdle is the relay's idle timeout for forwards: in effect
+// never. It is set because a relay with an idle timeout copies through
+// user space and counts bytes as they flow, also between two kernel
+// sockets (a controlmaster expose's unix conn and a TCP service in the
+// job; a local forward over the socks or direct methods), where it would
+// otherwise splice and count only once the connection ends, so that a
+// long-lived session (a notebook's websocket) would show 0 bytes in status
+// for hours. Apart from the direct method, ssh is the bottleneck of every
+// forward, not this copy.
+const forwardRelayIdle = time.Duration(math.MaxInt64)
 
 func (c *forwardCore) logger() *slog.Logger {
 	if c.log == nil {
@@ -93,6 +115,10 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 	if c.conns == nil {
 		c.conns = map[net.Conn]struct{}{}
 	}
+	if c.dialCtx == nil {
+		c.dialCtx, c.cancelDial = context.WithCancel(context.Background())
+	}
+	parent := c.dialCtx
 	c.conns[conn] = struct{}{}
 	c.wg.Add(1)
 	c.mu.Unlock()
@@ -106,9 +132,14 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 			delete(c.conns, conn)
 			c.mu.Unlock()
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		ctx, cancel := context.WithTimeout(parent, forwardDialTimeout)
 		dst, err := dial(ctx)
 		cancel()
+		if err != nil && parent.Err() != nil {
+			// Closed while dialling: not the target's failure.
+			conn.Close()
+			return
+		}
 		if err != nil {
 			c.failed.Add(1)
 			c.setErr(err)
@@ -127,7 +158,7 @@ func (c *forwardCore) handle(conn net.Conn, target string, dial func(ctx context
 			dst.Close()
 			return
 		}
-		err = relay(conn, dst, relayConfig{in: &c.in, out: &c.out})
+		err = relay(conn, dst, relayConfig{idle: forwardRelayIdle, in: &c.in, out: &c.out})
 		c.mu.Lock()
 		delete(c.conns, dst)
 		c.mu.Unlock()
@@ -144,10 +175,14 @@ func (c *forwardCore) setErr(err error) {
 	c.mu.Unlock()
 }
 
-// shut marks the core closed, closes live conns and waits for handlers.
+// shut marks the core closed, cancels dials in flight, closes live conns
+// and waits for handlers.
 func (c *forwardCore) shut() {
 	c.mu.Lock()
 	c.closed = true
+	if c.cancelDial != nil {
+		c.cancelDial()
+	}
 	for conn := range c.conns {
 		conn.Close()
 	}
@@ -244,21 +279,91 @@ func (f *LocalForward) Start() error {
 	return nil
 }
 
-// listenUnixPrivate listens on a unix socket readable only by the user,
-// replacing a stale socket file that nothing listens on.
+// listenUnixPrivate listens on a unix socket at path that only the user
+// can connect to (mode 0600), without touching the process-wide umask and
+// without a moment in which the socket is reachable with a wider mode: it
+// binds in a fresh 0700 directory beside path, sets the mode there, and
+// only then links the socket into place. link(2) never replaces a file;
+// a stale socket at path (nothing listens on it) is replaced, a live one
+// or a file that is not a socket is an error (EADDRINUSE). Closing the
+// listener removes path if it is still this socket.
 func listenUnixPrivate(path string) (net.Listener, error) {
-	old := syscall.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	if err != nil && errors.Is(err, syscall.EADDRINUSE) {
-		if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-			c.Close()
-		} else if fi, serr := os.Lstat(path); serr == nil && fi.Mode()&os.ModeSocket != 0 {
-			_ = os.Remove(path)
-			ln, err = net.Listen("unix", path)
-		}
+	dir, err := os.MkdirTemp(filepath.Dir(path), ".hpcproxy-")
+	if err != nil {
+		return nil, err
 	}
-	syscall.Umask(old)
-	return ln, err
+	defer os.RemoveAll(dir)
+	tmp := filepath.Join(dir, "s")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(false) // it will not be at tmp; Close removes path
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if err := placeSocket(tmp, path); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return &privateUnixListener{UnixListener: ln, addr: &net.UnixAddr{Name: path, Net: "unix"}, file: fi}, nil
+}
+
+// placeSocket gives the socket at tmp the name path: a hard link where
+// nothing is at path, else a rename over a stale socket.
+func placeSocket(tmp, path string) error {
+	err := os.Link(tmp, path)
+	if err == nil {
+		return nil
+	}
+	fi, serr := os.Lstat(path)
+	if errors.Is(serr, fs.ErrNotExist) {
+		// No hard links on this file system, and nothing in the way.
+		return os.Rename(tmp, path)
+	}
+	if !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if serr != nil {
+		return serr
+	}
+	inUse := &os.PathError{Op: "listen", Path: path, Err: syscall.EADDRINUSE}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return inUse // not a socket: not ours to replace
+	}
+	if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
+		c.Close()
+		return inUse
+	}
+	return os.Rename(tmp, path)
+}
+
+// privateUnixListener is a listener made by listenUnixPrivate: it reports
+// path as its address and removes path on Close if path is still its
+// socket.
+type privateUnixListener struct {
+	*net.UnixListener
+	addr      *net.UnixAddr
+	file      fs.FileInfo
+	closeOnce sync.Once
+}
+
+func (l *privateUnixListener) Addr() net.Addr { return l.addr }
+
+func (l *privateUnixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.closeOnce.Do(func() {
+		if fi, serr := os.Lstat(l.addr.Name); serr == nil && os.SameFile(fi, l.file) {
+			_ = os.Remove(l.addr.Name)
+		}
+	})
+	return err
 }
 
 // Serve accepts connections on ln and forwards them until Close (then it
@@ -334,8 +439,9 @@ func (f *LocalForward) Info() ForwardInfo {
 	return f.core.info(ForwardLocal, listen, f.Remote, status)
 }
 
-// Close stops listening, closes the forwarded connections and waits for
-// their goroutines. It is idempotent.
+// Close stops listening, cancels dials in flight (such as dials waiting
+// for a reconnecting tunnel), closes the forwarded connections and waits
+// for their goroutines. It is idempotent.
 func (f *LocalForward) Close() error {
 	f.closing.Store(true)
 	f.core.mu.Lock()
@@ -705,6 +811,37 @@ func ParseForwardSpec(s string) (ForwardSpec, error) {
 	return ForwardSpec{Listen: local, Remote: remote}, nil
 }
 
+// Matches reports whether fi, a forward as a daemon reports it, is the
+// local forward s asks for: the same target, listening where s says (on
+// any port if s asks for port 0).
+func (s ForwardSpec) Matches(fi ForwardInfo) bool {
+	if fi.Kind != ForwardLocal || fi.Target != s.Remote {
+		return false
+	}
+	network, addr, err := ListenAddr(s.Listen)
+	if err != nil {
+		return false
+	}
+	if network == "unix" {
+		return fi.Listen == addr
+	}
+	return sameHostPort(addr, fi.Listen)
+}
+
+// sameHostPort reports whether bound, a listener's "host:port", is what
+// want asks for, where port 0 in want stands for any port.
+func sameHostPort(want, bound string) bool {
+	wh, wp, err := net.SplitHostPort(want)
+	if err != nil {
+		return false
+	}
+	bh, bp, err := net.SplitHostPort(bound)
+	if err != nil {
+		return false
+	}
+	return wh == bh && (wp == "0" || wp == bp)
+}
+
 // ExposeSpec is a reverse forward of a [Daemon]: the login node listens
 // on Remote and connections reach Local in the job.
 type ExposeSpec struct {
@@ -718,6 +855,22 @@ func (s ExposeSpec) String() string {
 		return s.Local
 	}
 	return s.Local + "=" + s.Remote
+}
+
+// Matches reports whether fi, a forward as a daemon reports it, is the
+// reverse forward s asks for: the same service in the job, and, if s names
+// one, the same address on the login node (any port if s asks for port 0).
+func (s ExposeSpec) Matches(fi ForwardInfo) bool {
+	if fi.Kind != ForwardReverse || fi.Target != s.Local {
+		return false
+	}
+	switch {
+	case s.Remote == "":
+		return true
+	case isSocketPath(s.Remote):
+		return fi.Listen == s.Remote
+	}
+	return sameHostPort(s.Remote, fi.Listen)
 }
 
 // ParseExposeSpec parses "LOCAL[=REMOTE]": LOCAL a port (of 127.0.0.1),

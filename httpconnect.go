@@ -198,6 +198,10 @@ func (ss *session) serveHTTP() error {
 			return ss.refuseHTTP(err.(*httpError))
 		}
 		if req.Method == http.MethodConnect {
+			// The connection is a tunnel from now on: an origin conn kept
+			// for its earlier plain requests would stay open, unused,
+			// for as long as the tunnel lasts.
+			up.drop()
 			return ss.serveCONNECT(addr)
 		}
 		if err := c.raw.SetDeadline(time.Time{}); err != nil {

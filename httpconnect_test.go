@@ -307,3 +307,57 @@ func FuzzHTTPRequest(f *testing.F) {
 		removeHopHeaders(req.Header)
 	})
 }
+
+// TestHTTPKeepAliveThenCONNECT: a client that sends a plain request and
+// then CONNECT on the same connection gets its tunnel, and the origin
+// conn of the plain request is closed when the tunnel starts, not when it
+// ends.
+func TestHTTPKeepAliveThenCONNECT(t *testing.T) {
+	originClosed := make(chan struct{}, 1)
+	origin := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "plain")
+	}))
+	origin.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateClosed {
+			originClosed <- struct{}{}
+		}
+	}
+	origin.Start()
+	t.Cleanup(origin.Close)
+	echo := startEchoServer(t)
+
+	addr := startServer(t, &Server{})
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.SetDeadline(time.Now().Add(20*time.Second)))
+	br := bufio.NewReader(c)
+	host := origin.Listener.Addr().String()
+	_, err = io.WriteString(c, "GET http://"+host+"/ HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
+	require.NoError(t, err)
+	resp, err := http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, "plain", string(body))
+	require.False(t, resp.Close, "the proxy should keep the client connection alive")
+
+	_, err = io.WriteString(c, "CONNECT "+echo+" HTTP/1.1\r\nHost: "+echo+"\r\n\r\n")
+	require.NoError(t, err)
+	resp, err = http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	require.NoError(t, err)
+	require.Equal(t, 200, resp.StatusCode)
+	_, err = io.WriteString(c, "through the tunnel")
+	require.NoError(t, err)
+	got := make([]byte, len("through the tunnel"))
+	_, err = io.ReadFull(br, got)
+	require.NoError(t, err)
+	require.Equal(t, "through the tunnel", string(got))
+
+	// The tunnel is still open; the origin conn must be gone already.
+	select {
+	case <-originClosed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the origin conn of the earlier request stays open during the tunnel")
+	}
+}

@@ -26,7 +26,8 @@ import (
 // ours; netlink sock_diag looks it up directly, /proc/net/tcp{,6} is the
 // fallback) and returns its owner. Sockets of processes in other network
 // namespaces, or of other hosts, are never found: those peers must
-// present the token.
+// present the token. Over a unix socket the kernel hands over the peer's
+// credentials directly (SO_PEERCRED; UnixPeerUID).
 
 // ErrPeerNotFound is returned by LoopbackPeerUID when no socket in the
 // kernel's tables matches the connection (it was closed meanwhile, or the
@@ -102,12 +103,42 @@ func procNetUID(peer, self netip.AddrPort) (int, error) {
 	return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
 }
 
-// SameUserConn reports whether c's peer is a loopback socket owned by this
-// process's UID. Any failure to tell answers false. Its signature suits a
-// server's "trust this connection without credentials" hook.
+// SameUserConn reports whether c's peer runs as this process's UID: for a
+// unix socket connection (*net.UnixConn) the UID the kernel recorded when
+// the peer connected ([UnixPeerUID]), for TCP a loopback socket owned by
+// that UID ([LoopbackPeerUID]). Any failure to tell answers false. Its
+// signature suits a server's "trust this connection without credentials"
+// hook and a forward's AllowConn.
 func SameUserConn(c net.Conn) bool {
-	uid, err := LoopbackPeerUID(c)
+	var uid int
+	var err error
+	if uc, ok := c.(*net.UnixConn); ok {
+		uid, err = UnixPeerUID(uc)
+	} else {
+		uid, err = LoopbackPeerUID(c)
+	}
 	return err == nil && uid == os.Getuid()
+}
+
+// UnixPeerUID returns the UID of the process at the other end of c, a
+// unix socket connection, as the kernel recorded it when the connection
+// was made (SO_PEERCRED).
+func UnixPeerUID(c *net.UnixConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("hpcproxy: peer credentials: %w", err)
+	}
+	var cred *syscall.Ucred
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, serr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return -1, fmt.Errorf("hpcproxy: peer credentials: %w", err)
+	}
+	if serr != nil {
+		return -1, fmt.Errorf("hpcproxy: peer credentials: SO_PEERCRED: %w", serr)
+	}
+	return int(cred.Uid), nil
 }
 
 func addrPortOf(a net.Addr) (netip.AddrPort, error) {

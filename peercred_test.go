@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
@@ -228,4 +230,72 @@ func TestLoopbackPeerUIDOtherUser(t *testing.T) {
 	if err := cmd.Wait(); err != nil && !errors.As(err, new(*exec.ExitError)) {
 		t.Errorf("curl: %v", err)
 	}
+}
+
+// acceptUnix accepts one connection on ln within 10 seconds, after dial
+// (which connects to ln, or starts a process that does) returned.
+func acceptUnix(t *testing.T, ln *net.UnixListener, dial func() error) *net.UnixConn {
+	t.Helper()
+	require.NoError(t, dial())
+	require.NoError(t, ln.SetDeadline(time.Now().Add(10*time.Second)))
+	c, err := ln.AcceptUnix()
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestUnixPeerUIDSelf(t *testing.T) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(sshtest.PrivateTempDir(t), "s"), Net: "unix"})
+	require.NoError(t, err)
+	defer ln.Close()
+	var client net.Conn
+	c := acceptUnix(t, ln, func() error {
+		var err error
+		client, err = net.Dial("unix", ln.Addr().String())
+		return err
+	})
+	defer client.Close()
+	// An unnamed client ("@"): no address to look up in the TCP tables.
+	_, err = LoopbackPeerUID(c)
+	assert.ErrorIs(t, err, ErrNotLoopback)
+	uid, err := UnixPeerUID(c)
+	require.NoError(t, err)
+	assert.Equal(t, os.Getuid(), uid)
+	assert.True(t, SameUserConn(c), "the owner's unix connection refused")
+}
+
+// TestUnixPeerUIDOtherUser connects to a unix socket as another UID (curl
+// --unix-socket with SysProcAttr.Credential): SO_PEERCRED names that UID
+// and SameUserConn refuses it.
+func TestUnixPeerUIDOtherUser(t *testing.T) {
+	testenv.RequireRoot(t)
+	curl := testenv.LookPath(t, "curl")
+	const otherUID = 48213
+	sock := otherUserSocketPath(t)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	require.NoError(t, err)
+	defer ln.Close()
+	require.NoError(t, os.Chmod(sock, 0o666))
+	cmd := exec.Command(curl, "-q", "-s", "--max-time", "10", "--unix-socket", sock, "http://job/")
+	cmd.Env = []string{}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: otherUID, Gid: otherUID}}
+	c := acceptUnix(t, ln, cmd.Start)
+	defer cmd.Wait()
+
+	uid, err := UnixPeerUID(c)
+	require.NoError(t, err)
+	assert.Equal(t, otherUID, uid, "peer uid")
+	assert.False(t, SameUserConn(c), "another user's unix connection trusted")
+	c.Close()
+}
+
+// otherUserSocketPath returns a socket path in a fresh directory that other
+// users can reach (mode 0755), removed when t ends.
+func otherUserSocketPath(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "peercred")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	return filepath.Join(dir, "s")
 }

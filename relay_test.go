@@ -5,9 +5,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -67,25 +69,98 @@ func connectVia(t testing.TB, proto, addr, target string) net.Conn {
 	return nil
 }
 
-func TestRelayHalfClose(t *testing.T) {
-	echo := startEchoServer(t)
+// eachRelayPath runs f in a subtest for each relay path and each of
+// SOCKS5 and CONNECT, with a connection to dest through a fresh server.
+func eachRelayPath(t *testing.T, dest string, f func(t *testing.T, srv *Server, c net.Conn)) {
+	t.Helper()
 	for _, path := range relayPaths {
 		for _, proto := range []string{"socks5", "connect"} {
 			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				addr := startServer(t, &Server{Dial: path.dial})
-				c := connectVia(t, proto, addr, echo)
+				srv := &Server{Dial: path.dial}
+				c := connectVia(t, proto, startServer(t, srv), dest)
 				defer c.Close()
-				msg := "written, then half-closed, then read back"
-				_, err := io.WriteString(c, msg)
-				require.NoError(t, err)
-				require.NoError(t, c.(*net.TCPConn).CloseWrite())
-				require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
-				got, err := io.ReadAll(c)
-				require.NoError(t, err)
-				require.Equal(t, msg, string(got))
+				f(t, srv, c)
 			})
 		}
 	}
+}
+
+func TestRelayHalfClose(t *testing.T) {
+	echo := startEchoServer(t)
+	eachRelayPath(t, echo, func(t *testing.T, srv *Server, c net.Conn) {
+		msg := "written, then half-closed, then read back"
+		_, err := io.WriteString(c, msg)
+		require.NoError(t, err)
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, msg, string(got))
+	})
+}
+
+// TestRelayDestinationHalfClose: the destination says goodbye and
+// half-closes first; the client sees EOF and keeps sending, and every byte
+// it sends after that EOF reaches the destination.
+func TestRelayDestinationHalfClose(t *testing.T) {
+	received := make(chan string, 8) // never blocks a handler: one conn per subtest
+	dest := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = io.WriteString(c, "bye from the destination")
+		_ = c.(*net.TCPConn).CloseWrite()
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, _ := io.ReadAll(c)
+		received <- string(b)
+	})
+	eachRelayPath(t, dest, func(t *testing.T, srv *Server, c net.Conn) {
+		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, "bye from the destination", string(got))
+		var sent strings.Builder
+		for i := range 5 {
+			msg := "still sending " + strconv.Itoa(i) + "; "
+			_, err := io.WriteString(c, msg)
+			require.NoError(t, err, "write %d after the destination's EOF", i)
+			sent.WriteString(msg)
+			time.Sleep(10 * time.Millisecond)
+		}
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		select {
+		case got := <-received:
+			require.Equal(t, sent.String(), got)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the destination never saw the client's EOF")
+		}
+	})
+}
+
+// TestRelayReplyAfterEOF: the destination answers only once it has read
+// the client's whole request (EOF), like a one-shot RPC; the answer must
+// still reach the client after the client half-closed.
+func TestRelayReplyAfterEOF(t *testing.T) {
+	dest := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			return
+		}
+		sum := sha256.Sum256(b)
+		_, _ = fmt.Fprintf(c, "%d bytes, sha256 %x", len(b), sum)
+	})
+	req := make([]byte, 1<<20)
+	_, _ = rand.Read(req)
+	want := fmt.Sprintf("%d bytes, sha256 %x", len(req), sha256.Sum256(req))
+	eachRelayPath(t, dest, func(t *testing.T, srv *Server, c net.Conn) {
+		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+		_, err := c.Write(req)
+		require.NoError(t, err)
+		require.NoError(t, c.(*net.TCPConn).CloseWrite())
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Equal(t, want, string(got))
+		require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+			"the relay did not end after both sides closed")
+	})
 }
 
 // TestRelayEarlyBytes sends the handshake and the first payload bytes in
@@ -131,34 +206,26 @@ func TestRelayLargeTransfer(t *testing.T) {
 	payload := make([]byte, 32<<20)
 	_, _ = rand.Read(payload)
 	want := sha256.Sum256(payload)
-	for _, path := range relayPaths {
-		for _, proto := range []string{"socks5", "connect"} {
-			t.Run(path.name+"/"+proto, func(t *testing.T) {
-				srv := &Server{Dial: path.dial}
-				addr := startServer(t, srv)
-				c := connectVia(t, proto, addr, echo)
-				defer c.Close()
-				var wg sync.WaitGroup
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					_, _ = c.Write(payload)
-					_ = c.(*net.TCPConn).CloseWrite()
-				}()
-				h := sha256.New()
-				n, err := io.Copy(h, c)
-				wg.Wait()
-				require.NoError(t, err)
-				require.Equal(t, int64(len(payload)), n)
-				require.Equal(t, want[:], h.Sum(nil), "payload corrupted")
-				c.Close()
-				require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond)
-				st := srv.Stats()
-				require.Equal(t, int64(len(payload)), st.BytesOut)
-				require.GreaterOrEqual(t, st.BytesIn, int64(len(payload)))
-			})
-		}
-	}
+	eachRelayPath(t, echo, func(t *testing.T, srv *Server, c net.Conn) {
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = c.Write(payload)
+			_ = c.(*net.TCPConn).CloseWrite()
+		}()
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		wg.Wait()
+		require.NoError(t, err)
+		require.Equal(t, int64(len(payload)), n)
+		require.Equal(t, want[:], h.Sum(nil), "payload corrupted")
+		c.Close()
+		require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond)
+		st := srv.Stats()
+		require.Equal(t, int64(len(payload)), st.BytesOut)
+		require.GreaterOrEqual(t, st.BytesIn, int64(len(payload)))
+	})
 }
 
 // ipv6Loopback skips (fails under CI) when [::1] is not usable.

@@ -6,6 +6,8 @@
 //	eval "$(perjob env)"          # http_proxy, https_proxy, all_proxy, no_proxy
 //	perjob run -- pip install numpy
 //	git -c core.sshCommand='ssh -o ProxyCommand="perjob connect %h %p"' clone git@github.com:org/repo
+//	perjob expose 8888            # the job's Jupyter on the login node; prints the ssh -L line
+//	perjob forward 5432=db.internal:5432
 //	perjob status
 //	perjob stop
 //

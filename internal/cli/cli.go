@@ -1,7 +1,8 @@
 // Package cli implements the commands of the example binaries
-// examples/shared and examples/perjob: start, stop, status, env, run,
-// connect, and the hidden daemon command that start launches. The library
-// does the work; this package only parses flags and prints.
+// examples/shared and examples/perjob: start, stop, status, expose,
+// forward, env, run, connect, and the hidden daemon command that start
+// launches. The library does the work; this package only parses flags and
+// prints.
 package cli
 
 import (
@@ -47,6 +48,8 @@ func (a *App) commands() []command {
 		{name: "start", args: "[flags]", summary: "start the proxy daemon and wait until it is ready", run: (*App).start},
 		{name: "stop", args: "[flags]", summary: "stop the running proxy daemon", run: (*App).stop},
 		{name: "status", args: "[flags]", summary: "show the proxy's state, tunnel and counters", run: (*App).status},
+		{name: "expose", args: "[flags] LOCAL[=REMOTE]", summary: "have the login node listen and connect to LOCAL here, like ssh -R (running proxy)", run: (*App).expose},
+		{name: "forward", args: "[flags] LOCAL=REMOTE", summary: "listen on LOCAL here and connect to REMOTE from the login node, like ssh -L (running proxy)", run: (*App).forward},
 		{name: "env", args: "[flags]", summary: "print export lines for the proxy: eval \"$(NAME env)\"", run: (*App).env},
 		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment", run: (*App).runCmd},
 		{name: "connect", args: "[flags] HOST PORT", summary: "relay stdin/stdout to HOST:PORT through the proxy (ssh ProxyCommand)", run: (*App).connect},
@@ -289,11 +292,8 @@ func (a *App) start(args []string) error {
 	// it (outside a job, without --via or HPCPROXY_VIA, there is none).
 	state := a.statePath(f)
 	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
-		// Not an error: the proxy the user asked for is there.
-		if f.verbose {
-			fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
-		}
-		return nil
+		// Not an error if the proxy the user asked for is there.
+		return a.alreadyRunning(ps, &t, stateFlag(f), f.verbose)
 	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
@@ -319,6 +319,9 @@ func (a *App) start(args []string) error {
 		Cmd: cmd, LogFile: hpcproxy.LogFilePath(state), Timeout: t.timeout,
 	})
 	if err != nil {
+		if are := (*hpcproxy.AlreadyRunningError)(nil); errors.As(err, &are) && are.State != nil {
+			return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
+		}
 		if errors.Is(err, hpcproxy.ErrAlreadyRunning) {
 			if f.verbose {
 				fmt.Fprintln(a.Stdout, err)

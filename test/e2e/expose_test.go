@@ -40,8 +40,8 @@ func statusForwards(out string) map[string]statusForward {
 // on its loopback and a client there gets the job's page. The same job
 // reaches a service only login's loopback has through a local forward
 // (--forward). perjob status counts the bytes of both; the daemon and its
-// state file end with the job. For each method that can carry reverse
-// forwards.
+// state file end with the job. Both serve again after an sshd restart.
+// For each method that can carry reverse forwards.
 func (c *cluster) expose(t *testing.T) {
 	web := c.spawn("login-web", c.login, []string{"PATH=/usr/bin:/bin"},
 		c.bin+"/e2efetch", "-serve", "127.0.0.1:"+loginWebPort, "-body", "served on the login node")
@@ -138,6 +138,41 @@ echo "RESULT web ok"
 			break
 		}
 		time.Sleep(time.Second)
+	}
+
+	// Both survive an sshd restart: sshd is killed with its sessions and
+	// started again; the daemon reconnects, the expose is re-requested on
+	// the port it had (so the ssh -L line printed at start stays valid),
+	// and both serve again.
+	before := c.readState(t, h.state).Reconnects
+	c.sshdDown()
+	c.sshdUp(t)
+	var rev hpcproxy.ForwardInfo
+	deadline = time.Now().Add(60 * time.Second)
+	for {
+		ps := c.readState(t, h.state)
+		for _, fi := range ps.Forwards {
+			if fi.Kind == hpcproxy.ForwardReverse {
+				rev = fi
+			}
+		}
+		if ps.Status == hpcproxy.StatusUp && ps.Reconnects > before && rev.Status == hpcproxy.ForwardUp {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the sshd restart: no reconnect with the expose up within 60s: status %s, reconnects %d (before %d), expose %+v",
+				ps.Status, ps.Reconnects, before, rev)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if rev.Listen != remote {
+		t.Errorf("after the sshd restart the expose listens on %s, not %s as before", rev.Listen, remote)
+	}
+	if r := c.runOn(c.login, c.user, c.env(c.user), 20*time.Second, "curl", "-sS", "--fail", "--max-time", "10", "http://"+rev.Listen+"/"); r.code != 0 || r.out != wantBody {
+		t.Errorf("after the sshd restart, on login GET http://%s/: want %q, got %s", rev.Listen, wantBody, r)
+	}
+	if r := c.runOn(c.compute, c.user, env, 20*time.Second, "curl", "-sS", "--fail", "--max-time", "10", "http://127.0.0.1:"+localFwdPort+"/"); r.code != 0 || r.out != "served on the login node\n" {
+		t.Errorf("after the sshd restart, on compute GET through the local forward: want login's page, got %s", r)
 	}
 
 	h.finish()
