@@ -58,7 +58,11 @@ func relay(client, dst net.Conn, cfg relayConfig) error {
 	if cfg.idle > 0 {
 		activity = new(atomic.Int64)
 		activity.Store(time.Now().UnixNano())
+		// The callback re-arms its own timer: t is published under mu
+		// so that it never reads the variable before it is set.
+		var mu sync.Mutex
 		var t *time.Timer
+		mu.Lock()
 		t = time.AfterFunc(cfg.idle, func() {
 			since := time.Since(time.Unix(0, activity.Load()))
 			if since >= cfg.idle {
@@ -66,9 +70,16 @@ func relay(client, dst net.Conn, cfg relayConfig) error {
 				closeBoth()
 				return
 			}
+			mu.Lock()
+			defer mu.Unlock()
 			t.Reset(cfg.idle - since)
 		})
-		defer t.Stop()
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			defer mu.Unlock()
+			t.Stop()
+		}()
 	}
 
 	up := &copier{name: "client->dest", dst: dst, src: client, count: cfg.in, activity: activity}
