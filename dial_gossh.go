@@ -148,7 +148,7 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 				err = fmt.Errorf("hpcproxy: connecting to %s (%s): %w", s.Host, s.addr(), err)
 			}
 		} else {
-			conn, err = dialChannel(setupCtx, clients[i-1], s.addr())
+			conn, err = openDirectContext(setupCtx, clients[i-1], s.addr())
 			if err != nil {
 				err = fmt.Errorf("hpcproxy: connecting to %s (%s) through %s: %w", s.Host, s.addr(), chain[i-1].Host, err)
 			}
@@ -242,12 +242,6 @@ func (r *sshResolver) jumpChain(ctx context.Context, s *sshSettings, depth int) 
 		out = append(out, hs)
 	}
 	return append(out, s), nil
-}
-
-// dialChannel opens a direct-tcpip channel on c, abandoning (and closing,
-// when it arrives) the channel if ctx ends first.
-func dialChannel(ctx context.Context, c *ssh.Client, addr string) (net.Conn, error) {
-	return c.DialContext(ctx, "tcp", addr)
 }
 
 // sshHandshake runs the SSH handshake and authentication for s over conn.
@@ -733,7 +727,7 @@ func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (ne
 	ch := make(chan result)
 	go func() {
 		defer t.dials.Done()
-		c, err := t.client.Dial(network, addr)
+		c, err := openDirect(t.client, addr)
 		select {
 		case ch <- result{c, err}:
 		case <-ctx.Done():

@@ -1046,7 +1046,7 @@ func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr str
 		}
 		t.log.Debug("stdio forward failed; trying a proxy-mode channel", "dest", addr, "err", err)
 	}
-	c, err := t.client.DialContext(ctx, network, addr)
+	c, err := openDirectContext(ctx, t.client, addr)
 	if err != nil {
 		return nil, t.downError(convertOpenChannelError(addr, err))
 	}

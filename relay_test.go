@@ -21,11 +21,11 @@ import (
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
-// channelConn hides the *net.TCPConn type, as an SSH channel would, so the
+// hiddenTCPConn hides the *net.TCPConn type, as an SSH channel would, so the
 // relay takes its user-space path. It keeps CloseWrite.
-type channelConn struct{ net.Conn }
+type hiddenTCPConn struct{ net.Conn }
 
-func (c channelConn) CloseWrite() error { return c.Conn.(*net.TCPConn).CloseWrite() }
+func (c hiddenTCPConn) CloseWrite() error { return c.Conn.(*net.TCPConn).CloseWrite() }
 
 func channelDial(ctx context.Context, network, addr string) (net.Conn, error) {
 	var d net.Dialer
@@ -33,7 +33,7 @@ func channelDial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return channelConn{c}, nil
+	return hiddenTCPConn{c}, nil
 }
 
 // relayPaths are the two ways the relay copies.

@@ -28,6 +28,8 @@ type Server struct {
 	stall     atomic.Bool
 	openDelay atomic.Int64 // time.Duration before a channel is served
 	reqDelay  atomic.Pointer[func(n int) time.Duration]
+	chanReqs  atomic.Int64  // requests to send on each channel accepted
+	replies   atomic.Int64  // replies to those requests
 	accepted  atomic.Int64  // direct-tcpip channels accepted so far
 	open      atomic.Int64  // of those, the ones not yet closed
 	quit      chan struct{} // closed by Close
@@ -99,6 +101,16 @@ func (s *Server) DelayGlobalRequests(delay func(n int) time.Duration) {
 	}
 	s.reqDelay.Store(&delay)
 }
+
+// SendChannelRequests makes the server send n channel requests (want
+// reply, all at once) on each direct-tcpip channel it accepts, right after
+// accepting, as no SSH server does on such channels;
+// ChannelRequestReplies counts the replies.
+func (s *Server) SendChannelRequests(n int) { s.chanReqs.Store(int64(n)) }
+
+// ChannelRequestReplies reports how many of the requests of
+// SendChannelRequests were answered (accepted or refused).
+func (s *Server) ChannelRequestReplies() int { return int(s.replies.Load()) }
 
 // Channels reports how many direct-tcpip channels the server has accepted
 // so far, and how many of those are still open (not yet closed by both
@@ -299,6 +311,17 @@ func (s *Server) serveDirectTCPIP(nc ssh.NewChannel, target string) {
 	}()
 	// Channel requests end when the channel or the connection closes.
 	defer func() { <-reqsDone }()
+	var sent sync.WaitGroup
+	defer sent.Wait()
+	for range s.chanReqs.Load() {
+		sent.Add(1)
+		go func() {
+			defer sent.Done()
+			if _, err := ch.SendRequest("test@hpcproxy", true, nil); err == nil {
+				s.replies.Add(1)
+			}
+		}()
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
