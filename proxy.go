@@ -200,13 +200,12 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		s.handlers.Add(1)
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer s.handlers.Add(-1)
-			defer s.untrackConn(c)
-			defer c.Close()
-			s.serveConn(c, idle)
-		}()
+		go s.serveConn(c, idle, func() {
+			c.Close()
+			s.untrackConn(c)
+			s.handlers.Add(-1)
+			wg.Done()
+		})
 	}
 }
 
@@ -368,25 +367,43 @@ type session struct {
 	refuse  bool         // over MaxConns: read the request, then refuse it
 	idle    *atomic.Bool // set while waiting for the next HTTP request
 	log     *slog.Logger
+	// finish ends the connection (closing it, and telling the server);
+	// startRelay hands it to the relay it starts and sets detached.
+	finish   func()
+	detached bool
 }
 
-func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool) {
+// serveConn serves one accepted connection and calls release once it is
+// over: when serveConn returns, or, if a relay started, when the relay
+// ends. The relay runs in goroutines of its own, not in this one: the
+// handshake and the dial may have grown this goroutine's stack, which it
+// would otherwise hold for the life of a connection that is usually idle
+// (see startRelay).
+func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
 	s.total.Add(1)
 	log := discardLogger
 	if s.Logger != nil {
 		log = s.Logger.With("client", addrString(raw.RemoteAddr()))
 	}
+	ss := &session{srv: s, log: log, idle: idle, finish: release}
+	defer func() {
+		if !ss.detached {
+			ss.finish()
+		}
+	}()
 	if s.AllowClient != nil && !s.AllowClient(raw.RemoteAddr()) {
 		log.Warn("client not allowed; closing")
 		s.failed.Add(1)
 		return
 	}
-	ss := &session{srv: s, log: log, idle: idle}
 	if n := s.active.Add(1); s.MaxConns > 0 && n > int64(s.MaxConns) {
 		s.active.Add(-1)
 		ss.refuse = true
 	} else {
-		defer s.active.Add(-1)
+		ss.finish = func() {
+			s.active.Add(-1)
+			release()
+		}
 	}
 	ss.trusted = len(s.Credentials) == 0 || (s.TrustConn != nil && s.TrustConn(raw))
 	ss.c = newClientConn(raw)

@@ -80,6 +80,37 @@ type DaemonOptions struct {
 	ExitPipe bool
 }
 
+// daemonGODEBUG adds adaptivestackstart=0 to GODEBUG in env, unless it sets
+// adaptivestackstart already. A Go program starts each new goroutine with
+// a stack as large as its goroutines have lately used on average (rounded
+// up to a power of two), 4 KiB in a proxy daemon; but its goroutines are
+// mostly a relay's two copiers, idle and shallow, which fit in the 2 KiB a
+// goroutine starts with otherwise. Measured with 10,000 held connections
+// through a gossh tunnel: 16.2 KiB of resident memory per connection with
+// the default, 14.3 without adaptive stacks. A setting read once at start
+// (not settable with //go:debug), so it is given to the daemon's
+// environment.
+func daemonGODEBUG(env []string) []string {
+	const setting = "adaptivestackstart=0"
+	for i, kv := range env {
+		v, ok := strings.CutPrefix(kv, "GODEBUG=")
+		if !ok {
+			continue
+		}
+		if strings.Contains(","+v, ",adaptivestackstart=") {
+			return env
+		}
+		env = slices.Clone(env)
+		if v == "" {
+			env[i] = "GODEBUG=" + setting
+		} else {
+			env[i] = "GODEBUG=" + v + "," + setting
+		}
+		return env
+	}
+	return append(env, "GODEBUG="+setting)
+}
+
 // DaemonProcess is a daemon process started by StartDaemon.
 type DaemonProcess struct {
 	cmd     *exec.Cmd
@@ -198,6 +229,7 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 		return strings.HasPrefix(kv, EnvReportFd+"=") || strings.HasPrefix(kv, EnvExitFd+"=")
 	})
 	env = append(env, EnvReportFd+"="+strconv.Itoa(ReportFd))
+	env = daemonGODEBUG(env)
 	if opts.ExitPipe {
 		env = append(env, EnvExitFd+"="+strconv.Itoa(ExitFd))
 	}

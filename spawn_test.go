@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -370,5 +371,26 @@ func TestWatchExitFdContext(t *testing.T) {
 	case <-ch:
 	case <-time.After(5 * time.Second):
 		t.Fatal("cancel did not end the watch")
+	}
+}
+
+// TestDaemonGODEBUG checks the GODEBUG a daemon is started with: the
+// caller's settings kept, adaptive stack sizing off unless the caller set
+// it.
+func TestDaemonGODEBUG(t *testing.T) {
+	for _, tc := range []struct{ in, want []string }{
+		{[]string{"A=1"}, []string{"A=1", "GODEBUG=adaptivestackstart=0"}},
+		{[]string{"GODEBUG="}, []string{"GODEBUG=adaptivestackstart=0"}},
+		{[]string{"GODEBUG=gctrace=1"}, []string{"GODEBUG=gctrace=1,adaptivestackstart=0"}},
+		{[]string{"GODEBUG=adaptivestackstart=1"}, []string{"GODEBUG=adaptivestackstart=1"}},
+		{[]string{"GODEBUG=x=1,adaptivestackstart=1"}, []string{"GODEBUG=x=1,adaptivestackstart=1"}},
+	} {
+		in := slices.Clone(tc.in)
+		if got := daemonGODEBUG(in); !slices.Equal(got, tc.want) {
+			t.Errorf("daemonGODEBUG(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+		if !slices.Equal(in, tc.in) {
+			t.Errorf("daemonGODEBUG(%q) modified its argument", tc.in)
+		}
 	}
 }
