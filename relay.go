@@ -120,11 +120,11 @@ type closeWriter interface{ CloseWrite() error }
 func (c *copier) run() error {
 	var err error
 	src, dst := readSide(c.src), writeSide(c.dst)
-	if c.activity == nil && kernelConn(src) && kernelConn(dst) {
-		// The splice path: both raw sockets reach io.Copy unwrapped.
-		var n int64
-		n, err = io.Copy(dst, src)
-		c.count.Add(n)
+	if tcp, ok := dst.(*net.TCPConn); ok && c.activity == nil && kernelConn(src) {
+		// The splice path: a raw socket to a raw TCP socket. (Go also
+		// splices from TCP to a unix socket, but only without a limit,
+		// which spliceCopy needs.)
+		err = c.spliceCopy(src, tcp)
 	} else {
 		err = c.copyBuffered(src, dst)
 	}
@@ -194,7 +194,7 @@ func kernelConn(c net.Conn) bool {
 
 // Buffers for user-space copies, in three sizes. A copier takes one per
 // read and gives it back once the bytes are written, so an idle relay
-// holds no large buffer: it waits in Read with a small one. Each read picks
+// holds no large buffer: it waits in Read with a 512-byte one. Each read picks
 // the size that would have held the previous read, one size up when that
 // read filled its buffer: a bulk stream climbs to the largest size within
 // two reads and stays there while reads keep filling most of it, so it
@@ -202,7 +202,7 @@ func kernelConn(c net.Conn) bool {
 // buffered; a socket all it has received), which means fewer system calls
 // and, on an SSH channel, fewer window adjustments.
 var (
-	bufLens  = [...]int{2 << 10, 32 << 10, 256 << 10}
+	bufLens  = [...]int{512, 32 << 10, 256 << 10}
 	bufPools [len(bufLens)]sync.Pool
 )
 

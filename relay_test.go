@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -413,17 +415,90 @@ func TestRelayBufferSizes(t *testing.T) {
 	for _, tc := range []struct{ cur, n, want int }{
 		{small, 0, small},
 		{small, 100, small},
-		{small, 2 << 10, large},
+		{small, 512, large},
 		{large, 32 << 10, huge},
 		{huge, 256 << 10, huge},
 		{huge, 100 << 10, huge},
 		{huge, 20 << 10, large},
 		{huge, 1, small},
 		{large, 3 << 10, large},
-		{large, 2 << 10, small},
+		{large, 512, small},
 	} {
 		if got := nextSize(tc.cur, tc.n); got != tc.want {
 			t.Errorf("nextSize(%d, %d) = %d, want %d", tc.cur, tc.n, got, tc.want)
 		}
+	}
+}
+
+// openFiles counts this process's open descriptors whose link starts with
+// kind ("pipe", "socket").
+func openFiles(t *testing.T, kind string) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, kind) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestIdleRelayCost holds idle connections through the server and checks
+// what each costs: two goroutines (the copiers; the session's goroutine
+// is gone), and, on the splice path, no pipes (Go's splice holds a pipe
+// pair for as long as a copy waits).
+func TestIdleRelayCost(t *testing.T) {
+	for _, path := range relayPaths {
+		t.Run(path.name, func(t *testing.T) {
+			// An echo server with a plain buffer: io.Copy(c, c) would
+			// splice and hold pipes itself.
+			echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+				buf := make([]byte, 64)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			})
+			srv := &Server{Dial: path.dial}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			go func() { _ = srv.Serve(ln) }()
+			defer srv.Close()
+
+			const n = 40
+			settle := func() int {
+				time.Sleep(100 * time.Millisecond)
+				// Pipes that Go's splice keeps pooled are closed once
+				// the pool is collected.
+				runtime.GC()
+				runtime.GC()
+				return runtime.NumGoroutine()
+			}
+			g0, pipes0 := settle(), openFiles(t, "pipe")
+			var conns []net.Conn
+			for range n {
+				c := connectVia(t, "socks5", ln.Addr().String(), echo)
+				_, err := c.Write([]byte("x"))
+				require.NoError(t, err)
+				_, err = io.ReadFull(c, make([]byte, 1))
+				require.NoError(t, err)
+				conns = append(conns, c)
+			}
+			g1 := settle()
+			perConn := float64(g1-g0) / n
+			// The copiers, and the echo server's goroutine.
+			require.InDelta(t, 3, perConn, 0.2, "goroutines per idle connection")
+			require.LessOrEqual(t, openFiles(t, "pipe")-pipes0, 4, "pipes held by idle relays")
+			for _, c := range conns {
+				c.Close()
+			}
+		})
 	}
 }
