@@ -33,8 +33,9 @@ import (
 // proxy-mode channel, whose refusal says why (connection refused, no such
 // host, prohibited) or which may succeed after all. Each stdio forward
 // costs the master two channels (the control connection and the forward)
-// and OpenSSH exits when a process has more than 16,384 channels; beyond
-// maxStdioConns connections, new ones use proxy mode, one channel each.
+// and three descriptors (as many here), and OpenSSH exits when a process
+// has more than 16,384 channels; beyond stdioCap connections, new ones use
+// proxy mode, one channel each.
 
 // Mux protocol messages of a stdio forward (PROTOCOL.mux).
 const (
@@ -44,8 +45,16 @@ const (
 )
 
 // maxStdioConns caps the stdio forwards open at once through one master
-// (a variable for tests).
+// (a variable for tests). stdioCap lowers it to what the open-file limit
+// allows: three descriptors each, in this process and in the master.
 var maxStdioConns = 4096
+
+// stdioCap returns how many stdio forwards may be open at once: at most
+// maxStdioConns, and an eighth of the open-file limit, which leaves most of
+// the descriptors to the clients' sockets and proxy-mode connections.
+func stdioCap() int {
+	return int(min(uint64(maxStdioConns), openFileLimit()/8))
+}
 
 // muxHello dials the master's control socket at path and exchanges hello
 // messages. ctx bounds the dial and the exchange; the returned conn has no

@@ -198,6 +198,11 @@ func RunDaemon(sshDest string, port int, localOnly bool, reportFd int) error {
 // start too: a parent that gives up (or dies) while the tunnel is still
 // being established stops the daemon at once, not after a fallback chain
 // that can take minutes.
+//
+// Run raises the process's soft limit on open files to its hard limit,
+// for itself and the ssh children it starts: each held connection costs
+// descriptors, and a ControlMaster that inherited the usual 1024 would run
+// out after a few hundred.
 func (d *Daemon) Run(ctx context.Context) error {
 	log := d.Logger
 	if log == nil {
@@ -209,6 +214,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
 			}
 		}
+	}
+	if n, err := raiseFileLimit(); err != nil {
+		log.Debug("cannot raise the open-file limit", "limit", n, "err", err)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)

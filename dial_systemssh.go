@@ -1036,7 +1036,7 @@ func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr str
 	if closed {
 		return nil, t.downError(ErrTunnelDown)
 	}
-	if n < maxStdioConns {
+	if n < stdioCap() {
 		sc, err := t.dialStdio(ctx, addr)
 		if err == nil {
 			return t.trackStdio(sc)
