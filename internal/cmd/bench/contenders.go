@@ -7,7 +7,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"syscall"
@@ -29,7 +31,24 @@ type contender struct {
 	name     string
 	group    string // "ssh" (through the sshd) or "relay" (no SSH)
 	baseline bool   // the one the others are compared with in its group
-	start    func(env *benchEnv) (*running, error)
+	// fds is how many file descriptors n held connections cost its
+	// busiest process, whose limit is limit (a relay holds two sockets
+	// per connection, a tunnel one).
+	fds   func(n int, limit uint64) uint64
+	start func(env *benchEnv) (*running, error)
+}
+
+// perConn returns an fds func for k descriptors per connection.
+func perConn(k int) func(int, uint64) uint64 {
+	return func(n int, _ uint64) uint64 { return uint64(k * n) }
+}
+
+// controlMasterFds is what the controlmaster method holds: three
+// descriptors for each stdio forward, at most an eighth of the limit of
+// them (hpcproxy's stdioCap), and one for each connection beyond.
+func controlMasterFds(n int, limit uint64) uint64 {
+	stdio := min(uint64(n), 4096, limit/8)
+	return 3*stdio + (uint64(n) - stdio)
 }
 
 // running is a started contender.
@@ -37,26 +56,29 @@ type running struct {
 	dial dialer
 	pids []int // the roots of its process tree
 	stop func()
+	// log returns what the contender said on stderr or in its log file,
+	// to explain a failure.
+	log func() string
 }
 
 // benchEnv is what contenders are started against.
 type benchEnv struct {
 	dir   string // private scratch directory
 	sshd  *sshtest.SSHD
-	src   *source
+	src   *sourceProc
 	self  string // this program, to run hpcproxy's CLI as a child
 	conns int    // SSH connections for pooled contenders
 }
 
 func allContenders() []*contender {
 	return []*contender{
-		{name: "hpcproxy gossh", group: "ssh", start: startPerJob("gossh", 1)},
-		{name: "hpcproxy gossh x2", group: "ssh", start: startPerJob("gossh", 2)},
-		{name: "hpcproxy controlmaster", group: "ssh", start: startPerJob("controlmaster", 1)},
-		{name: "ssh -D", group: "ssh", baseline: true, start: startSSHD},
-		{name: "hpcproxy direct", group: "relay", start: startSharedDirect},
-		{name: "socat", group: "relay", baseline: true, start: startSocat},
-		{name: "microsocks", group: "relay", start: startMicrosocks},
+		{name: "hpcproxy gossh", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 1)},
+		{name: "hpcproxy gossh x2", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 2)},
+		{name: "hpcproxy controlmaster", group: "ssh", fds: controlMasterFds, start: startPerJob("controlmaster", 1)},
+		{name: "ssh -D", group: "ssh", baseline: true, fds: perConn(1), start: startSSHD},
+		{name: "hpcproxy direct", group: "relay", fds: perConn(2), start: startSharedDirect},
+		{name: "socat", group: "relay", baseline: true, fds: perConn(2), start: startSocat},
+		{name: "microsocks", group: "relay", fds: perConn(2), start: startMicrosocks},
 	}
 }
 
@@ -83,8 +105,31 @@ func runCLI(args []string) (int, bool) {
 			defer f.Close()
 			defer pprof.StopCPUProfile()
 		}
+		// SIGUSR1 writes a heap profile and the memory statistics.
+		usr1 := make(chan os.Signal, 1)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		go func() {
+			for range usr1 {
+				writeMemProfile(fmt.Sprintf("%s.%d.heap", prof, os.Getpid()))
+			}
+		}()
 	}
 	return app.Main(args), true
+}
+
+// writeMemProfile writes a heap profile to path and the runtime's memory
+// statistics to path.txt.
+func writeMemProfile(path string) {
+	runtime.GC()
+	if f, err := os.Create(path); err == nil {
+		_ = pprof.WriteHeapProfile(f)
+		f.Close()
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	txt := fmt.Sprintf("goroutines %d\nHeapInuse %d\nHeapAlloc %d\nStackInuse %d\nHeapIdle %d\nHeapReleased %d\nSys %d\nNumGC %d\n",
+		runtime.NumGoroutine(), ms.HeapInuse, ms.HeapAlloc, ms.StackInuse, ms.HeapIdle, ms.HeapReleased, ms.Sys, ms.NumGC)
+	_ = os.WriteFile(path+".txt", []byte(txt), 0o600)
 }
 
 // profileEnv, when set to a path prefix, makes every hpcproxy daemon the
@@ -130,9 +175,10 @@ func startPerJob(method string, conns int) func(env *benchEnv) (*running, error)
 			return nil, err
 		}
 		return &running{
-			dial: socks5Dialer(ps.Addr(), env.src.addr(), "", ""),
+			dial: socks5Dialer(ps.Addr(), env.src.addr, "", ""),
 			pids: []int{ps.PID},
 			stop: func() { stopDaemon(env, "perjob", state, ps.PID) },
+			log:  fileTail(hpcproxy.LogFilePath(state)),
 		}, nil
 	}
 }
@@ -157,9 +203,10 @@ func startSharedDirect(env *benchEnv) (*running, error) {
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(ps.Port))
 	return &running{
-		dial: socks5Dialer(addr, env.src.addr(), ps.Credentials.User, ps.Credentials.Token),
+		dial: socks5Dialer(addr, env.src.addr, ps.Credentials.User, ps.Credentials.Token),
 		pids: []int{ps.PID},
 		stop: func() { stopDaemon(env, "shared", state, ps.PID) },
+		log:  fileTail(hpcproxy.LogFilePath(state)),
 	}, nil
 }
 
@@ -185,14 +232,14 @@ func startSSHD(env *benchEnv) (*running, error) {
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	p, err := startProcess(env, "ssh", addr, func() error {
-		_, err := socks5Dialer(addr, env.src.addr(), "", "")()
+		_, err := socks5Dialer(addr, env.src.addr, "", "")()
 		return err
 	}, "-N", "-D", addr, "-c", benchCipher, "-o", "ExitOnForwardFailure=yes",
 		"-F", env.sshd.SSHConfigFile, "sshtest")
 	if err != nil {
 		return nil, err
 	}
-	return &running{dial: socks5Dialer(addr, env.src.addr(), "", ""), pids: []int{p.pid()}, stop: p.stop}, nil
+	return &running{dial: socks5Dialer(addr, env.src.addr, "", ""), pids: []int{p.pid()}, stop: p.stop, log: p.stderrTail}, nil
 }
 
 // startSocat runs socat as a port forwarder to the source, with the
@@ -204,11 +251,11 @@ func startSocat(env *benchEnv) (*running, error) {
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	p, err := startProcess(env, "socat", addr, nil, "-b", "262144",
-		fmt.Sprintf("TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,backlog=4096", port), "TCP:"+env.src.addr())
+		fmt.Sprintf("TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,backlog=4096", port), "TCP:"+env.src.addr)
 	if err != nil {
 		return nil, err
 	}
-	return &running{dial: tcpDialer(addr), pids: []int{p.pid()}, stop: p.stop}, nil
+	return &running{dial: tcpDialer(addr), pids: []int{p.pid()}, stop: p.stop, log: p.stderrTail}, nil
 }
 
 // startMicrosocks runs microsocks, a small SOCKS5 server, with
@@ -224,7 +271,7 @@ func startMicrosocks(env *benchEnv) (*running, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &running{dial: socks5Dialer(addr, env.src.addr(), "bench", "benchpass"), pids: []int{p.pid()}, stop: p.stop}, nil
+	return &running{dial: socks5Dialer(addr, env.src.addr, "bench", "benchpass"), pids: []int{p.pid()}, stop: p.stop, log: p.stderrTail}, nil
 }
 
 // process is a contender the benchmark started itself.
@@ -235,6 +282,25 @@ type process struct {
 }
 
 func (p *process) pid() int { return p.cmd.Process.Pid }
+
+// stderrTail returns the end of what the process wrote to stderr.
+func (p *process) stderrTail() string { return tail(p.stderr.String()) }
+
+// fileTail returns a func that reads the end of the file at path.
+func fileTail(path string) func() string {
+	return func() string {
+		b, _ := os.ReadFile(path)
+		return tail(string(b))
+	}
+}
+
+// tail returns the last 2,000 bytes of s.
+func tail(s string) string {
+	if len(s) > 2000 {
+		s = "..." + s[len(s)-2000:]
+	}
+	return s
+}
 
 func (p *process) stop() {
 	_ = p.cmd.Process.Kill()

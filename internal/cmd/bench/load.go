@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -20,58 +24,96 @@ const (
 	opEcho     = 'E' // the source echoes until EOF
 )
 
-// source is the far end of every measured connection, on 127.0.0.1.
+// source is the far end of every measured connection, on 127.0.0.1. It
+// runs in a process of its own (sourceEnv), so that the connections it
+// holds count against its file limit, not the benchmark's.
 type source struct {
 	ln    net.Listener
 	chunk []byte
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
 }
 
-func startSource() (*source, error) {
+// sourceEnv, when set in this program's environment, makes it serve as the
+// data source: it prints its address and serves until its stdin closes.
+const sourceEnv = "HPCPROXY_BENCH_SOURCE"
+
+// runSource serves as the data source, if asked to.
+func runSource() (int, bool) {
+	if os.Getenv(sourceEnv) == "" {
+		return 0, false
+	}
+	raiseFileLimit()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return nil, err
+		fmt.Fprintln(os.Stderr, "bench source:", err)
+		return 1, true
 	}
-	s := &source{ln: ln, chunk: make([]byte, 256<<10), conns: map[net.Conn]struct{}{}}
+	s := &source{ln: ln, chunk: make([]byte, 256<<10)}
 	for i := range s.chunk {
 		s.chunk[i] = byte(i * 7)
 	}
-	s.wg.Add(1)
+	fmt.Println(ln.Addr())
 	go func() {
-		defer s.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s.mu.Lock()
-			s.conns[c] = struct{}{}
-			s.mu.Unlock()
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				s.serve(c)
-				s.mu.Lock()
-				delete(s.conns, c)
-				s.mu.Unlock()
-			}()
-		}
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
 	}()
-	return s, nil
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			// Out of file descriptors: the benchmark counts the
+			// failures; keep serving the others.
+			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		go s.serve(c)
+	}
 }
 
-func (s *source) addr() string { return s.ln.Addr().String() }
+// sourceProc is the running data source process.
+type sourceProc struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	addr  string
+}
 
-func (s *source) close() {
-	s.ln.Close()
-	s.mu.Lock()
-	for c := range s.conns {
-		c.Close()
+// startSource starts this program as the data source and returns its
+// address.
+func startSource(self string) (*sourceProc, error) {
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), sourceEnv+"=1")
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
 	}
-	s.mu.Unlock()
-	s.wg.Wait()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, fmt.Errorf("data source: %w", err)
+	}
+	return &sourceProc{cmd: cmd, stdin: stdin, addr: strings.TrimSpace(line)}, nil
+}
+
+func (s *sourceProc) close() {
+	s.stdin.Close()
+	done := make(chan struct{})
+	go func() { _ = s.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-done
+	}
 }
 
 func (s *source) serve(c net.Conn) {
@@ -344,6 +386,7 @@ type holdResult struct {
 	perConn  float64       // bytes of proxy RSS per held connection
 	openTime time.Duration // to open all n
 	firstErr error
+	log      string // the contender's stderr or log, when there were errors
 }
 
 // holdConns opens up to n echo connections through d (parallel openers,

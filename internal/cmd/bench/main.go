@@ -40,6 +40,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hpcproxy/hpcproxy"
@@ -49,6 +50,9 @@ import (
 
 func main() {
 	if code, ok := runCLI(os.Args[1:]); ok {
+		os.Exit(code)
+	}
+	if code, ok := runSource(); ok {
 		os.Exit(code)
 	}
 	var o options
@@ -193,7 +197,7 @@ func run(w io.Writer, o options) (err error) {
 	if needsSSHD(cs) {
 		env.sshd = sshtest.StartSSHD(h, sshtest.Options{Config: []string{"LogLevel ERROR"}})
 	}
-	env.src, err = startSource()
+	env.src, err = startSource(self)
 	if err != nil {
 		return err
 	}
@@ -211,7 +215,7 @@ func run(w io.Writer, o options) (err error) {
 	}
 	var hr map[*contender][]holdResult
 	if len(holds) > 0 {
-		hr = measureHold(w, env, cs, holds, o.verbose)
+		hr = measureHold(w, env, cs, holds, fdLimit, o.verbose)
 	}
 	printTables(w, cs, res, streams, holds, hr, int64(o.size))
 	return nil
@@ -362,7 +366,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 // measureHold starts each contender afresh and holds idle connections
 // through it, growing to each count in holds, measuring the resident
 // memory they cost and counting the connections that fail.
-func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, verbose bool) map[*contender][]holdResult {
+func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLimit uint64, verbose bool) map[*contender][]holdResult {
 	out := map[*contender][]holdResult{}
 	for _, c := range cs {
 		if c.name == "socat" {
@@ -370,12 +374,30 @@ func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, verbo
 			// measures fork, not a relay.
 			continue
 		}
+		// What the file limit allows this contender (with room for the
+		// processes' own descriptors): the counts above it are left out.
+		var fit []int
+		for _, n := range holds {
+			if need := c.fds(n, fdLimit); need+100 > fdLimit {
+				fmt.Fprintf(w, "SKIPPED hold %s at %d: needs %d descriptors, the limit here is %d\n", c.name, n, need, fdLimit)
+				continue
+			}
+			fit = append(fit, n)
+		}
+		if len(fit) == 0 {
+			continue
+		}
 		r, err := c.start(env)
 		if err != nil {
 			fmt.Fprintf(w, "SKIPPED hold %s: %v\n", c.name, err)
 			continue
 		}
-		out[c] = holdOne(r, holds, verbose, c.name)
+		for _, h := range holdOne(r, fit, verbose, c.name) {
+			for len(out[c]) < slices.Index(holds, h.n) {
+				out[c] = append(out[c], holdResult{}) // a count left out
+			}
+			out[c] = append(out[c], h)
+		}
 		r.stop()
 	}
 	return out
@@ -406,7 +428,15 @@ func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 		if firstErr == nil {
 			firstErr = cfirst
 		}
+		if os.Getenv(profileEnv) != "" && strings.HasPrefix(name, "hpcproxy") {
+			// The daemon writes its heap profile at the peak.
+			_ = syscall.Kill(r.pids[0], syscall.SIGUSR1)
+			time.Sleep(2 * time.Second)
+		}
 		hr := holdResult{n: n, errors: errs + cerrs, openTime: opened, firstErr: firstErr}
+		if hr.errors > 0 {
+			hr.log = r.log()
+		}
 		if len(held) > 0 {
 			hr.perConn = float64(rss-base) / float64(len(held))
 		}

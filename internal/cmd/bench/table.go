@@ -134,13 +134,17 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 		for _, h := range hr[c] {
 			if h.firstErr != nil {
 				fmt.Fprintf(w, "%s, %d connections held: first error: %v\n", c.name, h.n, h.firstErr)
+				if h.log != "" {
+					fmt.Fprintf(w, "  its stderr or log ends:\n%s\n", indent(h.log))
+				}
 			}
 		}
 	}
 }
 
+// holdAt returns the i-th hold count's result, nil if it was left out.
 func holdAt(hs []holdResult, i int) *holdResult {
-	if i < len(hs) {
+	if i < len(hs) && hs[i].n > 0 {
 		return &hs[i]
 	}
 	return nil
@@ -166,6 +170,11 @@ func baselineOf(cs []*contender, group string) *contender {
 		}
 	}
 	return nil
+}
+
+// indent prefixes every line of s with four spaces.
+func indent(s string) string {
+	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ")
 }
 
 // execOutput runs a program and returns its combined output.
