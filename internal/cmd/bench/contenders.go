@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -63,11 +64,50 @@ type running struct {
 
 // benchEnv is what contenders are started against.
 type benchEnv struct {
-	dir   string // private scratch directory
-	sshd  *sshtest.SSHD
-	src   *sourceProc
-	self  string // this program, to run hpcproxy's CLI as a child
-	conns int    // SSH connections for pooled contenders
+	dir  string // private scratch directory
+	sshd *sshtest.SSHD
+	src  *sourceProc
+	self string // this program, to run hpcproxy's CLI as a child
+
+	mu      sync.Mutex
+	running map[*running]struct{} // stopped by stopAll on a signal
+}
+
+// start starts c and records it, so that stopAll reaches it; its stop
+// forgets it again and may be called more than once.
+func (env *benchEnv) start(c *contender) (*running, error) {
+	r, err := c.start(env)
+	if err != nil {
+		return nil, err
+	}
+	stop, once := r.stop, sync.Once{}
+	r.stop = func() {
+		once.Do(stop)
+		env.mu.Lock()
+		delete(env.running, r)
+		env.mu.Unlock()
+	}
+	env.mu.Lock()
+	defer env.mu.Unlock()
+	if env.running == nil {
+		env.running = map[*running]struct{}{}
+	}
+	env.running[r] = struct{}{}
+	return r, nil
+}
+
+// stopAll stops every running contender (the daemons run in sessions of
+// their own: they would outlive an interrupted benchmark).
+func (env *benchEnv) stopAll() {
+	env.mu.Lock()
+	rs := make([]*running, 0, len(env.running))
+	for r := range env.running {
+		rs = append(rs, r)
+	}
+	env.mu.Unlock()
+	for _, r := range rs {
+		r.stop()
+	}
 }
 
 func allContenders() []*contender {
@@ -315,6 +355,7 @@ func startProcess(env *benchEnv, name, addr string, ready func() error, args ...
 		return nil, fmt.Errorf("%s is not installed (apt-get install %s): %w", name, debianPackage(name), err)
 	}
 	p := &process{cmd: exec.Command(path, args...), exited: make(chan struct{}), stderr: new(bytes.Buffer)}
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.cmd.Stderr = p.stderr // microsocks logs every connection to stdout: dropped
 	if err := p.cmd.Start(); err != nil {
 		return nil, err

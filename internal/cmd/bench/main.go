@@ -36,6 +36,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"runtime"
 	"slices"
 	"strconv"
@@ -194,6 +195,18 @@ func run(w io.Writer, o options) (err error) {
 		return err
 	}
 	env := &benchEnv{dir: dir, self: self}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		if _, ok := <-sigs; ok {
+			fmt.Fprintln(os.Stderr, "bench: interrupted; stopping the contenders")
+			env.stopAll()
+			h.cleanup()
+			os.RemoveAll(dir)
+			os.Exit(1)
+		}
+	}()
 	if needsSSHD(cs) {
 		env.sshd = sshtest.StartSSHD(h, sshtest.Options{Config: []string{"LogLevel ERROR"}})
 	}
@@ -306,7 +319,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 		}
 	}()
 	for _, c := range cs {
-		r, err := c.start(env)
+		r, err := env.start(c)
 		if err != nil {
 			if c.baseline {
 				return fmt.Errorf("%s: %w", c.name, err)
@@ -387,7 +400,7 @@ func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLim
 		if len(fit) == 0 {
 			continue
 		}
-		r, err := c.start(env)
+		r, err := env.start(c)
 		if err != nil {
 			fmt.Fprintf(w, "SKIPPED hold %s: %v\n", c.name, err)
 			continue
@@ -403,6 +416,10 @@ func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLim
 	return out
 }
 
+// holdSettle is how long held connections stay idle before the memory is
+// read.
+const holdSettle = 8 * time.Second
+
 func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 	var held []net.Conn
 	defer func() {
@@ -415,14 +432,16 @@ func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 	if c, err := openEcho(r.dial); err == nil {
 		c.Close()
 	}
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(holdSettle)
 	base := treeRSS(r.pids)
 	var out []holdResult
 	for _, n := range holds {
 		start := time.Now()
 		errs, firstErr := holdConns(r.dial, n-len(held), 64, &held)
 		opened := time.Since(start)
-		time.Sleep(time.Second)
+		// Idle connections: measured once the daemon has settled (its
+		// collector goes back to GOGC=100 after 5 quiet seconds).
+		time.Sleep(holdSettle)
 		rss := treeRSS(r.pids)
 		cerrs, cfirst := checkHeld(held, 256)
 		if firstErr == nil {
