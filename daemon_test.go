@@ -370,3 +370,33 @@ func TestDaemonWatchPID(t *testing.T) {
 	_, err := os.Stat(statePath)
 	assert.True(t, errors.Is(err, os.ErrNotExist))
 }
+
+// TestDaemonMaxProcs checks the GOMAXPROCS a daemon sets: one thread in
+// per-job mode, Go's default in shared mode, what MaxProcs says, and never
+// over a GOMAXPROCS the user set.
+func TestDaemonMaxProcs(t *testing.T) {
+	for _, tc := range []struct {
+		mode Mode
+		max  int
+		env  string
+		want int
+	}{
+		{ModePerJob, 0, "", 1},
+		{"", 0, "", 1}, // per-job is the default mode
+		{ModeShared, 0, "", 0},
+		{ModeShared, 3, "", 3},
+		{ModePerJob, 2, "", 2},
+		{ModePerJob, -1, "", 0},
+		{ModePerJob, 0, "4", 0},
+		{ModePerJob, 2, "4", 0},
+	} {
+		t.Setenv("GOMAXPROCS", tc.env)
+		if tc.env == "" {
+			os.Unsetenv("GOMAXPROCS")
+		}
+		d := &Daemon{Mode: tc.mode, MaxProcs: tc.max}
+		if got := d.maxProcs(); got != tc.want {
+			t.Errorf("mode %q, MaxProcs %d, GOMAXPROCS=%q: maxProcs() = %d, want %d", tc.mode, tc.max, tc.env, got, tc.want)
+		}
+	}
+}

@@ -25,7 +25,7 @@ const (
 	defaultKeepaliveInterval = 60 * time.Second
 	defaultKeepaliveCountMax = 3 // OpenSSH's ServerAliveCountMax
 	maxJumpDepth             = 8
-	sshReadBuffer            = 64 << 10
+	sshReadBuffer            = 256 << 10
 )
 
 // DialGoSSH connects to sshDest ("host", "user@host", "host:port",

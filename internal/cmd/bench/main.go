@@ -293,6 +293,7 @@ type results struct {
 	par      map[*contender]map[int][]float64 // streams -> bytes/s
 	p50, p99 map[*contender][]time.Duration
 	cpuPerGB map[*contender][]float64 // CPU seconds per GB (1e9 bytes)
+	sysPerGB map[*contender][]float64 // of which in the kernel
 	skipped  map[*contender]error
 }
 
@@ -301,7 +302,7 @@ func newResults(cs []*contender, streams []int) *results {
 		down: map[*contender][]float64{}, up: map[*contender][]float64{},
 		par: map[*contender]map[int][]float64{},
 		p50: map[*contender][]time.Duration{}, p99: map[*contender][]time.Duration{},
-		cpuPerGB: map[*contender][]float64{}, skipped: map[*contender]error{},
+		cpuPerGB: map[*contender][]float64{}, sysPerGB: map[*contender][]float64{}, skipped: map[*contender]error{},
 	}
 	for _, c := range cs {
 		r.par[c] = map[int][]float64{}
@@ -347,10 +348,12 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 			if err != nil {
 				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
 			}
-			cpu := treeCPU(r.pids) - cpu0
+			cpu := treeCPU(r.pids).sub(cpu0)
 			res.down[c] = append(res.down[c], float64(size)/d.Seconds())
 			res.up[c] = append(res.up[c], float64(size)/u.Seconds())
-			res.cpuPerGB[c] = append(res.cpuPerGB[c], cpu.Seconds()/(2*float64(size)/1e9))
+			gb := 2 * float64(size) / 1e9
+			res.cpuPerGB[c] = append(res.cpuPerGB[c], cpu.total().Seconds()/gb)
+			res.sysPerGB[c] = append(res.sysPerGB[c], cpu.sys.Seconds()/gb)
 			for _, n := range streams {
 				pd, err := parallelDownload(r.dial, size, n)
 				if err != nil {
@@ -367,8 +370,8 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 				res.p99[c] = append(res.p99[c], percentile(lat, 99))
 			}
 			if o.verbose && o.latency > 0 {
-				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB p50 %s p99 %s\n", round+1, c.name,
-					rate(res.down[c][round]), rate(res.up[c][round]), res.cpuPerGB[c][round],
+				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f) p50 %s p99 %s\n", round+1, c.name,
+					rate(res.down[c][round]), rate(res.up[c][round]), res.cpuPerGB[c][round], res.sysPerGB[c][round],
 					res.p50[c][round].Round(time.Microsecond), res.p99[c][round].Round(time.Microsecond))
 			}
 		}

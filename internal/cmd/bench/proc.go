@@ -17,8 +17,8 @@ const clockTicks = 100
 
 // procStat is what the bench reads of one process in /proc/PID/stat.
 type procStat struct {
-	ppid int
-	cpu  time.Duration // utime + stime, all threads
+	ppid      int
+	user, sys time.Duration // utime and stime, all threads
 }
 
 // readStat parses /proc/PID/stat. The command name may hold spaces and
@@ -40,7 +40,8 @@ func readStat(pid int) (procStat, error) {
 	ppid, _ := strconv.Atoi(f[1])
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return procStat{ppid: ppid, cpu: time.Duration(ut+st) * time.Second / clockTicks}, nil
+	return procStat{ppid: ppid, user: time.Duration(ut) * time.Second / clockTicks,
+		sys: time.Duration(st) * time.Second / clockTicks}, nil
 }
 
 // processTree returns roots and every process below them, from one scan of
@@ -82,13 +83,21 @@ func processTree(roots []int) []int {
 	return out
 }
 
-// treeCPU is the CPU time (user + system) used so far by the processes of
-// the tree below roots.
-func treeCPU(roots []int) time.Duration {
-	var sum time.Duration
+// cpuTimes is CPU time in user space and in the kernel.
+type cpuTimes struct{ user, sys time.Duration }
+
+func (c cpuTimes) total() time.Duration { return c.user + c.sys }
+
+func (c cpuTimes) sub(d cpuTimes) cpuTimes { return cpuTimes{c.user - d.user, c.sys - d.sys} }
+
+// treeCPU is the CPU time used so far by the processes of the tree below
+// roots.
+func treeCPU(roots []int) cpuTimes {
+	var sum cpuTimes
 	for _, pid := range processTree(roots) {
 		if st, err := readStat(pid); err == nil {
-			sum += st.cpu
+			sum.user += st.user
+			sum.sys += st.sys
 		}
 	}
 	return sum

@@ -65,7 +65,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 	for _, n := range streams {
 		head = append(head, fmt.Sprintf("%dx GB/s", n))
 	}
-	head = append(head, "p50 ms", "p99 ms", "CPU s/GB")
+	head = append(head, "p50 ms", "p99 ms", "CPU s/GB", "kernel s/GB")
 	for _, n := range holds {
 		head = append(head, fmt.Sprintf("KiB/conn@%d", n), fmt.Sprintf("errors@%d", n))
 	}
@@ -83,7 +83,8 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 		row = append(row,
 			fmt.Sprintf("%.3f", median(seconds(res.p50[c]))*1e3),
 			fmt.Sprintf("%.3f", median(seconds(res.p99[c]))*1e3),
-			fmt.Sprintf("%.2f", median(res.cpuPerGB[c])))
+			fmt.Sprintf("%.2f", median(res.cpuPerGB[c])),
+			fmt.Sprintf("%.2f", median(res.sysPerGB[c])))
 		row = append(row, holdCells(hr[c], holds)...)
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}
