@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -94,6 +95,23 @@ func (env *benchEnv) start(c *contender) (*running, error) {
 	}
 	env.running[r] = struct{}{}
 	return r, nil
+}
+
+// sshdPIDs returns the sshd listener's pid (its sessions are below it), or
+// none without an sshd.
+func (env *benchEnv) sshdPIDs() []int {
+	if env.sshd == nil {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(env.sshd.Dir, "sshd.pid"))
+	if err != nil {
+		return nil
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil
+	}
+	return []int{pid}
 }
 
 // stopAll stops every running contender (the daemons run in sessions of

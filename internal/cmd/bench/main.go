@@ -294,7 +294,10 @@ type results struct {
 	p50, p99 map[*contender][]time.Duration
 	cpuPerGB map[*contender][]float64 // CPU seconds per GB (1e9 bytes)
 	sysPerGB map[*contender][]float64 // of which in the kernel
-	skipped  map[*contender]error
+	// loginPerGB is the sshd's CPU seconds per GB: the login node's cost
+	// of a tunnel.
+	loginPerGB map[*contender][]float64
+	skipped    map[*contender]error
 }
 
 func newResults(cs []*contender, streams []int) *results {
@@ -302,7 +305,8 @@ func newResults(cs []*contender, streams []int) *results {
 		down: map[*contender][]float64{}, up: map[*contender][]float64{},
 		par: map[*contender]map[int][]float64{},
 		p50: map[*contender][]time.Duration{}, p99: map[*contender][]time.Duration{},
-		cpuPerGB: map[*contender][]float64{}, sysPerGB: map[*contender][]float64{}, skipped: map[*contender]error{},
+		cpuPerGB: map[*contender][]float64{}, sysPerGB: map[*contender][]float64{}, loginPerGB: map[*contender][]float64{},
+		skipped: map[*contender]error{},
 	}
 	for _, c := range cs {
 		r.par[c] = map[int][]float64{}
@@ -339,7 +343,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 			if r == nil {
 				continue
 			}
-			cpu0 := treeCPU(r.pids)
+			cpu0, login0 := treeCPU(r.pids), treeCPU(env.sshdPIDs())
 			d, err := download(r.dial, size, buf)
 			if err != nil {
 				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
@@ -348,18 +352,28 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 			if err != nil {
 				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
 			}
-			cpu := treeCPU(r.pids).sub(cpu0)
+			cpu, login := treeCPU(r.pids).sub(cpu0), treeCPU(env.sshdPIDs()).sub(login0)
 			res.down[c] = append(res.down[c], float64(size)/d.Seconds())
 			res.up[c] = append(res.up[c], float64(size)/u.Seconds())
 			gb := 2 * float64(size) / 1e9
 			res.cpuPerGB[c] = append(res.cpuPerGB[c], cpu.total().Seconds()/gb)
 			res.sysPerGB[c] = append(res.sysPerGB[c], cpu.sys.Seconds()/gb)
+			if c.group == "ssh" {
+				res.loginPerGB[c] = append(res.loginPerGB[c], login.total().Seconds()/gb)
+			}
 			for _, n := range streams {
+				cpu0, login0 := treeCPU(r.pids), treeCPU(env.sshdPIDs())
 				pd, err := parallelDownload(r.dial, size, n)
 				if err != nil {
 					return fmt.Errorf("%s: round %d: %d streams: %w", c.name, round+1, n, err)
 				}
 				res.par[c][n] = append(res.par[c][n], float64(size/int64(n)*int64(n))/pd.Seconds())
+				if o.verbose {
+					cpu, login := treeCPU(r.pids).sub(cpu0), treeCPU(env.sshdPIDs()).sub(login0)
+					fmt.Fprintf(os.Stderr, "round %d %-24s %d streams: %s, proxy busy %.0f%%, sshd busy %.0f%%\n",
+						round+1, c.name, n, rate(res.par[c][n][round]), 100*cpu.total().Seconds()/pd.Seconds(),
+						100*login.total().Seconds()/pd.Seconds())
+				}
 			}
 			if o.latency > 0 {
 				lat, err := connectLatency(r.dial, o.latency)

@@ -65,7 +65,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 	for _, n := range streams {
 		head = append(head, fmt.Sprintf("%dx GB/s", n))
 	}
-	head = append(head, "p50 ms", "p99 ms", "CPU s/GB", "kernel s/GB")
+	head = append(head, "p50 ms", "p99 ms", "CPU s/GB", "kernel s/GB", "sshd s/GB")
 	for _, n := range holds {
 		head = append(head, fmt.Sprintf("KiB/conn@%d", n), fmt.Sprintf("errors@%d", n))
 	}
@@ -84,7 +84,8 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 			fmt.Sprintf("%.3f", median(seconds(res.p50[c]))*1e3),
 			fmt.Sprintf("%.3f", median(seconds(res.p99[c]))*1e3),
 			fmt.Sprintf("%.2f", median(res.cpuPerGB[c])),
-			fmt.Sprintf("%.2f", median(res.sysPerGB[c])))
+			fmt.Sprintf("%.2f", median(res.sysPerGB[c])),
+			orDash(res.loginPerGB[c]))
 		row = append(row, holdCells(hr[c], holds)...)
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}
@@ -141,6 +142,14 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 			}
 		}
 	}
+}
+
+// orDash formats the median of xs, or "-" if there are none.
+func orDash(xs []float64) string {
+	if len(xs) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", median(xs))
 }
 
 // holdAt returns the i-th hold count's result, nil if it was left out.
