@@ -63,6 +63,7 @@ func main() {
 	flag.StringVar(&o.hold, "hold", "1000,10000", "numbers of idle connections to hold for the memory measurement (empty: skip it)")
 	flag.IntVar(&o.latency, "latency-samples", 300, "connections per round for the connect latency (0: skip it)")
 	flag.StringVar(&o.streams, "streams", "8,64", "parallel stream counts for the aggregate throughput (empty: skip it)")
+	flag.DurationVar(&o.settle, "settle", 8*time.Second, "how long held connections stay idle before their memory is read (hpcproxy's collector settles after 5 quiet seconds)")
 	flag.BoolVar(&o.verbose, "v", false, "print each measurement as it is taken")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: bench [flags]\n\nRuns hpcproxy side by side with ssh -D, socat and microsocks and prints ratios.\n\nFlags:\n")
@@ -88,6 +89,7 @@ type options struct {
 	hold    string
 	latency int
 	streams string
+	settle  time.Duration
 	verbose bool
 }
 
@@ -228,7 +230,7 @@ func run(w io.Writer, o options) (err error) {
 	}
 	var hr map[*contender][]holdResult
 	if len(holds) > 0 {
-		hr = measureHold(w, env, cs, holds, fdLimit, o.verbose)
+		hr = measureHold(w, env, cs, holds, fdLimit, o)
 	}
 	printTables(w, cs, res, streams, holds, hr, int64(o.size))
 	return nil
@@ -396,7 +398,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 // measureHold starts each contender afresh and holds idle connections
 // through it, growing to each count in holds, measuring the resident
 // memory they cost and counting the connections that fail.
-func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLimit uint64, verbose bool) map[*contender][]holdResult {
+func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLimit uint64, o options) map[*contender][]holdResult {
 	out := map[*contender][]holdResult{}
 	for _, c := range cs {
 		if c.name == "socat" {
@@ -422,7 +424,7 @@ func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLim
 			fmt.Fprintf(w, "SKIPPED hold %s: %v\n", c.name, err)
 			continue
 		}
-		for _, h := range holdOne(r, fit, verbose, c.name) {
+		for _, h := range holdOne(r, fit, o, c.name) {
 			for len(out[c]) < slices.Index(holds, h.n) {
 				out[c] = append(out[c], holdResult{}) // a count left out
 			}
@@ -433,11 +435,7 @@ func measureHold(w io.Writer, env *benchEnv, cs []*contender, holds []int, fdLim
 	return out
 }
 
-// holdSettle is how long held connections stay idle before the memory is
-// read.
-const holdSettle = 8 * time.Second
-
-func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
+func holdOne(r *running, holds []int, o options, name string) []holdResult {
 	var held []net.Conn
 	defer func() {
 		for _, c := range held {
@@ -449,7 +447,7 @@ func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 	if c, err := openEcho(r.dial); err == nil {
 		c.Close()
 	}
-	time.Sleep(holdSettle)
+	time.Sleep(o.settle)
 	base := treeRSS(r.pids)
 	var out []holdResult
 	for _, n := range holds {
@@ -458,7 +456,7 @@ func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 		opened := time.Since(start)
 		// Idle connections: measured once the daemon has settled (its
 		// collector goes back to GOGC=100 after 5 quiet seconds).
-		time.Sleep(holdSettle)
+		time.Sleep(o.settle)
 		rss := treeRSS(r.pids)
 		cerrs, cfirst := checkHeld(held, 256)
 		if firstErr == nil {
@@ -476,7 +474,7 @@ func holdOne(r *running, holds []int, verbose bool, name string) []holdResult {
 		if len(held) > 0 {
 			hr.perConn = float64(rss-base) / float64(len(held))
 		}
-		if verbose {
+		if o.verbose {
 			fmt.Fprintf(os.Stderr, "hold %-24s %6d conns: %d errors, %.1f KiB/conn, opened in %s (first error: %v)\n",
 				name, n, hr.errors, hr.perConn/1024, opened.Round(time.Millisecond), firstErr)
 		}
