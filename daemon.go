@@ -445,7 +445,14 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	if host == "" && mode == ModePerJob {
 		host = "127.0.0.1"
 	}
-	r.ln, err = net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(d.Port)))
+	// A per-job proxy's clients are on this node: no TCP keepalive for
+	// them (Go turns it on for every accepted conn, at four system calls
+	// each). A shared proxy keeps it, to notice clients whose node died.
+	var lc net.ListenConfig
+	if mode == ModePerJob {
+		lc.KeepAlive = -1
+	}
+	r.ln, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, strconv.Itoa(d.Port)))
 	if err != nil {
 		return nil, fmt.Errorf("hpcproxy: listen: %w", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 )
 
@@ -117,8 +118,12 @@ func SameUserConn(c net.Conn) bool {
 	} else {
 		uid, err = LoopbackPeerUID(c)
 	}
-	return err == nil && uid == os.Getuid()
+	return err == nil && uid == selfUID()
 }
+
+// selfUID is os.Getuid, which is a system call each time: a daemon asks
+// for every connection.
+var selfUID = sync.OnceValue(os.Getuid)
 
 // UnixPeerUID returns the UID of the process at the other end of c, a
 // unix socket connection, as the kernel recorded it when the connection
@@ -259,27 +264,51 @@ const sockDiagByFamily = 20
 // peer is looked up as an AF_INET socket, then as an AF_INET6 socket with
 // IPv4-mapped addresses (a dual-stack client).
 func sockDiagUID(peer, self netip.AddrPort) (int, error) {
-	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, syscall.NETLINK_INET_DIAG)
-	if err != nil {
-		return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
-	}
-	defer syscall.Close(fd)
-	tv := syscall.Timeval{Sec: 2}
-	if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
-		return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
+	diagSock.mu.Lock()
+	defer diagSock.mu.Unlock()
+	if !diagSock.open {
+		fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, syscall.NETLINK_INET_DIAG)
+		if err != nil {
+			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
+		}
+		tv := syscall.Timeval{Sec: 2}
+		if err := syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv); err != nil {
+			syscall.Close(fd)
+			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
+		}
+		diagSock.fd, diagSock.open = fd, true
 	}
 	families := []uint8{syscall.AF_INET6}
 	if peer.Addr().Is4() {
 		families = []uint8{syscall.AF_INET, syscall.AF_INET6}
 	}
-	for i, fam := range families {
-		uid, err := sockDiagQuery(fd, uint32(i+1), fam, peer, self)
+	for _, fam := range families {
+		diagSock.seq++
+		uid, err := sockDiagQuery(diagSock.fd, diagSock.seq, fam, peer, self)
 		if errors.Is(err, ErrPeerNotFound) {
 			continue
+		}
+		if err != nil {
+			// A socket in an unknown state (a reply may still come):
+			// the next lookup opens a fresh one.
+			syscall.Close(diagSock.fd)
+			diagSock.open = false
 		}
 		return uid, err
 	}
 	return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
+}
+
+// diagSock is the netlink socket that sockDiagUID asks through, opened at
+// the first lookup and kept: a daemon looks up every loopback client that
+// brings no credentials, and a socket per lookup cost three more system
+// calls each. Replies are matched by sequence number, so one that comes
+// late for an earlier query is skipped.
+var diagSock struct {
+	mu   sync.Mutex
+	open bool
+	fd   int
+	seq  uint32
 }
 
 func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort) (int, error) {

@@ -296,6 +296,9 @@ type results struct {
 	p50, p99 map[*contender][]time.Duration
 	cpuPerGB map[*contender][]float64 // CPU seconds per GB (1e9 bytes)
 	sysPerGB map[*contender][]float64 // of which in the kernel
+	// cpuPerConn is the proxy's CPU seconds per connection of the
+	// latency measurement (open, one byte there and back, close).
+	cpuPerConn map[*contender][]float64
 	// loginPerGB is the sshd's CPU seconds per GB: the login node's cost
 	// of a tunnel.
 	loginPerGB map[*contender][]float64
@@ -308,7 +311,8 @@ func newResults(cs []*contender, streams []int) *results {
 		par: map[*contender]map[int][]float64{},
 		p50: map[*contender][]time.Duration{}, p99: map[*contender][]time.Duration{},
 		cpuPerGB: map[*contender][]float64{}, sysPerGB: map[*contender][]float64{}, loginPerGB: map[*contender][]float64{},
-		skipped: map[*contender]error{},
+		cpuPerConn: map[*contender][]float64{},
+		skipped:    map[*contender]error{},
 	}
 	for _, c := range cs {
 		r.par[c] = map[int][]float64{}
@@ -378,12 +382,15 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 				}
 			}
 			if o.latency > 0 {
+				cpu0 := treeCPU(r.pids)
 				lat, err := connectLatency(r.dial, o.latency)
 				if err != nil {
 					return fmt.Errorf("%s: round %d: latency: %w", c.name, round+1, err)
 				}
+				cpu := treeCPU(r.pids).sub(cpu0)
 				res.p50[c] = append(res.p50[c], percentile(lat, 50))
 				res.p99[c] = append(res.p99[c], percentile(lat, 99))
+				res.cpuPerConn[c] = append(res.cpuPerConn[c], cpu.total().Seconds()/float64(o.latency))
 			}
 			if o.verbose && o.latency > 0 {
 				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f) p50 %s p99 %s\n", round+1, c.name,

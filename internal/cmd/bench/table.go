@@ -65,7 +65,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 	for _, n := range streams {
 		head = append(head, fmt.Sprintf("%dx GB/s", n))
 	}
-	head = append(head, "p50 ms", "p99 ms", "CPU s/GB", "kernel s/GB", "sshd s/GB")
+	head = append(head, "p50 ms", "p99 ms", "CPU µs/conn", "CPU s/GB", "kernel s/GB", "sshd s/GB")
 	for _, n := range holds {
 		head = append(head, fmt.Sprintf("KiB/conn@%d", n), fmt.Sprintf("errors@%d", n))
 	}
@@ -83,6 +83,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 		row = append(row,
 			fmt.Sprintf("%.3f", median(seconds(res.p50[c]))*1e3),
 			fmt.Sprintf("%.3f", median(seconds(res.p99[c]))*1e3),
+			fmt.Sprintf("%.0f", median(res.cpuPerConn[c])*1e6),
 			fmt.Sprintf("%.2f", median(res.cpuPerGB[c])),
 			fmt.Sprintf("%.2f", median(res.sysPerGB[c])),
 			orDash(res.loginPerGB[c]))
@@ -103,7 +104,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 		for _, n := range streams {
 			head = append(head, fmt.Sprintf("%dx", n))
 		}
-		head = append(head, "p50", "p99", "CPU/GB")
+		head = append(head, "p50", "p99", "CPU/conn", "CPU/GB")
 		for _, n := range holds {
 			head = append(head, fmt.Sprintf("mem@%d", n))
 		}
@@ -119,6 +120,7 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 			row = append(row,
 				spread(ratios(seconds(res.p50[c]), seconds(res.p50[base]))),
 				spread(ratios(seconds(res.p99[c]), seconds(res.p99[base]))),
+				spread(ratios(res.cpuPerConn[c], res.cpuPerConn[base])),
 				spread(ratios(res.cpuPerGB[c], res.cpuPerGB[base])))
 			for i := range holds {
 				a, b := holdAt(hr[c], i), holdAt(hr[base], i)
