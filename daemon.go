@@ -126,13 +126,14 @@ type Daemon struct {
 	StatsInterval time.Duration
 
 	// MaxProcs optionally sets how many threads may run the daemon's Go
-	// code at once (runtime.GOMAXPROCS; Run sets it for the whole process
-	// and restores it when it returns). If zero: 1 in per-job mode, where the daemon shares the
-	// job's cores, and where one thread carries a tunnel's streams with
-	// less CPU time than several handing packets to each other (measured:
-	// a gossh download took 1.5 CPU seconds per GB at 1, 2.2 at 2 on a
-	// 2-core node); Go's default (every core) in shared mode. Negative, or
-	// a GOMAXPROCS environment variable, leaves Go's setting alone.
+	// code at once (runtime.GOMAXPROCS; Run sets it for the whole
+	// process and restores it when it returns). If zero: 1 in per-job
+	// mode, where the daemon shares the job's cores, and where one thread
+	// carries a tunnel's streams with less CPU time than several handing
+	// packets to each other (measured: a gossh download took 1.5 CPU
+	// seconds per GB at 1, 2.2 at 2 on a 2-core node); Go's default
+	// (every core) in shared mode. Negative, or a GOMAXPROCS environment
+	// variable, leaves Go's setting alone.
 	MaxProcs int
 
 	// Logger optionally receives the daemon's log. If nil, nothing is

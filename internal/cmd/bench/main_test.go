@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -80,5 +81,25 @@ func TestByteSize(t *testing.T) {
 		if err := b.Set(bad); err == nil {
 			t.Errorf("Set(%q) succeeded", bad)
 		}
+	}
+}
+
+// TestTreeCPUCountsReapedChildren: a contender that forks a process per
+// connection (socat) is charged for the children it has reaped.
+func TestTreeCPUCountsReapedChildren(t *testing.T) {
+	sh := testenv.LookPath(t, "sh")
+	before := treeCPU([]int{os.Getpid()})
+	cmd := exec.Command(sh, "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done")
+	if err := cmd.Run(); err != nil {
+		t.Fatal(err)
+	}
+	child := cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	if child < 50*time.Millisecond {
+		t.Fatalf("the child used only %v of CPU: too little to tell", child)
+	}
+	got := treeCPU([]int{os.Getpid()}).sub(before).total()
+	// clock ticks are 10 ms: allow two of rounding.
+	if got < child-20*time.Millisecond {
+		t.Errorf("tree CPU grew by %v while a reaped child used %v", got, child)
 	}
 }

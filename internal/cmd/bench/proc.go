@@ -33,15 +33,22 @@ func readStat(pid int) (procStat, error) {
 		return procStat{}, fmt.Errorf("/proc/%d/stat: no ')'", pid)
 	}
 	f := strings.Fields(string(b[i+1:]))
-	// f[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
-	if len(f) < 13 {
+	// f[0] is field 3 (state): ppid is field 4, utime 14, stime 15, and
+	// cutime 16, cstime 17: the time of children it waited for. Those
+	// count, or a socat that forks a process per connection would cost
+	// nothing: a child's time moves from its own entry to its parent's
+	// when it is reaped, so a difference of two tree sums is the tree's
+	// time in between.
+	if len(f) < 15 {
 		return procStat{}, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
 	}
 	ppid, _ := strconv.Atoi(f[1])
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return procStat{ppid: ppid, user: time.Duration(ut) * time.Second / clockTicks,
-		sys: time.Duration(st) * time.Second / clockTicks}, nil
+	var t [4]int64
+	for i := range t {
+		t[i], _ = strconv.ParseInt(f[11+i], 10, 64)
+	}
+	return procStat{ppid: ppid, user: time.Duration(t[0]+t[2]) * time.Second / clockTicks,
+		sys: time.Duration(t[1]+t[3]) * time.Second / clockTicks}, nil
 }
 
 // processTree returns roots and every process below them, from one scan of
