@@ -81,9 +81,9 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 			row = append(row, fmt.Sprintf("%.2f", median(res.par[c][n])/1e9))
 		}
 		row = append(row,
-			fmt.Sprintf("%.3f", median(seconds(res.p50[c]))*1e3),
-			fmt.Sprintf("%.3f", median(seconds(res.p99[c]))*1e3),
-			fmt.Sprintf("%.0f", median(res.cpuPerConn[c])*1e6),
+			orDashf("%.3f", seconds(res.p50[c]), 1e3),
+			orDashf("%.3f", seconds(res.p99[c]), 1e3),
+			orDashf("%.0f", res.cpuPerConn[c], 1e6),
 			fmt.Sprintf("%.2f", median(res.cpuPerGB[c])),
 			fmt.Sprintf("%.2f", median(res.sysPerGB[c])),
 			orDash(res.loginPerGB[c]))
@@ -147,11 +147,15 @@ func printTables(w io.Writer, cs []*contender, res *results, streams, holds []in
 }
 
 // orDash formats the median of xs, or "-" if there are none.
-func orDash(xs []float64) string {
+func orDash(xs []float64) string { return orDashf("%.2f", xs, 1) }
+
+// orDashf formats the median of xs times scale, "-" when xs is empty
+// (a measurement left out).
+func orDashf(format string, xs []float64, scale float64) string {
 	if len(xs) == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%.2f", median(xs))
+	return fmt.Sprintf(format, median(xs)*scale)
 }
 
 // holdAt returns the i-th hold count's result, nil if it was left out.
