@@ -106,14 +106,15 @@
 // An idle relay holds no pipe and no large buffer: between two TCP
 // sockets it waits until bytes are queued and splices just those (Linux);
 // elsewhere it waits in a read with a 512-byte buffer and moves to 32 and
-// 256 KiB ones while a stream is busy. Tunnel channels are opened without x/crypto's two goroutines per
-// channel, so a held idle connection costs about 14 KiB. A per-job
-// [Daemon] runs its Go code on one thread ([Daemon.MaxProcs]), runs the
-// garbage collector less often while bytes stream (x/crypto allocates a
-// buffer per received packet), and raises its open-file limit for itself
-// and its ssh children. [TunnelConfig.Connections] spreads connections
-// over several SSH connections. BENCHMARKS.md in the repository compares
-// all of this with OpenSSH's `ssh -D`.
+// 256 KiB ones while a stream is busy. Tunnel channels are opened without
+// x/crypto's two goroutines per channel, so a held idle connection costs
+// about 14 KiB. A per-job [Daemon] runs its Go code on one thread
+// ([Daemon.MaxProcs]), runs the garbage collector less often while bytes
+// stream (x/crypto allocates a buffer per received packet), and raises
+// its open-file limit for itself and its ssh children.
+// [TunnelConfig.Connections] spreads connections over several SSH
+// connections. BENCHMARKS.md in the repository compares all of this with
+// OpenSSH's `ssh -D`.
 //
 // # What is left to the caller
 //
