@@ -33,11 +33,18 @@ func tuneGC(ctx context.Context, interval time.Duration) {
 	prev := debug.SetGCPercent(100)
 	defer debug.SetGCPercent(prev)
 	streaming := false
-	var lastAllocs uint64
-	last, lastBusy := time.Now(), time.Time{}
+	// The first rate is measured over the first interval, not over
+	// everything the process allocated before it started.
+	metrics.Read(sample)
+	lastAllocs, last, lastBusy := sample[0].Value.Uint64(), time.Now(), time.Time{}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 		metrics.Read(sample)
 		allocs, now := sample[0].Value.Uint64(), time.Now()
 		rate := float64(allocs-lastAllocs) / now.Sub(last).Seconds()
@@ -55,11 +62,6 @@ func tuneGC(ctx context.Context, interval time.Duration) {
 			// now, not piecemeal.
 			debug.FreeOSMemory()
 			streaming = false
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
 		}
 	}
 }
