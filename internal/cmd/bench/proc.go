@@ -17,8 +17,8 @@ const clockTicks = 100
 
 // procStat is what the bench reads of one process in /proc/PID/stat.
 type procStat struct {
-	ppid      int
-	user, sys time.Duration // utime and stime, all threads
+	ppid int
+	cpuTimes
 }
 
 // readStat parses /proc/PID/stat. The command name may hold spaces and
@@ -47,8 +47,10 @@ func readStat(pid int) (procStat, error) {
 	for i := range t {
 		t[i], _ = strconv.ParseInt(f[11+i], 10, 64)
 	}
-	return procStat{ppid: ppid, user: time.Duration(t[0]+t[2]) * time.Second / clockTicks,
-		sys: time.Duration(t[1]+t[3]) * time.Second / clockTicks}, nil
+	return procStat{ppid: ppid, cpuTimes: cpuTimes{
+		user: time.Duration(t[0]+t[2]) * time.Second / clockTicks,
+		sys:  time.Duration(t[1]+t[3]) * time.Second / clockTicks,
+	}}, nil
 }
 
 // processTree returns roots and every process below them, from one scan of
@@ -90,10 +92,12 @@ func processTree(roots []int) []int {
 	return out
 }
 
-// cpuTimes is CPU time in user space and in the kernel.
+// cpuTimes is CPU time in user space and in the kernel (all threads).
 type cpuTimes struct{ user, sys time.Duration }
 
 func (c cpuTimes) total() time.Duration { return c.user + c.sys }
+
+func (c cpuTimes) add(d cpuTimes) cpuTimes { return cpuTimes{c.user + d.user, c.sys + d.sys} }
 
 func (c cpuTimes) sub(d cpuTimes) cpuTimes { return cpuTimes{c.user - d.user, c.sys - d.sys} }
 
@@ -103,8 +107,7 @@ func treeCPU(roots []int) cpuTimes {
 	var sum cpuTimes
 	for _, pid := range processTree(roots) {
 		if st, err := readStat(pid); err == nil {
-			sum.user += st.user
-			sum.sys += st.sys
+			sum = sum.add(st.cpuTimes)
 		}
 	}
 	return sum
