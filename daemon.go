@@ -260,7 +260,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			tuneGC(ctx, 250*time.Millisecond)
 		}()
 		defer wg.Wait()
-		defer cancel(nil)
+		defer cancel(nil) // runs before the Wait: ends tuneGC
 	}
 
 	ready, err := d.start(ctx, log)
