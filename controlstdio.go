@@ -60,51 +60,32 @@ func stdioCap() int {
 // messages. ctx bounds the dial and the exchange; the returned conn has no
 // deadline.
 func muxHello(ctx context.Context, path string) (*net.UnixConn, error) {
-	c, err := muxDial(ctx, path)
-	if err != nil {
-		return nil, err
-	}
-	if err := withConnDeadline(ctx, c, func() error {
-		if err := sendMuxHello(c); err != nil {
-			return err
-		}
-		return readMuxHello(c)
-	}); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// muxDial connects to the master's control socket at path.
-func muxDial(ctx context.Context, path string) (*net.UnixConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", path)
 	if err != nil {
 		return nil, err
 	}
-	return c.(*net.UnixConn), nil
-}
-
-func sendMuxHello(c net.Conn) error {
-	var hello muxBuf
-	hello.u32(muxMsgHello)
-	hello.u32(muxVersion)
-	if err := hello.send(c); err != nil {
-		return fmt.Errorf("mux hello: %w", err)
+	uc := c.(*net.UnixConn)
+	if err := withConnDeadline(ctx, uc, func() error {
+		var hello muxBuf
+		hello.u32(muxMsgHello)
+		hello.u32(muxVersion)
+		if err := hello.send(uc); err != nil {
+			return fmt.Errorf("mux hello: %w", err)
+		}
+		msg, err := muxRead(uc)
+		if err != nil {
+			return fmt.Errorf("mux hello: %w", err)
+		}
+		if typ, _ := msg.u32(); typ != muxMsgHello {
+			return fmt.Errorf("mux: expected hello, got %#x", typ)
+		}
+		return nil
+	}); err != nil {
+		uc.Close()
+		return nil, err
 	}
-	return nil
-}
-
-func readMuxHello(c net.Conn) error {
-	msg, err := muxRead(c)
-	if err != nil {
-		return fmt.Errorf("mux hello: %w", err)
-	}
-	if typ, _ := msg.u32(); typ != muxMsgHello {
-		return fmt.Errorf("mux: expected hello, got %#x", typ)
-	}
-	return nil
+	return uc, nil
 }
 
 // withConnDeadline runs f with c's deadline set from ctx (and to the past
