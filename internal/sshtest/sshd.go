@@ -241,6 +241,17 @@ func (s *SSHD) Running() bool {
 	return s.cmd != nil
 }
 
+// PID returns the listening sshd's process id (its sessions run in
+// processes below it), or 0 when sshd is not running.
+func (s *SSHD) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Log returns sshd's log so far.
 func (s *SSHD) Log() string {
 	b, _ := os.ReadFile(s.LogFile)

@@ -1,7 +1,10 @@
 package sshtest
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -20,9 +23,20 @@ func TestSSHDLogin(t *testing.T) {
 	if got := strings.TrimSpace(string(out)); got != "hello" {
 		t.Fatalf("got %q, want hello", got)
 	}
+	// PID is the pid sshd itself records.
+	b, err := os.ReadFile(filepath.Join(s.Dir, "sshd.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := strconv.Atoi(strings.TrimSpace(string(b))); s.PID() != want {
+		t.Errorf("PID() = %d, sshd.pid says %d", s.PID(), want)
+	}
 	s.Stop()
 	if bannerOK(s.Addr) {
 		t.Fatalf("sshd still answers after Stop")
+	}
+	if pid := s.PID(); pid != 0 {
+		t.Errorf("PID() = %d after Stop, want 0", pid)
 	}
 	s.Start(t)
 	out, err = exec.Command(sshBin, "-F", s.SSHConfigFile, "sshtest", "true").CombinedOutput()

@@ -12,7 +12,6 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -100,18 +99,12 @@ func (env *benchEnv) start(c *contender) (*running, error) {
 // sshdPIDs returns the sshd listener's pid (its sessions are below it), or
 // none without an sshd.
 func (env *benchEnv) sshdPIDs() []int {
-	if env.sshd == nil {
-		return nil
+	if env.sshd != nil {
+		if pid := env.sshd.PID(); pid != 0 {
+			return []int{pid}
+		}
 	}
-	b, err := os.ReadFile(filepath.Join(env.sshd.Dir, "sshd.pid"))
-	if err != nil {
-		return nil
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return nil
-	}
-	return []int{pid}
+	return nil
 }
 
 // stopAll stops every running contender (the daemons run in sessions of
