@@ -36,16 +36,14 @@ const benchSSHD = "ssh-D"
 
 var benchMethodNames = []string{benchSSHD, "gossh", "controlmaster", "socks-unix", "socks-tcp", "exec", "direct"}
 
-type benchDialer func(ctx context.Context, network, addr string) (net.Conn, error)
-
 // benchTunnels starts one sshd and, through it, ssh -D and one tunnel per
 // method, all torn down when b ends.
-func benchTunnels(b *testing.B) map[string]benchDialer {
+func benchTunnels(b *testing.B) map[string]DialFunc {
 	b.Helper()
 	testenv.LookPath(b, "ssh")
 	b.Setenv("SSH_AUTH_SOCK", "")
 	sshd := sshtest.StartSSHD(b, sshtest.Options{})
-	dialers := map[string]benchDialer{}
+	dialers := map[string]DialFunc{}
 	for _, name := range benchMethodNames[1:] {
 		m, err := ParseMethod(name)
 		if err != nil {
@@ -210,7 +208,7 @@ func BenchmarkTunnelConnect(b *testing.B) {
 
 // echoRoundTrip dials addr (an echo server) with dial, sends one byte and
 // reads it back.
-func echoRoundTrip(dial benchDialer, addr string) error {
+func echoRoundTrip(dial DialFunc, addr string) error {
 	c, err := dial(context.Background(), "tcp", addr)
 	if err != nil {
 		return err
