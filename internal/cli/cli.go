@@ -53,6 +53,7 @@ func (a *App) commands() []command {
 		{name: "env", args: "[flags]", summary: "print export lines for the proxy: eval \"$(NAME env)\"", run: (*App).env},
 		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment", run: (*App).runCmd},
 		{name: "connect", args: "[flags] HOST PORT", summary: "relay stdin/stdout to HOST:PORT through the proxy (ssh ProxyCommand)", run: (*App).connect},
+		{name: "version", args: "", summary: "print the version of this program (also --version)", run: (*App).printVersion},
 		{name: "daemon", args: "[flags]", summary: "run the daemon in the foreground (start runs this)", run: (*App).daemon, hidden: true},
 	}
 }
