@@ -77,6 +77,8 @@ func (a *App) Main(args []string) int {
 	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || (args[0] == "help" && len(args) == 1):
 		a.usage(a.Stdout)
 		return 0
+	case args[0] == "--version" || args[0] == "-version":
+		args = []string{"version"}
 	case args[0] == "help":
 		// help CMD is CMD --help.
 		return a.Main([]string{args[1], "--help"})
@@ -610,13 +612,22 @@ func (a *App) envList(f *flags, noProxy []string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...)}), nil
+	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{
+		NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...),
+		// A per-job proxy admits its owner without credentials, so JVMs
+		// can use it from system properties; a shared one wants the
+		// token, which does not belong in every JVM's command line.
+		Java:            ps.Mode == hpcproxy.ModePerJob,
+		JavaToolOptions: os.Getenv("JAVA_TOOL_OPTIONS"),
+	}), nil
 }
 
 func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
 	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
+	shell := hpcproxy.DefaultShell()
+	f.Var(&shell, "shell", "`SHELL` syntax of the lines: sh (eval \"$("+a.Name+" env)\"), csh (eval \"`"+a.Name+" env`\"), fish ("+a.Name+" env | source) or slurm (a TaskProlog's unquoted export lines) (default: the shell that runs "+a.Name+", else $SHELL's, else sh)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -624,7 +635,11 @@ func (a *App) env(args []string) error {
 	if err != nil {
 		return err
 	}
-	_, err = io.WriteString(a.Stdout, hpcproxy.ExportLines(env))
+	lines, err := shell.ExportLines(env)
+	if err != nil {
+		return err
+	}
+	_, err = io.WriteString(a.Stdout, lines)
 	return err
 }
 
