@@ -76,6 +76,7 @@ func TestCluster(t *testing.T) {
 	} {
 		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env, v.via) })
 	}
+	scenario("SiteIntegration", c.siteIntegration)
 	scenario("Shared", c.sharedMode)
 	scenario("Methods", c.methods)
 	scenario("OtherUser", c.otherUser)
