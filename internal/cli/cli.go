@@ -306,8 +306,11 @@ func (a *App) start(args []string) error {
 		t.via = via
 		if t.watchPID == 0 {
 			t.watchPID = os.Getppid()
-			if j := hpcproxy.DetectJob(); j.ScriptPID > 0 {
+			j := hpcproxy.DetectJob()
+			if j.ScriptPID > 0 {
 				t.watchPID = j.ScriptPID
+			} else if w := watchWarning(a.Name, t.watchPID, j.InJob); w != "" {
+				fmt.Fprintf(a.Stderr, "%s start: warning: %s\nhint: --watch-pid PID names a process that lives as long as you need the proxy; --watch-pid -1 keeps it until '%s stop'\n", a.Name, w, a.Name)
 			}
 		}
 	}
@@ -326,9 +329,7 @@ func (a *App) start(args []string) error {
 			return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
 		}
 		if errors.Is(err, hpcproxy.ErrAlreadyRunning) {
-			if f.verbose {
-				fmt.Fprintln(a.Stdout, err)
-			}
+			fmt.Fprintln(a.Stdout, strings.TrimPrefix(err.Error(), "hpcproxy: "))
 			return nil
 		}
 		return fmt.Errorf("%w\nhint: %s; the log is %s", err, t.startHint(), hpcproxy.LogFilePath(state))
@@ -350,7 +351,7 @@ func (a *App) start(args []string) error {
 func (t *tunnelFlags) startHint() string {
 	switch {
 	case t.via != "":
-		return "check the login node with 'ssh " + t.via + " true'"
+		return "check the login node with '" + hpcproxy.SSHCommand(t.via, "true") + "'"
 	case t.port != 0:
 		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
 	}
