@@ -63,7 +63,7 @@ func TestRelease(t *testing.T) {
 				assert.Regexp(t, `^`+bin+` `+version+` \(go1\.\S+ linux/amd64\)\n$`, string(out))
 			}
 		}
-		for _, f := range []string{"README.md", "contrib/slurm/hpcproxy-taskprolog", "contrib/lmod/hpcproxy.lua"} {
+		for _, f := range []string{"README.md", "contrib/slurm/hpcproxy-taskprolog", "contrib/slurm/hpcproxy-taskepilog", "contrib/jobstarter/hpcproxy-job-starter", "contrib/lmod/hpcproxy.lua"} {
 			assert.FileExists(t, filepath.Join(files, "hpcproxy-"+version+"-linux-"+arch, f))
 		}
 	}

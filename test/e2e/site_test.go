@@ -15,21 +15,20 @@ import (
 // proxy first.
 const siteEnv = "HPCPROXY_E2E_SITE=1"
 
-// installContrib copies contrib/slurm into the cluster's directory beside
+// installContrib copies contrib/slurm and contrib/jobstarter into the cluster's directory beside
 // its bin/, as in an unpacked release (the scripts find ../../bin/perjob),
 // writes the wrappers that slurm.conf names and returns their paths, and
 // copies the Java test program for the jobs.
 func (c *cluster) installContrib() (prolog, epilog string) {
 	t := c.t
 	dir := filepath.Join(c.dir, "contrib", "slurm")
-	mkdir(t, filepath.Join(c.dir, "contrib"), 0o755)
-	mkdir(t, dir, 0o755)
-	for _, name := range []string{"hpcproxy-taskprolog", "hpcproxy-taskepilog"} {
-		b, err := os.ReadFile(filepath.Join("..", "..", "contrib", "slurm", name))
+	for _, name := range []string{"slurm/hpcproxy-taskprolog", "slurm/hpcproxy-taskepilog", "jobstarter/hpcproxy-job-starter"} {
+		b, err := os.ReadFile(filepath.Join("..", "..", "contrib", name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		writeFile(t, filepath.Join(dir, name), string(b), 0o755)
+		mkdir(t, filepath.Join(c.dir, "contrib", filepath.Dir(name)), 0o755)
+		writeFile(t, filepath.Join(c.dir, "contrib", name), string(b), 0o755)
 	}
 	wrap := func(name string) string {
 		p := filepath.Join(c.slurmDir, "task-"+name)
@@ -97,5 +96,30 @@ step site.after-srun curl -sS --fail --max-time 30 -o /dev/null https://www.inte
 		_, err1 := os.Stat(state)
 		_, err2 := os.Stat(state + ".taskprolog")
 		return !pidAlive(pid) && os.IsNotExist(err1) && os.IsNotExist(err2)
+	})
+}
+
+// jobStarter: the job starter that LSF and Torque sites put in front of a
+// job's command (contrib/jobstarter), here in a Slurm job without the
+// TaskProlog: the command gets a working proxy, and the proxy ends with
+// the job.
+func (c *cluster) jobStarter(t *testing.T) {
+	starter := filepath.Join(c.dir, "contrib", "jobstarter", "hpcproxy-job-starter")
+	j := c.sbatch(t, `
+step starter.no-proxy-before sh -c '[ -z "${http_proxy:-}" ]'
+step starter.curl `+starter+` sh -c 'curl -sS --fail --max-time 30 https://www.internet.test/files/hello.txt && echo "http_proxy=$http_proxy"'
+cat "$scratch/starter.curl.stdout"
+`, []string{"HPCPROXY_VIA=login"}, 2*time.Minute)
+	if j.state != "COMPLETED" {
+		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
+	}
+	wantOK(t, j.output, "starter.no-proxy-before", "starter.curl")
+	if !regexp.MustCompile(`(?m)^http_proxy=http://\S+@127\.0\.0\.1:\d+$`).MatchString(j.output) {
+		t.Errorf("the command did not get the proxy's environment")
+	}
+	state := filepath.Join(c.nodeTmp, "hpcproxy-"+itoa(c.user.uid), "proxy-"+j.id+".json")
+	c.waitFor(t, "proxy gone after the job", 15*time.Second, nil, func() bool {
+		_, err := os.Stat(state)
+		return os.IsNotExist(err)
 	})
 }
