@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"unicode"
 )
 
 // EnvNoProxy names a comma-separated list of extra no_proxy entries
@@ -205,8 +206,8 @@ func JavaNonProxyHosts(noProxy []string) string {
 	}
 	for _, e := range noProxy {
 		e = strings.ToLower(strings.TrimSpace(e))
-		if e == "" || strings.ContainsAny(e, "| \t") {
-			continue
+		if e == "" || strings.ContainsFunc(e, func(r rune) bool { return r == '|' || unicode.IsSpace(r) || unicode.IsControl(r) }) {
+			continue // JAVA_TOOL_OPTIONS is split at white space; | separates
 		}
 		if e == "*" {
 			add("*")

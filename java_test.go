@@ -90,3 +90,26 @@ func TestJavaNonProxyHosts(t *testing.T) {
 	assert.Equal(t, "-Xss1m -Dhttp.proxyHost=[::1] -Dhttp.proxyPort=8 -Dhttps.proxyHost=[::1] -Dhttps.proxyPort=8",
 		JavaProxyOptions("-Xss1m -Dhttps.proxyPort=9", "::1", 8, nil))
 }
+
+// FuzzJavaNonProxyHosts: whatever no_proxy holds, the JVM's value is a
+// list of non-empty patterns without white space (JAVA_TOOL_OPTIONS is
+// split at it) or empty entries.
+func FuzzJavaNonProxyHosts(f *testing.F) {
+	f.Add("localhost,127.0.0.0/8,::1")
+	f.Add(".example.edu, 10.16.0.0/12 db:5432")
+	f.Add("[::1],*,fd00::/8,0.0.0.0/0")
+	f.Fuzz(func(t *testing.T, noProxy string) {
+		got := JavaNonProxyHosts(splitList(noProxy))
+		if got == "" {
+			return
+		}
+		if strings.ContainsAny(got, " \t\r\n\v\f") {
+			t.Fatalf("white space in %q", got)
+		}
+		for _, p := range strings.Split(got, "|") {
+			if p == "" {
+				t.Fatalf("empty pattern in %q", got)
+			}
+		}
+	})
+}
