@@ -25,9 +25,12 @@ var shortLivedWrappers = map[string]bool{
 // the proxy, or returns "". inJob tells whether start runs in a batch job,
 // where the parent being the job script is what is wanted.
 func watchWarning(name string, pid int, inJob bool) string {
+	if pid <= 1 {
+		return fmt.Sprintf("the process that ran %s has exited (its parent is now pid %d): the proxy runs until '%s stop'", name, pid, name)
+	}
 	comm, args, err := procCmdline(pid)
-	if err != nil || pid <= 1 {
-		return fmt.Sprintf("the process that ran %s (pid %d) has already exited, and the proxy stops when it does", name, pid)
+	if err != nil {
+		return fmt.Sprintf("the process that ran %s (pid %d) has already exited: the proxy stops at once", name, pid)
 	}
 	switch {
 	case shortLivedWrappers[comm]:

@@ -74,3 +74,11 @@ func TestStartWarnsAndHints(t *testing.T) {
 		})
 	}
 }
+
+func TestWatchWarningGoneParent(t *testing.T) {
+	assert.Contains(t, watchWarning("perjob", 1, false), "runs until 'perjob stop'")
+	cmd := exec.Command("true")
+	require.NoError(t, cmd.Run())
+	assert.Contains(t, watchWarning("perjob", cmd.Process.Pid, false), "has already exited")
+	assert.Empty(t, watchWarning("perjob", os.Getpid(), false), "a test binary is no wrapper")
+}
