@@ -65,13 +65,17 @@ type AuthError struct {
 	// Skipped describes keys that could not be used (encrypted key files,
 	// unreadable agents).
 	Skipped []string
-	Err     error // the SSH library's error, if a handshake took place
+	// Tried lists where keys were looked for: each key file (IdentityFile,
+	// else OpenSSH's default ~/.ssh/id_* names), marked "(absent)" when
+	// missing, and the agent socket, or that there was none.
+	Tried []string
+	Err   error // the SSH library's error, if a handshake took place
 }
 
 func (e *AuthError) Error() string {
 	var b strings.Builder
 	if len(e.Offered) == 0 {
-		fmt.Fprintf(&b, "hpcproxy: no usable SSH key for %s@%s (no agent keys, no readable unencrypted key file)", e.User, e.Host)
+		fmt.Fprintf(&b, "hpcproxy: no usable SSH key for %s@%s (no agent keys, no readable unencrypted key file; tried %s)", e.User, e.Host, strings.Join(e.Tried, ", "))
 	} else {
 		fmt.Fprintf(&b, "hpcproxy: %s@%s refused every key offered: %s", e.User, e.Host, strings.Join(e.Offered, "; "))
 	}
@@ -261,7 +265,7 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 	defer keys.close()
 	if len(keys.signers) == 0 {
 		conn.Close()
-		return nil, &AuthError{User: s.User, Host: s.Host, Skipped: keys.skipped}
+		return nil, &AuthError{User: s.User, Host: s.Host, Skipped: keys.skipped, Tried: keys.tried}
 	}
 	remote := ""
 	if tcp, ok := conn.RemoteAddr().(*net.TCPAddr); ok && tcp.IP != nil && !tcp.IP.IsUnspecified() {
@@ -351,6 +355,7 @@ type gosshKeys struct {
 	signers []ssh.Signer
 	offered []string // a description per signer
 	skipped []string
+	tried   []string // see AuthError.Tried
 	// agentConn is the ssh-agent connection the agent's signers use.
 	agentConn net.Conn
 }
@@ -391,6 +396,7 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 	for _, p := range s.IdentityFiles {
 		b, err := os.ReadFile(p)
 		if errors.Is(err, fs.ErrNotExist) {
+			keys.tried = append(keys.tried, p+" (absent)")
 			// As in OpenSSH, an IdentityFile whose private half is
 			// absent still selects the agent key of its KEY.pub.
 			if pub := readPublicKey(p + ".pub"); pub != nil {
@@ -398,6 +404,7 @@ func gosshSigners(s *sshSettings, log *slog.Logger) (*gosshKeys, error) {
 			}
 			continue
 		}
+		keys.tried = append(keys.tried, p)
 		if err != nil {
 			log.Debug("skipping unreadable key file", "file", p, "err", err)
 			keys.skipped = append(keys.skipped, p+": "+err.Error())
@@ -480,9 +487,15 @@ func agentSigners(s *sshSettings, log *slog.Logger, keys *gosshKeys) []ssh.Signe
 	if sock == "" || sock == "SSH_AUTH_SOCK" {
 		sock = os.Getenv("SSH_AUTH_SOCK")
 	}
-	if sock == "" || sock == "none" {
+	switch sock {
+	case "":
+		keys.tried = append(keys.tried, "no agent (SSH_AUTH_SOCK unset)")
+		return nil
+	case "none":
+		keys.tried = append(keys.tried, "no agent (IdentityAgent none)")
 		return nil
 	}
+	keys.tried = append(keys.tried, "agent "+sock)
 	conn, err := net.DialTimeout("unix", sock, 5*time.Second)
 	if err != nil {
 		log.Debug("no ssh-agent", "socket", sock, "err", err)

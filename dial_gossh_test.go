@@ -148,6 +148,8 @@ func TestGoSSHAgentAuth(t *testing.T) {
 		var ae *AuthError
 		require.ErrorAs(t, err, &ae)
 		require.Empty(t, ae.Offered)
+		// The error names where it looked.
+		require.ErrorContains(t, err, "tried "+missing+" (absent), agent ")
 	})
 	t.Run("IdentitiesOnly keeps the agent key of an IdentityFile", func(t *testing.T) {
 		// An encrypted key file whose public half is in the agent: the file
@@ -252,6 +254,7 @@ func TestGoSSHKeyFiles(t *testing.T) {
 		require.ErrorAs(t, err, &ae)
 		require.Empty(t, ae.Offered)
 		require.ErrorContains(t, err, path+": encrypted")
+		require.ErrorContains(t, err, "tried "+path+", no agent (SSH_AUTH_SOCK unset)")
 	})
 }
 

@@ -99,7 +99,10 @@
 // job, records its state in a private state file (see [ProxyState]), and
 // reconnects by itself when the tunnel drops. [FindActiveProxy] and
 // [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
-// environment variables that clients read.
+// environment variables that clients read, [Shell.ExportLines] into lines
+// for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the
+// system properties JVMs read instead (EnvOptions.Java puts them in
+// JAVA_TOOL_OPTIONS).
 //
 // # Cost
 //

@@ -2,9 +2,13 @@ package hpcproxy
 
 import (
 	"fmt"
+	"net"
+	"net/netip"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
+	"unicode"
 )
 
 // EnvNoProxy names a comma-separated list of extra no_proxy entries
@@ -27,6 +31,16 @@ type EnvOptions struct {
 	// as the cluster's domains: "cluster.example.edu" (curl and Go match
 	// the domain and its subdomains), "10.0.0.0/8".
 	NoProxy []string
+	// Java, if true, adds JAVA_TOOL_OPTIONS with the JVM's proxy system
+	// properties (see [JavaProxyOptions]), which carry no credentials:
+	// set it only for a proxy that admits the client without, as a
+	// per-job proxy admits its owner's loopback connections. JVMs ignore
+	// http_proxy and the rest.
+	Java bool
+	// JavaToolOptions optionally specifies the JAVA_TOOL_OPTIONS already
+	// in the environment, kept in front of the proxy's properties (minus
+	// proxy properties of an earlier proxy). Used only with Java.
+	JavaToolOptions string
 }
 
 // ProxyEnvList returns environment assignments ("KEY=VALUE") that point
@@ -99,7 +113,7 @@ func ProxyEnvListOptions(httpURL string, opts EnvOptions) ([]string, error) {
 	}
 	noProxy := strings.Join(np, ",")
 
-	return []string{
+	env := []string{
 		"http_proxy=" + httpS,
 		"HTTP_PROXY=" + httpS,
 		"https_proxy=" + httpS,
@@ -108,7 +122,152 @@ func ProxyEnvListOptions(httpURL string, opts EnvOptions) ([]string, error) {
 		"ALL_PROXY=" + socks,
 		"no_proxy=" + noProxy,
 		"NO_PROXY=" + noProxy,
-	}, nil
+	}
+	if opts.Java {
+		port, _ := strconv.Atoi(u.Port())
+		if port == 0 {
+			port = 80
+		}
+		env = append(env, "JAVA_TOOL_OPTIONS="+JavaProxyOptions(opts.JavaToolOptions, u.Hostname(), port, np))
+	}
+	return env, nil
+}
+
+// javaProxyProperties are the system properties JavaProxyOptions sets.
+var javaProxyProperties = []string{"http.proxyHost", "http.proxyPort", "https.proxyHost", "https.proxyPort", "http.nonProxyHosts"}
+
+// JavaProxyOptions returns JVM options that send a JVM's HTTP and HTTPS
+// connections (java.net.URL, java.net.http.HttpClient, Maven, Gradle,
+// Nextflow, Spark...) through the proxy at host:port, except to the hosts
+// of noProxy: existing (a JAVA_TOOL_OPTIONS value), without any of these
+// properties it already sets, followed by
+//
+//	-Dhttp.proxyHost=HOST -Dhttp.proxyPort=PORT -Dhttps.proxyHost=HOST
+//	-Dhttps.proxyPort=PORT -Dhttp.nonProxyHosts=H1|H2...
+//
+// http.nonProxyHosts (which HTTPS uses too) is noProxy in the JVM's
+// syntax ([JavaNonProxyHosts]). No credentials: a JVM answers a proxy's
+// 407 only through a java.net.Authenticator the program installs, and
+// HTTPS tunnels through a proxy that wants Basic authentication also need
+// -Djdk.http.auth.tunneling.disabledSchemes= (empty).
+func JavaProxyOptions(existing, host string, port int, noProxy []string) string {
+	var opts []string
+	for _, f := range strings.Fields(existing) {
+		if !isJavaProxyProperty(f) {
+			opts = append(opts, f)
+		}
+	}
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	p := strconv.Itoa(port)
+	opts = append(opts,
+		"-Dhttp.proxyHost="+host, "-Dhttp.proxyPort="+p,
+		"-Dhttps.proxyHost="+host, "-Dhttps.proxyPort="+p)
+	if np := JavaNonProxyHosts(noProxy); np != "" {
+		opts = append(opts, "-Dhttp.nonProxyHosts="+np)
+	}
+	return strings.Join(opts, " ")
+}
+
+func isJavaProxyProperty(opt string) bool {
+	for _, p := range javaProxyProperties {
+		if strings.HasPrefix(opt, "-D"+p+"=") {
+			return true
+		}
+	}
+	return false
+}
+
+// JavaNonProxyHosts turns no_proxy entries into the value of the JVM's
+// http.nonProxyHosts: patterns separated by |, each a host name or address
+// with * as a wildcard at either end. The translation follows curl's
+// reading of no_proxy:
+//
+//	example.edu   ->  example.edu|*.example.edu   (the domain and below)
+//	.example.edu  ->  *.example.edu
+//	10.1.2.3      ->  10.1.2.3
+//	10.0.0.0/8    ->  10.*                (other prefix lengths: each
+//	10.16.0.0/12  ->  10.16.*|...|10.31.*  /8, /16 or /24 network inside)
+//	::1           ->  [::1]
+//	host:8080     ->  host                (the JVM matches no ports)
+//	*             ->  *
+//
+// IPv6 networks, which the JVM cannot match by pattern, and entries it
+// cannot parse are left out.
+func JavaNonProxyHosts(noProxy []string) string {
+	seen := map[string]bool{}
+	var out []string
+	add := func(p string) {
+		if p != "" && !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	for _, e := range noProxy {
+		e = strings.ToLower(strings.TrimSpace(e))
+		if e == "" || strings.ContainsFunc(e, func(r rune) bool { return r == '|' || unicode.IsSpace(r) || unicode.IsControl(r) }) {
+			continue // JAVA_TOOL_OPTIONS is split at white space; | separates
+		}
+		if e == "*" {
+			add("*")
+			continue
+		}
+		if pfx, err := netip.ParsePrefix(e); err == nil {
+			for _, p := range javaNetworkPatterns(pfx) {
+				add(p)
+			}
+			continue
+		}
+		if a, err := netip.ParseAddr(strings.Trim(e, "[]")); err == nil {
+			if a.Is6() && !a.Is4In6() {
+				add("[" + a.String() + "]")
+			} else {
+				add(a.Unmap().String())
+			}
+			continue
+		}
+		if h, _, err := net.SplitHostPort(e); err == nil {
+			e = h
+		}
+		if strings.HasPrefix(e, ".") {
+			add("*" + e)
+			continue
+		}
+		add(e)
+		add("*." + e)
+	}
+	return strings.Join(out, "|")
+}
+
+// javaNetworkPatterns returns the "a.b.*" patterns that cover exactly the
+// IPv4 network pfx, or nothing for an IPv6 one.
+func javaNetworkPatterns(pfx netip.Prefix) []string {
+	pfx = pfx.Masked()
+	if !pfx.Addr().Is4() {
+		return nil
+	}
+	bits := pfx.Bits()
+	if bits == 32 {
+		return []string{pfx.Addr().String()}
+	}
+	if bits == 0 {
+		return []string{"*"}
+	}
+	octets := (bits + 7) / 8 // whole octets in each pattern
+	n := 1 << (octets*8 - bits)
+	b := pfx.Addr().As4()
+	var out []string
+	for i := range n {
+		v := b
+		v[octets-1] += byte(i)
+		parts := make([]string, 0, octets+1)
+		for _, o := range v[:octets] {
+			parts = append(parts, strconv.Itoa(int(o)))
+		}
+		out = append(out, strings.Join(append(parts, "*"), "."))
+	}
+	return out
 }
 
 func redactURL(u *url.URL) string {
@@ -124,37 +283,6 @@ func splitList(s string) []string {
 		out = append(out, f)
 	}
 	return out
-}
-
-// ExportLines formats "KEY=VALUE" assignments as POSIX shell lines,
-// "export KEY='VALUE'\n", for `eval "$(hpcproxy env)"`. Assignments whose
-// key is not a shell name are skipped.
-func ExportLines(env []string) string {
-	var b strings.Builder
-	for _, kv := range env {
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok || !isShellName(k) {
-			continue
-		}
-		b.WriteString("export ")
-		b.WriteString(k)
-		b.WriteByte('=')
-		b.WriteString(ShellQuote(v))
-		b.WriteByte('\n')
-	}
-	return b.String()
-}
-
-// ShellQuote quotes s as one word for a POSIX shell: unchanged if it
-// consists only of characters no shell treats specially, else in single
-// quotes, each embedded single quote closed, escaped and reopened:
-//
-//	it's  ->  'it'\''s'
-func ShellQuote(s string) string {
-	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func isShellName(s string) bool {

@@ -94,6 +94,35 @@ func (d destination) loginArgs() []string {
 	return args
 }
 
+// SSHCommand returns the OpenSSH command line that reaches destination,
+// given as hpcproxy takes it ("host", "user@host", "host:port",
+// "user@host:port", "[v6addr]:port" or an ssh_config alias), followed by
+// args: "ssh -p PORT user@host ARGS...". OpenSSH itself reads no ":port"
+// in a destination ("ssh host:2222" dials a host named "host:2222" on port
+// 22), so the port moves to -p. A destination hpcproxy would refuse is
+// given as it is, after "--".
+func SSHCommand(destination string, args ...string) string {
+	words := []string{"ssh"}
+	d, err := parseDestination(destination)
+	if err != nil {
+		// After "--": never an option, whatever it looks like.
+		words = append(words, "--", ShellQuote(destination))
+	} else {
+		if d.Port != 0 {
+			words = append(words, "-p", strconv.Itoa(d.Port))
+		}
+		host := d.Host
+		if d.User != "" {
+			host = d.User + "@" + host
+		}
+		words = append(words, ShellQuote(host))
+	}
+	for _, a := range args {
+		words = append(words, ShellQuote(a))
+	}
+	return strings.Join(words, " ")
+}
+
 // sshSettings is the configuration of one SSH destination, resolved the way
 // the ssh client would resolve it. Paths are absolute, with ~ and the
 // %-tokens expanded.

@@ -6,6 +6,7 @@
 //	shared status
 //	eval "$(shared env)"    # on a compute node: the proxy environment
 //	shared stop
+//	shared --version
 //
 // Run `shared --help` and `shared COMMAND --help` for the flags.
 package main

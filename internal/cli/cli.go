@@ -53,6 +53,7 @@ func (a *App) commands() []command {
 		{name: "env", args: "[flags]", summary: "print export lines for the proxy: eval \"$(NAME env)\"", run: (*App).env},
 		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment", run: (*App).runCmd},
 		{name: "connect", args: "[flags] HOST PORT", summary: "relay stdin/stdout to HOST:PORT through the proxy (ssh ProxyCommand)", run: (*App).connect},
+		{name: "version", args: "", summary: "print the version of this program (also --version)", run: (*App).printVersion},
 		{name: "daemon", args: "[flags]", summary: "run the daemon in the foreground (start runs this)", run: (*App).daemon, hidden: true},
 	}
 }
@@ -76,6 +77,8 @@ func (a *App) Main(args []string) int {
 	case args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || (args[0] == "help" && len(args) == 1):
 		a.usage(a.Stdout)
 		return 0
+	case args[0] == "--version" || args[0] == "-version":
+		args = []string{"version"}
 	case args[0] == "help":
 		// help CMD is CMD --help.
 		return a.Main([]string{args[1], "--help"})
@@ -303,8 +306,11 @@ func (a *App) start(args []string) error {
 		t.via = via
 		if t.watchPID == 0 {
 			t.watchPID = os.Getppid()
-			if j := hpcproxy.DetectJob(); j.ScriptPID > 0 {
+			j := hpcproxy.DetectJob()
+			if j.ScriptPID > 0 {
 				t.watchPID = j.ScriptPID
+			} else if w := watchWarning(a.Name, t.watchPID, j.InJob); w != "" {
+				fmt.Fprintf(a.Stderr, "%s start: warning: %s\nhint: --watch-pid PID names a process that lives as long as you need the proxy; --watch-pid -1 keeps it until '%s stop'\n", a.Name, w, a.Name)
 			}
 		}
 	}
@@ -323,9 +329,7 @@ func (a *App) start(args []string) error {
 			return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
 		}
 		if errors.Is(err, hpcproxy.ErrAlreadyRunning) {
-			if f.verbose {
-				fmt.Fprintln(a.Stdout, err)
-			}
+			fmt.Fprintln(a.Stdout, strings.TrimPrefix(err.Error(), "hpcproxy: "))
 			return nil
 		}
 		return fmt.Errorf("%w\nhint: %s; the log is %s", err, t.startHint(), hpcproxy.LogFilePath(state))
@@ -347,7 +351,7 @@ func (a *App) start(args []string) error {
 func (t *tunnelFlags) startHint() string {
 	switch {
 	case t.via != "":
-		return "check the login node with 'ssh " + t.via + " true'"
+		return "check the login node with '" + hpcproxy.SSHCommand(t.via, "true") + "'"
 	case t.port != 0:
 		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
 	}
@@ -609,13 +613,22 @@ func (a *App) envList(f *flags, noProxy []string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...)}), nil
+	return hpcproxy.ProxyEnvListFor(ps, hpcproxy.EnvOptions{
+		NoProxy: append(hpcproxy.EnvNoProxyEntries(), noProxy...),
+		// A per-job proxy admits its owner without credentials, so JVMs
+		// can use it from system properties; a shared one wants the
+		// token, which does not belong in every JVM's command line.
+		Java:            ps.Mode == hpcproxy.ModePerJob,
+		JavaToolOptions: os.Getenv("JAVA_TOOL_OPTIONS"),
+	}), nil
 }
 
 func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
 	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
+	shell := hpcproxy.DefaultShell()
+	f.Var(&shell, "shell", "`SHELL` syntax of the lines: sh (eval \"$("+a.Name+" env)\"), csh (eval \"`"+a.Name+" env`\"), fish ("+a.Name+" env | source) or slurm (a TaskProlog's unquoted export lines) (default: the shell that runs "+a.Name+", else $SHELL's, else sh)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -623,7 +636,11 @@ func (a *App) env(args []string) error {
 	if err != nil {
 		return err
 	}
-	_, err = io.WriteString(a.Stdout, hpcproxy.ExportLines(env))
+	lines, err := shell.ExportLines(env)
+	if err != nil {
+		return err
+	}
+	_, err = io.WriteString(a.Stdout, lines)
 	return err
 }
 

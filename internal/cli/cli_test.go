@@ -126,9 +126,9 @@ func TestCLIPerJob(t *testing.T) {
 	assert.Empty(t, r.stdout, "start is quiet on success")
 	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", state) })
 
-	r = run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state, "-v")
+	r = run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state)
 	require.Equal(t, 0, r.code, "second start: %s", r.stderr)
-	assert.Contains(t, r.stdout, "already running", "a second start reports the running proxy")
+	assert.Regexp(t, `^already running: pid \d+ on \S+, 127\.0\.0\.1:\d+ via sshtest \(up\)\n$`, r.stdout, "a second start reports the running proxy, also without -v")
 
 	r = run(t, "perjob", "", "status", "--state", state)
 	require.Equal(t, 0, r.code, r.stderr)
@@ -146,6 +146,34 @@ func TestCLIPerJob(t *testing.T) {
 	out, err := exec.Command("sh", "-c", script).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	assert.Equal(t, "path=/env via=1.1 hpcproxy", string(out))
+
+	// The same through csh and fish syntax, evaluated by those shells as
+	// the README says; and the JVM's options, which a per-job proxy gets.
+	assert.Contains(t, r.stdout, "export JAVA_TOOL_OPTIONS='-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort=")
+	for _, sh := range []struct{ shell, eval string }{
+		{"tcsh", "eval \"`cat OUT`\"\n"},
+		{"fish", "cat OUT | source\n"},
+	} {
+		prog := testenv.LookPath(t, sh.shell)
+		r := runEnv(t, "perjob", []string{"SHELL=" + prog}, "", "env", "--state", state)
+		require.Equal(t, 0, r.code, r.stderr)
+		out := filepath.Join(t.TempDir(), "env."+sh.shell)
+		require.NoError(t, os.WriteFile(out, []byte(r.stdout), 0o600))
+		script := strings.ReplaceAll(sh.eval, "OUT", out) + curl + " -sS --max-time 20 " + target + "/" + sh.shell + "\n"
+		got, err := exec.Command(prog, "-c", script).CombinedOutput()
+		require.NoError(t, err, "%s: %s\n%s", sh.shell, got, r.stdout)
+		assert.Equal(t, "path=/"+sh.shell+" via=1.1 hpcproxy", string(got), "%s from $SHELL, output:\n%s", sh.shell, r.stdout)
+	}
+
+	// Run by tcsh itself, env speaks csh whatever $SHELL says.
+	tcsh := testenv.LookPath(t, "tcsh")
+	self, err := os.Executable()
+	require.NoError(t, err)
+	cmd := exec.Command(tcsh, "-f", "-c", "eval \"`"+self+" env --state "+state+"`\"\n"+curl+" -sS --max-time 20 "+target+"/parent\n")
+	cmd.Env = append(cleanEnv(), envApp+"=perjob", "SHELL=/bin/sh")
+	got, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", got)
+	assert.Equal(t, "path=/parent via=1.1 hpcproxy", string(got))
 
 	// run -- CMD gets the same environment.
 	r = run(t, "perjob", "", "run", "--state", state, "--", curl, "-sS", "--max-time", "20", target+"/run")
@@ -193,6 +221,7 @@ func TestCLIShared(t *testing.T) {
 	assert.Equal(t, "path=/shared via=1.1 hpcproxy", r.stdout)
 	r = run(t, "shared", "", "env", "--state", state)
 	assert.Contains(t, r.stdout, ps.Credentials.Token, "env carries the token in the proxy URLs")
+	assert.NotContains(t, r.stdout, "JAVA_TOOL_OPTIONS", "no proxy properties a JVM could not authenticate to")
 }
 
 // TestCLISharedAdvertise: shared start --advertise HOST records the host

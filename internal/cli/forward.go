@@ -105,9 +105,8 @@ func (a *App) controlError(ps *hpcproxy.ProxyState, err error) error {
 // printed again), else an error naming the commands that add the missing
 // ones to it. stateArg is the --state flag to repeat in those commands.
 func (a *App) alreadyRunning(ps *hpcproxy.ProxyState, t *tunnelFlags, stateArg string, verbose bool) error {
-	if verbose {
-		fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s (%s)\n", ps.PID, ps.Host, ps.Addr(), ps.Status)
-	}
+	// Said also without -v: start did not start what it was asked to.
+	fmt.Fprintf(a.Stdout, "already running: pid %d on %s, %s via %s (%s)\n", ps.PID, ps.Host, ps.Addr(), orDirect(ps.Via), ps.Status)
 	fwd, exp, err := t.specs()
 	if err != nil {
 		return err

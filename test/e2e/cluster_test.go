@@ -172,7 +172,7 @@ var buildOnce struct {
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
 	testenv.RequireRoot(t)
-	for _, p := range []string{"ip", "nsenter", "unshare", "setpriv", "curl", "wget", "git", "sbatch", "slurmctld", "slurmd", "munged", "mungekey", "useradd"} {
+	for _, p := range []string{"ip", "nsenter", "unshare", "setpriv", "curl", "wget", "git", "java", "sbatch", "slurmctld", "slurmd", "munged", "mungekey", "useradd"} {
 		testenv.LookPath(t, p)
 	}
 	testenv.RequireFile(t, sshtest.SSHDPath, "apt-get install openssh-server")
@@ -742,6 +742,7 @@ func (c *cluster) startSlurm() {
 	mkdir(t, filepath.Join(c.slurmDir, "d"), 0o700)
 	c.slurmCfg = filepath.Join(c.slurmDir, "slurm.conf")
 	s := func(name string) string { return filepath.Join(c.slurmDir, name) }
+	prolog, epilog := c.installContrib()
 	writeFile(t, c.slurmCfg, strings.Join([]string{
 		"ClusterName=e2e",
 		"SlurmctldHost=login(" + loginAddr + ")",
@@ -757,6 +758,8 @@ func (c *cluster) startSlurm() {
 		"SlurmctldLogFile=" + s("slurmctld.log"),
 		"SlurmdLogFile=" + s("slurmd.log"),
 		"MailProg=/bin/true",
+		"TaskProlog=" + prolog,
+		"TaskEpilog=" + epilog,
 		"ProctrackType=proctrack/linuxproc",
 		"TaskPlugin=task/none",
 		"JobAcctGatherType=jobacct_gather/none",

@@ -76,6 +76,8 @@ func TestCluster(t *testing.T) {
 	} {
 		scenario(v.name, func(t *testing.T) { c.perJobJob(t, v.env, v.via) })
 	}
+	scenario("SiteIntegration", c.siteIntegration)
+	scenario("JobStarter", c.jobStarter)
 	scenario("Shared", c.sharedMode)
 	scenario("Methods", c.methods)
 	scenario("OtherUser", c.otherUser)

@@ -1,0 +1,158 @@
+package hpcproxy
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Shell is the syntax of the lines that [Shell.ExportLines] writes for a
+// command-line shell to evaluate. It is a flag.Value.
+type Shell int
+
+// The shells ExportLines writes for.
+const (
+	// ShellSh is POSIX sh (bash, dash, zsh, ksh): export NAME='VALUE'.
+	// Evaluate with eval "$(perjob env)".
+	ShellSh Shell = iota
+	// ShellCsh is csh and tcsh: setenv NAME 'VALUE';. Each line ends in
+	// a semicolon because csh's command substitution joins lines into
+	// one: evaluate with eval "`perjob env`".
+	ShellCsh
+	// ShellFish is fish: set -gx NAME 'VALUE';. Evaluate with
+	// perjob env | source.
+	ShellFish
+	// ShellSlurm is what a Slurm TaskProlog prints to set the task's
+	// environment: export NAME=VALUE, unquoted, because Slurm takes the
+	// rest of the line as the value.
+	ShellSlurm
+)
+
+var shellNames = []string{"sh", "csh", "fish", "slurm"}
+
+func (s Shell) String() string {
+	if s < 0 || int(s) >= len(shellNames) {
+		return "Shell(" + strconv.Itoa(int(s)) + ")"
+	}
+	return shellNames[s]
+}
+
+// Set parses a shell name: sh, csh or fish (or a shell's path or name
+// such as /bin/tcsh, bash, zsh: see [ShellFor]), or slurm.
+func (s *Shell) Set(name string) error {
+	for i, n := range shellNames {
+		if name == n {
+			*s = Shell(i)
+			return nil
+		}
+	}
+	if sh, ok := ShellFor(name); ok {
+		*s = sh
+		return nil
+	}
+	return fmt.Errorf("hpcproxy: unknown shell %q: want one of %s", name, strings.Join(shellNames, ", "))
+}
+
+// ShellFor returns the syntax the shell program at path (or of that name)
+// reads, and whether it is a shell ShellFor knows: tcsh and csh read
+// ShellCsh, fish ShellFish, and sh, bash, dash, zsh, ksh, mksh, ash,
+// busybox and yash ShellSh. A login shell's leading "-" is ignored.
+func ShellFor(path string) (Shell, bool) {
+	switch strings.TrimPrefix(filepath.Base(path), "-") {
+	case "csh", "tcsh":
+		return ShellCsh, true
+	case "fish":
+		return ShellFish, true
+	case "sh", "bash", "dash", "zsh", "ksh", "ksh93", "mksh", "pdksh", "ash", "busybox", "yash":
+		return ShellSh, true
+	}
+	return ShellSh, false
+}
+
+// DefaultShell guesses the shell that will evaluate this process's output:
+// the parent process, if it is a shell ShellFor knows (the shell running
+// eval "$(perjob env)" in a script is the parent, whatever the user's
+// login shell), else $SHELL, else ShellSh.
+func DefaultShell() Shell {
+	if comm, err := os.ReadFile("/proc/" + strconv.Itoa(os.Getppid()) + "/comm"); err == nil {
+		if sh, ok := ShellFor(strings.TrimSpace(string(comm))); ok {
+			return sh
+		}
+	}
+	if sh, ok := ShellFor(os.Getenv("SHELL")); ok {
+		return sh
+	}
+	return ShellSh
+}
+
+// ExportLines formats "KEY=VALUE" assignments as lines that set and export
+// them in shell s. Assignments whose key is not a shell name are skipped.
+// A value the syntax cannot carry (a newline for csh and slurm, a NUL for
+// any) is an error naming the key.
+func (s Shell) ExportLines(env []string) (string, error) {
+	var b strings.Builder
+	for _, kv := range env {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || !isShellName(k) {
+			continue
+		}
+		if strings.ContainsRune(v, 0) || (strings.ContainsRune(v, '\n') && (s == ShellCsh || s == ShellSlurm)) {
+			return "", fmt.Errorf("hpcproxy: %s: value cannot be written for %s (newline or NUL)", k, s)
+		}
+		switch s {
+		case ShellSh:
+			fmt.Fprintf(&b, "export %s=%s\n", k, ShellQuote(v))
+		case ShellCsh:
+			fmt.Fprintf(&b, "setenv %s %s;\n", k, cshQuote(v))
+		case ShellFish:
+			fmt.Fprintf(&b, "set -gx %s %s;\n", k, fishQuote(v))
+		case ShellSlurm:
+			fmt.Fprintf(&b, "export %s=%s\n", k, v)
+		default:
+			return "", fmt.Errorf("hpcproxy: unknown shell %s", s)
+		}
+	}
+	return b.String(), nil
+}
+
+// ExportLines formats "KEY=VALUE" assignments as POSIX shell lines,
+// "export KEY='VALUE'\n", for `eval "$(hpcproxy env)"`. Assignments whose
+// key is not a shell name are skipped. It is ShellSh.ExportLines without
+// its error: a POSIX shell can carry any value but NUL, and values with
+// NUL cannot be in an environment.
+func ExportLines(env []string) string {
+	s, _ := ShellSh.ExportLines(env)
+	return s
+}
+
+// ShellQuote quotes s as one word for a POSIX shell: unchanged if it
+// consists only of characters no shell treats specially, else in single
+// quotes, each embedded single quote closed, escaped and reopened:
+//
+//	it's  ->  'it'\''s'
+func ShellQuote(s string) string {
+	if s != "" && strings.Trim(s, safeShellChars) == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+const safeShellChars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-"
+
+// cshQuote quotes s as one word for csh and tcsh, whose single quotes stop
+// everything but history substitution: a ! is escaped (\! inside single
+// quotes) and a single quote is closed, escaped and reopened as in sh.
+func cshQuote(s string) string {
+	r := strings.NewReplacer("'", `'\''`, "!", `\!`)
+	return "'" + r.Replace(s) + "'"
+}
+
+// fishQuote quotes s as one word for fish: in single quotes, where only \'
+// and \\ are escapes. Always quoted: unquoted, fish expands more than sh
+// (a leading %, braces).
+func fishQuote(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, "'", `\'`)
+	return "'" + r.Replace(s) + "'"
+}
