@@ -479,6 +479,8 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		Dial:        r.sup.Dial,
 		Credentials: map[string]string{creds.User: creds.Token},
 		Logger:      log,
+
+		KeepAliveTimeout: DefaultKeepAliveTimeout,
 	}
 	if mode == ModePerJob {
 		r.srv.TrustConn = SameUserConn
