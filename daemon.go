@@ -378,6 +378,8 @@ type running struct {
 
 	fmu sync.Mutex     // guards locals and reverses: the control socket adds to them
 	ctl *controlServer // the control socket (daemonctl.go), if it listens
+
+	self selfDialer // dials the targets of reverse forwards (selfconn.go)
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -483,7 +485,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		KeepAliveTimeout: DefaultKeepAliveTimeout,
 	}
 	if mode == ModePerJob {
-		r.srv.TrustConn = SameUserConn
+		r.srv.TrustConn = r.ownerConn
 	}
 	if len(d.AllowNetworks) > 0 {
 		r.srv.AllowClient = allowNetworks(d.AllowNetworks)
