@@ -659,7 +659,7 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
 	}
 	if len(dir) > maxRuntimeDir {
-		dir = filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), hash+".run")
+		dir = filepath.Join(uidTmpDir("/tmp"), hash+".run")
 	}
 	return dir
 }

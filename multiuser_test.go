@@ -334,3 +334,51 @@ func portString(t *testing.T, addr string) string {
 	require.NoError(t, err)
 	return p
 }
+
+// TestSquattedStateDir: another user who creates hpcproxy-UID in the
+// node's tmp dir first (or a look-alike fallback) does not stop a per-job
+// daemon: it runs in a private hpcproxy-UID.XXXXXXXX beside it, where
+// status finds it again.
+func TestSquattedStateDir(t *testing.T) {
+	other := newOtherUser(t)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	tmp, err := os.MkdirTemp("", "squat") // reachable by the other user
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	require.NoError(t, os.Chmod(tmp, 0o1777))
+	t.Setenv(EnvTmpDir, tmp)
+	primary := filepath.Join(tmp, "hpcproxy-"+strconv.Itoa(os.Getuid()))
+	for _, p := range []string{primary, primary + ".0000"} {
+		out, err := other.command("mkdir", "-m", "0700", p).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}
+
+	dir := LocalStateDir()
+	require.NotEqual(t, primary, dir)
+	require.True(t, strings.HasPrefix(dir, primary+"."), dir)
+	require.NotEqual(t, primary+".0000", dir, "took the other user's look-alike")
+	fi, err := os.Lstat(dir)
+	require.NoError(t, err)
+	require.True(t, fi.IsDir())
+	require.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
+	require.Equal(t, dir, LocalStateDir(), "a second call made another directory")
+
+	r := startTestDaemon(t, &Daemon{
+		Mode:      ModePerJob,
+		Tunnel:    TunnelConfig{Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH}},
+		StatePath: LocalPidFilePath(), // as perjob start finds it
+	})
+	st, err := ReadLocalPidFile()
+	require.NoError(t, err)
+	require.Equal(t, r.addr, st.Addr())
+	require.True(t, strings.HasPrefix(LocalPidFilePath(), dir+"/"))
+}
+
+// TestDaemonErrorUnsafePath: a daemon that reports an unsafe state path
+// gives an error that says so (errors.Is), so that the command line can
+// point at this node rather than at the login node.
+func TestDaemonErrorUnsafePath(t *testing.T) {
+	err := error(&DaemonError{Reported: "hpcproxy: create state file: hpcproxy: unsafe state path: /tmp/x is owned by uid 5, not 0"})
+	assert.ErrorIs(t, err, ErrUnsafePath)
+	assert.NotErrorIs(t, &DaemonError{Reported: "hpcproxy: ssh: connection refused"}, ErrUnsafePath)
+}
