@@ -8,15 +8,19 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 )
 
 // Hostile input: what a client that means harm sends before it has
@@ -414,3 +418,81 @@ func TestPreAuthMemory(t *testing.T) {
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// descendants returns the pids of every process below pid.
+func descendants(t *testing.T, pid int) []int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	children := map[int][]int{}
+	for _, e := range ents {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces and parentheses.
+		i := bytes.LastIndexByte(b, ')')
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 2 {
+			continue
+		}
+		pp, _ := strconv.Atoi(f[1])
+		children[pp] = append(children[pp], p)
+	}
+	var out []int
+	var walk func(int)
+	walk = func(p int) {
+		for _, c := range children[p] {
+			out = append(out, c)
+			walk(c)
+		}
+	}
+	walk(pid)
+	return out
+}
+
+// TestDaemonUnresponsive: when the login node's sshd stops answering
+// (SIGSTOP) without the connection dropping, the state file says
+// "unresponsive" after the first keepalive that goes unanswered, long
+// before KeepaliveCountMax misses drop the tunnel, and "up" again once
+// sshd answers.
+func TestDaemonUnresponsive(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	statePath := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	const interval = 200 * time.Millisecond
+	startTestDaemon(t, &Daemon{
+		Mode: ModePerJob,
+		Tunnel: TunnelConfig{
+			Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+			KeepaliveInterval: interval, KeepaliveCountMax: 1000,
+		},
+		StatePath:     statePath,
+		StatsInterval: 50 * time.Millisecond,
+	})
+	status := func() Status {
+		st, err := ReadPidFileAt(statePath)
+		if err != nil {
+			return ""
+		}
+		return st.Status
+	}
+	require.Equal(t, StatusUp, status())
+	kids := descendants(t, sshd.PID())
+	require.NotEmpty(t, kids, "no sshd serving the tunnel")
+	signalAll := func(sig syscall.Signal) {
+		for _, p := range kids {
+			_ = syscall.Kill(p, sig)
+		}
+	}
+	t.Cleanup(func() { signalAll(syscall.SIGCONT) })
+	stopped := time.Now()
+	signalAll(syscall.SIGSTOP)
+	require.Eventually(t, func() bool { return status() == StatusUnresponsive }, 30*time.Second, 10*time.Millisecond)
+	t.Logf("unresponsive %v after sshd stopped (keepalive interval %v)", time.Since(stopped).Round(time.Millisecond), interval)
+	signalAll(syscall.SIGCONT)
+	require.Eventually(t, func() bool { return status() == StatusUp }, 30*time.Second, 10*time.Millisecond)
+}

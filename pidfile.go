@@ -78,6 +78,12 @@ const (
 	// StatusReconnecting: still listening, the tunnel dropped and is being
 	// re-established; dials fail with ErrTunnelDown meanwhile.
 	StatusReconnecting Status = "reconnecting"
+	// StatusUnresponsive: listening, the tunnel is up but the login node
+	// left a keepalive unanswered for a whole keepalive interval (gossh
+	// only, see [Tunnel.Unresponsive]): the link may be hung. The daemon
+	// notices within its StatsInterval; it becomes "up" again with the
+	// next reply, or "reconnecting" after KeepaliveCountMax misses.
+	StatusUnresponsive Status = "unresponsive"
 )
 
 // CredentialsUser is the user name carried in proxy URLs. Only the token

@@ -385,6 +385,17 @@ func (t *Tunnel) Err() error { return t.impl.Err() }
 // Method reports which method carries the tunnel.
 func (t *Tunnel) Method() Method { return t.method }
 
+// Unresponsive reports whether the login node has let a keepalive go
+// unanswered for a whole keepalive interval, and has not answered one
+// since: the link may be hung (sshd stopped, a network partition) though
+// not yet given up for dead (KeepaliveCountMax). Only MethodGoSSH, on one
+// connection, can tell; the ssh children of the other methods keep their
+// keepalives to themselves (ServerAliveInterval), so they report false.
+func (t *Tunnel) Unresponsive() bool {
+	h, ok := t.impl.(interface{ unresponsive() bool })
+	return ok && h.unresponsive()
+}
+
 // EstablishTunnel tries cfg.Methods in order (DefaultMethods if empty) and
 // returns the first tunnel that comes up. ctx bounds the whole attempt; each
 // method is further bounded by the connect timeout. If every method fails,
