@@ -531,3 +531,47 @@ func FuzzHTTPRequestBody(f *testing.F) {
 		}
 	})
 }
+
+// TestKeepAliveTimeout: a keep-alive HTTP client connection that waits
+// KeepAliveTimeout for its next request is closed, while a CONNECT relay
+// that is quiet for longer is not.
+func TestKeepAliveTimeout(t *testing.T) {
+	backend := startBackend(t)
+	echo := startEchoServer(t)
+	srv := &Server{KeepAliveTimeout: 100 * time.Millisecond}
+	addr := startServer(t, srv)
+
+	c, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = io.WriteString(c, "GET "+backend.URL+"/ok HTTP/1.1\r\n\r\n")
+	require.NoError(t, err)
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(20*time.Second)))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	require.False(t, resp.Close)
+	// Idle: the server closes the connection (EOF, not our deadline).
+	_, err = br.ReadByte()
+	require.ErrorIs(t, err, io.EOF)
+
+	r, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer r.Close()
+	_, err = io.WriteString(r, "CONNECT "+echo+" HTTP/1.1\r\n\r\n")
+	require.NoError(t, err)
+	rbr := bufio.NewReader(r)
+	resp, err = http.ReadResponse(rbr, &http.Request{Method: http.MethodConnect})
+	require.NoError(t, err)
+	require.Equal(t, 200, resp.StatusCode)
+	time.Sleep(400 * time.Millisecond) // four keep-alive timeouts
+	_, err = io.WriteString(r, "still here")
+	require.NoError(t, err)
+	require.NoError(t, r.SetReadDeadline(time.Now().Add(10*time.Second)))
+	got := make([]byte, len("still here"))
+	_, err = io.ReadFull(rbr, got)
+	require.NoError(t, err)
+	require.Equal(t, "still here", string(got))
+}
