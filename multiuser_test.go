@@ -318,8 +318,8 @@ func TestSelfDialedConnNotOwner(t *testing.T) {
 	require.Eventually(t, func() bool {
 		r.self.mu.Lock()
 		defer r.self.mu.Unlock()
-		for a, c := range r.self.conns {
-			if c != nil && !connClosed(c) {
+		for a, sc := range r.self.conns {
+			if sc.conn == nil || !connClosed(sc.conn) {
 				t.Logf("still open: %v", a)
 				return false
 			}

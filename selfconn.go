@@ -35,20 +35,35 @@ import (
 // the source address of each loopback TCP or unix connection it opens.
 type selfDialer struct {
 	mu      sync.Mutex
-	conns   map[string]net.Conn // by source address; nil while connecting
+	conns   map[string]selfConn // by source address
 	pruneAt int
+}
+
+// selfConn is a connection selfDialer opened, or is opening (conn nil).
+type selfConn struct {
+	conn  net.Conn
+	added time.Time
 }
 
 // selfPruneMin is how many remembered conns trigger the first sweep of
 // those that have closed.
 const selfPruneMin = 256
 
+// selfConnectingMax is how long a connection may stay "connecting" in the
+// record before a sweep forgets it (a dial outlives forwardDialTimeout
+// only if something is badly wrong).
+const selfConnectingMax = 2 * forwardDialTimeout
+
 // DialContext dials like a net.Dialer; to a loopback TCP address it binds
 // the source address first and records it before connecting, so that no
 // server of this process can accept the conn before it is known.
 func (s *selfDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
-	var src string
+	// A dial may try several addresses, at once (RFC 8305): each attempt
+	// records its source; the one that connects is kept.
+	var mu sync.Mutex
+	var srcs []string
 	d := net.Dialer{ControlContext: func(_ context.Context, network, address string, rc syscall.RawConn) error {
+		var src string
 		var serr error
 		switch network {
 		case "unix":
@@ -70,17 +85,43 @@ func (s *selfDialer) DialContext(ctx context.Context, network, addr string) (net
 			return fmt.Errorf("hpcproxy: bind source address: %w", serr)
 		}
 		s.add(src, nil)
+		mu.Lock()
+		srcs = append(srcs, src)
+		mu.Unlock()
 		return nil
 	}}
 	c, err := d.DialContext(ctx, network, addr)
-	if src != "" {
-		if err != nil {
-			s.forget(src)
-		} else {
+	mine := ""
+	if err == nil {
+		mine = addrKey(c.LocalAddr())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, src := range srcs {
+		if src == mine {
 			s.add(src, c)
+		} else {
+			s.forget(src)
 		}
 	}
 	return c, err
+}
+
+// addrKey is how selfDialer records a source address: a unix socket's
+// name, or a TCP address with IPv4 unmapped; "" for anything else.
+func addrKey(a net.Addr) string {
+	switch a := a.(type) {
+	case *net.UnixAddr:
+		if a != nil {
+			return a.Name
+		}
+	case *net.TCPAddr:
+		if a != nil {
+			ap := a.AddrPort()
+			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+		}
+	}
+	return ""
 }
 
 // bindAbstractSource autobinds unix socket fd to an abstract name (Linux,
@@ -132,17 +173,18 @@ func (s *selfDialer) add(src string, c net.Conn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conns == nil {
-		s.conns = make(map[string]net.Conn)
+		s.conns = make(map[string]selfConn)
 	}
+	now := time.Now()
 	if c == nil && len(s.conns) >= max(s.pruneAt, selfPruneMin) {
-		for a, rc := range s.conns {
-			if rc != nil && connClosed(rc) {
+		for a, sc := range s.conns {
+			if sc.conn != nil && connClosed(sc.conn) || sc.conn == nil && now.Sub(sc.added) > selfConnectingMax {
 				delete(s.conns, a)
 			}
 		}
 		s.pruneAt = 2 * len(s.conns)
 	}
-	s.conns[src] = c
+	s.conns[src] = selfConn{conn: c, added: now}
 }
 
 func (s *selfDialer) forget(src string) {
@@ -154,26 +196,14 @@ func (s *selfDialer) forget(src string) {
 // opened reports whether c arrives from a connection this dialer opened
 // (and that is still open, or still connecting).
 func (s *selfDialer) opened(c net.Conn) bool {
-	var peer string
-	switch a := c.RemoteAddr().(type) {
-	case *net.UnixAddr:
-		if a == nil {
-			return false
-		}
-		peer = a.Name
-	case *net.TCPAddr:
-		ap := a.AddrPort()
-		peer = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
-	default:
-		return false
-	}
+	peer := addrKey(c.RemoteAddr())
 	if peer == "" {
 		return false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rc, ok := s.conns[peer]
-	if ok && rc != nil && connClosed(rc) {
+	sc, ok := s.conns[peer]
+	if ok && sc.conn != nil && connClosed(sc.conn) {
 		delete(s.conns, peer)
 		return false
 	}
