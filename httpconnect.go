@@ -139,6 +139,9 @@ func (ss *session) refuseHTTP(e *httpError) error {
 		ss.log.Debug("write refusal", "err", err)
 		return e
 	}
+	// The lingering read below holds no request in memory: the
+	// connection's handshake slot (MaxHandshakes) is free for another.
+	ss.authenticated()
 	if cw, ok := ss.c.raw.(closeWriter); ok {
 		_ = cw.CloseWrite()
 		_ = ss.c.raw.SetReadDeadline(time.Now().Add(500 * time.Millisecond))

@@ -732,8 +732,8 @@ func (s *Server) warnDrop() {
 		"in_progress", s.handshakes.Load(), "max", s.maxHandshakes(), "dropped", s.dropped.Load())
 }
 
-// authenticated ends the session's handshake slot: its client has
-// authenticated (or the handshake is over). Idempotent.
+// authenticated gives up the session's handshake slot: its client has
+// authenticated, or the handshake is over. Idempotent.
 func (ss *session) authenticated() {
 	if ss.handshaking {
 		ss.handshaking = false
