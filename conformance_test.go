@@ -36,7 +36,6 @@ var conformanceMethods = []struct {
 	{MethodGoSSH, true, true},
 	{MethodControlMaster, true, true},
 	{MethodSOCKSUnix, true, false},
-	{MethodSOCKSTCP, true, false},
 	{MethodExec, true, false},
 	{MethodDirect, true, false},
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -378,6 +379,11 @@ type running struct {
 
 	fmu sync.Mutex     // guards locals and reverses: the control socket adds to them
 	ctl *controlServer // the control socket (daemonctl.go), if it listens
+
+	self selfDialer // dials the targets of reverse forwards (selfconn.go)
+
+	tun    atomic.Pointer[Tunnel] // the tunnel while it is up
+	unresp bool                   // StatusUnresponsive recorded; under mu
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -469,7 +475,10 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		MinBackoff: d.MinBackoff,
 		MaxBackoff: d.MaxBackoff,
 		DialGrace:  d.DialGrace,
-		OnChange:   func(st TunnelState, _ *Tunnel) { r.recordTunnel(st, log) },
+		OnChange: func(st TunnelState, tun *Tunnel) {
+			r.tun.Store(tun)
+			r.recordTunnel(st, log)
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -479,9 +488,11 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		Dial:        r.sup.Dial,
 		Credentials: map[string]string{creds.User: creds.Token},
 		Logger:      log,
+
+		KeepAliveTimeout: DefaultKeepAliveTimeout,
 	}
 	if mode == ModePerJob {
-		r.srv.TrustConn = SameUserConn
+		r.srv.TrustConn = r.ownerConn
 	}
 	if len(d.AllowNetworks) > 0 {
 		r.srv.AllowClient = allowNetworks(d.AllowNetworks)
@@ -570,14 +581,31 @@ func applyTunnel(st *ProxyState, ts TunnelState) {
 func (r *running) refreshStats(log *slog.Logger, force bool) {
 	s := r.srv.Stats()
 	fwd := r.forwardInfos()
+	tun := r.tun.Load()
+	unresp := tun != nil && tun.Unresponsive()
 	r.mu.Lock()
-	same := s == r.lastStats && slices.Equal(fwd, r.lastFwd)
+	same := s == r.lastStats && slices.Equal(fwd, r.lastFwd) && unresp == r.unresp
 	r.mu.Unlock()
 	if same && !force {
 		return
 	}
 	log.Debug("stats", "active", s.Active, "total", s.Total, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)
-	if err := r.update(func(*ProxyState) {}); err != nil {
+	if err := r.update(func(st *ProxyState) {
+		if unresp != r.unresp {
+			if unresp {
+				log.Warn("tunnel unresponsive: a keepalive went unanswered")
+			} else {
+				log.Info("tunnel responsive again")
+			}
+		}
+		r.unresp = unresp
+		switch {
+		case unresp && st.Status == StatusUp:
+			st.Status = StatusUnresponsive
+		case !unresp && st.Status == StatusUnresponsive:
+			st.Status = StatusUp
+		}
+	}); err != nil {
 		log.Warn("state file not updated", "err", err)
 	}
 }
@@ -655,7 +683,7 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
 	}
 	if len(dir) > maxRuntimeDir {
-		dir = filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), hash+".run")
+		dir = filepath.Join(uidTmpDir("/tmp"), hash+".run")
 	}
 	return dir
 }

@@ -149,7 +149,7 @@ func (r *running) stopControl() {
 
 func (s *controlServer) serveConn(c net.Conn) {
 	defer c.Close()
-	if !SameUserConn(c) {
+	if !s.r.ownerConn(c) {
 		s.r.log.Warn("control socket: connection from another user refused")
 		return
 	}
@@ -222,7 +222,7 @@ func (s *controlServer) do(cmd controlCommand) (ForwardInfo, error) {
 func (r *running) addLocal(fs ForwardSpec, mode Mode) (*LocalForward, error) {
 	f := &LocalForward{Listen: fs.Listen, Remote: fs.Remote, Dial: r.sup.Dial, Logger: r.log}
 	if mode == ModePerJob {
-		f.AllowConn = SameUserConn
+		f.AllowConn = r.ownerConn
 	}
 	if err := f.Start(); err != nil {
 		return nil, fmt.Errorf("hpcproxy: forward %s: %w", fs, err)
@@ -237,7 +237,10 @@ func (r *running) addLocal(fs ForwardSpec, mode Mode) (*LocalForward, error) {
 // addExpose starts a reverse forward and adds it to the daemon's. ctx
 // governs the first request to sshd only.
 func (r *running) addExpose(ctx context.Context, es ExposeSpec) (*ReverseForward, error) {
-	f := &ReverseForward{Remote: es.Remote, Local: es.Local, Logger: r.log}
+	if err := r.checkExposeTarget(ctx, es.Local); err != nil {
+		return nil, err
+	}
+	f := &ReverseForward{Remote: es.Remote, Local: es.Local, Logger: r.log, DialLocal: r.self.DialContext}
 	// A re-bind, possibly on a new port: Run records it at once.
 	f.OnBind = func(net.Addr) { r.notifyRebound() }
 	if err := f.Start(ctx, r.sup); err != nil {

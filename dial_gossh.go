@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -584,11 +585,15 @@ type gosshTunnel struct {
 	dyingErr error         // why, written before dying is closed; nil after Close
 	done     chan struct{} // closed by run when everything is torn down
 
+	missed atomic.Int32 // keepalives unanswered in a row (Tunnel.Unresponsive)
+
 	mu     sync.Mutex
 	err    error
 	closed bool           // no new dial goroutines once set
 	dials  sync.WaitGroup // dial goroutines, waited for before done
 }
+
+func (t *gosshTunnel) unresponsive() bool { return t.missed.Load() > 0 }
 
 // run supervises the tunnel until Close, a dropped connection or missed
 // keepalives; then it closes the clients and waits for every goroutine of
@@ -678,12 +683,14 @@ func (t *gosshTunnel) keepalive(interval time.Duration, countMax int, stop <-cha
 			pending = nil
 			if err == nil { // any reply, even "request failed", proves life
 				misses = 0
+				t.missed.Store(0)
 			}
 			continue
 		case <-tick.C:
 		}
 		if pending != nil {
 			misses++
+			t.missed.Store(int32(misses))
 			t.log.Debug("keepalive unanswered", "misses", misses, "max", countMax)
 			if misses >= countMax {
 				fail <- fmt.Errorf("hpcproxy: login node stopped answering keepalives after %d x %s", countMax, interval)

@@ -1,9 +1,10 @@
 package hpcproxy
 
-// The OpenSSH-based tunnel methods: controlmaster, socks-unix, socks-tcp and
-// exec. Each runs the system ssh client as a child process, so OpenSSH does
-// all of the authentication (hostbased via ssh-keysign, GSSAPI, MFA,
-// certificates, ProxyJump) and reads the user's ssh_config and known_hosts.
+// The OpenSSH-based tunnel methods: controlmaster, socks-unix and exec
+// (socks-tcp is refused: see MethodSOCKSTCP). Each runs the system ssh
+// client as a child process, so OpenSSH does all of the authentication
+// (hostbased via ssh-keysign, GSSAPI, MFA, certificates, ProxyJump) and
+// reads the user's ssh_config and known_hosts.
 //
 // # How ssh is invoked
 //
@@ -1088,10 +1089,11 @@ func (t *controlMasterTunnel) Close() error {
 	return nil
 }
 
-// ---- socks-unix, socks-tcp ----
+// ---- socks-unix ----
 
-// socksTunnel speaks SOCKS5 to `ssh -N -D` over a unix socket or a
-// loopback TCP port. When the login node cannot connect, ssh -D closes the
+// socksTunnel speaks SOCKS5 to `ssh -N -D /path/sock` over its unix socket,
+// which ssh creates owner-only (StreamLocalBindMask) in the private runtime
+// directory. When the login node cannot connect, ssh -D closes the
 // socket without a SOCKS reply, but logs the reason ("channel 3: open
 // failed: connect failed: Connection refused"; LogLevel INFO is forced, see
 // the file comment): a failed dial looks briefly for such a line written
@@ -1102,11 +1104,11 @@ func (t *controlMasterTunnel) Close() error {
 // reported at the same moment by another dial with the same reason cannot
 // be told apart; that is the heuristic's limit.
 //
-// The TCP variant listens on 127.0.0.1: any local user can use it while it
-// runs. It exists for OpenSSH older than 6.7; prefer the others.
+// There is no TCP variant (`ssh -D 127.0.0.1:PORT`): any local user could
+// use that port (MethodSOCKSTCP).
 type socksTunnel struct {
 	*childTunnel
-	network, addr string // the SOCKS server: "unix" path or "tcp" 127.0.0.1:PORT
+	network, addr string // the SOCKS server: "unix" and its path
 	socks         interface {
 		DialWithConn(ctx context.Context, c net.Conn, network, address string) (net.Addr, error)
 	}
@@ -1114,46 +1116,29 @@ type socksTunnel struct {
 
 var _ tunnelImpl = (*socksTunnel)(nil)
 
-// startSOCKSTunnel starts `ssh -N -D` on a unix socket (unixSocket) or on a
-// free loopback port, and waits until it accepts connections.
-func startSOCKSTunnel(ctx context.Context, cfg *TunnelConfig, unixSocket bool) (tunnelImpl, error) {
+// startSOCKSTunnel starts `ssh -N -D` on a unix socket in the runtime
+// directory and waits until it accepts connections.
+func startSOCKSTunnel(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 	s, err := newSSHCommand(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	if unixSocket {
-		dir, err := openRuntimeDir(cfg)
-		if err != nil {
-			return nil, err
-		}
-		sock, err := dir.socketPath("socks", maxSunPath)
-		if err != nil {
-			dir.cleanup("")
-			return nil, err
-		}
-		t, err := runSOCKS(ctx, s, "unix", sock)
-		if err != nil {
-			dir.cleanup(sock)
-			return nil, err
-		}
-		t.dir, t.sock = dir, sock
-		return t, nil
+	dir, err := openRuntimeDir(cfg)
+	if err != nil {
+		return nil, err
 	}
-	// The port was free a moment ago; if ssh loses the race for it,
-	// ExitOnForwardFailure makes it exit, and one more port is tried.
-	var t *socksTunnel
-	for attempt := 0; attempt < 2; attempt++ {
-		var port int
-		if port, err = freeLoopbackPort(); err != nil {
-			return nil, err
-		}
-		t, err = runSOCKS(ctx, s, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err == nil || !isBindFailure(err) {
-			break
-		}
-		s.log.Debug("ssh -D lost the race for its port; retrying", "port", port, "err", err)
+	sock, err := dir.socketPath("socks", maxSunPath)
+	if err != nil {
+		dir.cleanup("")
+		return nil, err
 	}
-	return t, err
+	t, err := runSOCKS(ctx, s, "unix", sock)
+	if err != nil {
+		dir.cleanup(sock)
+		return nil, err
+	}
+	t.dir, t.sock = dir, sock
+	return t, nil
 }
 
 func runSOCKS(ctx context.Context, s *sshCommand, network, addr string) (*socksTunnel, error) {
@@ -1195,31 +1180,13 @@ func runSOCKS(ctx context.Context, s *sshCommand, network, addr string) (*socksT
 	return t, nil
 }
 
-func freeLoopbackPort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("hpcproxy: pick a port for ssh -D: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-func isBindFailure(err error) bool {
-	s := err.Error()
-	return strings.Contains(s, "Address already in use") || strings.Contains(s, "Could not request local forwarding")
-}
-
 // DialContext implements tunnelImpl: a SOCKS5 CONNECT through ssh -D. The
-// returned conn is the raw *net.UnixConn or *net.TCPConn (CloseWrite,
-// splice).
+// returned conn is the raw *net.UnixConn (CloseWrite, splice).
 func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, t.network, t.addr)
 	if err != nil {
 		return nil, t.downError(fmt.Errorf("hpcproxy: ssh -D at %s: %w", t.addr, err))
-	}
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(true)
 	}
 	logged := t.proc.stderr.offset()
 	if _, err := t.socks.DialWithConn(ctx, c, network, addr); err != nil {

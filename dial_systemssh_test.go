@@ -24,7 +24,7 @@ import (
 )
 
 // systemSSHMethods are the methods that run the ssh binary.
-var systemSSHMethods = []Method{MethodControlMaster, MethodSOCKSUnix, MethodSOCKSTCP, MethodExec}
+var systemSSHMethods = []Method{MethodControlMaster, MethodSOCKSUnix, MethodExec}
 
 func TestSSHArgs(t *testing.T) {
 	tests := []struct {
@@ -584,7 +584,7 @@ func shellArgv(t *testing.T, command string) []string {
 // and Err carries ssh's own words.
 func TestSystemSSHDoneWhenServerStops(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
-	for _, m := range []Method{MethodControlMaster, MethodSOCKSUnix, MethodSOCKSTCP} {
+	for _, m := range []Method{MethodControlMaster, MethodSOCKSUnix} {
 		t.Run(m.String(), func(t *testing.T) {
 			if !sshd.Running() {
 				sshd.Start(t)
@@ -678,7 +678,7 @@ func TestSystemSSHNeverSkipsHostKeyCheck(t *testing.T) {
 		cfgFile2 := filepath.Join(dir, "ssh_config2")
 		require.NoError(t, os.WriteFile(cfgFile2, []byte(cfg2), 0o600))
 		tun, err := EstablishTunnel(context.Background(), TunnelConfig{
-			Destination: "sshtest", SSHConfigFile: cfgFile2, RuntimeDir: dir, Methods: []Method{MethodSOCKSTCP},
+			Destination: "sshtest", SSHConfigFile: cfgFile2, RuntimeDir: dir, Methods: []Method{MethodControlMaster},
 		})
 		require.NoError(t, err)
 		require.NoError(t, tun.Close())

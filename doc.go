@@ -28,19 +28,24 @@
 // is closed without one). HTTP errors carry a short text body that says
 // why:
 //
-//	400 Bad Request            malformed request; origin-form ("GET /path")
-//	                           or "*" instead of an absolute URL; a URL
-//	                           without host, a bad host:port or port, a
-//	                           scheme other than http; CONNECT without
-//	                           host:port
+//	400 Bad Request            malformed request, or a request target that
+//	                           does not parse ("CONNECT ::1:80" without
+//	                           brackets, "GET http://h%00.x/"); origin-form
+//	                           ("GET /path") or "*" instead of an absolute
+//	                           URL; a URL without host, a bad host:port or
+//	                           port (0 included), a scheme other than http;
+//	                           CONNECT without host:port; a request body
+//	                           whose framing is broken (bad chunked
+//	                           encoding, fewer bytes than Content-Length),
+//	                           which is never sent upstream whole
 //	403 Forbidden              the destination is prohibited (the login
 //	                           node's AllowTcpForwarding or PermitOpen)
 //	405 Method Not Allowed     an absolute https:// URL: use CONNECT
 //	                           ("Allow: CONNECT")
 //	407 Proxy Authentication   credentials required and missing or wrong
 //	    Required               (Proxy-Authenticate: Basic realm="hpcproxy")
-//	431 Request Header Fields  the request's header block is too large
-//	    Too Large
+//	431 Request Header Fields  the request line and header block are over
+//	    Too Large              64 KiB
 //	502 Bad Gateway            the dial failed: refused, unreachable, a name
 //	                           that does not resolve, any other error; or
 //	                           the origin's response was broken
@@ -56,7 +61,8 @@
 //
 //	0x00 succeeded
 //	0x01 general failure: the tunnel is down or reconnecting, MaxConns, a
-//	     bad request version or host name, any dial error not below
+//	     bad request version or host name, port 0, any dial error not
+//	     below
 //	0x02 not allowed: the destination is prohibited
 //	0x03 network unreachable
 //	0x04 host unreachable, or the name does not resolve on the far side
@@ -66,16 +72,34 @@
 //	0x08 address type not supported
 //
 // SOCKS4 and SOCKS4a reply 0x5A (granted) or 0x5B (rejected) for every
-// failure: a malformed request, a user ID that is not a valid token, any
-// dial failure, MaxConns.
+// failure: a malformed request, port 0, a user ID that is not a valid
+// token, any dial failure, MaxConns.
+//
+// # Limits before authentication
+//
+// A client that has not authenticated costs the server little, as
+// OpenSSH's MaxStartups and Squid's request_header_max_size see to: an
+// HTTP request line and header block may hold 64 KiB (then 431), a SOCKS
+// handshake 4 KiB (the largest valid one is 1,032 bytes), and the whole
+// handshake must arrive within [Server.HandshakeTimeout] (10 s). At most
+// [Server.MaxHandshakes] (128) connections may be in their handshake
+// unauthenticated at once; from half of that on, new ones are closed
+// unread with a rising probability, as sshd does. Connections that
+// [Server.TrustConn] admits (a per-job daemon's owner) never count. After
+// a burst the freed memory goes back to the operating system. A
+// keep-alive HTTP client connection that waits
+// [Server.KeepAliveTimeout] for its next request is closed; the daemons
+// set [DefaultKeepAliveTimeout] (2 minutes, Squid's default).
 //
 // # Tunnels
 //
 // [EstablishTunnel] reaches the login node by the first of several
 // [Method]s that works: an in-process SSH client ([MethodGoSSH]), an OpenSSH
 // ControlMaster multiplexed in process ([MethodControlMaster]), `ssh -D` on a
-// unix socket or TCP port ([MethodSOCKSUnix], [MethodSOCKSTCP]), or one
-// `ssh -W` per connection ([MethodExec]). The destination is resolved the
+// private unix socket ([MethodSOCKSUnix]), or one `ssh -W` per connection
+// ([MethodExec]). No method opens a listener that another user of the node
+// could use: `ssh -D` on a loopback TCP port ([MethodSOCKSTCP]), which has
+// no authentication, is refused ([ErrUnsafeMethod]). The destination is resolved the
 // way ssh resolves it (ssh_config, Match, ProxyJump), and host keys are
 // always verified against known_hosts: nothing in this package accepts an
 // unverified host key. [DialGoSSH] and [DialSystemSSH] are the one-call
@@ -90,14 +114,20 @@
 // only) and carries each connection back to a local address, like
 // `ssh -R`, re-registering the listener after a reconnect. A [Daemon] runs
 // them from its Forwards and Exposes, and takes more while it runs through
-// its owner-only control socket ([AddForward], [AddExpose]).
+// its owner-only control socket ([AddForward], [AddExpose]). A daemon
+// refuses to expose what it serves itself (its proxy port, a forward, its
+// control socket, the tunnel's sockets), and never takes a connection it
+// opened itself (an expose's, which carries some login-node user's bytes
+// from the owner's UID) for its owner's.
 //
 // # Daemon
 //
 // [RunDaemon] runs the server over a supervised tunnel as a long-lived
 // process, in shared mode on a login node or in per-job mode inside a batch
 // job, records its state in a private state file (see [ProxyState]), and
-// reconnects by itself when the tunnel drops. [FindActiveProxy] and
+// reconnects by itself when the tunnel drops. Its status is
+// [StatusUnresponsive] from the first keepalive the login node leaves
+// unanswered (gossh), before the tunnel is given up for dead. [FindActiveProxy] and
 // [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
 // environment variables that clients read, [Shell.ExportLines] into lines
 // for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the

@@ -118,15 +118,18 @@ func TestFallbackOldOpenSSH(t *testing.T) {
 		SSHConfigFile: sshd.SSHConfigFile,
 		SSHBinary:     oldSSH(t),
 		RuntimeDir:    sshtest.PrivateTempDir(t),
-		Methods:       []Method{MethodSOCKSUnix, MethodSOCKSTCP},
+		Methods:       []Method{MethodSOCKSUnix, MethodSOCKSTCP, MethodExec},
 		Logger:        slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	})
 	require.NoError(t, err)
 	defer tun.Close()
-	require.Equal(t, MethodSOCKSTCP, tun.Method())
+	// socks-tcp, which old OpenSSH could do, is refused: exec carries it.
+	require.Equal(t, MethodExec, tun.Method())
 	require.NoError(t, echoOnce(ctx, tun, startEchoServer(t), []byte("old but working")))
 	assert.Contains(t, logs.String(), "method=socks-unix")
 	assert.Contains(t, logs.String(), "Bad dynamic forwarding specification")
+	assert.Contains(t, logs.String(), "method=socks-tcp")
+	assert.Contains(t, logs.String(), "no authentication")
 
 	// Alone, socks-unix fails with ssh's own words, at once.
 	start := time.Now()

@@ -2,6 +2,7 @@ package hpcproxy
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -35,7 +37,10 @@ func readProxyRequest(br *bufio.Reader) (*http.Request, error) {
 		if errors.Is(err, errHeaderTooLong) {
 			return nil, &httpError{code: http.StatusRequestHeaderFieldsTooLarge, msg: "request header too large"}
 		}
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isNetError(err) {
+		// A bad request target is a *url.Error, which is also a net.Error:
+		// it is the client's malformed request, not a broken connection.
+		var ue *url.Error
+		if !errors.As(err, &ue) && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isNetError(err)) {
 			return nil, fmt.Errorf("hpcproxy: http: read request: %w", err)
 		}
 		return nil, &httpError{code: http.StatusBadRequest, msg: "malformed request: " + err.Error()}
@@ -134,6 +139,9 @@ func (ss *session) refuseHTTP(e *httpError) error {
 		ss.log.Debug("write refusal", "err", err)
 		return e
 	}
+	// The lingering read below holds no request in memory: the
+	// connection's handshake slot (MaxHandshakes) is free for another.
+	ss.authenticated()
 	if cw, ok := ss.c.raw.(closeWriter); ok {
 		_ = cw.CloseWrite()
 		_ = ss.c.raw.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
@@ -158,8 +166,8 @@ func (ss *session) serveHTTP() error {
 		if !first {
 			// Wait for the next request, then bound its header block.
 			var idle time.Time
-			if ss.srv.IdleTimeout > 0 {
-				idle = time.Now().Add(ss.srv.IdleTimeout)
+			if d := ss.srv.keepAliveTimeout(); d > 0 {
+				idle = time.Now().Add(d)
 			}
 			if err := c.raw.SetDeadline(idle); err != nil {
 				return err
@@ -193,6 +201,7 @@ func (ss *session) serveHTTP() error {
 				msg:    "proxy authentication required",
 				header: []string{`Proxy-Authenticate: Basic realm="hpcproxy"`}})
 		}
+		ss.authenticated()
 		addr, err := requestTarget(req)
 		if err != nil {
 			return ss.refuseHTTP(err.(*httpError))
@@ -287,6 +296,25 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 	req.Close = false
 	req.RequestURI = ""
 
+	// The body's framing is the client's: a malformed chunked body or a
+	// short one is the client's bad request (400), never a truncated
+	// request sent upstream. A body that ends within bodyPrereadBytes is
+	// read, and so checked, before anything is dialled; a longer one
+	// streams, and if it breaks, the origin conn is closed before the
+	// request is complete (no last chunk, too few bytes) and the client
+	// gets 400. Not with Expect: 100-continue, whose client waits for the
+	// go-ahead before it sends the body.
+	var body *checkedBody
+	if req.Body != nil && req.Body != http.NoBody {
+		body = &checkedBody{rc: req.Body}
+		req.Body = body
+		if !expectContinue {
+			if err := body.preread(); err != nil {
+				return false, ss.refuseHTTP(&httpError{code: http.StatusBadRequest, msg: "malformed request body: " + err.Error()})
+			}
+		}
+	}
+
 	resp, err := ups.roundTrip(req, addr, func() error {
 		if expectContinue {
 			_, err := io.WriteString(ss.c.raw, "HTTP/1.1 100 Continue\r\n\r\n")
@@ -296,6 +324,9 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 	})
 	if err != nil {
 		var he *httpError
+		if body != nil && body.err != nil {
+			return false, ss.refuseHTTP(&httpError{code: http.StatusBadRequest, msg: "malformed request body: " + body.err.Error()})
+		}
 		if errors.As(err, &he) {
 			return false, ss.refuseHTTP(he)
 		}
@@ -333,6 +364,54 @@ func (ss *session) forward(req *http.Request, addr string, ups *upstreams) (keep
 	}
 	return !resp.Close, nil
 }
+
+// bodyPrereadBytes is how much of a request body forward reads before it
+// dials the origin.
+const bodyPrereadBytes = 64 << 10
+
+// checkedBody is a client's request body on its way upstream: it may hold
+// the body's first bytes, read ahead, and it records a failure to read the
+// rest (bad chunked framing, a client gone before Content-Length bytes),
+// which is the client's fault, not the origin's.
+type checkedBody struct {
+	rc   io.ReadCloser
+	head []byte // read ahead, not yet passed on
+	done bool   // rc has been read to its end
+	err  error  // the read of rc that failed
+}
+
+// preread reads up to bodyPrereadBytes of the body ahead.
+func (b *checkedBody) preread() error {
+	var buf bytes.Buffer
+	n, err := buf.ReadFrom(io.LimitReader(b.rc, bodyPrereadBytes))
+	if err != nil {
+		b.err = err
+		return err
+	}
+	b.head, b.done = buf.Bytes(), n < bodyPrereadBytes
+	return nil
+}
+
+func (b *checkedBody) Read(p []byte) (int, error) {
+	if len(b.head) > 0 {
+		n := copy(p, b.head)
+		b.head = b.head[n:]
+		return n, nil
+	}
+	if b.done {
+		return 0, io.EOF
+	}
+	if b.err != nil {
+		return 0, b.err
+	}
+	n, err := b.rc.Read(p)
+	if err != nil && err != io.EOF {
+		b.err = err
+	}
+	return n, err
+}
+
+func (b *checkedBody) Close() error { return b.rc.Close() }
 
 // bodyAllowed reports whether a response to method with code has a body.
 func bodyAllowed(method string, code int) bool {

@@ -40,10 +40,15 @@ func sniffProtocol(b byte) protocol {
 	return protoHTTP
 }
 
-// maxHeaderBytes bounds one HTTP request's header block (and what a SOCKS
-// handshake may read, which its format bounds far lower anyway), as
-// net/http's DefaultMaxHeaderBytes does.
-const maxHeaderBytes = 1 << 20
+// maxHeaderBytes bounds one HTTP request's header block, request line
+// included: Squid's request_header_max_size (64 KiB). A longer one gets
+// 431.
+const maxHeaderBytes = 64 << 10
+
+// maxSOCKSHandshake bounds what a SOCKS handshake may read: the largest
+// valid SOCKS5 one (greeting, RFC 1929 username/password, request with a
+// 255-byte name) is 1,032 bytes, a SOCKS4a one 777.
+const maxSOCKSHandshake = 4 << 10
 
 // clientConn is an accepted connection while its handshake is read: the
 // raw conn, and a buffered reader over it that may hold bytes the client
@@ -76,6 +81,12 @@ func (c *clientConn) sniff() (protocol, error) {
 // header block); unlimit lifts the limit (for bodies and relays).
 func (c *clientConn) limitHeader() { c.lr.n = maxHeaderBytes }
 func (c *clientConn) unlimit()     { c.lr.n = math.MaxInt64 }
+
+// limitSOCKS bounds the rest of a SOCKS handshake, counting what sniff
+// has buffered already.
+func (c *clientConn) limitSOCKS() {
+	c.lr.n = max(0, maxSOCKSHandshake-int64(c.br.Buffered()))
+}
 
 // takeBuffered returns the bytes read from the client but not yet
 // consumed, and drops the reader: afterwards only the raw conn is read.

@@ -78,6 +78,12 @@ const (
 	// StatusReconnecting: still listening, the tunnel dropped and is being
 	// re-established; dials fail with ErrTunnelDown meanwhile.
 	StatusReconnecting Status = "reconnecting"
+	// StatusUnresponsive: listening, the tunnel is up but the login node
+	// left a keepalive unanswered for a whole keepalive interval (gossh
+	// only, see [Tunnel.Unresponsive]): the link may be hung. The daemon
+	// notices within its StatsInterval; it becomes "up" again with the
+	// next reply, or "reconnecting" after KeepaliveCountMax misses.
+	StatusUnresponsive Status = "unresponsive"
 )
 
 // CredentialsUser is the user name carried in proxy URLs. Only the token
@@ -270,9 +276,12 @@ func StateDir() string {
 }
 
 // LocalStateDir returns the per-job state directory: hpcproxy-UID in the
-// node-local tmp dir ([NodeTmpDir]).
+// node-local tmp dir ([NodeTmpDir]). If another user owns a file of that
+// name (squatting it), it is a private directory beside it instead,
+// hpcproxy-UID.XXXXXXXX (mode 0700, made by the first call that needs
+// it, as mkdtemp does), which later calls find again.
 func LocalStateDir() string {
-	return filepath.Join(NodeTmpDir(), "hpcproxy-"+strconv.Itoa(os.Getuid()))
+	return uidTmpDir(NodeTmpDir())
 }
 
 // PidFilePath returns the shared-mode state file, StateDir()/proxy.json.
@@ -296,7 +305,7 @@ func LogFilePath(statePath string) string {
 // (NFS) state dir: hpcproxy-UID under os.TempDir(). A unix socket path
 // must fit in sun_path (108 bytes); see shortSockPath.
 func SockPath() string {
-	return shortSockPath(filepath.Join(os.TempDir(), "hpcproxy-"+strconv.Itoa(os.Getuid())), "shared")
+	return shortSockPath(uidTmpDir(os.TempDir()), "shared")
 }
 
 // LocalSockPath returns the unix socket path for a per-job tunnel, beside
@@ -319,7 +328,7 @@ func shortSockPath(dir, name string) string {
 	if len(name) > 24 {
 		name = name[:24]
 	}
-	return filepath.Join("/tmp", "hpcproxy-"+strconv.Itoa(os.Getuid()), name+".sock")
+	return filepath.Join(uidTmpDir("/tmp"), name+".sock")
 }
 
 func jobSuffix() string {

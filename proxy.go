@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -21,10 +23,21 @@ import (
 // side of a tunnel). ctx governs the dial only, never the returned conn.
 type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 
-// Defaults for the [Server] timeouts.
+// Defaults for the [Server] timeouts and limits.
 const (
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultDialTimeout      = 30 * time.Second
+
+	// DefaultMaxHandshakes is how many connections may be in their
+	// handshake, not yet authenticated, at once (see
+	// [Server.MaxHandshakes]). At the HTTP header limit of 64 KiB a
+	// hostile handshake costs at most about 130 KiB: 128 of them, 17 MiB.
+	DefaultMaxHandshakes = 128
+
+	// DefaultKeepAliveTimeout is how long the daemons let an HTTP client
+	// connection wait for its next request (see
+	// [Server.KeepAliveTimeout]), as Squid's client_idle_pconn_timeout.
+	DefaultKeepAliveTimeout = 2 * time.Minute
 )
 
 // ErrServerClosed is returned by [Server.Serve] after [Server.Close] or
@@ -90,6 +103,25 @@ type Server struct {
 	// see bytes to know the conn is not idle), giving up Linux splice.
 	IdleTimeout time.Duration
 
+	// KeepAliveTimeout optionally closes a keep-alive HTTP client
+	// connection that waits this long for its next request (relays are
+	// not affected; see IdleTimeout, which takes precedence when it is
+	// shorter). If zero, such a connection may wait forever; the daemons
+	// set DefaultKeepAliveTimeout.
+	KeepAliveTimeout time.Duration
+
+	// MaxHandshakes optionally bounds how many connections may be in
+	// their handshake at once before they have authenticated, as
+	// OpenSSH's MaxStartups does: from half of it on, a new connection
+	// that must authenticate is closed at once with a probability that
+	// rises from 30% to 100% at MaxHandshakes (logged at Warn, at most
+	// once a second). Connections TrustConn admits do not count and are
+	// never dropped. After a burst of handshakes subsides, the server
+	// returns the memory it freed to the operating system
+	// ([runtime/debug.FreeOSMemory], at most every 10 seconds). If zero,
+	// DefaultMaxHandshakes is used; negative means no limit.
+	MaxHandshakes int
+
 	// MaxConns optionally limits how many connections are served at once.
 	// A connection beyond the limit is still accepted and its request read
 	// (under HandshakeTimeout), then refused the way its protocol expects:
@@ -104,11 +136,17 @@ type Server struct {
 	cancel    context.CancelFunc
 
 	handlers atomic.Int64 // connection goroutines running
-	active   atomic.Int64
-	total    atomic.Int64
-	bytesIn  atomic.Int64
-	bytesOut atomic.Int64
-	failed   atomic.Int64
+
+	handshakes atomic.Int64 // unauthenticated handshakes in progress
+	hsPeak     atomic.Int64 // the most at once since the last release
+	lastDrop   atomic.Int64 // unix nanoseconds of the last drop warning
+	release    *time.Timer  // pending memory release after a burst; under mu
+	dropped    atomic.Int64
+	active     atomic.Int64
+	total      atomic.Int64
+	bytesIn    atomic.Int64
+	bytesOut   atomic.Int64
+	failed     atomic.Int64
 }
 
 // ServerStats is a snapshot of a [Server]'s counters.
@@ -118,6 +156,10 @@ type ServerStats struct {
 	BytesIn          int64 // bytes relayed from clients to destinations
 	BytesOut         int64 // bytes relayed from destinations to clients
 	FailedHandshakes int64 // connections that ended before a relay started
+	// DroppedHandshakes counts connections closed unread because
+	// MaxHandshakes unauthenticated ones were in progress (also counted
+	// in FailedHandshakes).
+	DroppedHandshakes int64
 }
 
 // Stats returns the server's counters. Byte counts of a spliced relay
@@ -129,6 +171,8 @@ func (s *Server) Stats() ServerStats {
 		BytesIn:          s.bytesIn.Load(),
 		BytesOut:         s.bytesOut.Load(),
 		FailedHandshakes: s.failed.Load(),
+
+		DroppedHandshakes: s.dropped.Load(),
 	}
 }
 
@@ -233,6 +277,9 @@ func (s *Server) Close() error {
 	s.initLocked()
 	s.closed = true
 	s.cancel()
+	if s.release != nil {
+		s.release.Stop()
+	}
 	for ln := range s.listeners {
 		ln.Close()
 	}
@@ -352,6 +399,20 @@ func (s *Server) handshakeTimeout() time.Duration {
 	return DefaultHandshakeTimeout
 }
 
+// keepAliveTimeout is how long a keep-alive HTTP connection may wait for
+// its next request: the shorter of KeepAliveTimeout and IdleTimeout that
+// are set; zero if neither is.
+func (s *Server) keepAliveTimeout() time.Duration {
+	switch d, i := s.KeepAliveTimeout, s.IdleTimeout; {
+	case d <= 0:
+		return max(i, 0)
+	case i <= 0:
+		return d
+	default:
+		return min(d, i)
+	}
+}
+
 func (s *Server) dialTimeout() time.Duration {
 	if s.DialTimeout > 0 {
 		return s.DialTimeout
@@ -366,7 +427,10 @@ type session struct {
 	trusted bool         // no credentials required
 	refuse  bool         // over MaxConns: read the request, then refuse it
 	idle    *atomic.Bool // set while waiting for the next HTTP request
-	log     *slog.Logger
+	// handshaking: the conn holds one of MaxHandshakes until it has
+	// authenticated (authenticated) or ends.
+	handshaking bool
+	log         *slog.Logger
 	// finish ends the connection (closing it, and telling the server);
 	// startRelay hands it to the relay it starts and sets detached.
 	finish   func()
@@ -406,6 +470,16 @@ func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
 		}
 	}
 	ss.trusted = len(s.Credentials) == 0 || (s.TrustConn != nil && s.TrustConn(raw))
+	if !ss.trusted {
+		if !s.admitHandshake() {
+			s.failed.Add(1)
+			s.dropped.Add(1)
+			s.warnDrop()
+			return
+		}
+		ss.handshaking = true
+		defer ss.authenticated()
+	}
 	ss.c = newClientConn(raw)
 	if err := raw.SetDeadline(time.Now().Add(s.handshakeTimeout())); err != nil {
 		log.Debug("set handshake deadline", "err", err)
@@ -417,6 +491,9 @@ func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
 		log.Debug("no request", "err", err)
 		s.failed.Add(1)
 		return
+	}
+	if proto != protoHTTP {
+		ss.c.limitSOCKS()
 	}
 	switch proto {
 	case protoSOCKS5:
@@ -569,4 +646,97 @@ func (ss *session) logDialError(addr string, f dialFailure, err error) {
 		return
 	}
 	ss.log.Debug("dial failed", "dest", addr, "reason", f.reason(), "err", err)
+}
+
+// Pre-authentication cost (MaxHandshakes)
+
+// burstHandshakes is how many handshakes at once make a burst after which
+// the freed memory is returned to the operating system.
+const burstHandshakes = 32
+
+// releaseEvery spaces memory releases apart.
+const releaseEvery = 10 * time.Second
+
+func (s *Server) maxHandshakes() int {
+	if s.MaxHandshakes == 0 {
+		return DefaultMaxHandshakes
+	}
+	return s.MaxHandshakes
+}
+
+// admitHandshake takes a handshake slot for a connection that must
+// authenticate, or refuses it: early drop as sshd's MaxStartups
+// "start:30:full" does, start being half of MaxHandshakes.
+func (s *Server) admitHandshake() bool {
+	n := s.handshakes.Add(1)
+	for {
+		p := s.hsPeak.Load()
+		if n <= p || s.hsPeak.CompareAndSwap(p, n) {
+			break
+		}
+	}
+	full := int64(s.maxHandshakes())
+	if full < 0 {
+		return true
+	}
+	start := full / 2
+	drop := n > full
+	if !drop && n > start {
+		p := 0.3 + 0.7*float64(n-start-1)/float64(max(full-start, 1))
+		drop = rand.Float64() < p
+	}
+	if drop {
+		s.endHandshake()
+		return false
+	}
+	return true
+}
+
+// endHandshake gives a slot back; once a burst has subsided, it has the
+// freed memory returned to the operating system.
+func (s *Server) endHandshake() {
+	n := s.handshakes.Add(-1)
+	if n > burstHandshakes/4 || s.hsPeak.Load() < burstHandshakes {
+		return
+	}
+	s.hsPeak.Store(n)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.release != nil {
+		return
+	}
+	// Not at once: the goroutines of the burst are still ending and
+	// their buffers become garbage only then.
+	s.release = time.AfterFunc(time.Second, func() {
+		debug.FreeOSMemory()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if !s.closed {
+			s.release = time.AfterFunc(releaseEvery, func() {
+				s.mu.Lock()
+				defer s.mu.Unlock()
+				s.release = nil
+			})
+		}
+	})
+}
+
+// warnDrop logs a dropped handshake, at most once a second.
+func (s *Server) warnDrop() {
+	now := time.Now().UnixNano()
+	last := s.lastDrop.Load()
+	if now-last < int64(time.Second) || !s.lastDrop.CompareAndSwap(last, now) {
+		return
+	}
+	s.logger().Warn("too many unauthenticated handshakes at once; dropping new connections",
+		"in_progress", s.handshakes.Load(), "max", s.maxHandshakes(), "dropped", s.dropped.Load())
+}
+
+// authenticated gives up the session's handshake slot: its client has
+// authenticated, or the handshake is over. Idempotent.
+func (ss *session) authenticated() {
+	if ss.handshaking {
+		ss.handshaking = false
+		ss.srv.endHandshake()
+	}
 }

@@ -59,6 +59,9 @@ func readSOCKS4Request(r *bufio.Reader) (socks4Request, error) {
 	default:
 		return req, socks4Refuse("unknown command %#x", hdr[1])
 	}
+	if binary.BigEndian.Uint16(hdr[2:4]) == 0 {
+		return req, socks4Refuse("port 0 is not a destination")
+	}
 	port := strconv.Itoa(int(binary.BigEndian.Uint16(hdr[2:4])))
 	ip := netip.AddrFrom4([4]byte(hdr[4:8]))
 	if hdr[4] == 0 && hdr[5] == 0 && hdr[6] == 0 && hdr[7] != 0 {
@@ -109,6 +112,7 @@ func (ss *session) serveSOCKS4() error {
 		ss.writeReply(reject)
 		return ss.fail(fmt.Errorf("hpcproxy: socks4: user id is not a valid token"))
 	}
+	ss.authenticated()
 	dst, err := ss.dial(req.addr)
 	if err != nil {
 		ss.logDialError(req.addr, classifyDialError(err), err)

@@ -41,6 +41,8 @@ func TestSOCKS4BadInput(t *testing.T) {
 		{"4a empty host", nil, req(1, 80, [4]byte{0, 0, 0, 1}, "", ""), rejected},
 		{"4a host too long", nil, req(1, 80, [4]byte{0, 0, 0, 1}, "", strings.Repeat("h", 300)), rejected},
 		{"4a bad host", nil, req(1, 80, [4]byte{0, 0, 0, 1}, "", "a/b"), rejected},
+		{"port 0", nil, req(1, 0, lo, ""), rejected},
+		{"4a port 0", nil, req(1, 0, [4]byte{0, 0, 0, 1}, "", "localhost"), rejected},
 		{"truncated", nil, []byte{4, 1, 0}, []byte{}},
 		{"unterminated user id", nil, []byte{4, 1, 0, 80, 127, 0, 0, 1, 'u'}, []byte{}},
 		{"refused", nil, req(1, closed, lo, "anyone"), rejected},

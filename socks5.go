@@ -122,7 +122,7 @@ func readSOCKS5UserPass(r io.Reader) (user, pass string, err error) {
 // "host:port", the host unresolved when the client sent a name. A request
 // the server cannot serve yields a *socksRequestError carrying the reply
 // code: 0x07 for BIND, UDP ASSOCIATE and unknown commands, 0x08 for
-// unknown address types, 0x01 for malformed fields.
+// unknown address types, 0x01 for malformed fields and port 0.
 func readSOCKS5Request(r io.Reader) (string, error) {
 	var hdr [4]byte // VER CMD RSV ATYP
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
@@ -174,7 +174,11 @@ func readSOCKS5Request(r io.Reader) (string, error) {
 	if _, err := io.ReadFull(r, port[:]); err != nil {
 		return "", fmt.Errorf("hpcproxy: socks5: read port: %w", err)
 	}
-	return net.JoinHostPort(host, strconv.Itoa(int(binary.BigEndian.Uint16(port[:])))), nil
+	p := binary.BigEndian.Uint16(port[:])
+	if p == 0 {
+		return "", socks5Refuse(socks5GeneralFailure, "port 0 is not a destination")
+	}
+	return net.JoinHostPort(host, strconv.Itoa(int(p))), nil
 }
 
 // checkHostName rejects names that are empty or hold bytes no host name
@@ -257,6 +261,7 @@ func (ss *session) serveSOCKS5() error {
 		if !ok {
 			return ss.fail(fmt.Errorf("hpcproxy: socks5: authentication failed for user %q", user))
 		}
+		ss.authenticated()
 	}
 	addr, err := readSOCKS5Request(br)
 	if err != nil {

@@ -52,6 +52,8 @@ func TestSOCKS5BadInput(t *testing.T) {
 		{"request version 4", nil, cat(noAuth, []byte{4, 1, 0, 1, 127, 0, 0, 1, 0, 80}), cat(ok, fail(1))},
 		{"empty domain", nil, cat(noAuth, []byte{5, 1, 0, 3, 0, 0, 80}), cat(ok, fail(1))},
 		{"domain with space", nil, cat(noAuth, []byte{5, 1, 0, 3, 3, 'a', ' ', 'b', 0, 80}), cat(ok, fail(1))},
+		{"port 0", nil, cat(noAuth, socks5Connect([4]byte{127, 0, 0, 1}, 0)), cat(ok, fail(1))},
+		{"domain port 0", nil, cat(noAuth, []byte{5, 1, 0, 3, 9}, []byte("localhost"), []byte{0, 0}), cat(ok, fail(1))},
 		{"truncated request", nil, cat(noAuth, []byte{5, 1, 0, 1, 127}), ok},
 		{"truncated domain", nil, cat(noAuth, []byte{5, 1, 0, 3, 10, 'a'}), ok},
 		{"refused", nil, cat(noAuth, socks5Connect([4]byte{127, 0, 0, 1}, closed)), cat(ok, fail(5))},

@@ -160,7 +160,7 @@ func (e *DaemonError) Error() string {
 }
 
 // Unwrap returns Err and, when the daemon reported that a proxy already
-// runs, ErrAlreadyRunning.
+// runs, ErrAlreadyRunning, or that a state path is unsafe, ErrUnsafePath.
 func (e *DaemonError) Unwrap() []error {
 	var errs []error
 	if e.Err != nil {
@@ -168,6 +168,9 @@ func (e *DaemonError) Unwrap() []error {
 	}
 	if strings.HasPrefix(e.Reported, ErrAlreadyRunning.Error()) {
 		errs = append(errs, ErrAlreadyRunning)
+	}
+	if strings.Contains(e.Reported, ErrUnsafePath.Error()) {
+		errs = append(errs, ErrUnsafePath)
 	}
 	return errs
 }

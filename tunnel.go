@@ -50,8 +50,14 @@ const (
 	// MethodSOCKSUnix runs `ssh -N -D /path/sock` (OpenSSH >= 6.7) and
 	// speaks SOCKS5 to it over the unix socket.
 	MethodSOCKSUnix
-	// MethodSOCKSTCP runs `ssh -N -D 127.0.0.1:PORT`, for OpenSSH older
-	// than 6.7.
+	// MethodSOCKSTCP would run `ssh -N -D 127.0.0.1:PORT`, for OpenSSH
+	// older than 6.7. It is always refused, with an error wrapping
+	// [ErrUnsafeMethod]: ssh's SOCKS server has no authentication, and a
+	// loopback TCP port is open to every user of the node (and listed by
+	// ss and ps), so any of them could ride the owner's tunnel. It is not
+	// in DefaultMethods; an OpenSSH older than 6.7 falls through to
+	// MethodExec. The name stays so that a command line naming it gets
+	// that explanation rather than "unknown method".
 	MethodSOCKSTCP
 	// MethodExec runs `ssh -W host:port` once per connection: the slow last
 	// resort, one ssh process and one SSH handshake per connection. Like
@@ -82,8 +88,12 @@ var (
 
 // DefaultMethods is the fallback chain used when [TunnelConfig.Methods] is
 // empty. MethodDirect is not in it: relaying without a tunnel is a choice
-// the caller makes explicitly.
-var DefaultMethods = []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix, MethodSOCKSTCP, MethodExec}
+// the caller makes explicitly. Nor is MethodSOCKSTCP, which is refused.
+var DefaultMethods = []Method{MethodGoSSH, MethodControlMaster, MethodSOCKSUnix, MethodExec}
+
+// ErrUnsafeMethod is wrapped by the error of a tunnel method that would
+// open a listener other users of the node could use ([MethodSOCKSTCP]).
+var ErrUnsafeMethod = errors.New("hpcproxy: tunnel method would listen where other users can connect")
 
 // String returns the method's name as [Method.Set] accepts it.
 func (m Method) String() string {
@@ -375,6 +385,17 @@ func (t *Tunnel) Err() error { return t.impl.Err() }
 // Method reports which method carries the tunnel.
 func (t *Tunnel) Method() Method { return t.method }
 
+// Unresponsive reports whether the login node has let a keepalive go
+// unanswered for a whole keepalive interval, and has not answered one
+// since: the link may be hung (sshd stopped, a network partition) though
+// not yet given up for dead (KeepaliveCountMax). Only MethodGoSSH, on one
+// connection, can tell; the ssh children of the other methods keep their
+// keepalives to themselves (ServerAliveInterval), so they report false.
+func (t *Tunnel) Unresponsive() bool {
+	h, ok := t.impl.(interface{ unresponsive() bool })
+	return ok && h.unresponsive()
+}
+
 // EstablishTunnel tries cfg.Methods in order (DefaultMethods if empty) and
 // returns the first tunnel that comes up. ctx bounds the whole attempt; each
 // method is further bounded by the connect timeout. If every method fails,
@@ -426,9 +447,10 @@ func startMethod(ctx context.Context, cfg *TunnelConfig, m Method) (tunnelImpl, 
 	case MethodControlMaster:
 		return startControlMaster(ctx, cfg)
 	case MethodSOCKSUnix:
-		return startSOCKSTunnel(ctx, cfg, true)
+		return startSOCKSTunnel(ctx, cfg)
 	case MethodSOCKSTCP:
-		return startSOCKSTunnel(ctx, cfg, false)
+		return nil, fmt.Errorf("%w: `ssh -D 127.0.0.1:PORT` has no authentication, so every user of this node could use the port; "+
+			"use socks-unix (OpenSSH >= 6.7), exec or another method", ErrUnsafeMethod)
 	case MethodExec:
 		return startExecTunnel(ctx, cfg)
 	}
@@ -489,7 +511,7 @@ type remoteListener interface {
 //
 // ctx governs the request only. A refusal by sshd (AllowTcpForwarding,
 // PermitListen, a port in use) wraps ErrProhibited; a method that cannot
-// listen at all (socks-unix, socks-tcp, exec, direct) fails with an error
+// listen at all (socks-unix, exec, direct) fails with an error
 // wrapping ErrReverseUnsupported. The listener ends with the tunnel:
 // Accept then fails. Closing it cancels the remote listener.
 func (t *Tunnel) Listen(ctx context.Context, network, addr string) (net.Listener, error) {

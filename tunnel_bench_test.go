@@ -34,7 +34,7 @@ import (
 // benchSSHD names the baseline.
 const benchSSHD = "ssh-D"
 
-var benchMethodNames = []string{benchSSHD, "gossh", "controlmaster", "socks-unix", "socks-tcp", "exec", "direct"}
+var benchMethodNames = []string{benchSSHD, "gossh", "controlmaster", "socks-unix", "exec", "direct"}
 
 // benchTunnels starts one sshd and, through it, ssh -D and one tunnel per
 // method, all torn down when b ends.

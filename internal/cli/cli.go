@@ -332,7 +332,13 @@ func (a *App) start(args []string) error {
 			fmt.Fprintln(a.Stdout, strings.TrimPrefix(err.Error(), "hpcproxy: "))
 			return nil
 		}
-		return fmt.Errorf("%w\nhint: %s; the log is %s", err, t.startHint(), hpcproxy.LogFilePath(state))
+		hint := t.startHint()
+		if errors.Is(err, hpcproxy.ErrUnsafePath) {
+			// Not the login node: a file here that another user owns, or
+			// that others may write.
+			hint = "the cause is on this node, not the login node: remove what is in the way if it is yours, or choose another place with --state or " + hpcproxy.EnvTmpDir
+		}
+		return fmt.Errorf("%w\nhint: %s; the log is %s", err, hint, hpcproxy.LogFilePath(state))
 	}
 	ps, _ := hpcproxy.ReadPidFileAt(state)
 	if f.verbose && ps != nil {

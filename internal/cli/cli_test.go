@@ -291,10 +291,10 @@ func TestCLIStartFailure(t *testing.T) {
 	sshd.Stop()
 	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
 	r := run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile,
-		"--state", state, "--method", "gossh,socks-tcp", "--watch-pid", "-1", "--timeout", "60s")
+		"--state", state, "--method", "gossh,socks-unix", "--watch-pid", "-1", "--timeout", "60s")
 	assert.Equal(t, 1, r.code)
 	assert.Contains(t, r.stderr, "gossh:")
-	assert.Contains(t, r.stderr, "socks-tcp:")
+	assert.Contains(t, r.stderr, "socks-unix:")
 	assert.Contains(t, r.stderr, "hint:")
 	assert.Empty(t, r.stdout)
 	_, err := os.Stat(state)

@@ -190,9 +190,10 @@ const (
 )
 
 // methods is scenario 3: each tunnel method forced in turn carries the
-// same downloads, in one job.
+// same downloads, in one job. socks-tcp, whose `ssh -D` port any user of
+// the node could use, is refused with its reason and nothing listens.
 func (c *cluster) methods(t *testing.T) {
-	methods := []string{"gossh", "controlmaster", "socks-unix", "socks-tcp", "exec"}
+	methods := []string{"gossh", "controlmaster", "socks-unix", "exec"}
 	j := c.sbatch(t, downloadsScript+`
 for m in `+strings.Join(methods, " ")+`; do
 	if perjob start --via login --method $m; then echo "RESULT $m.start ok"; else echo "RESULT $m.start FAIL"; continue; fi
@@ -201,10 +202,18 @@ for m in `+strings.Join(methods, " ")+`; do
 	downloads $m
 	step $m.stop perjob stop
 done
+if perjob start --via login --method socks-tcp 2>"$scratch/socks-tcp.err"; then
+	echo "RESULT socks-tcp.refused FAIL (it started)"; perjob stop
+elif grep -q "no authentication" "$scratch/socks-tcp.err" && ! pgrep -u "$(id -u)" -f "ssh.* -D 127.0.0.1:" >/dev/null; then
+	echo "RESULT socks-tcp.refused ok"
+else
+	echo "RESULT socks-tcp.refused FAIL"; cat "$scratch/socks-tcp.err"
+fi
 `, nil, 3*time.Minute)
 	if j.state != "COMPLETED" {
 		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
 	}
+	t.Run("socks-tcp", func(t *testing.T) { wantOK(t, j.output, "socks-tcp.refused") })
 	for _, m := range methods {
 		t.Run(m, func(t *testing.T) {
 			wantOK(t, j.output, m+".start", m+".stop")

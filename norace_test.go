@@ -1,0 +1,5 @@
+//go:build !race
+
+package hpcproxy
+
+const raceEnabled = false

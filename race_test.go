@@ -1,0 +1,6 @@
+//go:build race
+
+package hpcproxy
+
+// raceEnabled: the race detector is on, which multiplies memory use.
+const raceEnabled = true
