@@ -160,7 +160,8 @@ func (e *DaemonError) Error() string {
 }
 
 // Unwrap returns Err and, when the daemon reported that a proxy already
-// runs, ErrAlreadyRunning.
+// runs, ErrAlreadyRunning, or that a node tunnel with its settings runs,
+// ErrNodeTunnelRunning.
 func (e *DaemonError) Unwrap() []error {
 	var errs []error
 	if e.Err != nil {
@@ -168,6 +169,9 @@ func (e *DaemonError) Unwrap() []error {
 	}
 	if strings.HasPrefix(e.Reported, ErrAlreadyRunning.Error()) {
 		errs = append(errs, ErrAlreadyRunning)
+	}
+	if strings.HasPrefix(e.Reported, ErrNodeTunnelRunning.Error()) {
+		errs = append(errs, ErrNodeTunnelRunning)
 	}
 	return errs
 }
