@@ -34,7 +34,7 @@ type simJob struct {
 	script *exec.Cmd
 }
 
-func newSimJob(t *testing.T) *simJob {
+func newSimJob(t testing.TB) *simJob {
 	t.Helper()
 	cmd := exec.Command("sleep", "600")
 	require.NoError(t, cmd.Start())
@@ -255,4 +255,69 @@ func TestCLINodeTunnelPrivate(t *testing.T) {
 	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", c.state) })
 	assert.Equal(t, pa.PID, c.proxyState(t).PID)
 	assert.Equal(t, 2, sshSessions(sshd))
+}
+
+// BenchmarkNodeTunnelRSS measures what an attached job costs: the node
+// daemon's resident memory with 1 job and with 50 (one SSH connection
+// for all; each job with its own listener, state file, control socket and
+// watched process), and sshd's sessions on the login side.
+//
+//	go test -run XXX -bench NodeTunnelRSS ./internal/cli/
+func BenchmarkNodeTunnelRSS(b *testing.B) {
+	const jobs = 50
+	sshd := sshtest.StartSSHD(b, sshtest.Options{})
+	var all []*simJob
+	newJob := func() *simJob {
+		j := newSimJob(b)
+		r := run(b, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", j.state,
+			"--watch-pid", strconv.Itoa(j.script.Process.Pid))
+		if r.code != 0 {
+			b.Fatalf("start: %s\nlog:\n%s", r.stderr, readFile(j.state, ".log"))
+		}
+		all = append(all, j)
+		return j
+	}
+	b.Cleanup(func() {
+		for _, j := range all {
+			run(b, "perjob", "", "stop", "--state", j.state)
+		}
+	})
+	for range b.N {
+		// One measurement below; the benchmark's time is not the point.
+	}
+	first := newJob()
+	ps, err := hpcproxy.ReadPidFileAt(first.state)
+	if err != nil {
+		b.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	rss1 := rssKiB(ps.PID)
+	for range jobs - 1 {
+		newJob()
+	}
+	time.Sleep(2 * time.Second)
+	rssN := rssKiB(ps.PID)
+	if n := len(all); n != jobs {
+		b.Fatalf("%d jobs", n)
+	}
+	b.ReportMetric(float64(rss1), "KiB-rss-1job")
+	b.ReportMetric(float64(rssN), "KiB-rss-50jobs")
+	b.ReportMetric(float64(rssN-rss1)/float64(jobs-1), "KiB/attached-job")
+	b.ReportMetric(float64(sshSessions(sshd)), "sshd-sessions")
+}
+
+// rssKiB returns a process's resident set size (VmRSS) in KiB, 0 if
+// unknown.
+func rssKiB(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
 }
