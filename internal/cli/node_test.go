@@ -321,3 +321,47 @@ func rssKiB(pid int) int64 {
 	}
 	return 0
 }
+
+// TestCLINodeTunnelPrivateTmp: a job whose /tmp is its own (Slurm's
+// job_container/tmpfs: a mount namespace with a tmpfs no other job sees)
+// attaches to the node tunnel another job opened, and its state file,
+// log and control socket are in its own tmp dir, where its perjob
+// commands find them.
+func TestCLINodeTunnelPrivateTmp(t *testing.T) {
+	testenv.RequireRoot(t)
+	unshare := testenv.LookPath(t, "unshare")
+	curl := testenv.LookPath(t, "curl")
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	host := loopbackHostname(t)
+	target := "http://" + host + ":" + webServer(t) + "/private"
+
+	a := newSimJob(t)
+	a.start(t, sshd)
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", a.state) })
+
+	// Job b: its tmp dir is a fresh tmpfs in a mount namespace of its own.
+	tmp := sshtest.PrivateTempDir(t)
+	state := filepath.Join(tmp, "hpcproxy", "proxy.json")
+	script := `set -e
+mount -t tmpfs -o mode=0700 jobtmp "$TMP"
+"$EXE" start --via sshtest --ssh-config "$CFG" --state "$STATE" --watch-pid -1 -v
+"$EXE" status --json --state "$STATE"
+"$EXE" run --state "$STATE" -- "$CURL" -sS --max-time 20 "$TARGET"
+echo
+"$EXE" stop --state "$STATE" -v
+test ! -e "$STATE"
+`
+	cmd := exec.Command(unshare, "-m", "--propagation", "private", "sh", "-c", script)
+	cmd.Env = append(cleanEnv(), envApp+"=perjob", "EXE="+os.Args[0], "TMP="+tmp, "STATE="+state,
+		"CFG="+sshd.SSHConfigFile, "CURL="+curl, "TARGET="+target)
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s\ndaemon log:\n%s", out, readFile(a.state, ".log"))
+	assert.Contains(t, string(out), "attached to the node tunnel")
+	assert.Contains(t, string(out), `"attached": true`)
+	assert.Contains(t, string(out), "path=/private via=1.1 hpcproxy")
+	assert.Contains(t, string(out), "detached from the node tunnel")
+	_, err = os.Stat(state)
+	assert.True(t, os.IsNotExist(err), "job b's state file is visible outside its namespace: %v", err)
+	assert.Equal(t, 1, sshSessions(sshd))
+	assert.Contains(t, readFile(a.state, ".log"), "job detached")
+}
