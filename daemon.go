@@ -709,8 +709,11 @@ func (r *running) update(mutate func(*ProxyState)) error {
 	}
 	r.lastFwd = r.forwardInfos()
 	st.Forwards = r.lastFwd
-	r.lastNodes = r.loginNodeStats()
-	st.LoginNodes = r.lastNodes
+	if r.ready {
+		// r.sup is set before ready is: never read while it is written.
+		r.lastNodes = r.loginNodeStats()
+		st.LoginNodes = r.lastNodes
+	}
 	if st.Node != nil && r.hub != nil {
 		n := *st.Node
 		n.Jobs = r.hub.jobCount()
