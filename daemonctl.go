@@ -235,7 +235,9 @@ func (s *controlServer) do(cmd controlCommand) (ForwardInfo, error) {
 		}
 		fi = f.Info()
 	}
-	r.notifyRebound()
+	// Written before the reply: a client that reads the state file
+	// after its request finds the forward there.
+	r.refreshStats(r.log, true)
 	return fi, nil
 }
 
