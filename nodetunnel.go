@@ -611,14 +611,14 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*runni
 		return nil, err
 	}
 
+	// The job's watch ends with its attachment.
+	wctx, wcancel := context.WithCancel(h.ctx)
 	var watch <-chan struct{}
-	var pidfd *os.File
 	switch i, ok := cmd.fdIndex[attachFdPid]; {
 	case ok:
-		pidfd = files[i]
-		watch = watchPidfd(h.ctx, pidfd)
+		watch = watchPidfd(wctx, files[i])
 	case req.WatchPID > 0:
-		watch = WatchPID(h.ctx, req.WatchPID, 0)
+		watch = WatchPID(wctx, req.WatchPID, 0)
 	}
 	detach := make(chan struct{}, 1)
 	r.onDetach = func(error) bool {
@@ -661,6 +661,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*runni
 				r.refreshStats(log, true)
 			}
 		}
+		wcancel()
 		log.Info("detaching from the node tunnel: " + why)
 		h.log.Info("job detached: "+why, "job", req.JobID, "state", req.StatePath)
 		r.shutdown(log)
