@@ -365,3 +365,36 @@ test ! -e "$STATE"
 	assert.Equal(t, 1, sshSessions(sshd))
 	assert.Contains(t, readFile(a.state, ".log"), "job detached")
 }
+
+// TestCLINodeTunnelStartStorm: jobs that start at the same moment (a job
+// array) end up on one daemon and one SSH connection: the starts that
+// lose the race for the node socket attach to the winner.
+func TestCLINodeTunnelStartStorm(t *testing.T) {
+	const n = 12
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	jobs := make([]*simJob, n)
+	for i := range jobs {
+		jobs[i] = newSimJob(t)
+	}
+	t.Cleanup(func() {
+		for _, j := range jobs {
+			run(t, "perjob", "", "stop", "--state", j.state)
+		}
+	})
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i, j := range jobs {
+		wg.Go(func() {
+			results[i] = run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile,
+				"--state", j.state, "--watch-pid", strconv.Itoa(j.script.Process.Pid), "-v")
+		})
+	}
+	wg.Wait()
+	pids := map[int]int{}
+	for i, r := range results {
+		require.Equal(t, 0, r.code, "job %d: %s", i, r.stderr)
+		pids[jobs[i].proxyState(t).PID]++
+	}
+	assert.Len(t, pids, 1, "jobs per daemon: %v", pids)
+	assert.Equal(t, 1, sshSessions(sshd), "SSH connections for %d jobs started at once", n)
+}
