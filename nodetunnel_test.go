@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
@@ -166,4 +168,97 @@ func TestStatusReportJSON(t *testing.T) {
 	b, err = json.Marshal(NewStatusReport("/tmp/p.json", nil, 0))
 	require.NoError(t, err)
 	assert.JSONEq(t, `{"schema":1,"state":"not running","usable":false,"reconnects":0,"forwards":[],"login_nodes":[],"state_file":"/tmp/p.json"}`, string(b))
+}
+
+// sleeper starts a process standing for a job script; kill ends the job.
+func sleeper(t *testing.T) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sleep", "600")
+	require.NoError(t, cmd.Start())
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-done })
+	return cmd
+}
+
+// TestDaemonNodeTunnel runs the library's side in process: a per-job
+// Daemon serves its node tunnel, two jobs attach with AttachJob (one with
+// a forward of its own), the daemon's own job ends and the others go on,
+// DetachJob detaches one, and the last job's end returns Run.
+func TestDaemonNodeTunnel(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	web := startWebServer(t)
+	tc := TunnelConfig{Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH}}
+	own := sleeper(t)
+	r := startTestDaemon(t, &Daemon{
+		Mode: ModePerJob, Tunnel: tc, StatePath: filepath.Join(sshtest.PrivateTempDir(t), "proxy.json"),
+		WatchPID: own.Process.Pid, StatsInterval: 50 * time.Millisecond,
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	type job struct {
+		state  string
+		script *exec.Cmd
+		ps     *ProxyState
+	}
+	lport := sshtest.FreePort(t)
+	var jobs []*job
+	for i := range 2 {
+		j := &job{state: filepath.Join(sshtest.PrivateTempDir(t), "proxy-"+itoa(i)+".json"), script: sleeper(t)}
+		o := AttachOptions{Tunnel: tc, StatePath: j.state, WatchPID: j.script.Process.Pid}
+		if i == 0 {
+			o.Forwards = []ForwardSpec{{Listen: "127.0.0.1:" + itoa(lport), Remote: strings.TrimPrefix(web.URL, "http://")}}
+		}
+		ps, err := AttachJob(ctx, o)
+		require.NoError(t, err, "attach %d", i)
+		require.NotNil(t, ps.Node)
+		assert.True(t, ps.Node.Attached)
+		assert.Equal(t, os.Getpid(), ps.PID, "served by this process's daemon")
+		j.ps = ps
+		jobs = append(jobs, j)
+	}
+	_, err := AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: jobs[0].state})
+	assert.ErrorIs(t, err, ErrAlreadyRunning, "a second attach of the same job")
+
+	for i, j := range jobs {
+		code, body := getVia(t, j.ps.URL("http"), web.URL+"/job"+itoa(i))
+		assert.Equal(t, 200, code)
+		assert.Equal(t, "hello /job"+itoa(i), body)
+	}
+	assert.Equal(t, "hello /fwd", httpGet(t, "http://127.0.0.1:"+itoa(lport)+"/fwd"), "the attached job's forward")
+	require.Eventually(t, func() bool {
+		ps, err := ReadPidFileAt(jobs[1].state)
+		return err == nil && ps.Node.Jobs == 3 && len(ps.LoginNodes) == 1 && ps.LoginNodes[0].ChannelsTotal >= 3
+	}, 10*time.Second, 20*time.Millisecond, "the login-node figures count every job's channels")
+
+	// The daemon's own job ends: the attached ones go on.
+	require.NoError(t, own.Process.Kill())
+	require.Eventually(t, func() bool { _, err := os.Stat(r.d.StatePath); return os.IsNotExist(err) },
+		10*time.Second, 20*time.Millisecond, "own state file after its job ended")
+	select {
+	case <-r.exited:
+		t.Fatalf("Run returned with two jobs attached: %v", r.err)
+	default:
+	}
+	code, _ := getVia(t, jobs[1].ps.URL("http"), web.URL+"/after")
+	assert.Equal(t, 200, code)
+
+	// Detach job 0; its forward goes with it.
+	require.NoError(t, DetachJob(ctx, jobs[0].state))
+	require.Eventually(t, func() bool { _, err := os.Stat(jobs[0].state); return os.IsNotExist(err) },
+		10*time.Second, 20*time.Millisecond)
+	_, err = (&http.Client{Timeout: 2 * time.Second}).Get("http://127.0.0.1:" + itoa(lport) + "/gone")
+	assert.Error(t, err, "a detached job's forward still listens")
+
+	// The last job ends: Run returns.
+	require.NoError(t, jobs[1].script.Process.Kill())
+	select {
+	case <-r.exited:
+		assert.NoError(t, r.err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return after the last job ended")
+	}
+	_, err = os.Stat(jobs[1].state)
+	assert.True(t, os.IsNotExist(err), "last job's state file")
 }
