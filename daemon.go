@@ -38,7 +38,9 @@ import (
 // its state in the node-local tmp dir ([LocalPidFilePath]), and admits only
 // its owner: a client presenting the token, or a loopback client whose
 // socket belongs to the same UID ([SameUserConn]). It lives until the job
-// ends (see WatchPID) or it is stopped.
+// ends (see WatchPID) or it is stopped. Unless Private, it also serves its
+// tunnel to the user's other jobs on the node, which attach to it
+// ([AttachJob]), and then lives until the last of those jobs has ended.
 //
 // # Sockets
 //
@@ -63,7 +65,8 @@ import (
 // instead. Afterwards a dropped tunnel is re-established with backoff
 // while the listener stays up; the state file records the status. Run
 // returns when ctx ends, ExitFd reaches EOF, or WatchPID exits (during
-// start-up too); it then stops accepting, closes live connections, closes
+// start-up too; on a node tunnel with other jobs attached, the last two
+// end only its own job's proxy, and Run returns when the last job ends); it then stops accepting, closes live connections, closes
 // the tunnel and removes the state file if it is still this daemon's.
 type Daemon struct {
 	// Mode is ModeShared or ModePerJob. If empty, ModePerJob.

@@ -46,9 +46,13 @@ type command struct {
 }
 
 func (a *App) commands() []command {
+	stopSummary := "stop the running proxy daemon"
+	if a.Mode == hpcproxy.ModePerJob {
+		stopSummary = "stop this job's proxy (on a node tunnel other jobs use: detach this job only)"
+	}
 	return []command{
 		{name: "start", args: "[flags]", summary: "start the proxy daemon and wait until it is ready", run: (*App).start},
-		{name: "stop", args: "[flags]", summary: "stop the running proxy daemon", run: (*App).stop},
+		{name: "stop", args: "[flags]", summary: stopSummary, run: (*App).stop},
 		{name: "status", args: "[flags]", summary: "show the proxy's state, tunnel and counters", run: (*App).status},
 		{name: "expose", args: "[flags] LOCAL[=REMOTE]", summary: "have the login node listen and connect to LOCAL here, like ssh -R (running proxy)", run: (*App).expose},
 		{name: "forward", args: "[flags] LOCAL=REMOTE", summary: "listen on LOCAL here and connect to REMOTE from the login node, like ssh -L (running proxy)", run: (*App).forward},
