@@ -242,7 +242,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 		return nil, err
 	}
 	if uid != os.Getuid() {
-		return nil, fmt.Errorf("%w: %s belongs to uid %d, not %d; refused (use --private, or ask the node's admin who holds it)",
+		return nil, fmt.Errorf("%w: %s belongs to uid %d, not %d; refused",
 			ErrNodeTunnelForeign, name, uid, os.Getuid())
 	}
 	if dl, ok := ctx.Deadline(); ok {

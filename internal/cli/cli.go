@@ -357,6 +357,14 @@ func (a *App) start(args []string) error {
 			if are := (*hpcproxy.AlreadyRunningError)(nil); errors.As(err, &are) && are.State != nil {
 				return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
 			}
+			if errors.Is(err, hpcproxy.ErrNodeTunnelForeign) {
+				// Someone else holds the name: never talk to it, and do not
+				// let it keep this job from its proxy either.
+				fmt.Fprintf(a.Stderr, "%s start: warning: %s\n%s start: starting a tunnel of this job's own (as with --private)\n",
+					a.Name, strings.TrimPrefix(err.Error(), "hpcproxy: "), a.Name)
+				t.private = true
+				continue
+			}
 			if !errors.Is(err, hpcproxy.ErrNoNodeTunnel) {
 				return fmt.Errorf("%w\nhint: start with --private to open a tunnel of this job's own; the log is %s", err, hpcproxy.LogFilePath(state))
 			}

@@ -398,3 +398,33 @@ func TestCLINodeTunnelStartStorm(t *testing.T) {
 	assert.Len(t, pids, 1, "jobs per daemon: %v", pids)
 	assert.Equal(t, 1, sshSessions(sshd), "SSH connections for %d jobs started at once", n)
 }
+
+// TestCLINodeTunnelSquatter: another user holding the node socket's name
+// gets nothing from a start, which warns and opens a private tunnel.
+func TestCLINodeTunnelSquatter(t *testing.T) {
+	testenv.RequireRoot(t)
+	socat := testenv.LookPath(t, "socat")
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	name := hpcproxy.NodeSocketName(os.Getuid(), hpcproxy.TunnelConfig{Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile})
+	got := filepath.Join(t.TempDir(), "got")
+	require.NoError(t, os.Chmod(filepath.Dir(got), 0o777))
+	sq := exec.Command(socat, "-u", "ABSTRACT-LISTEN:"+strings.TrimPrefix(name, "@")+",fork", "OPEN:"+got+",creat,append")
+	sq.Env = []string{}
+	sq.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 48213, Gid: 48213}}
+	require.NoError(t, sq.Start())
+	t.Cleanup(func() { _ = sq.Process.Kill(); _ = sq.Wait() })
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile("/proc/net/unix")
+		return strings.Contains(string(b), name)
+	}, 5*time.Second, 20*time.Millisecond, "socat does not listen on %s", name)
+
+	j := newSimJob(t)
+	r := j.start(t, sshd)
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", j.state) })
+	assert.Contains(t, r.stderr, "belongs to uid 48213")
+	assert.Contains(t, r.stderr, "starting a tunnel of this job's own")
+	assert.Contains(t, r.stdout, "started: pid")
+	assert.Nil(t, j.proxyState(t).Node, "a private tunnel")
+	b, _ := os.ReadFile(got)
+	assert.Empty(t, string(b), "the squatter got a request")
+}
