@@ -39,14 +39,15 @@ import (
 // and AttachJob refuses a socket held by another UID (a squatter), with an
 // error wrapping [ErrNodeTunnelForeign].
 //
-// The attach request is one JSON line sent with three descriptors
+// The attach request is one JSON line sent with up to four descriptors
 // (SCM_RIGHTS): the job's state directory, which the daemon, living in
 // another job's mount namespace, uses through /proc/self/fd to write the
-// state file and bind the control socket; the job's log file; and a pidfd
-// of the process whose end ends the job's attachment (the job script).
-// The daemon polls that pidfd: when the process exits, or `perjob stop`
-// asks on the job's control socket ([DetachJob]), it closes that job's
-// listener, forwards and state file. The last job to go ends the daemon,
+// state file and bind the control socket; the job's log file; a pidfd of
+// the process whose end ends the job's attachment (the job script); and
+// optionally the read end of an exit pipe. The daemon waits on the pidfd
+// and the pipe in its netpoller: when the process exits, the pipe reaches
+// EOF, or `perjob stop` asks on the job's control socket ([DetachJob]),
+// it closes that job's listener, forwards and state file. The last job to go ends the daemon,
 // and with it the tunnel.
 
 // ErrNodeTunnelRunning is reported by a daemon that could not serve the
@@ -108,9 +109,15 @@ type AttachOptions struct {
 	Port int
 
 	// WatchPID optionally names the process whose exit detaches the job
-	// (the job script). If <= 0, the job stays attached until
-	// [DetachJob].
+	// (the job script). If <= 0, none.
 	WatchPID int
+
+	// ExitFd optionally names the read end of an exit pipe, as
+	// Daemon.ExitFd: the job detaches when the pipe reaches EOF (every
+	// write end closed). The daemon gets a copy; the caller keeps fd. If
+	// <= 0, none. Without WatchPID and ExitFd the job stays attached
+	// until [DetachJob] (or the daemon ends).
+	ExitFd int
 
 	// Forwards and Exposes optionally list the job's forwards, as
 	// Daemon.Forwards and Daemon.Exposes.
@@ -124,8 +131,9 @@ const (
 	attachFdDir  = "dir"
 	attachFdLog  = "log"
 	attachFdPid  = "pidfd"
+	attachFdExit = "exit"
 	attachMaxReq = 64 << 10
-	attachMaxFds = 3
+	attachMaxFds = 4
 )
 
 type attachRequest struct {
@@ -183,7 +191,7 @@ func parseAttachRequest(line []byte, nfds int) (attachCommand, error) {
 	}
 	c.fdIndex = map[string]int{}
 	for i, k := range r.Fds {
-		if k != attachFdDir && k != attachFdLog && k != attachFdPid {
+		if k != attachFdDir && k != attachFdLog && k != attachFdPid && k != attachFdExit {
 			return c, fmt.Errorf("hpcproxy: attach request: unknown descriptor %q", k)
 		}
 		if _, dup := c.fdIndex[k]; dup {
@@ -286,6 +294,10 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 		default:
 			req.WatchPID = o.WatchPID // no pidfd (kernel < 5.3): the daemon polls the pid
 		}
+	}
+	if o.ExitFd > 0 {
+		fds = append(fds, o.ExitFd)
+		req.Fds = append(req.Fds, attachFdExit)
 	}
 	for _, f := range o.Forwards {
 		req.Forwards = append(req.Forwards, f.String())
@@ -474,9 +486,16 @@ func (h *nodeHub) serveConn(c *net.UnixConn) {
 		reply(attachReply{Error: err.Error()})
 		return
 	}
+	// The exit pipe stays a bare descriptor, for WatchExitFd, which takes
+	// it over; the others become files.
 	files := make([]*os.File, len(fds))
+	exitFd := -1
 	for i, fd := range fds {
-		if cmd.req.Fds[i] == attachFdPid {
+		switch cmd.req.Fds[i] {
+		case attachFdExit:
+			exitFd = fd
+			continue
+		case attachFdPid:
 			// Nonblocking before os.NewFile: then the file is registered
 			// with the netpoller, and waiting for the exit takes no thread.
 			_ = unix.SetNonblock(fd, true)
@@ -485,7 +504,12 @@ func (h *nodeHub) serveConn(c *net.UnixConn) {
 	}
 	closeAll := func() {
 		for _, f := range files {
-			_ = f.Close()
+			if f != nil {
+				_ = f.Close()
+			}
+		}
+		if exitFd >= 0 {
+			_ = unix.Close(exitFd)
 		}
 	}
 	h.mu.Lock()
@@ -497,7 +521,7 @@ func (h *nodeHub) serveConn(c *net.UnixConn) {
 	}
 	h.jobs++
 	h.mu.Unlock()
-	r, err := h.attach(cmd, files, fds[cmd.fdIndex[attachFdDir]])
+	r, err := h.attach(cmd, files, fds[cmd.fdIndex[attachFdDir]], &exitFd)
 	if err != nil {
 		closeAll()
 		h.release(nil)
@@ -560,8 +584,9 @@ func parseRights(oob []byte) ([]int, error) {
 	return fds, nil
 }
 
-// attach starts a proxy for an attaching job on the shared tunnel.
-func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*running, error) {
+// attach starts a proxy for an attaching job on the shared tunnel. It
+// takes over *exitFd (setting it to -1) once it watches it.
+func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd *int) (*running, error) {
 	d, own := h.d, h.own
 	req := cmd.req
 	var st unix.Stat_t
@@ -611,14 +636,23 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*runni
 		return nil, err
 	}
 
-	// The job's watch ends with its attachment.
+	// The job's watches end with its attachment.
 	wctx, wcancel := context.WithCancel(h.ctx)
-	var watch <-chan struct{}
+	var watch, exited <-chan struct{}
 	switch i, ok := cmd.fdIndex[attachFdPid]; {
 	case ok:
 		watch = watchPidfd(wctx, files[i])
 	case req.WatchPID > 0:
 		watch = WatchPID(wctx, req.WatchPID, 0)
+	}
+	if *exitFd >= 0 {
+		ch, err := WatchExitFd(wctx, *exitFd)
+		if err != nil {
+			wcancel()
+			r.shutdown(log)
+			return nil, err
+		}
+		*exitFd, exited = -1, ch
 	}
 	detach := make(chan struct{}, 1)
 	r.onDetach = func(error) bool {
@@ -649,6 +683,9 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*runni
 			case <-watch:
 				why = "the job's watched process exited"
 				break loop
+			case <-exited:
+				why = "the job's exit pipe closed"
+				break loop
 			case <-detach:
 				why = "detach requested"
 				break loop
@@ -666,7 +703,9 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int) (*runni
 		h.log.Info("job detached: "+why, "job", req.JobID, "state", req.StatePath)
 		r.shutdown(log)
 		for _, f := range files {
-			_ = f.Close()
+			if f != nil {
+				_ = f.Close()
+			}
 		}
 		h.release(r)
 	}()

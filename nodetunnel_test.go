@@ -79,6 +79,7 @@ func TestParseAttachRequest(t *testing.T) {
 func FuzzAttachRequest(f *testing.F) {
 	f.Add([]byte(`{"op":"attach","state_name":"proxy-7.json","fds":["dir","log","pidfd"],"forwards":["5432=db:5432"]}`), 3)
 	f.Add([]byte(`{"op":"attach","state_name":"p.json","fds":["dir"],"watch_pid":12}`), 1)
+	f.Add([]byte(`{"op":"attach","state_name":"p.json","fds":["dir","exit"]}`), 2)
 	f.Add([]byte(`{}`), 0)
 	f.Fuzz(func(t *testing.T, line []byte, nfds int) {
 		c, err := parseAttachRequest(line, nfds)
@@ -220,6 +221,20 @@ func TestDaemonNodeTunnel(t *testing.T) {
 	}
 	_, err := AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: jobs[0].state})
 	assert.ErrorIs(t, err, ErrAlreadyRunning, "a second attach of the same job")
+
+	// A job watched by an exit pipe detaches when its write end closes.
+	pr, pw, err := os.Pipe()
+	require.NoError(t, err)
+	piped := filepath.Join(sshtest.PrivateTempDir(t), "proxy-pipe.json")
+	_, err = AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: piped, ExitFd: int(pr.Fd())})
+	require.NoError(t, err)
+	pr.Close()
+	ps, err := ReadPidFileAt(piped)
+	require.NoError(t, err)
+	assert.Equal(t, 4, ps.Node.Jobs)
+	pw.Close()
+	require.Eventually(t, func() bool { _, err := os.Stat(piped); return os.IsNotExist(err) },
+		10*time.Second, 20*time.Millisecond, "the exit pipe's job stays attached after EOF")
 
 	for i, j := range jobs {
 		code, body := getVia(t, j.ps.URL("http"), web.URL+"/job"+itoa(i))
