@@ -350,6 +350,7 @@ type nodeHub struct {
 	mu      sync.Mutex
 	jobs    int  // jobs served, the daemon's own included while it is
 	closing bool // no more attachments: the daemon is ending
+	ownGone bool // its own job has ended or detached
 	own     *running
 	ownDown chan struct{} // asks Run to detach its own job; buffered
 	fronts  map[*running]struct{}
@@ -411,6 +412,10 @@ func (h *nodeHub) serve(own *running) {
 func (h *nodeHub) ownStop(cause error) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.ownGone {
+		return false // detached before, and then its script exited (say)
+	}
+	h.ownGone = true
 	if h.own == nil || h.jobs <= 1 || h.closing {
 		h.closing = true
 		h.cancel(cause)

@@ -247,24 +247,27 @@ func TestDaemonNodeTunnel(t *testing.T) {
 		return err == nil && ps.Node.Jobs == 3 && len(ps.LoginNodes) == 1 && ps.LoginNodes[0].ChannelsTotal >= 3
 	}, 10*time.Second, 20*time.Millisecond, "the login-node figures count every job's channels")
 
-	// The daemon's own job ends: the attached ones go on.
-	require.NoError(t, own.Process.Kill())
-	require.Eventually(t, func() bool { _, err := os.Stat(r.d.StatePath); return os.IsNotExist(err) },
-		10*time.Second, 20*time.Millisecond, "own state file after its job ended")
-	select {
-	case <-r.exited:
-		t.Fatalf("Run returned with two jobs attached: %v", r.err)
-	default:
-	}
-	code, _ := getVia(t, jobs[1].ps.URL("http"), web.URL+"/after")
-	assert.Equal(t, 200, code)
-
 	// Detach job 0; its forward goes with it.
 	require.NoError(t, DetachJob(ctx, jobs[0].state))
 	require.Eventually(t, func() bool { _, err := os.Stat(jobs[0].state); return os.IsNotExist(err) },
 		10*time.Second, 20*time.Millisecond)
 	_, err = (&http.Client{Timeout: 2 * time.Second}).Get("http://127.0.0.1:" + itoa(lport) + "/gone")
 	assert.Error(t, err, "a detached job's forward still listens")
+
+	// The daemon's own job detaches, and then its script ends: the
+	// attached ones go on.
+	require.NoError(t, DetachJob(ctx, r.d.StatePath))
+	require.Eventually(t, func() bool { _, err := os.Stat(r.d.StatePath); return os.IsNotExist(err) },
+		10*time.Second, 20*time.Millisecond, "own state file after its job detached")
+	require.NoError(t, own.Process.Kill())
+	time.Sleep(1500 * time.Millisecond) // WatchPID looks once a second
+	select {
+	case <-r.exited:
+		t.Fatalf("Run returned with a job attached: %v", r.err)
+	default:
+	}
+	code, _ := getVia(t, jobs[1].ps.URL("http"), web.URL+"/after")
+	assert.Equal(t, 200, code)
 
 	// The last job ends: Run returns.
 	require.NoError(t, jobs[1].script.Process.Kill())
