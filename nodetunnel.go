@@ -627,6 +627,15 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		return nil, err
 	}
 	r.sup, r.sharedTunnel, r.hub, r.tcfg = own.sup, true, h, own.tcfg
+	// Set before the control socket listens (startForwards).
+	detach := make(chan struct{}, 1)
+	r.onDetach = func(error) bool {
+		select {
+		case detach <- struct{}{}:
+		default:
+		}
+		return false
+	}
 	if err := r.listen("127.0.0.1", req.Port, ModePerJob); err != nil {
 		r.shutdown(log)
 		return nil, err
@@ -658,14 +667,6 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 			return nil, err
 		}
 		*exitFd, exited = -1, ch
-	}
-	detach := make(chan struct{}, 1)
-	r.onDetach = func(error) bool {
-		select {
-		case detach <- struct{}{}:
-		default:
-		}
-		return false
 	}
 	h.mu.Lock()
 	h.fronts[r] = struct{}{}
