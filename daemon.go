@@ -66,8 +66,9 @@ import (
 // while the listener stays up; the state file records the status. Run
 // returns when ctx ends, ExitFd reaches EOF, or WatchPID exits (during
 // start-up too; on a node tunnel with other jobs attached, the last two
-// end only its own job's proxy, and Run returns when the last job ends); it then stops accepting, closes live connections, closes
-// the tunnel and removes the state file if it is still this daemon's.
+// end only its own job's proxy, and Run returns when the last job ends);
+// it then stops accepting, closes live connections, closes the tunnel
+// and removes the state file if it is still this daemon's.
 type Daemon struct {
 	// Mode is ModeShared or ModePerJob. If empty, ModePerJob.
 	Mode Mode
