@@ -428,3 +428,33 @@ func TestCLINodeTunnelSquatter(t *testing.T) {
 	b, _ := os.ReadFile(got)
 	assert.Empty(t, string(b), "the squatter got a request")
 }
+
+// TestCLIStatusJSONShared: a shared daemon reports its login node in
+// status --json too (relaying directly here: "direct", no SSH
+// connection), and status --json of nothing is "not running", exit 3.
+func TestCLIStatusJSONShared(t *testing.T) {
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "shared", "", "status", "--json", "--state", state)
+	assert.Equal(t, 3, r.code)
+	var rep hpcproxy.StatusReport
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep), r.stdout)
+	assert.Equal(t, "not running", rep.State)
+	assert.False(t, rep.Usable)
+
+	r = run(t, "shared", "", "start", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	t.Cleanup(func() { run(t, "shared", "", "stop", "--state", state) })
+	r = run(t, "shared", "", "status", "--json", "--state", state)
+	require.Equal(t, 0, r.code, r.stderr)
+	rep = hpcproxy.StatusReport{}
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep), r.stdout)
+	assert.Equal(t, hpcproxy.StatusSchema, rep.Schema)
+	assert.Equal(t, "alive", rep.State)
+	assert.Equal(t, hpcproxy.ModeShared, rep.Mode)
+	assert.Nil(t, rep.Node, "a shared proxy is no node tunnel")
+	require.Len(t, rep.LoginNodes, 1)
+	assert.Equal(t, "direct", rep.LoginNodes[0].Host)
+	assert.Equal(t, hpcproxy.StatusUp, rep.LoginNodes[0].Status)
+	assert.Equal(t, 0, rep.LoginNodes[0].Connections)
+	assert.NotContains(t, r.stdout, "token", "status --json shows the credentials")
+}
