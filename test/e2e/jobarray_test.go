@@ -25,10 +25,37 @@ const arrayTasks = 5
 // scrambled order, the first task (the one whose daemon holds the tunnel)
 // early, and every download of every task must succeed and bring the
 // right bytes. The last task's end ends the daemon and the connection.
+//
+// In PrivateTmp every task runs in a mount namespace of its own with a
+// fresh tmpfs over its TMPDIR, as Slurm's job_container/tmpfs gives each
+// job a /tmp of its own: the tasks cannot see each other's state files
+// (checked), and still share the tunnel, whose daemon lives in the first
+// task's namespace. The namespace is made by the job itself (unshare
+// with a user namespace that maps the user to itself, so its UID stays
+// the same), since this Slurm cannot host job_container/tmpfs: the test
+// users' homes are under /tmp.
 func (c *cluster) jobArray(t *testing.T) {
+	t.Run("SharedTmp", func(t *testing.T) { c.jobArrayWith(t, false) })
+	t.Run("PrivateTmp", func(t *testing.T) { c.jobArrayWith(t, true) })
+}
+
+// privateTmpScript re-runs the job script in a mount namespace with a
+// fresh tmpfs over TMPDIR (the prelude runs again there).
+const privateTmpScript = `
+if [ -z "${IN_PRIVATE_TMP:-}" ]; then
+	IN_PRIVATE_TMP=1 exec unshare --user --map-current-user --keep-caps --mount --propagation private \
+		sh -c 'mount -t tmpfs -o mode=0700 jobtmp "$TMPDIR" && exec "$0"' "$0"
+fi
+`
+
+func (c *cluster) jobArrayWith(t *testing.T, privateTmp bool) {
 	script := `
 tag="$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
 if perjob start -v; then echo "RESULT start ok"; else echo "RESULT start FAIL"; exit 1; fi
+if [ -n "${IN_PRIVATE_TMP:-}" ]; then
+	# Its own state file only: the other tasks' are in their own tmpfs.
+	step private-tmp sh -c 'test "$(ls "$TMPDIR"/hpcproxy-*/ | grep -c "json$")" = 1'
+fi
 perjob status --json >"$HOME/status-$tag.json"
 eval "$(perjob env)"
 touch "$HOME/ready-$tag"
@@ -48,6 +75,9 @@ if [ $bad = 0 ]; then echo "RESULT downloads ok"; else echo "RESULT downloads FA
 `
 	n := jobSeq.Add(1)
 	path := filepath.Join(c.user.home, fmt.Sprintf("job%d.sh", n))
+	if privateTmp {
+		script = privateTmpScript + script
+	}
 	writeFile(t, path, jobPrelude+script, 0o755)
 	if err := os.Chown(path, c.user.uid, c.user.gid); err != nil {
 		t.Fatal(err)
@@ -152,6 +182,9 @@ if [ $bad = 0 ]; then echo "RESULT downloads ok"; else echo "RESULT downloads FA
 		release(task)
 		j := c.wait(t, id+"_"+itoa(task), out(task), time.Minute)
 		wantOK(t, j.output, "start", "downloads")
+		if privateTmp {
+			wantOK(t, j.output, "private-tmp")
+		}
 		if got := atoi(field(j.output, `DOWNLOADS (\d+)`)); got < 1 {
 			t.Errorf("task %d: %d downloads", task, got)
 		}
