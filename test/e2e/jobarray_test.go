@@ -16,7 +16,7 @@ import (
 // (its 2 CPUs, oversubscribed: the partition allows 4 jobs per CPU).
 const arrayTasks = 5
 
-// jobArray is scenario 8: a Slurm job array whose tasks all run on
+// jobArray is scenario 7: a Slurm job array whose tasks all run on
 // compute, each starting a per-job proxy with plain `perjob start`. The
 // first task's start opens the node tunnel, the others attach to it: one
 // SSH connection on login for every task (counted there), while each task
