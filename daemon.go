@@ -38,7 +38,9 @@ import (
 // its state in the node-local tmp dir ([LocalPidFilePath]), and admits only
 // its owner: a client presenting the token, or a loopback client whose
 // socket belongs to the same UID ([SameUserConn]). It lives until the job
-// ends (see WatchPID) or it is stopped.
+// ends (see WatchPID) or it is stopped. Unless Private, it also serves its
+// tunnel to the user's other jobs on the node, which attach to it
+// ([AttachJob]), and then lives until the last of those jobs has ended.
 //
 // # Sockets
 //
@@ -63,8 +65,10 @@ import (
 // instead. Afterwards a dropped tunnel is re-established with backoff
 // while the listener stays up; the state file records the status. Run
 // returns when ctx ends, ExitFd reaches EOF, or WatchPID exits (during
-// start-up too); it then stops accepting, closes live connections, closes
-// the tunnel and removes the state file if it is still this daemon's.
+// start-up too; on a node tunnel with other jobs attached, the last two
+// end only its own job's proxy, and Run returns when the last job ends);
+// it then stops accepting, closes live connections, closes the tunnel
+// and removes the state file if it is still this daemon's.
 type Daemon struct {
 	// Mode is ModeShared or ModePerJob. If empty, ModePerJob.
 	Mode Mode
@@ -157,6 +161,17 @@ type Daemon struct {
 	// While the daemon runs, [AddExpose] adds more through its control
 	// socket.
 	Exposes []ExposeSpec
+
+	// Private optionally keeps a per-job daemon's tunnel to its own job.
+	// If false, a per-job daemon also serves its tunnel to the user's other
+	// jobs on the node, on the abstract socket [NodeSocketName] (see
+	// [AttachJob]): Run fails at once with an error wrapping
+	// [ErrNodeTunnelRunning] when another daemon serves that tunnel
+	// already (attach to it instead), and once ready it runs until the
+	// last job using the tunnel has ended, its own job being one of them:
+	// ExitFd, WatchPID or a detach request end only its own job's proxy
+	// while others are attached. Shared mode ignores it.
+	Private bool
 
 	// OnReady optionally is called with the listening address once the
 	// daemon is ready (after ReportFd is told), for programs that run a
@@ -252,7 +267,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	d.watchStops(ctx, cancel, log)
+	stopOwn := func(cause error) { cancel(cause) }
+	var hub *nodeHub
+	if d.sharesNode() {
+		hub = newNodeHub(d, NodeSocketName(os.Getuid(), d.Tunnel), log, cancel)
+		defer hub.close() // on a failed start; after a good one, before the tunnel closes
+		stopOwn = func(cause error) { hub.ownStop(cause) }
+	}
+	d.watchStops(ctx, stopOwn, log)
 	if os.Getenv("GOGC") == "" {
 		var wg sync.WaitGroup
 		wg.Add(1)
@@ -264,7 +286,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer cancel(nil) // runs before the Wait: ends tuneGC
 	}
 
-	ready, err := d.start(ctx, log)
+	ready, err := d.start(ctx, log, hub)
 	if err != nil {
 		if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
 			log.Info("stopping before ready: " + cause.Error())
@@ -277,7 +299,17 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		return err
 	}
-	defer ready.shutdown(log)
+	defer func() {
+		if hub != nil {
+			hub.close()
+		}
+		ready.shutdown(log)
+	}()
+	var ownDown chan struct{}
+	if hub != nil {
+		hub.serve(ready)
+		ownDown = hub.ownDown
+	}
 	if err := ReportReady(d.ReportFd); err != nil {
 		log.Warn("could not report readiness to parent", "err", err)
 	}
@@ -287,11 +319,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.OnReady(ready.ln.Addr())
 	}
 
-	interval := d.StatsInterval
-	if interval <= 0 {
-		interval = 10 * time.Second
-	}
-	tick := time.NewTicker(interval)
+	tick := time.NewTicker(d.statsInterval())
 	defer tick.Stop()
 	for {
 		select {
@@ -305,10 +333,19 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case err := <-ready.serveErr:
 			log.Error("listener failed", "err", err)
 			return fmt.Errorf("hpcproxy: listener failed: %w", err)
+		case <-ownDown:
+			// Its own job is gone; the attached jobs keep the tunnel.
+			ownDown = nil
+			ready.shutdownFront(log)
+			hub.ownDetached()
 		case <-tick.C:
-			ready.refreshStats(log, false)
+			if !ready.frontDown.Load() {
+				ready.refreshStats(log, false)
+			}
 		case <-ready.rebound:
-			ready.refreshStats(log, true)
+			if !ready.frontDown.Load() {
+				ready.refreshStats(log, true)
+			}
 		}
 	}
 }
@@ -317,9 +354,22 @@ func (d *Daemon) Run(ctx context.Context) error {
 // watched process exits.
 var errStopRequested = errors.New("stop requested")
 
-// watchStops cancels ctx, with a cause wrapping errStopRequested, when
+// statsInterval returns StatsInterval or its default.
+func (d *Daemon) statsInterval() time.Duration {
+	if d.StatsInterval <= 0 {
+		return 10 * time.Second
+	}
+	return d.StatsInterval
+}
+
+// sharesNode reports whether the daemon serves a node tunnel.
+func (d *Daemon) sharesNode() bool {
+	return d.mode() == ModePerJob && !d.Private && d.Tunnel.Destination != ""
+}
+
+// watchStops calls stop, with a cause wrapping errStopRequested, when
 // ExitFd reaches EOF or WatchPID exits. The watches end with ctx.
-func (d *Daemon) watchStops(ctx context.Context, cancel context.CancelCauseFunc, log *slog.Logger) {
+func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Logger) {
 	var exitCh, pidCh <-chan struct{}
 	if d.ExitFd > 0 {
 		ch, err := WatchExitFd(ctx, d.ExitFd)
@@ -340,11 +390,11 @@ func (d *Daemon) watchStops(ctx context.Context, cancel context.CancelCauseFunc,
 		case <-ctx.Done():
 		case <-exitCh:
 			if ctx.Err() == nil {
-				cancel(fmt.Errorf("%w: exit pipe closed", errStopRequested))
+				stop(fmt.Errorf("%w: exit pipe closed", errStopRequested))
 			}
 		case <-pidCh:
 			if ctx.Err() == nil {
-				cancel(fmt.Errorf("%w: watched process %d exited", errStopRequested, d.WatchPID))
+				stop(fmt.Errorf("%w: watched process %d exited", errStopRequested, d.WatchPID))
 			}
 		}
 	}()
@@ -357,7 +407,9 @@ func (d *Daemon) mode() Mode {
 	return d.Mode
 }
 
-// running is a started daemon's parts.
+// running is a started daemon's parts: a front (state file, listener,
+// server, forwards, control socket: one job's proxy) and the tunnel,
+// which attached jobs' fronts share (sharedTunnel).
 type running struct {
 	claim    *StateClaim
 	ln       net.Listener
@@ -380,15 +432,20 @@ type running struct {
 	fmu sync.Mutex     // guards locals and reverses: the control socket adds to them
 	ctl *controlServer // the control socket (daemonctl.go), if it listens
 
-	self selfDialer // dials the targets of reverse forwards (selfconn.go)
+	tcfg         TunnelConfig
+	sharedTunnel bool             // an attached job's front: the tunnel is not its to close
+	hub          *nodeHub         // the node tunnel this front is part of, if any
+	onDetach     func(error) bool // a detach request (control socket); nil: none
+	frontDown    atomic.Bool      // the front is shut down (the tunnel may run on)
+	lastNodes    []LoginNodeStats // as last written; under mu
 
-	tun    atomic.Pointer[Tunnel] // the tunnel while it is up
-	unresp bool                   // StatusUnresponsive recorded; under mu
+	self   selfDialer // dials the targets of reverse forwards (selfconn.go)
+	unresp bool       // the tunnel missed a keepalive reply; under mu
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
 // serving. On error everything it did is undone.
-func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err error) {
+func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *running, err error) {
 	mode := d.mode()
 	if mode != ModeShared && mode != ModePerJob {
 		return nil, fmt.Errorf("hpcproxy: unknown daemon mode %q", mode)
@@ -430,16 +487,27 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	if job.InJob {
 		initial.JobID, initial.Scheduler = job.JobID, string(job.Scheduler)
 	}
-	claim, err := ClaimStateFile(statePath, initial)
+	if hub != nil {
+		initial.Node = &NodeTunnelInfo{Socket: hub.name}
+	}
+	r, err := newFront(statePath, initial, log)
 	if err != nil {
 		return nil, err
 	}
-	r := &running{claim: claim, serveErr: make(chan error, 1), log: log, rebound: make(chan struct{}, 1)}
+	r.tcfg, r.hub = tcfg, hub
 	defer func() {
 		if err != nil {
 			r.shutdown(log)
 		}
 	}()
+	if hub != nil {
+		// After the claim: a second start of this job is told that its
+		// proxy runs; another job's, that the tunnel does.
+		if err := hub.listen(); err != nil {
+			return nil, err
+		}
+		r.onDetach = hub.ownStop
+	}
 	if tcfg.Destination != "" && tcfg.RuntimeDir == "" {
 		dir := daemonRuntimeDir(mode, statePath)
 		if err := prepareRuntimeDir(dir); err != nil {
@@ -452,21 +520,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	if host == "" && mode == ModePerJob {
 		host = "127.0.0.1"
 	}
-	// A per-job proxy's clients are on this node: no TCP keepalive for
-	// them (Go turns it on for every accepted conn, at four system calls
-	// each). A shared proxy keeps it, to notice clients whose node died.
-	var lc net.ListenConfig
-	if mode == ModePerJob {
-		lc.KeepAlive = -1
-	}
-	r.ln, err = lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, strconv.Itoa(d.Port)))
-	if err != nil {
-		return nil, fmt.Errorf("hpcproxy: listen: %w", err)
-	}
-	port := r.ln.Addr().(*net.TCPAddr).Port
-	// The bound port at once, still "starting": a status or stop that reads
-	// the file meanwhile finds a daemon that is alive, not a stale one.
-	if err := r.update(func(st *ProxyState) { st.Port = port }); err != nil {
+	if err := r.listen(host, d.Port, mode); err != nil {
 		return nil, err
 	}
 
@@ -475,40 +529,77 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 		MinBackoff: d.MinBackoff,
 		MaxBackoff: d.MaxBackoff,
 		DialGrace:  d.DialGrace,
-		OnChange: func(st TunnelState, tun *Tunnel) {
-			r.tun.Store(tun)
-			r.recordTunnel(st, log)
-		},
+		OnChange:   func(st TunnelState, _ *Tunnel) { r.recordTunnel(st, log) },
 	})
 	if err != nil {
 		return nil, err
 	}
+	r.serve(*creds, mode, d.AllowNetworks)
+	if err := r.startForwards(ctx, d.Forwards, d.Exposes, mode); err != nil {
+		return nil, err
+	}
+	if err := r.markReady(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
 
+// newFront claims the state file of a job's proxy (a front).
+func newFront(statePath string, initial ProxyState, log *slog.Logger) (*running, error) {
+	claim, err := ClaimStateFile(statePath, initial)
+	if err != nil {
+		return nil, err
+	}
+	return &running{claim: claim, serveErr: make(chan error, 1), log: log, rebound: make(chan struct{}, 1)}, nil
+}
+
+// listen binds the front's listener and records its port, still
+// "starting": a status or stop that reads the file meanwhile finds a
+// daemon that is alive, not a stale one.
+func (r *running) listen(host string, port int, mode Mode) error {
+	// A per-job proxy's clients are on this node: no TCP keepalive for
+	// them (Go turns it on for every accepted conn, at four system calls
+	// each). A shared proxy keeps it, to notice clients whose node died.
+	var lc net.ListenConfig
+	if mode == ModePerJob {
+		lc.KeepAlive = -1
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+	if err != nil {
+		return fmt.Errorf("hpcproxy: listen: %w", err)
+	}
+	r.ln = ln
+	bound := ln.Addr().(*net.TCPAddr).Port
+	return r.update(func(st *ProxyState) { st.Port = bound })
+}
+
+// serve makes the front's server, dialling through the tunnel.
+func (r *running) serve(creds ProxyCredentials, mode Mode, allow []netip.Prefix) {
 	r.srv = &Server{
 		Dial:        r.sup.Dial,
 		Credentials: map[string]string{creds.User: creds.Token},
-		Logger:      log,
+		Logger:      r.log,
 
 		KeepAliveTimeout: DefaultKeepAliveTimeout,
 	}
 	if mode == ModePerJob {
 		r.srv.TrustConn = r.ownerConn
 	}
-	if len(d.AllowNetworks) > 0 {
-		r.srv.AllowClient = allowNetworks(d.AllowNetworks)
+	if len(allow) > 0 {
+		r.srv.AllowClient = allowNetworks(allow)
 	}
+}
 
-	if err := r.startForwards(ctx, d, mode); err != nil {
-		return nil, err
-	}
-
+// markReady records the front as ready in its state file and starts
+// serving.
+func (r *running) markReady() error {
 	if err := r.update(func(st *ProxyState) {
 		// Ready: from now on recordTunnel writes every tunnel change. The
 		// tunnel may have dropped during start-up already.
 		r.ready = true
 		applyTunnel(st, r.sup.State())
 	}); err != nil {
-		return nil, err
+		return err
 	}
 	r.serveWG.Add(1)
 	go func() {
@@ -517,18 +608,18 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 			r.serveErr <- err
 		}
 	}()
-	return r, nil
+	return nil
 }
 
 // startForwards starts the daemon's local and reverse forwards, and the
 // control socket through which more can be added while it runs.
-func (r *running) startForwards(ctx context.Context, d *Daemon, mode Mode) error {
-	for _, fs := range d.Forwards {
+func (r *running) startForwards(ctx context.Context, fwd []ForwardSpec, exp []ExposeSpec, mode Mode) error {
+	for _, fs := range fwd {
 		if _, err := r.addLocal(fs, mode); err != nil {
 			return err
 		}
 	}
-	for _, es := range d.Exposes {
+	for _, es := range exp {
 		if _, err := r.addExpose(ctx, es); err != nil {
 			return err
 		}
@@ -550,6 +641,17 @@ func (r *running) forwardInfos() []ForwardInfo {
 func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
 	if ts.Status != TunnelUp && ts.Status != TunnelReconnecting {
 		return // closed: the state file is about to go
+	}
+	if h := r.hub; h != nil {
+		// The attached jobs' state files say so too.
+		h.mu.Lock()
+		for f := range h.fronts {
+			f.notifyRebound()
+		}
+		h.mu.Unlock()
+	}
+	if r.frontDown.Load() {
+		return // its own job is gone; the tunnel serves attached ones
 	}
 	err := r.update(func(st *ProxyState) {
 		if !r.ready {
@@ -581,10 +683,11 @@ func applyTunnel(st *ProxyState, ts TunnelState) {
 func (r *running) refreshStats(log *slog.Logger, force bool) {
 	s := r.srv.Stats()
 	fwd := r.forwardInfos()
-	tun := r.tun.Load()
+	nodes := r.loginNodeStats()
+	tun := r.sup.Current()
 	unresp := tun != nil && tun.Unresponsive()
 	r.mu.Lock()
-	same := s == r.lastStats && slices.Equal(fwd, r.lastFwd) && unresp == r.unresp
+	same := s == r.lastStats && slices.Equal(fwd, r.lastFwd) && slices.Equal(nodes, r.lastNodes) && unresp == r.unresp
 	r.mu.Unlock()
 	if same && !force {
 		return
@@ -599,12 +702,6 @@ func (r *running) refreshStats(log *slog.Logger, force bool) {
 			}
 		}
 		r.unresp = unresp
-		switch {
-		case unresp && st.Status == StatusUp:
-			st.Status = StatusUnresponsive
-		case !unresp && st.Status == StatusUnresponsive:
-			st.Status = StatusUp
-		}
 	}); err != nil {
 		log.Warn("state file not updated", "err", err)
 	}
@@ -619,6 +716,15 @@ func (r *running) update(mutate func(*ProxyState)) error {
 	defer r.mu.Unlock()
 	st := r.claim.State()
 	mutate(&st)
+	if r.sharedTunnel && r.ready {
+		applyTunnel(&st, r.sup.State())
+	}
+	switch {
+	case r.unresp && st.Status == StatusUp:
+		st.Status = StatusUnresponsive
+	case !r.unresp && st.Status == StatusUnresponsive:
+		st.Status = StatusUp
+	}
 	if r.srv != nil {
 		s := r.srv.Stats()
 		r.lastStats = s
@@ -629,12 +735,40 @@ func (r *running) update(mutate func(*ProxyState)) error {
 	}
 	r.lastFwd = r.forwardInfos()
 	st.Forwards = r.lastFwd
+	if r.ready {
+		// r.sup is set before ready is: never read while it is written.
+		r.lastNodes = r.loginNodeStats()
+		st.LoginNodes = r.lastNodes
+	}
+	if st.Node != nil && r.hub != nil {
+		n := *st.Node
+		n.Jobs = r.hub.jobCount()
+		st.Node = &n
+	}
 	return r.claim.Update(st)
 }
 
-// shutdown stops serving, closes connections and the tunnel, and removes
-// the state file if it is still ours.
+// shutdown stops serving, closes connections and the tunnel (unless it is
+// shared), and removes the state file if it is still ours.
 func (r *running) shutdown(log *slog.Logger) {
+	r.shutdownFront(log)
+	if r.sup != nil && !r.sharedTunnel {
+		_ = r.sup.Close()
+	}
+	if r.runDir != "" {
+		if err := os.RemoveAll(r.runDir); err != nil {
+			log.Warn("runtime dir not removed", "err", err)
+		}
+	}
+}
+
+// shutdownFront stops the front: no more serving, its connections and
+// forwards closed, its state file removed if it is still ours. The tunnel
+// stays up. It is idempotent.
+func (r *running) shutdownFront(log *slog.Logger) {
+	if r.frontDown.Swap(true) {
+		return
+	}
 	r.stopControl() // no forward is added from here on
 	for _, f := range r.reverses {
 		if err := f.Close(); err != nil {
@@ -650,14 +784,6 @@ func (r *running) shutdown(log *slog.Logger) {
 		_ = r.ln.Close()
 	}
 	r.serveWG.Wait()
-	if r.sup != nil {
-		_ = r.sup.Close()
-	}
-	if r.runDir != "" {
-		if err := os.RemoveAll(r.runDir); err != nil {
-			log.Warn("runtime dir not removed", "err", err)
-		}
-	}
 	if err := r.claim.Release(); err != nil {
 		log.Warn("state file not released", "err", err)
 	}

@@ -24,12 +24,15 @@ import (
 //
 //	{"op":"forward","spec":"5432=db.internal:5432"}
 //	{"op":"expose","spec":"8888"}
+//	{"op":"detach"}
 //
 // with specs as [ParseForwardSpec] and [ParseExposeSpec] read them,
 // answered by one JSON line: {"forward":{...}} with the [ForwardInfo] of
 // the forward, or {"error":"..."}. A request for a forward that the daemon
 // already has ([ForwardSpec.Matches], [ExposeSpec.Matches]) returns that
-// one. [AddForward] and [AddExpose] are the client side.
+// one. "detach" ends the job's proxy on a node tunnel (see [AttachJob])
+// and is answered {"detached":true}. [AddForward], [AddExpose] and
+// [DetachJob] are the client side.
 
 // ControlSocketPath returns the control socket of the daemon whose state
 // file is statePath: the same name with ".sock" for ".json".
@@ -41,6 +44,7 @@ func ControlSocketPath(statePath string) string {
 const (
 	controlOpForward = "forward"
 	controlOpExpose  = "expose"
+	controlOpDetach  = "detach"
 )
 
 // controlRequestMax bounds a request line.
@@ -52,18 +56,21 @@ const controlTimeout = 90 * time.Second
 
 type controlRequest struct {
 	Op   string `json:"op"`
-	Spec string `json:"spec"`
+	Spec string `json:"spec,omitempty"`
 }
 
 type controlReply struct {
-	Forward *ForwardInfo `json:"forward,omitempty"`
-	Error   string       `json:"error,omitempty"`
+	Forward  *ForwardInfo `json:"forward,omitempty"`
+	Detached bool         `json:"detached,omitempty"`
+	Error    string       `json:"error,omitempty"`
 }
 
-// controlCommand is a parsed, valid request: exactly one of the specs.
+// controlCommand is a parsed, valid request: exactly one of the specs, or
+// detach.
 type controlCommand struct {
 	forward *ForwardSpec
 	expose  *ExposeSpec
+	detach  bool
 }
 
 // parseControlRequest parses one request line from a control client.
@@ -90,6 +97,11 @@ func parseControlRequest(line []byte) (controlCommand, error) {
 			return controlCommand{}, err
 		}
 		return controlCommand{expose: &spec}, nil
+	case controlOpDetach:
+		if req.Spec != "" {
+			return controlCommand{}, errors.New("hpcproxy: control request: detach takes no spec")
+		}
+		return controlCommand{detach: true}, nil
 	}
 	return controlCommand{}, fmt.Errorf("hpcproxy: control request: unknown op %q", req.Op)
 }
@@ -161,7 +173,17 @@ func (s *controlServer) serveConn(c net.Conn) {
 	}
 	var reply controlReply
 	cmd, err := parseControlRequest(line)
-	if err == nil {
+	if err == nil && cmd.detach {
+		// Answered before the front goes: shutting it down waits for this
+		// connection's handler.
+		if s.r.onDetach == nil {
+			err = errors.New("hpcproxy: this proxy has no node tunnel to detach from: stop it instead")
+		} else {
+			s.r.log.Info("control socket: detach requested")
+			s.r.onDetach(fmt.Errorf("%w: detach requested", errStopRequested))
+			reply.Detached = true
+		}
+	} else if err == nil {
 		var fi ForwardInfo
 		fi, err = s.do(cmd)
 		reply.Forward = &fi
@@ -213,7 +235,9 @@ func (s *controlServer) do(cmd controlCommand) (ForwardInfo, error) {
 		}
 		fi = f.Info()
 	}
-	r.notifyRebound()
+	// Written before the reply: a client that reads the state file
+	// after its request finds the forward there.
+	r.refreshStats(r.log, true)
 	return fi, nil
 }
 
@@ -318,6 +342,12 @@ func controlCall(ctx context.Context, statePath string, req controlRequest) (For
 	}
 	if reply.Error != "" {
 		return ForwardInfo{}, errors.New(reply.Error)
+	}
+	if req.Op == controlOpDetach {
+		if !reply.Detached {
+			return ForwardInfo{}, errors.New("hpcproxy: control reply: not detached")
+		}
+		return ForwardInfo{}, nil
 	}
 	if reply.Forward == nil {
 		return ForwardInfo{}, errors.New("hpcproxy: control reply without a forward")

@@ -134,6 +134,22 @@
 // system properties JVMs read instead (EnvOptions.Java puts them in
 // JAVA_TOOL_OPTIONS).
 //
+// # Node tunnel
+//
+// Per-job daemons of one user on one compute node share one tunnel: the
+// first opens it and serves it on an abstract unix socket
+// ([NodeSocketName]); later jobs (array tasks, job steps) attach to it
+// with [AttachJob] instead of opening another SSH connection. Each job
+// keeps its own listener, credentials, UID check, state file, log,
+// forwards and control socket; its end (a pidfd of its script, passed
+// with SCM_RIGHTS) or [DetachJob] detaches it alone, and the last job's
+// end ends the daemon. The state directory travels as a descriptor too,
+// so this works where each job has a private /tmp (Slurm's
+// job_container/tmpfs). Both sides check the peer's UID with
+// SO_PEERCRED: another user can neither attach nor pose as the daemon.
+// [Daemon.Private] opts out. [StatusReport] is the stable JSON shape of a
+// daemon's status, with what each login node carries ([LoginNodeStats]).
+//
 // # Cost
 //
 // An idle relay holds no pipe and no large buffer: between two TCP

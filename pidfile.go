@@ -186,6 +186,32 @@ type ProxyState struct {
 	// Daemon.Exposes) with their addresses, status and counters, refreshed
 	// with Stats and whenever a reverse forward is (re)bound.
 	Forwards []ForwardInfo `json:"forwards,omitempty"`
+	// Node describes the node tunnel a per-job proxy shares with the
+	// user's other jobs on the node; nil for a private one.
+	Node *NodeTunnelInfo `json:"node,omitempty"`
+	// LoginNodes are what the login node(s) carry for this daemon (for a
+	// node tunnel: for all its jobs), refreshed with Stats.
+	LoginNodes []LoginNodeStats `json:"login_nodes,omitempty"`
+}
+
+// LoginNodeStats is what one login node carries for a daemon: its part of
+// `status --json` (see [StatusReport]). The JSON names are stable.
+type LoginNodeStats struct {
+	Host   string `json:"host"`   // the SSH destination (Via); "direct" when relaying directly
+	InUse  bool   `json:"in_use"` // the tunnel goes through it now
+	Status Status `json:"status"` // up or reconnecting
+	Method string `json:"method"` // the tunnel method
+	// Connections counts the SSH connections open to it (each costs an
+	// sshd session there); 0 while reconnecting.
+	Connections int `json:"connections"`
+	// Channels and ChannelsTotal count the connections carried through
+	// it (proxied and forwarded): open now, and since start.
+	Channels      int64 `json:"channels"`
+	ChannelsTotal int64 `json:"channels_total"`
+	BytesIn       int64 `json:"bytes_in"`  // client to destination
+	BytesOut      int64 `json:"bytes_out"` // destination to client
+	// Jobs counts the jobs whose traffic these figures sum.
+	Jobs int `json:"jobs"`
 }
 
 // DaemonStats are a running daemon's counters as of Updated.

@@ -160,7 +160,8 @@ func (e *DaemonError) Error() string {
 }
 
 // Unwrap returns Err and, when the daemon reported that a proxy already
-// runs, ErrAlreadyRunning, or that a state path is unsafe, ErrUnsafePath.
+// runs, ErrAlreadyRunning, that a node tunnel with its settings runs,
+// ErrNodeTunnelRunning, or that a state path is unsafe, ErrUnsafePath.
 func (e *DaemonError) Unwrap() []error {
 	var errs []error
 	if e.Err != nil {
@@ -171,6 +172,9 @@ func (e *DaemonError) Unwrap() []error {
 	}
 	if strings.Contains(e.Reported, ErrUnsafePath.Error()) {
 		errs = append(errs, ErrUnsafePath)
+	}
+	if strings.HasPrefix(e.Reported, ErrNodeTunnelRunning.Error()) {
+		errs = append(errs, ErrNodeTunnelRunning)
 	}
 	return errs
 }

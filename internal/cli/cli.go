@@ -7,11 +7,13 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -44,9 +46,13 @@ type command struct {
 }
 
 func (a *App) commands() []command {
+	stopSummary := "stop the running proxy daemon"
+	if a.Mode == hpcproxy.ModePerJob {
+		stopSummary = "stop this job's proxy (on a node tunnel other jobs use: detach this job only)"
+	}
 	return []command{
 		{name: "start", args: "[flags]", summary: "start the proxy daemon and wait until it is ready", run: (*App).start},
-		{name: "stop", args: "[flags]", summary: "stop the running proxy daemon", run: (*App).stop},
+		{name: "stop", args: "[flags]", summary: stopSummary, run: (*App).stop},
 		{name: "status", args: "[flags]", summary: "show the proxy's state, tunnel and counters", run: (*App).status},
 		{name: "expose", args: "[flags] LOCAL[=REMOTE]", summary: "have the login node listen and connect to LOCAL here, like ssh -R (running proxy)", run: (*App).expose},
 		{name: "forward", args: "[flags] LOCAL=REMOTE", summary: "listen on LOCAL here and connect to REMOTE from the login node, like ssh -L (running proxy)", run: (*App).forward},
@@ -206,6 +212,7 @@ type tunnelFlags struct {
 	forwards  multiString
 	exposes   multiString
 	conns     int
+	private   bool
 }
 
 type multiString []string
@@ -233,6 +240,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 		f.StringVar(&t.advertise, "advertise", "", "host name or address the compute nodes should dial, recorded in the state file (default: this node's host name)")
 	} else {
 		f.IntVar(&t.watchPID, "watch-pid", 0, "stop when this process exits (default: the job script, else the shell that ran start; -1: never)")
+		f.BoolVar(&t.private, "private", false, "keep a tunnel of this job's own: do not share the node's tunnel with (or attach to the one of) the user's other jobs on this node")
 	}
 }
 
@@ -266,6 +274,9 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	if t.watchPID != 0 {
 		args = append(args, "--watch-pid", strconv.Itoa(t.watchPID))
 	}
+	if t.private {
+		args = append(args, "--private")
+	}
 	for _, fw := range t.forwards {
 		args = append(args, "--forward", fw)
 	}
@@ -276,6 +287,22 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 		args = append(args, "-v")
 	}
 	return args
+}
+
+// tunnelConfig is the tunnel the flags ask for: the daemon's, and the
+// name of the node tunnel a start attaches to.
+func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
+	tc := hpcproxy.TunnelConfig{
+		Destination:   t.via,
+		Methods:       t.methods,
+		SSHConfigFile: t.sshConfig,
+		SSHOptions:    t.sshOpts,
+		Connections:   t.conns,
+	}
+	if t.acceptNew {
+		tc.HostKeyPolicy = hpcproxy.HostKeyAcceptNew
+	}
+	return tc
 }
 
 func (a *App) start(args []string) error {
@@ -318,12 +345,48 @@ func (a *App) start(args []string) error {
 	if err != nil {
 		return fmt.Errorf("cannot find this program to start the daemon: %w", err)
 	}
-	cmd := exec.Command(exe, t.daemonArgs(state, f.verbose)...)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	d, err := hpcproxy.StartDaemon(ctx, hpcproxy.DaemonOptions{
-		Cmd: cmd, LogFile: hpcproxy.LogFilePath(state), Timeout: t.timeout,
-	})
+	deadline := time.Now().Add(t.timeout)
+	var d *hpcproxy.DaemonProcess
+	for {
+		if a.Mode == hpcproxy.ModePerJob && !t.private {
+			ps, err := a.attach(ctx, &t, state, deadline)
+			if err == nil {
+				if f.verbose {
+					fmt.Fprintf(a.Stdout, "attached to the node tunnel %s: pid %d, %s via %s (%s, %d jobs); log %s\n",
+						ps.Node.Socket, ps.PID, ps.Addr(), ps.Via, ps.Method, ps.Node.Jobs, ps.LogFile)
+				}
+				printForwards(a.Stdout, ps, true)
+				return nil
+			}
+			if are := (*hpcproxy.AlreadyRunningError)(nil); errors.As(err, &are) && are.State != nil {
+				return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
+			}
+			if errors.Is(err, hpcproxy.ErrNodeTunnelForeign) {
+				// Someone else holds the name: never talk to it, and do not
+				// let it keep this job from its proxy either.
+				fmt.Fprintf(a.Stderr, "%s start: warning: %s\n%s start: starting a tunnel of this job's own (as with --private)\n",
+					a.Name, strings.TrimPrefix(err.Error(), "hpcproxy: "), a.Name)
+				t.private = true
+				continue
+			}
+			if !errors.Is(err, hpcproxy.ErrNoNodeTunnel) {
+				return fmt.Errorf("%w\nhint: start with --private to open a tunnel of this job's own; the log is %s", err, hpcproxy.LogFilePath(state))
+			}
+		}
+		// No node tunnel (or a private one): this start opens it.
+		cmd := exec.Command(exe, t.daemonArgs(state, f.verbose)...)
+		d, err = hpcproxy.StartDaemon(ctx, hpcproxy.DaemonOptions{
+			Cmd: cmd, LogFile: hpcproxy.LogFilePath(state), Timeout: time.Until(deadline),
+		})
+		if errors.Is(err, hpcproxy.ErrNodeTunnelRunning) && time.Now().Before(deadline) {
+			// Another job's start opened it meanwhile: attach to that one.
+			time.Sleep(time.Duration(20+rand.IntN(80)) * time.Millisecond)
+			continue
+		}
+		break
+	}
 	if err != nil {
 		if are := (*hpcproxy.AlreadyRunningError)(nil); errors.As(err, &are) && are.State != nil {
 			return a.alreadyRunning(are.State, &t, stateFlag(f), f.verbose)
@@ -349,6 +412,21 @@ func (a *App) start(args []string) error {
 		printForwards(a.Stdout, ps, true)
 	}
 	return nil
+}
+
+// attach attaches this job to the node tunnel the flags name, if a
+// daemon serves it.
+func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time) (*hpcproxy.ProxyState, error) {
+	fwd, exp, err := t.specs()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	return hpcproxy.AttachJob(ctx, hpcproxy.AttachOptions{
+		Tunnel: t.tunnelConfig(), StatePath: state, Port: t.port,
+		WatchPID: max(t.watchPID, 0), Forwards: fwd, Exposes: exp,
+	})
 }
 
 // startHint says where to look when a daemon with these flags did not
@@ -450,16 +528,8 @@ func (a *App) daemon(args []string) error {
 		ReportFd:      fds.Report,
 		ExitFd:        fds.Exit,
 		Logger:        log,
-		Tunnel: hpcproxy.TunnelConfig{
-			Destination:   t.via,
-			Methods:       t.methods,
-			SSHConfigFile: t.sshConfig,
-			SSHOptions:    t.sshOpts,
-			Connections:   t.conns,
-		},
-	}
-	if t.acceptNew {
-		d.Tunnel.HostKeyPolicy = hpcproxy.HostKeyAcceptNew
+		Tunnel:        t.tunnelConfig(),
+		Private:       t.private,
 	}
 	if t.watchPID > 0 {
 		d.WatchPID = t.watchPID
@@ -535,7 +605,16 @@ func (a *App) stop(args []string) error {
 		}
 		return nil
 	}
-	if err := syscall.Kill(ps.PID, syscall.SIGTERM); err != nil {
+	if ps.Node != nil {
+		// A node tunnel: end this job's proxy only; the daemon goes on for
+		// the other jobs (or ends, if this was the last).
+		ctx, cancel := context.WithTimeout(context.Background(), *wait)
+		err := hpcproxy.DetachJob(ctx, path)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("detach from the node tunnel (pid %d): %w", ps.PID, err)
+		}
+	} else if err := syscall.Kill(ps.PID, syscall.SIGTERM); err != nil {
 		return fmt.Errorf("signal pid %d: %w", ps.PID, err)
 	}
 	deadline := time.Now().Add(*wait)
@@ -546,6 +625,10 @@ func (a *App) stop(args []string) error {
 		cur, err := hpcproxy.ReadPidFileAt(path)
 		removed := errors.Is(err, os.ErrNotExist) || (err == nil && cur.PID != ps.PID)
 		if removed || !hpcproxy.PIDAlive(ps.PID) {
+			if ps.Node != nil && f.verbose && removed {
+				fmt.Fprintf(a.Stdout, "detached from the node tunnel (pid %d)\n", ps.PID)
+				return nil
+			}
 			if !removed {
 				// It died without cleaning up.
 				_, _ = hpcproxy.RemoveStaleState(path)
@@ -570,12 +653,19 @@ func (a *App) stopHint() string {
 
 func (a *App) status(args []string) error {
 	f := a.cmdFlags("status")
+	asJSON := f.Bool("json", false, "print the status as one JSON object (a stable shape: see hpcproxy.StatusReport)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
 	path := a.statePath(f)
 	ps, err := hpcproxy.ReadPidFileAt(path)
 	if errors.Is(err, os.ErrNotExist) {
+		if *asJSON {
+			if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, nil, 0)); err != nil {
+				return err
+			}
+			return &exitError{3}
+		}
 		fmt.Fprintf(a.Stdout, "state:       not running (no %s)\n", path)
 		return &exitError{3}
 	}
@@ -583,6 +673,15 @@ func (a *App) status(args []string) error {
 		return err
 	}
 	v := hpcproxy.CheckState(ps)
+	if *asJSON {
+		if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, ps, v)); err != nil {
+			return err
+		}
+		if !v.Usable() {
+			return &exitError{1}
+		}
+		return nil
+	}
 	w := a.Stdout
 	fmt.Fprintf(w, "state:       %s\n", v)
 	fmt.Fprintf(w, "mode:        %s\n", ps.Mode)
@@ -602,6 +701,17 @@ func (a *App) status(args []string) error {
 		fmt.Fprintf(w, "connections: %d active, %d total\n", s.Active, s.Total)
 		fmt.Fprintf(w, "bytes:       %d in, %d out (as of %s)\n", s.BytesIn, s.BytesOut, s.Updated.Local().Format(time.TimeOnly))
 	}
+	if n := ps.Node; n != nil {
+		how := "opened by this job"
+		if n.Attached {
+			how = "attached"
+		}
+		fmt.Fprintf(w, "node tunnel: %s, %s, %d jobs\n", n.Socket, how, n.Jobs)
+	}
+	for _, ln := range ps.LoginNodes {
+		fmt.Fprintf(w, "login node:  %s (%s): %d ssh connections, %d channels open, %d total, %d bytes in, %d out, %d jobs\n",
+			ln.Host, ln.Status, ln.Connections, ln.Channels, ln.ChannelsTotal, ln.BytesIn, ln.BytesOut, ln.Jobs)
+	}
 	printForwards(w, ps, false)
 	if ps.JobID != "" {
 		fmt.Fprintf(w, "job:         %s %s\n", ps.Scheduler, ps.JobID)
@@ -612,6 +722,13 @@ func (a *App) status(args []string) error {
 		return &exitError{1}
 	}
 	return nil
+}
+
+// printJSON writes v as indented JSON.
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func (a *App) envList(f *flags, noProxy []string) ([]string, error) {

@@ -60,13 +60,13 @@ func cleanEnv() []string {
 }
 
 // run runs the test binary as app with args.
-func run(t *testing.T, app string, stdin string, args ...string) result {
+func run(t testing.TB, app string, stdin string, args ...string) result {
 	t.Helper()
 	return runEnv(t, app, nil, stdin, args...)
 }
 
 // runEnv is run with env added to the clean environment.
-func runEnv(t *testing.T, app string, env []string, stdin string, args ...string) result {
+func runEnv(t testing.TB, app string, env []string, stdin string, args ...string) result {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(append(cleanEnv(), env...), envApp+"="+app)

@@ -279,18 +279,24 @@ func (s *SSHD) AuthorizeKey(t testing.TB, pub ssh.PublicKey, options ...string) 
 // Descendants returns the processes below pid (sshd's per-session
 // children survive the listener), deepest first.
 func Descendants(pid int) []int {
+	var out []int
+	for _, child := range Children(pid) {
+		out = append(out, Descendants(child)...)
+		out = append(out, child)
+	}
+	return out
+}
+
+// Children returns the processes whose parent is pid. Below a listening
+// sshd, each is one client connection (its session's privileged monitor).
+func Children(pid int) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
 	var out []int
 	for _, e := range ents {
-		child, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppidOf(child) == pid {
-			out = append(out, Descendants(child)...)
+		if child, err := strconv.Atoi(e.Name()); err == nil && ppidOf(child) == pid {
 			out = append(out, child)
 		}
 	}

@@ -83,6 +83,7 @@ func TestCluster(t *testing.T) {
 	scenario("OtherUser", c.otherUser)
 	scenario("Expose", c.expose)
 	scenario("Faults", c.faults)
+	scenario("JobArray", c.jobArray)
 }
 
 // perJobJob is scenario 1: perjob status in the job must show via as the
