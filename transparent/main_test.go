@@ -1,0 +1,49 @@
+package transparent
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// roleEnv makes the test binary act as a command run inside the namespace
+// instead of running the tests: "fetch URL" is a Go client that ignores
+// every proxy setting.
+const roleEnv = "HPCPROXY_TRANSPARENT_TEST_ROLE"
+
+// TestMain runs the namespace stage when Start re-executes the test
+// binary, the test roles, and otherwise the tests with a goroutine-leak
+// check.
+func TestMain(m *testing.M) {
+	Init()
+	if os.Getenv(roleEnv) == "fetch" {
+		os.Exit(fetchRole(os.Args[1]))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// fetchRole GETs url with a transport that has no proxy at all and prints
+// the body.
+func fetchRole(url string) int {
+	c := &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 20 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fetch:", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(os.Stdout, resp.Body); err != nil {
+		fmt.Fprintln(os.Stderr, "fetch:", err)
+		return 1
+	}
+	if resp.StatusCode != 200 {
+		fmt.Fprintln(os.Stderr, "fetch:", resp.Status)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,301 @@
+package transparent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/testenv"
+)
+
+// The tests run commands in a namespace whose only way out is the test's
+// own Dial, which maps the names the command asks for to servers on this
+// process's loopback. As root they re-run themselves as a throwaway
+// non-root user (asUser), which is what a user on a compute node is, with
+// /dev/net/tun made 0666 for the run as most distributions ship it (this
+// machine has it 0600) and restored after.
+
+// requireTransparent skips (fails under CI) where this user cannot run a
+// transparent command; as root it re-runs the calling test as a non-root
+// user and reports true: the caller returns.
+func requireTransparent(t *testing.T) (reran bool) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		asUser(t)
+		return true
+	}
+	err := Check()
+	testenv.Require(t, err == nil, "transparent mode unavailable for this user: %v", err)
+	return false
+}
+
+var testUserOnce struct {
+	sync.Mutex
+	name string
+}
+
+// asUser re-runs t's test as a fresh non-root user, with /dev/net/tun
+// 0666 for the run.
+func asUser(t *testing.T) {
+	t.Helper()
+	testenv.LookPath(t, "useradd")
+	testenv.LookPath(t, "setpriv")
+	fi, err := os.Stat("/dev/net/tun")
+	testenv.Require(t, err == nil, "no /dev/net/tun: %v", err)
+	if mode := fi.Mode().Perm(); mode != 0o666 {
+		if err := os.Chmod("/dev/net/tun", 0o666); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.Chmod("/dev/net/tun", mode) })
+	}
+	name := fmt.Sprintf("hptr%d", os.Getpid()%100000)
+	_ = exec.Command("userdel", name).Run()
+	if out, err := exec.Command("useradd", "-M", "-U", "-d", "/nonexistent", "-s", "/bin/sh", name).CombinedOutput(); err != nil {
+		t.Fatalf("useradd: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("userdel", name).Run() })
+	// The test binary where the user can run it.
+	dir, err := os.MkdirTemp("", "hptr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	_ = os.Chmod(dir, 0o755)
+	self, _ := os.Executable()
+	bin := filepath.Join(dir, "transparent.test")
+	b, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "setpriv", "--reuid", name, "--regid", name, "--clear-groups",
+		bin, "-test.run", "^"+t.Name()+"$", "-test.v")
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	t.Logf("as user %s:\n%s", name, out)
+	if err != nil {
+		t.Fatalf("the test as user %s: %v", name, err)
+	}
+	if bytes.Contains(out, []byte("--- SKIP")) {
+		t.Fatalf("the test skipped as user %s", name)
+	}
+}
+
+// fakeInternet serves HTTP on loopback and dials names of *.test to it,
+// recording every address it was asked to dial.
+type fakeInternet struct {
+	srv  *http.Server
+	addr string
+	mu   sync.Mutex
+	asks []string
+}
+
+func newFakeInternet(t *testing.T) *fakeInternet {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeInternet{addr: ln.Addr().String()}
+	f.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if n, err := strconv.Atoi(r.URL.Query().Get("bytes")); err == nil {
+			w.Header().Set("Content-Length", strconv.Itoa(n))
+			_, _ = io.CopyN(w, zeros{}, int64(n))
+			return
+		}
+		fmt.Fprintf(w, "hello %s\n", r.Host)
+	}), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = f.srv.Serve(ln) }()
+	t.Cleanup(func() { _ = f.srv.Close() })
+	return f
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+func (f *fakeInternet) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	f.mu.Lock()
+	f.asks = append(f.asks, addr)
+	f.mu.Unlock()
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	if !strings.HasSuffix(host, ".test") {
+		return nil, errors.New("no route to " + addr)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, f.addr)
+}
+
+func (f *fakeInternet) asked() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.asks...)
+}
+
+// runTransparent runs cmd transparently and returns its output and exit
+// code.
+func runTransparent(t *testing.T, cfg Config, cmd *exec.Cmd) (string, string, int) {
+	t.Helper()
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	s, err := Start(cfg, cmd)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	err = cmd.Wait()
+	if cerr := s.Close(); cerr != nil {
+		t.Errorf("Session.Close: %v", cerr)
+	}
+	code := 0
+	if ee := (*exec.ExitError)(nil); errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("Wait: %v", err)
+	}
+	return so.String(), se.String(), code
+}
+
+// TestGoClientWithoutProxy: a Go program whose transport has Proxy nil
+// reaches a name that only the far side knows; the dialer is asked for
+// the name, not an address.
+func TestGoClientWithoutProxy(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	f := newFakeInternet(t)
+	self, _ := os.Executable()
+	cmd := exec.Command(self, "http://www.far.test/hello")
+	cmd.Env = append(os.Environ(), roleEnv+"=fetch", "HTTP_PROXY=http://127.0.0.1:9", "HTTPS_PROXY=http://127.0.0.1:9")
+	out, errOut, code := runTransparent(t, Config{Dial: f.Dial}, cmd)
+	if code != 0 || out != "hello www.far.test\n" {
+		t.Fatalf("fetch: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	if got := f.asked(); len(got) != 1 || got[0] != "www.far.test:80" {
+		t.Errorf("dialled %q, want [www.far.test:80] (the name, resolved at the far side)", got)
+	}
+}
+
+// TestCommandIsItself: exit status, stdin, working directory, UID and
+// the environment are the command's own; the namespace has no
+// capabilities and its resolv.conf names the fake resolver.
+func TestCommandIsItself(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	f := newFakeInternet(t)
+	dir := t.TempDir()
+	script := `read line; echo "in=$line"; echo "pwd=$(pwd)"; echo "uid=$(id -u) gid=$(id -g)"; echo "env=$HPT_X"; ` +
+		`grep -E '^Cap(Eff|Prm|Amb)' /proc/self/status; grep nameserver /etc/resolv.conf; ` +
+		`echo "stage=${` + stageEnv + `:-unset}"; exit 7`
+	cmd := exec.Command("sh", "-c", script)
+	cmd.Dir = dir
+	cmd.Stdin = strings.NewReader("from stdin\n")
+	cmd.Env = append(os.Environ(), "HPT_X=kept")
+	out, errOut, code := runTransparent(t, Config{Dial: f.Dial}, cmd)
+	if code != 7 {
+		t.Errorf("exit %d, want 7 (stderr %q)", code, errOut)
+	}
+	for _, want := range []string{
+		"in=from stdin\n",
+		"pwd=" + dir + "\n",
+		fmt.Sprintf("uid=%d gid=%d\n", os.Getuid(), os.Getgid()),
+		"env=kept\n",
+		"CapPrm:\t0000000000000000\n",
+		"CapEff:\t0000000000000000\n",
+		"CapAmb:\t0000000000000000\n",
+		"nameserver " + dnsAddr.String() + "\n",
+		"stage=unset\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestRefusedAndExcluded: a destination the tunnel cannot reach is
+// refused to the command quickly (RST, not a hang); an excluded network
+// is dialled directly, not through Dial.
+func TestRefusedAndExcluded(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	f := newFakeInternet(t)
+	// The excluded network: a server on loopback, the "cluster" side.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		_, _ = c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\ndirect\n"))
+		_ = c.Close()
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	var directs []string
+	var mu sync.Mutex
+	cfg := Config{
+		Dial:    f.Dial,
+		Exclude: []netip.Prefix{netip.MustParsePrefix("10.99.0.0/16")},
+		DirectDial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			mu.Lock()
+			directs = append(directs, addr)
+			mu.Unlock()
+			var d net.Dialer
+			return d.DialContext(ctx, network, ln.Addr().String())
+		},
+	}
+	self, _ := os.Executable()
+	// The Go client: a name the dialer refuses, then the excluded address.
+	cmd := exec.Command("sh", "-c", `"$0" http://nowhere.invalid/ ; echo "refused=$?"; "$0" http://10.99.1.2:`+strconv.Itoa(port)+`/ ; echo "excluded=$?"`, self)
+	cmd.Env = append(os.Environ(), roleEnv+"=fetch")
+	start := time.Now()
+	out, errOut, _ := runTransparent(t, cfg, cmd)
+	if !strings.Contains(out, "refused=1") || !strings.Contains(errOut, "connection refused") {
+		t.Errorf("refused destination: stdout %q stderr %q, want a refused connection", out, errOut)
+	}
+	if elapsed := time.Since(start); elapsed > 15*time.Second {
+		t.Errorf("took %s: a refused dial must fail fast", elapsed)
+	}
+	if !strings.Contains(out, "direct\nexcluded=0") {
+		t.Errorf("excluded network: stdout %q stderr %q, want the direct server's answer", out, errOut)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(directs) != 1 || directs[0] != "10.99.1.2:"+strconv.Itoa(port) {
+		t.Errorf("direct dials %q, want the excluded address", directs)
+	}
+	for _, a := range f.asked() {
+		if strings.HasPrefix(a, "10.99.") {
+			t.Errorf("excluded address %s went through Dial", a)
+		}
+	}
+}
