@@ -21,8 +21,15 @@ const roleEnv = "HPCPROXY_TRANSPARENT_TEST_ROLE"
 // check.
 func TestMain(m *testing.M) {
 	Init()
-	if os.Getenv(roleEnv) == "fetch" {
+	switch os.Getenv(roleEnv) {
+	case "fetch":
 		os.Exit(fetchRole(os.Args[1]))
+	case "sink":
+		if err := sinkRole(os.Args[1], os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, "sink:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
 	goleak.VerifyTestMain(m)
 }
