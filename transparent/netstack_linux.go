@@ -231,8 +231,19 @@ func relay(a, b net.Conn) {
 
 type closeWriter interface{ CloseWrite() error }
 
+// copyBufSize is the relay's buffer: a read can fill several of the
+// stack's 64 KiB packets at once (io.Copy's 32 KiB is half of one), for
+// fewer calls into the stack per byte.
+const copyBufSize = 256 << 10
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
 func copyHalf(dst, src net.Conn) {
-	_, err := io.Copy(dst, src)
+	bp := copyBufs.Get().(*[]byte)
+	// Hide ReaderFrom/WriterTo: neither side has a fast path that beats a
+	// large buffer here, and gonet's would use a small one.
+	_, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+	copyBufs.Put(bp)
 	if cw, ok := dst.(closeWriter); ok && err == nil {
 		_ = cw.CloseWrite()
 		return
