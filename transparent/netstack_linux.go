@@ -67,6 +67,13 @@ func newNetStack(tunFD int, st *netStack) (*netStack, error) {
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
 	})
 	st.s = s
+	// The handlers before the NIC: its packet dispatcher, started by
+	// CreateNIC, must find them in place (and the race detector must see
+	// them made before it starts).
+	fwd := tcp.NewForwarder(s, 0, 1024, st.handleTCP)
+	s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	ufwd := udp.NewForwarder(s, st.handleUDP)
+	s.SetTransportProtocolHandler(udp.ProtocolNumber, ufwd.HandlePacket)
 	ep, err := fdbased.New(&fdbased.Options{
 		FDs:                []int{tunFD},
 		MTU:                tunMTU,
@@ -107,10 +114,6 @@ func newNetStack(tunFD int, st *netStack) (*netStack, error) {
 	mod := tcpip.TCPModerateReceiveBufferOption(true)
 	_ = s.SetTransportProtocolOption(tcp.ProtocolNumber, &mod)
 
-	fwd := tcp.NewForwarder(s, 0, 1024, st.handleTCP)
-	s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
-	ufwd := udp.NewForwarder(s, st.handleUDP)
-	s.SetTransportProtocolHandler(udp.ProtocolNumber, ufwd.HandlePacket)
 	return st, nil
 }
 
