@@ -56,7 +56,7 @@ func BenchmarkTransparent(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			const size = 256 << 20
+			const size = 64 << 20
 			var tSOCKS, tTrans time.Duration
 			b.SetBytes(size)
 			b.ResetTimer()

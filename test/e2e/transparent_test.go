@@ -1,12 +1,15 @@
 package e2e
 
 import (
+	"context"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,12 +58,7 @@ public class Main {
 func (c *cluster) transparent(t *testing.T) {
 	java := testenv.LookPath(t, "java")
 	keytool := testenv.LookPath(t, "keytool")
-	fi, err := os.Stat("/dev/net/tun")
-	testenv.Require(t, err == nil, "no /dev/net/tun: %v", err)
-	if mode := fi.Mode().Perm(); mode != 0o666 {
-		chmod(t, "/dev/net/tun", 0o666)
-		t.Cleanup(func() { _ = os.Chmod("/dev/net/tun", mode) })
-	}
+	tunLikeANode(t)
 
 	// The Java program, and the test CA as a Java trust store.
 	jdir := filepath.Join(c.dir, "java")
@@ -131,6 +129,18 @@ echo "RESULT exit-status $?"
 	}
 }
 
+// tunLikeANode makes /dev/net/tun 0666 for t, as most distributions ship
+// it (this machine has it 0600), and restores the mode after.
+func tunLikeANode(t *testing.T) {
+	t.Helper()
+	fi, err := os.Stat("/dev/net/tun")
+	testenv.Require(t, err == nil, "no /dev/net/tun: %v", err)
+	if mode := fi.Mode().Perm(); mode != 0o666 {
+		chmod(t, "/dev/net/tun", 0o666)
+		t.Cleanup(func() { _ = os.Chmod("/dev/net/tun", mode) })
+	}
+}
+
 // startInternetSSHD runs an OpenSSH sshd on the internet node (port 22 of
 // www.internet.test) that the test user can log in to, and adds its host
 // key to the user's known_hosts under that name.
@@ -171,4 +181,52 @@ func (c *cluster) startInternetSSHD(t *testing.T) {
 		b, _ := os.ReadFile(filepath.Join(dir, "sshd.log"))
 		return strings.Contains(string(b), "Server listening")
 	})
+}
+
+// transparentOtherUser: another user of the compute node cannot enter a
+// transparent command's namespaces (and so cannot use its way out): the
+// user namespace belongs to the job's user, and joining its network
+// namespace needs capabilities there.
+func (c *cluster) transparentOtherUser(t *testing.T) {
+	tunLikeANode(t)
+	h := c.holdJob(t)
+	pidFile := filepath.Join(c.user.home, "transparent.pid")
+	ctx, cancel := context.WithTimeout(context.Background(), c.bounded(time.Minute))
+	defer cancel()
+	cmd := c.command(ctx, c.compute, c.user, c.env(c.user), "perjob", "run", "--state", h.state, "--transparent", "--",
+		"sh", "-c", `echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec sleep 60`, pidFile)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pid string
+	c.waitFor(t, "the transparent command", 20*time.Second, nil, func() bool {
+		b, err := os.ReadFile(pidFile)
+		pid = strings.TrimSpace(string(b))
+		return err == nil && pid != ""
+	})
+	// The owner can look at the namespace (the test's control) ...
+	if r := c.runOn(c.compute, c.user, c.env(c.user), 10*time.Second, "nsenter", "-t", pid, "-U", "-n", "--preserve-credentials", "ip", "-o", "addr", "show", "tun0"); r.code != 0 || !strings.Contains(r.out, "198.18.0.1") {
+		t.Errorf("the owner entering the namespace: want tun0 with 198.18.0.1, got %s\nperjob run: %s", r, out.String())
+	}
+	// ... another user cannot enter it, in either order of namespaces.
+	for _, args := range [][]string{{"-U", "-n"}, {"-n"}} {
+		argv := append(append([]string{"nsenter", "-t", pid}, args...), "true")
+		if r := c.runOn(c.compute, c.other, c.env(c.other), 10*time.Second, argv...); r.code == 0 {
+			t.Errorf("another user entered the transparent namespace with %v: %s", args, r)
+		}
+	}
+	// The command ends, and perjob run with it.
+	if n, err := strconv.Atoi(pid); err == nil {
+		_ = syscall.Kill(n, syscall.SIGTERM)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Errorf("perjob run --transparent did not end within 10s of its command")
+	}
+	h.finish()
 }
