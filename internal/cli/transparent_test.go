@@ -1,15 +1,23 @@
 package cli
 
 import (
+	"bufio"
+	"bytes"
+	"sync"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
+	"github.com/hpcproxy/hpcproxy/transparent"
 )
 
 // TestRunTransparentUserNamespacesOff: where user namespaces are off, run
@@ -54,4 +62,66 @@ func TestRunExcludeNeedsTransparent(t *testing.T) {
 func TestWithoutProxyEnv(t *testing.T) {
 	got := withoutProxyEnv([]string{"http_proxy=x", "HTTPS_PROXY=y", "ALL_PROXY=z", "no_proxy=a", "PATH=/bin", "MY_PROXY_HOST=h"})
 	assert.Equal(t, []string{"PATH=/bin", "MY_PROXY_HOST=h"}, got)
+}
+
+// TestCLIRunTransparentSignals: run --transparent passes the signals it
+// gets to CMD and exits with CMD's status. (What CMD reaches is tested in
+// package transparent and in test/e2e, where the far side resolves names
+// this machine does not.)
+func TestCLIRunTransparentSignals(t *testing.T) {
+	err := transparent.Check()
+	testenv.Require(t, err == nil, "transparent mode unavailable: %v", err)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
+	r := run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state, "--watch-pid", "-1")
+	require.Equal(t, 0, r.code, "start: %s\nlog:\n%s", r.stderr, readFile(state, ".log"))
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", state) })
+
+	cmd := exec.Command(os.Args[0], "run", "--transparent", "--state", state, "--", "sh", "-c",
+		`trap 'echo "got $1"; exit 5' HUP; trap 'echo got TERM; exit 6' TERM; echo ready; while :; do sleep 0.05; done`, "sh", "HUP")
+	cmd.Env = append(cleanEnv(), envApp+"=perjob")
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	lines := bufio.NewScanner(stdout)
+	require.True(t, lines.Scan(), "no output from the command; stderr: %s", stderr.String())
+	require.Equal(t, "ready", lines.Text())
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	var rest []string
+	for lines.Scan() {
+		rest = append(rest, lines.Text())
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(20 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("run --transparent did not end after SIGTERM; stderr: %s", stderr.String())
+	}
+	assert.Equal(t, []string{"got TERM"}, rest, "the command got the SIGTERM sent to run")
+	ee, ok := err.(*exec.ExitError)
+	require.True(t, ok, "run --transparent: %v", err)
+	assert.Equal(t, 6, ee.ExitCode(), "run passes on the command's exit status; stderr: %s", stderr.String())
+}
+
+// lockedBuffer is a bytes.Buffer that a command's output goroutine writes
+// while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
