@@ -31,7 +31,9 @@
 // UDP other than DNS (to the resolver in resolv.conf), ICMP (ping) and
 // IPv6 destinations are not carried. /etc/hosts stays the node's: names
 // it lists resolve to its addresses, which are then dialled through the
-// tunnel (or directly, if excluded).
+// tunnel (or directly, if excluded). The sockets of nscd and
+// systemd-resolved, which the C library would ask before resolv.conf, are
+// hidden in the command's mount namespace.
 //
 // # What it needs from the node
 //

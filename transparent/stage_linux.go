@@ -88,6 +88,14 @@ func Init() {
 	os.Exit(126)
 }
 
+// resolverSockets are the sockets of resolver daemons that the C library
+// would ask instead of the namespace's resolv.conf.
+var resolverSockets = []string{
+	"/run/nscd/socket",
+	"/var/run/nscd/socket",
+	"/run/systemd/resolve/io.systemd.Resolve",
+}
+
 // setupNamespace makes the namespace's network (loopback up, a TUN device
 // carrying the default route) and its resolv.conf, and returns the TUN fd.
 func setupNamespace(resolv string) (int, error) {
@@ -98,6 +106,19 @@ func setupNamespace(resolv string) (int, error) {
 	}
 	if err := unix.Mount(resolv, "/etc/resolv.conf", "", unix.MS_BIND, ""); err != nil {
 		return -1, fmt.Errorf("bind the namespace's resolv.conf over /etc/resolv.conf: %w", err)
+	}
+	// Resolver daemons that glibc asks before DNS (nscd, common on
+	// clusters; systemd-resolved through nss-resolve) would answer with
+	// the node's DNS: hide their sockets, so that glibc falls back to
+	// resolv.conf. A regular file over a socket refuses connections.
+	for _, sock := range resolverSockets {
+		var st unix.Stat_t
+		if unix.Lstat(sock, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+			continue
+		}
+		if err := unix.Mount(resolv, sock, "", unix.MS_BIND, ""); err != nil {
+			return -1, fmt.Errorf("hide the resolver socket %s: %w", sock, err)
+		}
 	}
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
