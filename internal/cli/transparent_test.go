@@ -3,11 +3,11 @@ package cli
 import (
 	"bufio"
 	"bytes"
-	"sync"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
