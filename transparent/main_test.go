@@ -3,6 +3,7 @@ package transparent
 import (
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"testing"
@@ -24,6 +25,12 @@ func TestMain(m *testing.M) {
 	switch os.Getenv(roleEnv) {
 	case "fetch":
 		os.Exit(fetchRole(os.Args[1]))
+	case "halfclose":
+		if err := halfCloseRole(os.Args[1]); err != nil {
+			fmt.Fprintln(os.Stderr, "halfclose:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	case "sink":
 		if err := sinkRole(os.Args[1], os.Args[2]); err != nil {
 			fmt.Fprintln(os.Stderr, "sink:", err)
@@ -53,4 +60,27 @@ func fetchRole(url string) int {
 		return 1
 	}
 	return 0
+}
+
+// halfCloseRole sends 100,000 bytes to addr, half-closes, and prints what
+// comes back after that.
+func halfCloseRole(addr string) error {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(make([]byte, 100000)); err != nil {
+		return err
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return err
+	}
+	b, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%s", b)
+	return nil
 }

@@ -174,9 +174,9 @@ func (st *netStack) handleTCP(r *tcp.ForwarderRequest) {
 		}
 		target, fake = net.JoinHostPort(name, strconv.Itoa(int(port))), true
 	}
-	// The SYN's handler must return soon (it holds one of maxInFlight
-	// slots, and retransmitted SYNs are dropped while it runs); the dial
-	// goes on in its own goroutine.
+	// The forwarder already calls this in a goroutine of its own (one of
+	// maxInFlight; retransmitted SYNs are ignored until Complete); the
+	// dial goes on in one that Close waits for.
 	st.wg.Add(1)
 	go func() {
 		defer st.wg.Done()
@@ -247,8 +247,13 @@ func copyHalf(dst, src net.Conn) {
 	// large buffer here, and gonet's would use a small one.
 	_, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
 	copyBufs.Put(bp)
-	if cw, ok := dst.(closeWriter); ok && err == nil {
-		_ = cw.CloseWrite()
+	if err == nil {
+		// src's side is done sending: pass the half-close on. A dst
+		// that cannot half-close stays open for the other direction
+		// (relay closes it when that ends).
+		if cw, ok := dst.(closeWriter); ok {
+			_ = cw.CloseWrite()
+		}
 		return
 	}
 	// An error on one side: the connection is over both ways.

@@ -299,3 +299,41 @@ func TestRefusedAndExcluded(t *testing.T) {
 		}
 	}
 }
+
+// TestHalfClose: the command's half-close reaches the server, whose
+// answer, sent after it saw EOF, still reaches the command.
+func TestHalfClose(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+		n, _ := io.Copy(io.Discard, c) // until the command's EOF
+		fmt.Fprintf(c, "got %d bytes, then EOF\n", n)
+	}()
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, ln.Addr().String())
+	}
+	self, _ := os.Executable()
+	cmd := exec.Command(self, "eof.test:7")
+	cmd.Env = append(os.Environ(), roleEnv+"=halfclose")
+	out, errOut, code := runTransparent(t, Config{Dial: dial}, cmd)
+	if code != 0 || out != "got 100000 bytes, then EOF\n" {
+		t.Errorf("half-close: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+}

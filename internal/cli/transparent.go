@@ -1,9 +1,11 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/hpcproxy/hpcproxy"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
 
@@ -48,11 +51,11 @@ func (a *App) runTransparent(f *flags, tf *transparentFlags) error {
 	if err != nil {
 		return err
 	}
-	d, err := socksDialer(ps, 30*time.Second)
+	dial, err := rawSOCKSDial(ps)
 	if err != nil {
 		return err
 	}
-	cfg := transparent.Config{Dial: d.DialContext, Exclude: exclude}
+	cfg := transparent.Config{Dial: dial, Exclude: exclude}
 	if f.verbose {
 		cfg.Logger = slog.New(slog.NewTextHandler(a.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -88,6 +91,35 @@ func (a *App) runTransparent(f *flags, tf *transparentFlags) error {
 		return &exitError{128 + 15}
 	}
 	return err
+}
+
+// rawSOCKSDial dials through the proxy of ps like socksDialer, but
+// returns the TCP connection to the proxy itself once the SOCKS5
+// handshake is done: x/net's DialContext wraps it in a type without
+// CloseWrite, and CMD's half-closes must reach the far side.
+func rawSOCKSDial(ps *hpcproxy.ProxyState) (func(ctx context.Context, network, addr string) (net.Conn, error), error) {
+	d, err := socksDialer(ps, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	wc, ok := d.(interface {
+		DialWithConn(ctx context.Context, c net.Conn, network, address string) (net.Addr, error)
+	})
+	if !ok {
+		return d.DialContext, nil
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var nd net.Dialer
+		c, err := nd.DialContext(ctx, "tcp", ps.Addr())
+		if err != nil {
+			return nil, err
+		}
+		if _, err := wc.DialWithConn(ctx, c, network, addr); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}, nil
 }
 
 // forwardSignals passes the signals this process gets to CMD, except a
