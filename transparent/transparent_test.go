@@ -42,47 +42,93 @@ func requireTransparent(t *testing.T) (reran bool) {
 	return false
 }
 
-var testUserOnce struct {
+// testUser is the non-root user the tests re-run as: made once per test
+// binary (useradd and userdel lock /etc/passwd, which test/e2e's own
+// useradd may hold in a package running beside this one), with a copy
+// of the test binary it can execute; TestMain removes both.
+var testUser struct {
 	sync.Mutex
-	name string
+	name, dir, bin string
+	err            error
 }
 
-// asUser re-runs t's test as a fresh non-root user, with /dev/net/tun
+// userTool runs useradd or userdel, retrying while another one holds the
+// passwd lock.
+func userTool(args ...string) error {
+	var out []byte
+	var err error
+	for range 20 {
+		if out, err = exec.Command(args[0], args[1:]...).CombinedOutput(); err == nil || !strings.Contains(string(out), "lock") {
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// makeTestUser makes testUser once.
+func makeTestUser() (name, bin string, err error) {
+	testUser.Lock()
+	defer testUser.Unlock()
+	if testUser.name != "" || testUser.err != nil {
+		return testUser.name, testUser.bin, testUser.err
+	}
+	testUser.err = func() error {
+		name := fmt.Sprintf("hptr%d", os.Getpid()%100000)
+		_ = exec.Command("userdel", name).Run() // stale from a killed run
+		if err := userTool("useradd", "-M", "-U", "-d", "/nonexistent", "-s", "/bin/sh", name); err != nil {
+			return err
+		}
+		testUser.name = name
+		dir, err := os.MkdirTemp("", "hptr")
+		if err != nil {
+			return err
+		}
+		testUser.dir = dir
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return err
+		}
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		b, err := os.ReadFile(self)
+		if err != nil {
+			return err
+		}
+		testUser.bin = filepath.Join(dir, "transparent.test")
+		return os.WriteFile(testUser.bin, b, 0o755)
+	}()
+	return testUser.name, testUser.bin, testUser.err
+}
+
+// removeTestUser undoes makeTestUser.
+func removeTestUser() {
+	if testUser.dir != "" {
+		os.RemoveAll(testUser.dir)
+	}
+	if testUser.name != "" {
+		if err := userTool("userdel", testUser.name); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+		}
+	}
+}
+
+// asUser re-runs t's test as the non-root test user, with /dev/net/tun
 // 0666 for the run.
 func asUser(t *testing.T) {
 	t.Helper()
 	testenv.LookPath(t, "useradd")
 	testenv.LookPath(t, "setpriv")
-	fi, err := os.Stat("/dev/net/tun")
-	testenv.Require(t, err == nil, "no /dev/net/tun: %v", err)
-	if mode := fi.Mode().Perm(); mode != 0o666 {
-		if err := os.Chmod("/dev/net/tun", 0o666); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = os.Chmod("/dev/net/tun", mode) })
-	}
-	name := fmt.Sprintf("hptr%d", os.Getpid()%100000)
-	_ = exec.Command("userdel", name).Run()
-	if out, err := exec.Command("useradd", "-M", "-U", "-d", "/nonexistent", "-s", "/bin/sh", name).CombinedOutput(); err != nil {
-		t.Fatalf("useradd: %v\n%s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("userdel", name).Run() })
-	// The test binary where the user can run it.
-	dir, err := os.MkdirTemp("", "hptr")
+	testenv.TunLikeANode(t)
+	name, bin, err := makeTestUser()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	_ = os.Chmod(dir, 0o755)
-	self, _ := os.Executable()
-	bin := filepath.Join(dir, "transparent.test")
-	b, err := os.ReadFile(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bin, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	dir := filepath.Dir(bin)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "setpriv", "--reuid", name, "--regid", name, "--clear-groups",

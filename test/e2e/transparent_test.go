@@ -58,7 +58,7 @@ public class Main {
 func (c *cluster) transparent(t *testing.T) {
 	java := testenv.LookPath(t, "java")
 	keytool := testenv.LookPath(t, "keytool")
-	tunLikeANode(t)
+	testenv.TunLikeANode(t)
 
 	// The Java program, and the test CA as a Java trust store.
 	jdir := filepath.Join(c.dir, "java")
@@ -129,18 +129,6 @@ echo "RESULT exit-status $?"
 	}
 }
 
-// tunLikeANode makes /dev/net/tun 0666 for t, as most distributions ship
-// it (this machine has it 0600), and restores the mode after.
-func tunLikeANode(t *testing.T) {
-	t.Helper()
-	fi, err := os.Stat("/dev/net/tun")
-	testenv.Require(t, err == nil, "no /dev/net/tun: %v", err)
-	if mode := fi.Mode().Perm(); mode != 0o666 {
-		chmod(t, "/dev/net/tun", 0o666)
-		t.Cleanup(func() { _ = os.Chmod("/dev/net/tun", mode) })
-	}
-}
-
 // startInternetSSHD runs an OpenSSH sshd on the internet node (port 22 of
 // www.internet.test) that the test user can log in to, and adds its host
 // key to the user's known_hosts under that name.
@@ -188,7 +176,7 @@ func (c *cluster) startInternetSSHD(t *testing.T) {
 // user namespace belongs to the job's user, and joining its network
 // namespace needs capabilities there.
 func (c *cluster) transparentOtherUser(t *testing.T) {
-	tunLikeANode(t)
+	testenv.TunLikeANode(t)
 	h := c.holdJob(t)
 	pidFile := filepath.Join(c.user.home, "transparent.pid")
 	ctx, cancel := context.WithTimeout(context.Background(), c.bounded(time.Minute))
