@@ -122,6 +122,12 @@ echo "RESULT exit-status $?"
 	if got := field(j.output, `(?m)^RESULT exit-status (\d+)$`); got != "3" {
 		t.Errorf("exit status %q, want the command's 3", got)
 	}
+	// The fake address leads nowhere from the login node either: the
+	// connection reached the internet because the login node was given
+	// the name.
+	if r := c.runOn(c.login, nil, nil, 10*time.Second, "ip", "route", "get", "198.18.0.16"); r.code == 0 {
+		t.Errorf("the login node has a route to the fake address 198.18.0.16: %s", r)
+	}
 	// The internet's servers saw the downloads come from the login node.
 	b, _ := os.ReadFile(filepath.Join(c.dir, "logs", "internet.out"))
 	if n := len(regexp.MustCompile(regexp.QuoteMeta(loginUpAddr)+`:\d+ GET /files/big.bin`).FindAll(b, -1)); n < 2 {
