@@ -137,15 +137,31 @@ func explainSetup(what string, err error) error {
 // Session is a started transparent command's network: the user-space
 // stack carrying its connections. Close it after the command's Wait.
 type Session struct {
-	st  *netStack
-	dir string
+	st *netStack
 }
 
 // Close stops the stack and closes every connection still open. The
 // command's sockets see their connections reset.
 func (s *Session) Close() error {
 	s.st.Close()
-	return os.RemoveAll(s.dir)
+	return nil
+}
+
+// tempDir makes a private directory for the namespace's resolv.conf: in
+// $TMPDIR, else /tmp or /dev/shm (a job may inherit a TMPDIR from its
+// submit host that does not exist on the node).
+func tempDir() (string, error) {
+	var first error
+	for _, base := range []string{"", "/tmp", "/dev/shm"} {
+		dir, err := os.MkdirTemp(base, "hpcproxy-transparent-")
+		if err == nil {
+			return dir, nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return "", fmt.Errorf("transparent: no directory for the namespace's resolv.conf: %w", first)
 }
 
 // Start starts cmd in a new user, network and mount namespace whose only
@@ -188,7 +204,7 @@ func Start(cfg Config, cmd *exec.Cmd) (*Session, error) {
 			path = abs
 		}
 	}
-	dir, err := os.MkdirTemp("", "hpcproxy-transparent-")
+	dir, err := tempDir()
 	if err != nil {
 		return nil, err
 	}
@@ -252,6 +268,8 @@ func Start(cfg Config, cmd *exec.Cmd) (*Session, error) {
 	if err != nil {
 		return fail(err)
 	}
+	// The resolv.conf is bound in the namespace now: the file can go.
+	os.RemoveAll(dir)
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(discardHandler{})
@@ -274,7 +292,7 @@ func Start(cfg Config, cmd *exec.Cmd) (*Session, error) {
 		st.Close()
 		return fail(fmt.Errorf("transparent: the namespace stage went away: %w", err))
 	}
-	return &Session{st: st, dir: dir}, nil
+	return &Session{st: st}, nil
 }
 
 // dialFunc chooses between the tunnel and a direct dial by destination.

@@ -383,3 +383,17 @@ func TestHalfClose(t *testing.T) {
 		t.Errorf("half-close: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 }
+
+// TestMissingTMPDIR: a TMPDIR that does not exist on the node (inherited
+// from the submit host) does not stop a transparent command.
+func TestMissingTMPDIR(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	t.Setenv("TMPDIR", "/nonexistent/hpcproxy-test")
+	f := newFakeInternet(t)
+	out, errOut, code := runTransparent(t, Config{Dial: f.Dial}, exec.Command("sh", "-c", "grep -c nameserver /etc/resolv.conf"))
+	if code != 0 || out != "1\n" {
+		t.Errorf("exit %d, stdout %q, stderr %q; want the namespace's resolv.conf", code, out, errOut)
+	}
+}
