@@ -120,8 +120,8 @@ func newNetStack(tunFD int, st *netStack) (*netStack, error) {
 // Close stops accepting, closes every connection and waits for their
 // goroutines.
 func (st *netStack) Close() {
-	st.cancel()
 	st.mu.Lock()
+	st.cancel() // under mu: no goroutine is added after this (add)
 	for c := range st.conns {
 		_ = c.Close()
 	}
@@ -129,6 +129,18 @@ func (st *netStack) Close() {
 	st.s.Close()
 	st.wg.Wait()
 	st.s.Wait()
+}
+
+// add counts a goroutine that Close must wait for, unless Close has
+// begun: then it reports false and the goroutine must not start.
+func (st *netStack) add() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.ctx.Err() != nil {
+		return false
+	}
+	st.wg.Add(1)
+	return true
 }
 
 func (st *netStack) track(c io.Closer) bool {
@@ -160,7 +172,12 @@ func (st *netStack) handleTCP(r *tcp.ForwarderRequest) {
 	dst := addrFrom(id.LocalAddress)
 	port := id.LocalPort
 	if dst == dnsAddr && port == 53 {
-		st.acceptTCP(r, func(c net.Conn) { st.serveDNSTCP(c) })
+		if !st.add() {
+			r.Complete(true)
+			return
+		}
+		defer st.wg.Done()
+		st.acceptTCP(r, st.serveDNSTCP)
 		return
 	}
 	target := netip.AddrPortFrom(dst, port).String()
@@ -177,7 +194,10 @@ func (st *netStack) handleTCP(r *tcp.ForwarderRequest) {
 	// The forwarder already calls this in a goroutine of its own (one of
 	// maxInFlight; retransmitted SYNs are ignored until Complete); the
 	// dial goes on in one that Close waits for.
-	st.wg.Add(1)
+	if !st.add() {
+		r.Complete(true)
+		return
+	}
 	go func() {
 		defer st.wg.Done()
 		ctx, cancel := context.WithTimeout(st.ctx, st.dialTimeout)
@@ -277,11 +297,15 @@ func (st *netStack) handleUDP(r *udp.ForwarderRequest) bool {
 		return true
 	}
 	c := gonet.NewUDPConn(&wq, ep)
-	if !st.track(c) {
+	if !st.add() {
 		_ = c.Close()
 		return true
 	}
-	st.wg.Add(1)
+	if !st.track(c) {
+		st.wg.Done()
+		_ = c.Close()
+		return true
+	}
 	go func() {
 		defer st.wg.Done()
 		defer st.untrack(c)

@@ -1,6 +1,7 @@
 package transparent
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -302,7 +303,12 @@ func TestRefusedAndExcluded(t *testing.T) {
 		if err != nil {
 			return
 		}
-		_, _ = c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\ndirect\n"))
+		// Answer once the request is in (an answer before it is an
+		// unsolicited response to Go's client).
+		_ = c.SetDeadline(time.Now().Add(15 * time.Second))
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+			_, _ = c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\ndirect\n"))
+		}
 		_ = c.Close()
 	}()
 	port := ln.Addr().(*net.TCPAddr).Port
