@@ -99,18 +99,23 @@ func Check() error {
 	if os.Geteuid() != 0 && readSysctl("kernel/unprivileged_userns_clone") == "0" {
 		return &SetupError{What: "unprivileged user namespaces are disabled on this node", Setting: "sysctl kernel.unprivileged_userns_clone=0; an administrator must set it to 1"}
 	}
-	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	return checkTun("/dev/net/tun")
+}
+
+// checkTun opens the TUN clone device at path, as the stage will.
+func checkTun(path string) error {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	switch {
 	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ENODEV), errors.Is(err, unix.ENXIO):
-		return &SetupError{What: "cannot open /dev/net/tun", Setting: "no TUN device on this node: the tun kernel module must be loaded (modprobe tun) and /dev/net/tun exist", Err: err}
+		return &SetupError{What: "cannot open " + path, Setting: "no TUN device on this node: the tun kernel module must be loaded (modprobe tun) and /dev/net/tun exist", Err: err}
 	case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
 		mode := ""
-		if fi, err := os.Stat("/dev/net/tun"); err == nil {
+		if fi, err := os.Stat(path); err == nil {
 			mode = fmt.Sprintf(" is mode %#o;", fi.Mode().Perm())
 		}
-		return &SetupError{What: "cannot open /dev/net/tun", Setting: "/dev/net/tun" + mode + " most distributions ship it 0666 (crw-rw-rw-), which an administrator can restore", Err: err}
+		return &SetupError{What: "cannot open " + path, Setting: path + mode + " most distributions ship it 0666 (crw-rw-rw-), which an administrator can restore", Err: err}
 	case err != nil:
-		return &SetupError{What: "cannot open /dev/net/tun", Err: err}
+		return &SetupError{What: "cannot open " + path, Err: err}
 	}
 	unix.Close(fd)
 	return nil

@@ -403,3 +403,29 @@ func TestMissingTMPDIR(t *testing.T) {
 		t.Errorf("exit %d, stdout %q, stderr %q; want the namespace's resolv.conf", code, out, errOut)
 	}
 }
+
+// TestCheckTun: a TUN device that is missing or that the user may not open
+// is an ErrUnavailable error naming what to change.
+func TestCheckTun(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	missing := filepath.Join(t.TempDir(), "tun")
+	err := checkTun(missing)
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "modprobe tun") {
+		t.Errorf("missing device: %v, want ErrUnavailable saying modprobe tun", err)
+	}
+	// A file this (non-root) user may not open stands for a 0600 device.
+	closed := filepath.Join(t.TempDir(), "tun")
+	if err := os.WriteFile(closed, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(closed, 0); err != nil {
+		t.Fatal(err)
+	}
+	err = checkTun(closed)
+	var se *SetupError
+	if !errors.As(err, &se) || !errors.Is(err, ErrUnavailable) || !strings.Contains(se.Setting, "is mode 0; most distributions ship it 0666") {
+		t.Errorf("closed device: %v, want a SetupError naming its mode and 0666", err)
+	}
+}
