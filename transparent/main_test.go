@@ -1,11 +1,13 @@
 package transparent
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,6 +30,12 @@ func TestMain(m *testing.M) {
 	case "halfclose":
 		if err := halfCloseRole(os.Args[1]); err != nil {
 			fmt.Fprintln(os.Stderr, "halfclose:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	case "resolve":
+		if err := resolveRole(os.Args[1]); err != nil {
+			fmt.Fprintln(os.Stderr, "resolve:", err)
 			os.Exit(1)
 		}
 		os.Exit(0)
@@ -90,5 +98,24 @@ func halfCloseRole(addr string) error {
 		return err
 	}
 	fmt.Printf("%s", b)
+	return nil
+}
+
+// resolveRole looks name up with Go's resolver over UDP and over TCP (the
+// servers of /etc/resolv.conf) and prints "udp ADDRS" and "tcp ADDRS".
+func resolveRole(name string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, network := range []string{"udp", "tcp"} {
+		r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		}}
+		addrs, err := r.LookupHost(ctx, name)
+		if err != nil {
+			return fmt.Errorf("%s: %w", network, err)
+		}
+		fmt.Println(network, strings.Join(addrs, ","))
+	}
 	return nil
 }

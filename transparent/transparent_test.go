@@ -429,3 +429,23 @@ func TestCheckTun(t *testing.T) {
 		t.Errorf("closed device: %v, want a SetupError naming its mode and 0666", err)
 	}
 }
+
+// TestDNSOverUDPAndTCP: the namespace's resolver answers over UDP and TCP,
+// with the same fake address for the same name and IPv4 only.
+func TestDNSOverUDPAndTCP(t *testing.T) {
+	if requireTransparent(t) {
+		return
+	}
+	f := newFakeInternet(t)
+	self, _ := os.Executable()
+	cmd := exec.Command(self, "Mirror.Example.org")
+	cmd.Env = append(os.Environ(), roleEnv+"=resolve")
+	out, errOut, code := runTransparent(t, Config{Dial: f.Dial}, cmd)
+	if code != 0 {
+		t.Fatalf("resolve: exit %d, stderr %q", code, errOut)
+	}
+	want := "udp " + firstFake.String() + "\ntcp " + firstFake.String() + "\n"
+	if out != want {
+		t.Errorf("got %q, want %q", out, want)
+	}
+}
