@@ -52,6 +52,9 @@ public class Main {
 // Proxy.NO_PROXY, plain ssh and git over ssh to an sshd on the internet
 // side. Each resolves the internet's name to a fake address (198.18.0.0/15)
 // that leads nowhere but back to the name, which the login node resolves.
+// A service on the compute node sees a transparent client come from the
+// login node through the tunnel, and from compute itself with the cluster
+// network --exclude'd.
 //
 // /dev/net/tun is 0600 on this machine; most distributions ship it 0666,
 // as a compute node has it: the scenario sets 0666 and restores the mode.
@@ -86,11 +89,21 @@ t git-ssh git clone -q --upload-pack='git -c safe.directory=* upload-pack' ssh:/
 echo "GIT git-ssh $(git -C ssh.repo log -1 --format=%s 2>/dev/null)"
 perjob run --transparent -- sh -c 'exit 3'
 echo "RESULT exit-status $?"
+# A service of the compute node that tells each client its address: through
+# the tunnel it comes from login, with the cluster network excluded from
+# compute itself.
+socat TCP-LISTEN:7777,bind=`+computeAddr+`,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' &
+peer=$!
+sleep 0.3
+t via-tunnel socat -T5 - TCP:`+computeAddr+`:7777
+step excluded perjob run --transparent --exclude 10.231.1.0/24 -- socat -T5 - TCP:`+computeAddr+`:7777
+sed "s/^/OUT excluded /" "$scratch/excluded.stdout"
+kill $peer
 `, []string{"HPCPROXY_VIA=login"}, 3*time.Minute)
 	if j.state != "COMPLETED" {
 		t.Errorf("job %s ended %s, want COMPLETED", j.id, j.state)
 	}
-	wantOK(t, j.output, "no-dns", "no-route", "start", "getent", "go", "java", "ssh", "git-ssh")
+	wantOK(t, j.output, "no-dns", "no-route", "start", "getent", "go", "java", "ssh", "git-ssh", "via-tunnel", "excluded")
 
 	fakes := netip.MustParsePrefix("198.18.0.0/15")
 	isFake := func(what, s string) {
@@ -118,6 +131,12 @@ echo "RESULT exit-status $?"
 	}
 	if got := field(j.output, `(?m)^GIT git-ssh (.*)$`); got != c.repoCommit {
 		t.Errorf("git over ssh: cloned %q, want %q", got, c.repoCommit)
+	}
+	if got := field(j.output, `(?m)^OUT via-tunnel peer=(\S+)$`); got != loginAddr {
+		t.Errorf("a cluster address through the tunnel: the server saw %q, want the login node %s", got, loginAddr)
+	}
+	if got := field(j.output, `(?m)^OUT excluded peer=(\S+)$`); got != computeAddr {
+		t.Errorf("an excluded cluster address: the server saw %q, want the compute node itself %s", got, computeAddr)
 	}
 	if got := field(j.output, `(?m)^RESULT exit-status (\d+)$`); got != "3" {
 		t.Errorf("exit status %q, want the command's 3", got)
