@@ -6,6 +6,7 @@
 //	eval "$(perjob env)"          # http_proxy, https_proxy, all_proxy, no_proxy, JAVA_TOOL_OPTIONS
 //	eval "`perjob env`"           # csh, tcsh (fish: perjob env | source)
 //	perjob run -- pip install numpy
+//	perjob run --transparent -- java -jar tool.jar   # programs that ignore proxy settings
 //	git -c core.sshCommand='ssh -o ProxyCommand="perjob connect %h %p"' clone git@github.com:org/repo
 //	perjob expose 8888            # the job's Jupyter on the login node; prints the ssh -L line
 //	perjob forward 5432=db.internal:5432

@@ -27,6 +27,7 @@ import (
 	"golang.org/x/net/proxy"
 
 	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/transparent"
 )
 
 // App is one example binary: its name and the mode it runs daemons in.
@@ -57,7 +58,7 @@ func (a *App) commands() []command {
 		{name: "expose", args: "[flags] LOCAL[=REMOTE]", summary: "have the login node listen and connect to LOCAL here, like ssh -R (running proxy)", run: (*App).expose},
 		{name: "forward", args: "[flags] LOCAL=REMOTE", summary: "listen on LOCAL here and connect to REMOTE from the login node, like ssh -L (running proxy)", run: (*App).forward},
 		{name: "env", args: "[flags]", summary: "print export lines for the proxy: eval \"$(NAME env)\"", run: (*App).env},
-		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment", run: (*App).runCmd},
+		{name: "run", args: "[flags] -- CMD [ARG...]", summary: "run CMD with the proxy environment (--transparent: every TCP connection and DNS, no proxy settings needed)", run: (*App).runCmd},
 		{name: "connect", args: "[flags] HOST PORT", summary: "relay stdin/stdout to HOST:PORT through the proxy (ssh ProxyCommand)", run: (*App).connect},
 		{name: "version", args: "", summary: "print the version of this program (also --version)", run: (*App).printVersion},
 		{name: "daemon", args: "[flags]", summary: "run the daemon in the foreground (start runs this)", run: (*App).daemon, hidden: true},
@@ -65,7 +66,11 @@ func (a *App) commands() []command {
 }
 
 // Main runs the command named by args[0] and returns the exit status.
+// In the namespace stage of run --transparent (this program re-executed
+// by transparent.Start) it executes the command instead and never
+// returns.
 func (a *App) Main(args []string) int {
+	transparent.Init()
 	if a.Stdout == nil {
 		a.Stdout = os.Stdout
 	}
@@ -771,12 +776,20 @@ func (a *App) runCmd(args []string) error {
 	f := a.cmdFlags("run")
 	var noProxy multiString
 	f.Var(&noProxy, "no-proxy", "extra no_proxy entry (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
+	var tf transparentFlags
+	tf.add(f)
 	if err := f.parse(args); err != nil {
 		return err
 	}
 	if f.NArg() == 0 {
 		fmt.Fprintf(a.Stderr, "%s run: no command given\nUsage: %s run [flags] -- CMD [ARG...]\n", a.Name, a.Name)
 		return errUsage
+	}
+	if tf.on {
+		return a.runTransparent(f, &tf)
+	}
+	if len(tf.exclude) > 0 {
+		return fmt.Errorf("--exclude needs --transparent")
 	}
 	env, err := a.envList(f, noProxy)
 	if err != nil {
@@ -833,22 +846,32 @@ func (a *App) connect(args []string) error {
 	if err != nil {
 		return err
 	}
-	var auth *proxy.Auth
-	if c := ps.Credentials; c != nil {
-		auth = &proxy.Auth{User: c.User, Password: c.Token}
-	}
-	d, err := proxy.SOCKS5("tcp", ps.Addr(), auth, &net.Dialer{Timeout: *timeout})
+	d, err := socksDialer(ps, *timeout)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	c, err := d.(proxy.ContextDialer).DialContext(ctx, "tcp", net.JoinHostPort(f.Arg(0), f.Arg(1)))
+	c, err := d.DialContext(ctx, "tcp", net.JoinHostPort(f.Arg(0), f.Arg(1)))
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	return relayStdio(c, a.Stdin, a.Stdout)
+}
+
+// socksDialer dials through the proxy of ps over SOCKS5 with its
+// credentials; names are sent unresolved (resolved on the far side).
+func socksDialer(ps *hpcproxy.ProxyState, timeout time.Duration) (proxy.ContextDialer, error) {
+	var auth *proxy.Auth
+	if c := ps.Credentials; c != nil {
+		auth = &proxy.Auth{User: c.User, Password: c.Token}
+	}
+	d, err := proxy.SOCKS5("tcp", ps.Addr(), auth, &net.Dialer{Timeout: timeout})
+	if err != nil {
+		return nil, err
+	}
+	return d.(proxy.ContextDialer), nil
 }
 
 // relayStdio copies stdin to c and c to stdout, half-closing c when stdin

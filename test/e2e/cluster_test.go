@@ -294,7 +294,18 @@ func (c *cluster) addUser(name, homes string) *testUser {
 	home := filepath.Join(homes, name)
 	// Stale from a killed run with the same PID: ours by name.
 	_ = exec.Command("userdel", name).Run()
-	run(t, "useradd", "-M", "-U", "-d", home, "-s", "/bin/sh", "-p", "*", name)
+	// useradd fails while another holds the passwd lock (another
+	// package's tests may add a user beside this one): try again.
+	for try := 0; ; try++ {
+		out, err := exec.Command("useradd", "-M", "-U", "-d", home, "-s", "/bin/sh", "-p", "*", name).CombinedOutput()
+		if err == nil {
+			break
+		}
+		if try == 20 || !strings.Contains(string(out), "lock") {
+			t.Fatalf("useradd %s: %v\n%s", name, err, out)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 	// Deleted by teardown once their processes are gone: a t.Cleanup here
 	// would run before teardown (cleanups run last-in first-out), while
 	// the users' daemons and jobs still run, and userdel refuses a user

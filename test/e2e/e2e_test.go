@@ -84,6 +84,8 @@ func TestCluster(t *testing.T) {
 	scenario("Expose", c.expose)
 	scenario("Faults", c.faults)
 	scenario("JobArray", c.jobArray)
+	scenario("Transparent", c.transparent)
+	scenario("Transparent/OtherUser", c.transparentOtherUser)
 }
 
 // perJobJob is scenario 1: perjob status in the job must show via as the

@@ -6,6 +6,7 @@
 //	e2efetch URL             # GET URL through $HTTPS_PROXY/$HTTP_PROXY
 //	e2efetch -find           # print FindActiveProxy's URL, exit 1 if none
 //	e2efetch -find URL       # GET URL through the proxy FindActiveProxy found
+//	e2efetch -noproxy URL    # GET URL with no proxy at all (Transport.Proxy nil), printing the address it connected to
 //	e2efetch -serve ADDR -body TEXT  # serve TEXT (and a newline) at every path
 //
 // A fetch prints "bytes=N sha256=HEX" and exits 0 only for a 200 response
@@ -23,6 +24,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"os"
 	"time"
@@ -32,6 +34,7 @@ import (
 
 func main() {
 	find := flag.Bool("find", false, "find the proxy with hpcproxy.FindActiveProxy instead of the environment")
+	noProxy := flag.Bool("noproxy", false, "use no proxy at all: Transport.Proxy nil, every proxy variable ignored")
 	timeout := flag.Duration("timeout", 20*time.Second, "bound on the whole request (with -serve: on the server's life, if given)")
 	serveAddr := flag.String("serve", "", "serve -body on this address instead of fetching")
 	body := flag.String("body", "", "what -serve answers")
@@ -69,8 +72,11 @@ func main() {
 		}
 		proxy = http.ProxyURL(pu)
 	}
+	if *noProxy {
+		proxy = nil
+	}
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: e2efetch [-find] [-timeout D] URL | e2efetch -serve ADDR -body TEXT [-timeout D]")
+		fmt.Fprintln(os.Stderr, "usage: e2efetch [-find|-noproxy] [-timeout D] URL | e2efetch -serve ADDR -body TEXT [-timeout D]")
 		os.Exit(2)
 	}
 	if err := fetch(flag.Arg(0), proxy, *timeout); err != nil {
@@ -84,6 +90,13 @@ func fetch(u string, proxy func(*http.Request) (*url.URL, error), timeout time.D
 	defer cancel()
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.Proxy = proxy
+	if proxy == nil {
+		// Say where the connection went: without a proxy, the address the
+		// name resolved to here.
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+			fmt.Printf("remote=%s\n", ci.Conn.RemoteAddr())
+		}})
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return err
