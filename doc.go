@@ -83,8 +83,10 @@
 // handshake 4 KiB (the largest valid one is 1,032 bytes), and the whole
 // handshake must arrive within [Server.HandshakeTimeout] (10 s). At most
 // [Server.MaxHandshakes] (128) connections may be in their handshake
-// unauthenticated at once; from half of that on, new ones are closed
-// unread with a rising probability, as sshd does. Connections that
+// unauthenticated at once; a new one beyond that closes the oldest
+// unfinished one (sshd refuses the new one instead, which lets a flood of
+// slow handshakes lock out a client that would authenticate at once).
+// Connections that
 // [Server.TrustConn] admits (a per-job daemon's owner) never count. After
 // a burst the freed memory goes back to the operating system. A
 // keep-alive HTTP client connection that waits

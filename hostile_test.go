@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -161,8 +162,9 @@ func TestSOCKSHandshakeBound(t *testing.T) {
 }
 
 // TestMaxHandshakes: beyond MaxHandshakes unauthenticated handshakes,
-// new connections are dropped unread, trusted ones still get through, and
-// the slots come back when the handshakes end.
+// the oldest unfinished ones are closed, so that a client with the token
+// still gets through a flood of slow handshakes; trusted ones never
+// count, and the slots come back when the handshakes end.
 func TestMaxHandshakes(t *testing.T) {
 	backend := startBackend(t)
 	ownerLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -201,6 +203,21 @@ func TestMaxHandshakes(t *testing.T) {
 	// The owner is not held up.
 	resp := httpExchange(t, ownerAddr, "GET "+backend.URL+"/ok HTTP/1.1\r\n\r\n")
 	require.Equal(t, 200, resp.code, resp.body)
+	// Nor is a client that authenticates, while the slow ones still hold
+	// every slot: it takes the oldest one's.
+	for range 3 {
+		resp = httpExchange(t, publicAddr, "GET "+backend.URL+"/ok HTTP/1.1\r\nProxy-Authorization: Basic dTp0b2s=\r\n\r\n")
+		require.Equal(t, 200, resp.code, resp.body)
+	}
+	// The oldest held conns are the ones closed: the first reads EOF (or
+	// a reset), the newest is still open.
+	_ = held[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = held[0].Read(make([]byte, 1))
+	require.Error(t, err)
+	require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the oldest handshake was not closed")
+	_ = held[len(held)-1].SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	_, err = held[len(held)-1].Read(make([]byte, 1))
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded, "the newest handshake was closed")
 
 	// The slots come back when the handshakes end.
 	for _, c := range held {

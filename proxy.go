@@ -1,12 +1,12 @@
 package hpcproxy
 
 import (
+	"container/list"
 	"context"
 	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -112,11 +112,11 @@ type Server struct {
 
 	// MaxHandshakes optionally bounds how many connections may be in
 	// their handshake at once before they have authenticated, as
-	// OpenSSH's MaxStartups does: from half of it on, a new connection
-	// that must authenticate is closed at once with a probability that
-	// rises from 30% to 100% at MaxHandshakes (logged at Warn, at most
-	// once a second). Connections TrustConn admits do not count and are
-	// never dropped. After a burst of handshakes subsides, the server
+	// OpenSSH's MaxStartups does, but a new connection beyond it closes
+	// the oldest unfinished handshake instead of being refused (logged at
+	// Warn, at most once a second), so that a client that authenticates
+	// promptly gets through a flood of slow ones. Connections TrustConn
+	// admits do not count and are never dropped. After a burst of handshakes subsides, the server
 	// returns the memory it freed to the operating system
 	// ([runtime/debug.FreeOSMemory], at most every 10 seconds). If zero,
 	// DefaultMaxHandshakes is used; negative means no limit.
@@ -137,7 +137,9 @@ type Server struct {
 
 	handlers atomic.Int64 // connection goroutines running
 
-	handshakes atomic.Int64 // unauthenticated handshakes in progress
+	hsMu       sync.Mutex
+	pending    list.List    // of net.Conn: unauthenticated handshakes, oldest first; under hsMu
+	handshakes atomic.Int64 // pending.Len(), to read without hsMu
 	hsPeak     atomic.Int64 // the most at once since the last release
 	lastDrop   atomic.Int64 // unix nanoseconds of the last drop warning
 	release    *time.Timer  // pending memory release after a burst; under mu
@@ -156,9 +158,9 @@ type ServerStats struct {
 	BytesIn          int64 // bytes relayed from clients to destinations
 	BytesOut         int64 // bytes relayed from destinations to clients
 	FailedHandshakes int64 // connections that ended before a relay started
-	// DroppedHandshakes counts connections closed unread because
-	// MaxHandshakes unauthenticated ones were in progress (also counted
-	// in FailedHandshakes).
+	// DroppedHandshakes counts unfinished handshakes closed to make room
+	// for a new one beyond MaxHandshakes (also counted in
+	// FailedHandshakes).
 	DroppedHandshakes int64
 }
 
@@ -427,10 +429,10 @@ type session struct {
 	trusted bool         // no credentials required
 	refuse  bool         // over MaxConns: read the request, then refuse it
 	idle    *atomic.Bool // set while waiting for the next HTTP request
-	// handshaking: the conn holds one of MaxHandshakes until it has
-	// authenticated (authenticated) or ends.
-	handshaking bool
-	log         *slog.Logger
+	// slot: the conn holds one of MaxHandshakes until it has
+	// authenticated (authenticated) or ends; nil if trusted.
+	slot *list.Element
+	log  *slog.Logger
 	// finish ends the connection (closing it, and telling the server);
 	// startRelay hands it to the relay it starts and sets detached.
 	finish   func()
@@ -471,13 +473,7 @@ func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
 	}
 	ss.trusted = len(s.Credentials) == 0 || (s.TrustConn != nil && s.TrustConn(raw))
 	if !ss.trusted {
-		if !s.admitHandshake() {
-			s.failed.Add(1)
-			s.dropped.Add(1)
-			s.warnDrop()
-			return
-		}
-		ss.handshaking = true
+		ss.slot = s.admitHandshake(raw)
 		defer ss.authenticated()
 	}
 	ss.c = newClientConn(raw)
@@ -664,38 +660,48 @@ func (s *Server) maxHandshakes() int {
 	return s.MaxHandshakes
 }
 
-// admitHandshake takes a handshake slot for a connection that must
-// authenticate, or refuses it: early drop as sshd's MaxStartups
-// "start:30:full" does, start being half of MaxHandshakes.
-func (s *Server) admitHandshake() bool {
-	n := s.handshakes.Add(1)
+// admitHandshake gives a connection that must authenticate a handshake
+// slot. When all MaxHandshakes slots are taken, the oldest handshake still
+// in progress is closed to make room: a client that authenticates promptly
+// (the owner's, from another node, with the token) always gets its turn,
+// while one that lingers (slowloris) or sends a huge header is the first
+// to go. sshd's MaxStartups refuses the new connection instead, which lets
+// a flood of unfinished handshakes shut everyone else out.
+func (s *Server) admitHandshake(raw net.Conn) *list.Element {
+	full := s.maxHandshakes()
+	s.hsMu.Lock()
+	e := s.pending.PushBack(raw)
+	var evict net.Conn
+	if full >= 0 && s.pending.Len() > full {
+		evict = s.pending.Remove(s.pending.Front()).(net.Conn)
+	}
+	n := int64(s.pending.Len())
+	s.handshakes.Store(n)
+	s.hsMu.Unlock()
 	for {
 		p := s.hsPeak.Load()
 		if n <= p || s.hsPeak.CompareAndSwap(p, n) {
 			break
 		}
 	}
-	full := int64(s.maxHandshakes())
-	if full < 0 {
-		return true
+	if evict != nil {
+		// Its session sees the read fail and ends (counted as failed).
+		evict.Close()
+		s.dropped.Add(1)
+		s.warnDrop()
 	}
-	start := full / 2
-	drop := n > full
-	if !drop && n > start {
-		p := 0.3 + 0.7*float64(n-start-1)/float64(max(full-start, 1))
-		drop = rand.Float64() < p
-	}
-	if drop {
-		s.endHandshake()
-		return false
-	}
-	return true
+	return e
 }
 
-// endHandshake gives a slot back; once a burst has subsided, it has the
-// freed memory returned to the operating system.
-func (s *Server) endHandshake() {
-	n := s.handshakes.Add(-1)
+// endHandshake gives a slot back (a no-op if it was taken by eviction);
+// once a burst has subsided, it has the freed memory returned to the
+// operating system.
+func (s *Server) endHandshake(e *list.Element) {
+	s.hsMu.Lock()
+	s.pending.Remove(e)
+	n := int64(s.pending.Len())
+	s.handshakes.Store(n)
+	s.hsMu.Unlock()
 	if n > burstHandshakes/4 || s.hsPeak.Load() < burstHandshakes {
 		return
 	}
@@ -728,15 +734,15 @@ func (s *Server) warnDrop() {
 	if now-last < int64(time.Second) || !s.lastDrop.CompareAndSwap(last, now) {
 		return
 	}
-	s.logger().Warn("too many unauthenticated handshakes at once; dropping new connections",
+	s.logger().Warn("too many unauthenticated handshakes at once; closing the oldest",
 		"in_progress", s.handshakes.Load(), "max", s.maxHandshakes(), "dropped", s.dropped.Load())
 }
 
 // authenticated gives up the session's handshake slot: its client has
 // authenticated, or the handshake is over. Idempotent.
 func (ss *session) authenticated() {
-	if ss.handshaking {
-		ss.handshaking = false
-		ss.srv.endHandshake()
+	if ss.slot != nil {
+		ss.srv.endHandshake(ss.slot)
+		ss.slot = nil
 	}
 }
