@@ -2,8 +2,8 @@ package hpcproxy
 
 // The controlmaster tunnel method: channels through an OpenSSH
 // ControlMaster, as stdio forwards (controlstdio.go) or over the control
-// connection in mux proxy mode; reverse forwards and the PROTOCOL.mux wire
-// format in controlfwd.go.
+// connection in mux proxy mode; its reverse forwards are in
+// dial_controlmaster_fwd.go, the PROTOCOL.mux wire format in openssh_mux.go.
 
 import (
 	"context"
@@ -23,7 +23,7 @@ import (
 type controlMasterTunnel struct {
 	*childTunnel
 	client  *ssh.Client
-	ctlPath string // the control socket, for mux commands (controlfwd.go)
+	ctlPath string // the control socket, for mux commands (openssh_mux.go)
 	// sockBase is where reverse forwards make their socket directories:
 	// TunnelConfig.RuntimeDir, else socketTempBase().
 	sockBase string
