@@ -39,16 +39,20 @@ import (
 // and AttachJob refuses a socket held by another UID (a squatter), with an
 // error wrapping [ErrNodeTunnelForeign].
 //
-// The attach request is one JSON line sent with up to four descriptors
+// The attach request is one JSON line sent with up to six descriptors
 // (SCM_RIGHTS): the job's state directory, which the daemon, living in
 // another job's mount namespace, uses through /proc/self/fd to write the
 // state file and bind the control socket; the job's log file; a pidfd of
-// the process whose end ends the job's attachment (the job script); and
-// optionally the read end of an exit pipe. The daemon waits on the pidfd
+// the process whose end ends the job's attachment (the job script);
+// optionally the read end of an exit pipe; and optionally the job's
+// listener and the write end of its stand-by's pipe, with which the job's
+// port outlives the daemon (standby.go). The daemon waits on the pidfd
 // and the pipe in its netpoller: when the process exits, the pipe reaches
 // EOF, or `perjob stop` asks on the job's control socket ([DetachJob]),
-// it closes that job's listener, forwards and state file. The last job to go ends the daemon,
-// and with it the tunnel.
+// it closes that job's listener, forwards and state file, and tells the
+// stand-by to exit. The last job to go ends the daemon, and with it the
+// tunnel. A daemon that dies instead (killed with the job it lives in)
+// leaves the stand-bys to restore the tunnel.
 
 // ErrNodeTunnelRunning is reported by a daemon that could not serve the
 // node tunnel because another daemon of the user already does (the

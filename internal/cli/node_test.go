@@ -238,6 +238,10 @@ func TestCLINodeTunnelJobs(t *testing.T) {
 	require.Eventually(t, func() bool { return sshSessions(sshd) == 0 }, 10*time.Second, 50*time.Millisecond)
 	_, err = os.Stat(jobs[2].state)
 	assert.True(t, os.IsNotExist(err), "job 2's state file stays")
+	for i, j := range jobs {
+		assert.Eventually(t, func() bool { return len(jobProcs(j.state)) == 0 }, 5*time.Second, 50*time.Millisecond,
+			"job %d's processes (stand-by) outlive it", i)
+	}
 }
 
 // TestCLINodeTunnelPrivate: --private keeps a job's tunnel to itself.
@@ -264,7 +268,8 @@ func TestCLINodeTunnelPrivate(t *testing.T) {
 // BenchmarkNodeTunnelRSS measures what an attached job costs: the node
 // daemon's resident memory with 1 job and with 50 (one SSH connection
 // for all; each job with its own listener, state file, control socket and
-// watched process), and sshd's sessions on the login side.
+// watched process), sshd's sessions on the login side, and each job's
+// stand-by (resident, proportional and private memory).
 //
 //	go test -run XXX -bench NodeTunnelRSS ./internal/cli/
 func BenchmarkNodeTunnelRSS(b *testing.B) {
@@ -308,6 +313,22 @@ func BenchmarkNodeTunnelRSS(b *testing.B) {
 	b.ReportMetric(float64(rssN), "KiB-rss-50jobs")
 	b.ReportMetric(float64(rssN-rss1)/float64(jobs-1), "KiB/attached-job")
 	b.ReportMetric(float64(sshSessions(sshd)), "sshd-sessions")
+	// What each job keeps in itself: its stand-by.
+	var sum procMem
+	n := 0
+	for _, j := range all {
+		for _, pid := range standbysOf(j.state) {
+			m := memKiB(pid)
+			sum.rss, sum.pss, sum.uss = sum.rss+m.rss, sum.pss+m.pss, sum.uss+m.uss
+			n++
+		}
+	}
+	if n != jobs {
+		b.Fatalf("%d stand-bys for %d jobs", n, jobs)
+	}
+	b.ReportMetric(float64(sum.rss)/float64(n), "KiB-rss/standby")
+	b.ReportMetric(float64(sum.pss)/float64(n), "KiB-pss/standby")
+	b.ReportMetric(float64(sum.uss)/float64(n), "KiB-uss/standby")
 }
 
 // rssKiB returns a process's resident set size (VmRSS) in KiB, 0 if
