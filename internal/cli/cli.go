@@ -344,13 +344,6 @@ func (a *App) start(args []string) error {
 	if _, _, err := t.specs(); err != nil {
 		return err
 	}
-	if takeover && t.watchPID > 0 && !hpcproxy.PIDAlive(t.watchPID) {
-		// The job has ended too: nothing to take over.
-		if f.verbose {
-			fmt.Fprintf(a.Stdout, "stand-by: the node daemon and the job (pid %d) are gone: not taking over\n", t.watchPID)
-		}
-		return nil
-	}
 	// A running proxy first: a second start needs no login node to report
 	// it (outside a job, without --via or HPCPROXY_VIA, there is none).
 	state := a.statePath(f)
@@ -365,6 +358,14 @@ func (a *App) start(args []string) error {
 				time.Sleep(20 * time.Millisecond)
 			}
 			creds = ps.Credentials
+		}
+		if t.watchPID > 0 && !hpcproxy.PIDAlive(t.watchPID) {
+			// The job has ended too (where the scheduler did not kill
+			// the stand-by with it): nothing to take over.
+			if f.verbose {
+				fmt.Fprintf(a.Stdout, "stand-by: the node daemon and the job (pid %d) are gone: not taking over\n", t.watchPID)
+			}
+			return nil
 		}
 	}
 	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
