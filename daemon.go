@@ -826,8 +826,9 @@ func (r *running) shutdownFront(log *slog.Logger) {
 		log.Warn("state file not released", "err", err)
 	}
 	if r.standby != nil {
-		// Last: a stand-by taking over must not find this front's state
-		// file, and one told to exit closes the port.
+		// Last: a stand-by taking over finds the state file given up
+		// (its start waits for this process to be gone before it reads
+		// it), and one told to exit closes the port.
 		endStandby(r.standby, !r.handover.Load())
 	}
 }
