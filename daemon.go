@@ -173,6 +173,15 @@ type Daemon struct {
 	// while others are attached. Shared mode ignores it.
 	Private bool
 
+	// ListenerFd optionally names an inherited listening TCP socket on
+	// loopback (made by the job's start, [ListenJob]) to serve instead of
+	// binding one; Port is then ignored. StandbyFd optionally names the
+	// write end of the job's stand-by pipe ([StartStandby]): when the
+	// daemon ends its own job's proxy it writes the exit line on it; when
+	// it ends otherwise (a signal, or killed) the stand-by takes over. If
+	// <= 0, none. Both are marked close-on-exec first thing.
+	ListenerFd, StandbyFd int
+
 	// OnReady optionally is called with the listening address once the
 	// daemon is ready (after ReportFd is told), for programs that run a
 	// Daemon in process. If nil, nothing is called.
@@ -252,7 +261,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if log == nil {
 		log = discardLogger
 	}
-	for _, fd := range []int{d.ReportFd, d.ExitFd} {
+	for _, fd := range []int{d.ReportFd, d.ExitFd, d.ListenerFd, d.StandbyFd} {
 		if fd > 0 {
 			if err := PrepareDaemonFds(fd); err != nil {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
@@ -327,7 +336,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
 				log.Info("stopping: " + cause.Error())
 			} else {
+				// Not the job's end: its stand-by (and every attached
+				// job's) takes over.
 				log.Info("stopping: signalled")
+				ready.handover.Store(true)
 			}
 			return nil
 		case err := <-ready.serveErr:
@@ -437,6 +449,8 @@ type running struct {
 	hub          *nodeHub         // the node tunnel this front is part of, if any
 	onDetach     func(error) bool // a detach request (control socket); nil: none
 	frontDown    atomic.Bool      // the front is shut down (the tunnel may run on)
+	standby      *os.File         // the write end of the job's stand-by pipe, if any
+	handover     atomic.Bool      // the front ends with the daemon, not the job: the stand-by takes over
 	lastNodes    []LoginNodeStats // as last written; under mu
 
 	self   selfDialer // dials the targets of reverse forwards (selfconn.go)
@@ -520,7 +534,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	if host == "" && mode == ModePerJob {
 		host = "127.0.0.1"
 	}
-	if err := r.listen(host, d.Port, mode); err != nil {
+	if d.ListenerFd > 0 {
+		err = r.adopt(os.NewFile(uintptr(d.ListenerFd), "listener"))
+	} else {
+		err = r.listen(host, d.Port, mode)
+	}
+	if err != nil {
 		return nil, err
 	}
 
@@ -540,6 +559,10 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	}
 	if err := r.markReady(); err != nil {
 		return nil, err
+	}
+	if d.StandbyFd > 0 {
+		// Only now: a failed start leaves the stand-by to the starter.
+		r.standby = os.NewFile(uintptr(d.StandbyFd), "standby")
 	}
 	return r, nil
 }
@@ -571,6 +594,17 @@ func (r *running) listen(host string, port int, mode Mode) error {
 	r.ln = ln
 	bound := ln.Addr().(*net.TCPAddr).Port
 	return r.update(func(st *ProxyState) { st.Port = bound })
+}
+
+// adopt serves the front on a job's listener f (see [StartStandby]),
+// taking f over, and records its port.
+func (r *running) adopt(f *os.File) error {
+	ln, err := fileListener(f)
+	if err != nil {
+		return err
+	}
+	r.ln = ln
+	return r.update(func(st *ProxyState) { st.Port = ln.Addr().(*net.TCPAddr).Port })
 }
 
 // serve makes the front's server, dialling through the tunnel.
@@ -784,8 +818,18 @@ func (r *running) shutdownFront(log *slog.Logger) {
 		_ = r.ln.Close()
 	}
 	r.serveWG.Wait()
-	if err := r.claim.Release(); err != nil {
+	if r.standby != nil && r.handover.Load() {
+		// The state file stays, as a killed daemon's would: the stand-by's
+		// start takes the job's credentials from it.
+		r.claim.Abandon()
+	} else if err := r.claim.Release(); err != nil {
 		log.Warn("state file not released", "err", err)
+	}
+	if r.standby != nil {
+		// Last: a stand-by taking over finds the state file given up
+		// (its start waits for this process to be gone before it reads
+		// it), and one told to exit closes the port.
+		endStandby(r.standby, !r.handover.Load())
 	}
 }
 
