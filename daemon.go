@@ -136,6 +136,15 @@ type Daemon struct {
 	// variable, leaves Go's setting alone.
 	MaxProcs int
 
+	// Handoff optionally says how connections through a controlmaster
+	// tunnel are handed to the master after the proxy handshake
+	// ([HandoffMode]). If zero, HandoffPipe, unless the environment
+	// variable HPCPROXY_HANDOFF names another mode ("optimistic", "off").
+	// HandoffOptimistic moves no bytes through the daemon but answers
+	// every request with success, as `ssh -D` does: a destination that
+	// cannot be reached closes the client's connection without a reason.
+	Handoff HandoffMode
+
 	// Logger optionally receives the daemon's log. If nil, nothing is
 	// logged.
 	Logger *slog.Logger
@@ -482,6 +491,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger) (_ *running, err e
 	}
 	if mode == ModePerJob {
 		r.srv.TrustConn = SameUserConn
+	}
+	r.srv.handoff, r.srv.handoffMode = r.sup, d.Handoff
+	if env := os.Getenv(envHandoff); d.Handoff == HandoffPipe && env != "" {
+		if err := r.srv.handoffMode.Set(env); err != nil {
+			log.Warn("ignoring "+envHandoff, "err", err)
+		}
 	}
 	if len(d.AllowNetworks) > 0 {
 		r.srv.AllowClient = allowNetworks(d.AllowNetworks)

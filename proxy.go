@@ -96,6 +96,12 @@ type Server struct {
 	// SOCKS5 reply 0x01, SOCKS4 0x5B, HTTP 503. If zero, there is no limit.
 	MaxConns int
 
+	// handoff optionally lets the tunnel read a client's bytes from its
+	// socket itself after the handshake, as handoffMode says (handoff.go);
+	// the daemon sets them.
+	handoff     handoffDialer
+	handoffMode HandoffMode
+
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]*atomic.Bool // client and destination conns; true: idle between HTTP requests
@@ -115,7 +121,7 @@ type Server struct {
 type ServerStats struct {
 	Active           int64 // connections being served now
 	Total            int64 // connections accepted since the server started
-	BytesIn          int64 // bytes relayed from clients to destinations
+	BytesIn          int64 // bytes relayed from clients to destinations, except those a controlmaster read from a handed-off client itself
 	BytesOut         int64 // bytes relayed from destinations to clients
 	FailedHandshakes int64 // connections that ended before a relay started
 }

@@ -1,8 +1,11 @@
 package hpcproxy
 
 import (
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -77,4 +80,71 @@ func waitQueued(rc syscall.RawConn) (int64, error) {
 		err = serr
 	}
 	return queued, err
+}
+
+// newHandoffPipe returns a non-blocking pipe: the read end as a pollable
+// file, the write end to pass to the master.
+func newHandoffPipe() (r, w *os.File, err error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, nil, fmt.Errorf("hpcproxy: pipe: %w", err)
+	}
+	return os.NewFile(uintptr(p[0]), "handoff-out"), os.NewFile(uintptr(p[1]), "handoff-out-peer"), nil
+}
+
+// maxSpliceChunk bounds one splice(2) from the pipe (which holds 64 KiB
+// by default).
+const maxSpliceChunk = 1 << 20
+
+// spliceFromPipe splices pipe to dst until the pipe's write end is closed
+// and it is empty. It waits for the pipe without holding dst's descriptor,
+// and holds dst's (through its RawConn) during each splice, so that a
+// concurrent Close of dst cannot hand the number to another socket under
+// it.
+func spliceFromPipe(pipe *os.File, dst syscall.Conn, count *atomic.Int64) error {
+	prc, err := pipe.SyscallConn()
+	if err != nil {
+		return err
+	}
+	drc, err := dst.SyscallConn()
+	if err != nil {
+		return err
+	}
+	for {
+		var n int64
+		var serr error
+		err := prc.Read(func(pfd uintptr) bool {
+			empty := false
+			werr := drc.Write(func(dfd uintptr) bool {
+				for {
+					n, serr = unix.Splice(int(pfd), nil, int(dfd), nil, maxSpliceChunk, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+					if serr != unix.EINTR {
+						break
+					}
+				}
+				if serr != unix.EAGAIN {
+					return true
+				}
+				// Either the pipe is empty or dst is full.
+				q, err := unix.IoctlGetInt(int(pfd), unix.TIOCINQ)
+				empty = err == nil && q == 0
+				return empty // dst full: wait until it can take more
+			})
+			if werr != nil {
+				serr = werr
+				return true
+			}
+			return !empty // wait for the pipe
+		})
+		if err == nil {
+			err = serr
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return nil // EOF
+		}
+		count.Add(n)
+	}
 }
