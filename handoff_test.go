@@ -113,7 +113,7 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 	t.Run("client half-closes first", func(t *testing.T) {
 		c := dial(t)
 		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
-		msg := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
+		msg := bytes.Repeat([]byte("0123456789abcdef"), 512<<10) // 8 MiB
 		go func() {
 			_, _ = c.Write(msg)
 			_ = c.(*net.TCPConn).CloseWrite()

@@ -114,6 +114,13 @@ func spliceFromPipe(pipe *os.File, dst syscall.Conn, count *atomic.Int64) error 
 		var n int64
 		var serr error
 		err := prc.Read(func(pfd uintptr) bool {
+			// Whether the pipe held bytes before the splice tells an
+			// EAGAIN for a full dst from one for an empty pipe: only
+			// this loop takes bytes out of it. (Asking after the EAGAIN
+			// could count bytes that came since, and wait for room in a
+			// dst that has room: a stall, seen.)
+			q, qerr := unix.IoctlGetInt(int(pfd), unix.TIOCINQ)
+			hadBytes := qerr != nil || q > 0
 			empty := false
 			werr := drc.Write(func(dfd uintptr) bool {
 				for {
@@ -125,10 +132,11 @@ func spliceFromPipe(pipe *os.File, dst syscall.Conn, count *atomic.Int64) error 
 				if serr != unix.EAGAIN {
 					return true
 				}
-				// Either the pipe is empty or dst is full.
-				q, err := unix.IoctlGetInt(int(pfd), unix.TIOCINQ)
-				empty = err == nil && q == 0
-				return empty // dst full: wait until it can take more
+				if hadBytes {
+					return false // dst is full: wait until it can take more
+				}
+				empty = true
+				return true
 			})
 			if werr != nil {
 				serr = werr

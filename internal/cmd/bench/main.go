@@ -211,6 +211,9 @@ func run(w io.Writer, o options) (err error) {
 	}()
 	if needsSSHD(cs) {
 		env.sshd = sshtest.StartSSHD(h, sshtest.Options{Config: []string{"LogLevel ERROR"}})
+		if err := pinLoginSide(env); err != nil {
+			return err
+		}
 	}
 	env.src, err = startSource(self)
 	if err != nil {
