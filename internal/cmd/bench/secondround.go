@@ -77,3 +77,16 @@ func pinLoginSide(env *benchEnv) error {
 	}
 	return nil
 }
+
+// ownCPU is the CPU time of the roots alone, without the processes below
+// them (a controlmaster daemon's ssh): what the daemon itself spends. The
+// -v lines print it beside the tree's.
+func ownCPU(roots []int) cpuTimes {
+	var sum cpuTimes
+	for _, pid := range roots {
+		if st, err := readStat(pid); err == nil {
+			sum = sum.add(st.cpuTimes)
+		}
+	}
+	return sum
+}
