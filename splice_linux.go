@@ -92,9 +92,12 @@ func newHandoffPipe() (r, w *os.File, err error) {
 	return os.NewFile(uintptr(p[0]), "handoff-out"), os.NewFile(uintptr(p[1]), "handoff-out-peer"), nil
 }
 
-// maxSpliceChunk bounds one splice(2) from the pipe (which holds 64 KiB
-// by default).
-const maxSpliceChunk = 1 << 20
+// maxSpliceChunk bounds one splice(2) from the pipe, which holds
+// defaultPipeSize bytes until a bulk stream grows it to maxSpliceChunk.
+const (
+	maxSpliceChunk  = 1 << 20
+	defaultPipeSize = 64 << 10
+)
 
 // spliceFromPipe splices pipe to dst until the pipe's write end is closed
 // and it is empty. It waits for the pipe without holding dst's descriptor,
@@ -110,6 +113,7 @@ func spliceFromPipe(pipe *os.File, dst syscall.Conn, count *atomic.Int64) error 
 	if err != nil {
 		return err
 	}
+	grown := false
 	for {
 		var n int64
 		var serr error
@@ -121,6 +125,15 @@ func spliceFromPipe(pipe *os.File, dst syscall.Conn, count *atomic.Int64) error 
 			// dst that has room: a stall, seen.)
 			q, qerr := unix.IoctlGetInt(int(pfd), unix.TIOCINQ)
 			hadBytes := qerr != nil || q > 0
+			if !grown && q >= defaultPipeSize {
+				// A full pipe: a bulk stream. A larger pipe lets the
+				// master write more per round of its loop, and this
+				// loop splice more per wake-up. (Unprivileged users may
+				// not grow pipes past pipe-user-pages-soft in all; then
+				// it stays as it is.)
+				grown = true
+				_, _ = unix.FcntlInt(pfd, unix.F_SETPIPE_SZ, maxSpliceChunk)
+			}
 			empty := false
 			werr := drc.Write(func(dfd uintptr) bool {
 				for {
