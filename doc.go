@@ -99,7 +99,10 @@
 // job, records its state in a private state file (see [ProxyState]), and
 // reconnects by itself when the tunnel drops. [FindActiveProxy] and
 // [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
-// environment variables that clients read.
+// environment variables that clients read. Over a controlmaster tunnel
+// the daemon hands each client's socket to the OpenSSH master once the
+// proxy handshake is done ([HandoffMode]): uploads then go from the
+// client to ssh directly, and, in [HandoffOptimistic], downloads too.
 //
 // # Cost
 //
