@@ -124,13 +124,43 @@ func (h *handoff) Close() error {
 	return err
 }
 
+// abort ends the forward and the client's connection at once. Closing
+// the control connection asks the master to end the forward, but it
+// sends its EOF to the login node only once it reads its stdin's, which
+// the client's socket does not give while the client keeps it open
+// (seen: the forward and the destination's connection outlived a closed
+// Server by a minute). Shutting the socket down reaches every descriptor
+// of it, the master's too.
+func (h *handoff) abort(client handoffClient) error {
+	if rc, err := client.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { _ = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) })
+	}
+	return h.Close()
+}
+
+// handoffTracker is what a Server tracks for a handoff, so that its Close
+// aborts the handoff.
+type handoffTracker struct {
+	*net.UnixConn // the control connection
+	h             *handoff
+	client        handoffClient
+}
+
+func (t *handoffTracker) Close() error { return t.h.abort(t.client) }
+
 // run moves the destination's bytes from the pipe to client until the
 // pipe's EOF, adding them to count, then half-closes client and waits for
 // the master to end the forward (the client's EOF and the destination's
 // both reached the other side, or either failed). Without a pipe it only
 // waits. It closes the forward.
-func (h *handoff) run(client handoffClient, count *atomic.Int64) error {
-	defer h.Close()
+func (h *handoff) run(client handoffClient, count *atomic.Int64) (err error) {
+	defer func() {
+		if err != nil {
+			_ = h.abort(client)
+		} else {
+			_ = h.Close()
+		}
+	}()
 	if h.out != nil {
 		if err := spliceFromPipe(h.out, client, count); err != nil {
 			return fmt.Errorf("hpcproxy: handoff dest->client: %w", err)
@@ -204,8 +234,14 @@ func (ss *session) dialOrHandoff(addr string, reply []byte) (net.Conn, error) {
 			return c, err
 		}
 	}
-	// Server.Close reaches the forward through its control connection.
-	if _, ok := s.trackConn(h.sc.ctl); !ok {
+	// Server.Close aborts the forward, which ends the client's connection
+	// too: the tracker stands in for the client's conn, which closed
+	// alone (in any order with the tracker) would leave the forward
+	// running with the master's copies of the socket.
+	tr := &handoffTracker{UnixConn: h.sc.ctl, h: h, client: client}
+	if _, ok := s.trackConn(tr); ok {
+		s.untrackConn(ss.c.raw)
+	} else {
 		h.Close()
 		if !optimistic {
 			return nil, ErrServerClosed
@@ -215,8 +251,7 @@ func (ss *session) dialOrHandoff(addr string, reply []byte) (net.Conn, error) {
 	}
 	if !optimistic {
 		if _, err := client.Write(reply); err != nil {
-			ss.release(h.sc.ctl)
-			h.Close()
+			ss.release(tr)
 			ss.fail(err)
 			ss.log.Debug("write reply", "err", err)
 			return nil, nil
@@ -227,7 +262,7 @@ func (ss *session) dialOrHandoff(addr string, reply []byte) (net.Conn, error) {
 	ss.detached = true
 	go func() {
 		err := h.run(client, &s.bytesOut)
-		ss.release(h.sc.ctl)
+		s.untrackConn(tr)
 		if err != nil {
 			log.Debug("connection ended", "err", err)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,7 +35,7 @@ func socks5Open(t *testing.T, c net.Conn, target string, extra []byte) byte {
 }
 
 // TestControlMasterHandoff checks the Server handing clients' sockets to
-// a real OpenSSH master, in both modes: bytes and half-closes both ways, a
+// a real OpenSSH master, in both modes, and relaying as before (off): bytes and half-closes both ways, a
 // banner the destination sends on accept arriving after the reply,
 // refusals (with their precise code, or, optimistic, a close after the
 // success reply), and a client whose first bytes came with its request
@@ -43,7 +44,7 @@ func TestControlMasterHandoff(t *testing.T) {
 	testenv.LookPath(t, "ssh")
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	tun := testTunnel(t, sshd, MethodControlMaster)
-	for _, mode := range []HandoffMode{HandoffPipe, HandoffOptimistic} {
+	for _, mode := range []HandoffMode{HandoffOff, HandoffPipe, HandoffOptimistic} {
 		t.Run(mode.String(), func(t *testing.T) { testHandoff(t, tun, mode) })
 	}
 }
@@ -103,6 +104,9 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 		}
 		// Handed off: the upload went from the client to the master, and
 		// so did the download if optimistic.
+		if mode == HandoffOff {
+			return
+		}
 		require.Equal(t, in0, srv.bytesIn.Load())
 		if mode == HandoffOptimistic {
 			require.Equal(t, out0, srv.bytesOut.Load())
@@ -141,7 +145,7 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 		closed := ln.Addr().String()
 		ln.Close()
 		c := dial(t)
-		if mode == HandoffPipe {
+		if mode != HandoffOptimistic {
 			require.Equal(t, byte(socks5ConnectionRefused), socks5Open(t, c, closed, nil))
 			return
 		}
@@ -178,13 +182,26 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 		require.NoError(t, err)
 		require.Equal(t, want, string(got))
 	})
-	t.Run("server close ends handoffs", func(t *testing.T) {
+	t.Run("client close ends the handoff", func(t *testing.T) {
 		c := dial(t)
 		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
 		echoCheck(t, c, "x")
 		require.Eventually(t, func() bool { return srv.Stats().Active == 1 }, 5*time.Second, 10*time.Millisecond)
 		c.Close()
 		require.Eventually(t, func() bool { return srv.Stats().Active == 0 }, 10*time.Second, 10*time.Millisecond)
+	})
+	t.Run("server close ends handoffs", func(t *testing.T) {
+		// The master holds copies of the client's socket: closing ours
+		// is not enough, the forward must end.
+		c := dial(t)
+		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
+		echoCheck(t, c, "x")
+		require.NoError(t, srv.Close())
+		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+		_, err := io.ReadAll(c)
+		if err != nil {
+			require.ErrorIs(t, err, syscall.ECONNRESET)
+		}
 	})
 }
 
