@@ -3,6 +3,7 @@ package hpcproxy
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -71,6 +72,8 @@ func (m HandoffMode) String() string {
 	}
 	return fmt.Sprintf("HandoffMode(%d)", int(m))
 }
+
+var _ flag.Value = (*HandoffMode)(nil)
 
 // Set implements flag.Value.
 func (m *HandoffMode) Set(s string) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -182,6 +183,24 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 		require.NoError(t, err)
 		require.Equal(t, want, string(got))
 	})
+	t.Run("unix socket client", func(t *testing.T) {
+		ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "proxy.sock"))
+		require.NoError(t, err)
+		go func() { _ = srv.Serve(ln) }()
+		c, err := net.DialTimeout("unix", ln.Addr().String(), 5*time.Second)
+		require.NoError(t, err)
+		defer c.Close()
+		in0 := srv.bytesIn.Load()
+		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
+		echoCheck(t, c, "through a unix socket")
+		require.NoError(t, c.(*net.UnixConn).CloseWrite())
+		got, err := io.ReadAll(c)
+		require.NoError(t, err)
+		require.Empty(t, got)
+		if mode != HandoffOff {
+			require.Equal(t, in0, srv.bytesIn.Load(), "handed off: the daemon saw no upload")
+		}
+	})
 	t.Run("client close ends the handoff", func(t *testing.T) {
 		c := dial(t)
 		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
@@ -203,6 +222,17 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 			require.ErrorIs(t, err, syscall.ECONNRESET)
 		}
 	})
+}
+
+func TestHandoffModeFlag(t *testing.T) {
+	for _, m := range []HandoffMode{HandoffPipe, HandoffOptimistic, HandoffOff} {
+		var got HandoffMode = -1
+		require.NoError(t, got.Set(m.String()))
+		require.Equal(t, m, got)
+	}
+	var m HandoffMode
+	require.Error(t, m.Set("fast"))
+	require.Equal(t, "HandoffMode(7)", HandoffMode(7).String())
 }
 
 // TestStdioForwardOneSocket gives a real master the same socket as a
