@@ -141,6 +141,15 @@ type Daemon struct {
 	// variable, leaves Go's setting alone.
 	MaxProcs int
 
+	// Handoff optionally says how connections through a controlmaster
+	// tunnel are handed to the master after the proxy handshake
+	// ([HandoffMode]). If zero, HandoffPipe, unless the environment
+	// variable HPCPROXY_HANDOFF names another mode ("optimistic", "off").
+	// HandoffOptimistic moves no bytes through the daemon but answers
+	// every request with success, as `ssh -D` does: a destination that
+	// cannot be reached closes the client's connection without a reason.
+	Handoff HandoffMode
+
 	// Logger optionally receives the daemon's log. If nil, nothing is
 	// logged.
 	Logger *slog.Logger
@@ -453,8 +462,9 @@ type running struct {
 	handover     atomic.Bool      // the front ends with the daemon, not the job: the stand-by takes over
 	lastNodes    []LoginNodeStats // as last written; under mu
 
-	self   selfDialer // dials the targets of reverse forwards (selfconn.go)
-	unresp bool       // the tunnel missed a keepalive reply; under mu
+	self    selfDialer  // dials the targets of reverse forwards (selfconn.go)
+	handoff HandoffMode // how the server hands conns to a controlmaster (handoff.go)
+	unresp  bool        // the tunnel missed a keepalive reply; under mu
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -553,6 +563,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	if err != nil {
 		return nil, err
 	}
+	r.handoff = d.Handoff
+	if env := os.Getenv(envHandoff); d.Handoff == HandoffPipe && env != "" {
+		if err := r.handoff.Set(env); err != nil {
+			log.Warn("ignoring "+envHandoff, "err", err)
+		}
+	}
 	r.serve(*creds, mode, d.AllowNetworks)
 	if err := r.startForwards(ctx, d.Forwards, d.Exposes, mode); err != nil {
 		return nil, err
@@ -619,6 +635,7 @@ func (r *running) serve(creds ProxyCredentials, mode Mode, allow []netip.Prefix)
 	if mode == ModePerJob {
 		r.srv.TrustConn = r.ownerConn
 	}
+	r.srv.handoff, r.srv.handoffMode = r.sup, r.handoff
 	if len(allow) > 0 {
 		r.srv.AllowClient = allowNetworks(allow)
 	}

@@ -134,7 +134,10 @@
 // environment variables that clients read, [Shell.ExportLines] into lines
 // for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the
 // system properties JVMs read instead (EnvOptions.Java puts them in
-// JAVA_TOOL_OPTIONS).
+// JAVA_TOOL_OPTIONS). Over a controlmaster tunnel the daemon hands each
+// client's socket to the OpenSSH master once the proxy handshake is done
+// ([HandoffMode]): uploads then go from the client to ssh directly, and,
+// in [HandoffOptimistic], downloads too.
 //
 // # Node tunnel
 //

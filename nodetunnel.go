@@ -661,7 +661,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 	if err != nil {
 		return nil, err
 	}
-	r.sup, r.sharedTunnel, r.hub, r.tcfg = own.sup, true, h, own.tcfg
+	r.sup, r.sharedTunnel, r.hub, r.tcfg, r.handoff = own.sup, true, h, own.tcfg, own.handoff
 	// Set before the control socket listens (startForwards).
 	detach := make(chan struct{}, 1)
 	r.onDetach = func(error) bool {
