@@ -55,6 +55,41 @@ func stdioCap() int {
 // dialStdio opens a connection to addr through a stdio forward of the
 // master at t.ctlPath.
 func (t *controlMasterTunnel) dialStdio(ctx context.Context, addr string) (*stdioConn, error) {
+	// in: we write, the master reads (its stdin); out: the master writes,
+	// we read (its stdout). Two pairs, not one, so that each direction
+	// ends by itself: the master closes its stdout at the channel's EOF,
+	// and we see EOF on out while still writing to in.
+	in, inPeer, err := socketPair()
+	if err != nil {
+		return nil, err
+	}
+	out, outPeer, err := socketPair()
+	if err != nil {
+		in.Close()
+		inPeer.Close()
+		return nil, err
+	}
+	ctl, err := t.stdioForward(ctx, addr, func(send func(stdin, stdout int) error) error {
+		return send(int(inPeer.Fd()), int(outPeer.Fd()))
+	})
+	// The master holds its own copies of its ends now (or failed).
+	inPeer.Close()
+	outPeer.Close()
+	if err != nil {
+		in.Close()
+		out.Close()
+		return nil, err
+	}
+	return &stdioConn{r: out, w: in, ctl: ctl, addr: addr}, nil
+}
+
+// stdioForward asks the master at t.ctlPath for a stdio forward to addr
+// and returns the control connection that keeps it open once the master
+// says the login node opened the channel. withFDs calls send with the
+// descriptors the master is to read from (its stdin) and write to (its
+// stdout) while they are valid; the master keeps copies of its own.
+func (t *controlMasterTunnel) stdioForward(ctx context.Context, addr string,
+	withFDs func(send func(stdin, stdout int) error) error) (*net.UnixConn, error) {
 	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("hpcproxy: address %q: %w", addr, err)
@@ -69,23 +104,6 @@ func (t *controlMasterTunnel) dialStdio(ctx context.Context, addr string) (*stdi
 	if err != nil {
 		return nil, err
 	}
-	// in: we write, the master reads (its stdin); out: the master writes,
-	// we read (its stdout). Two pairs, not one, so that each direction
-	// ends by itself: the master closes its stdout at the channel's EOF,
-	// and we see EOF on out while still writing to in.
-	in, inPeer, err := socketPair()
-	if err != nil {
-		ctl.Close()
-		return nil, err
-	}
-	out, outPeer, err := socketPair()
-	if err != nil {
-		ctl.Close()
-		in.Close()
-		inPeer.Close()
-		return nil, err
-	}
-	conn := &stdioConn{r: out, w: in, ctl: ctl, addr: addr}
 	err = withConnDeadline(ctx, ctl, func() error {
 		// (Sending the request before the master's hello has come back
 		// saves nothing: measured, it made opens 20 times slower.)
@@ -97,12 +115,17 @@ func (t *controlMasterTunnel) dialStdio(ctx context.Context, addr string) (*stdi
 		req.str(host)
 		req.u32(uint32(port))
 		err := req.send(ctl)
-		for _, f := range []*os.File{inPeer, outPeer} {
-			if err == nil {
-				// One byte with each descriptor, as OpenSSH's
-				// mm_send_fd sends it.
-				_, _, err = ctl.WriteMsgUnix([]byte{0}, syscall.UnixRights(int(f.Fd())), nil)
-			}
+		if err == nil {
+			err = withFDs(func(stdin, stdout int) error {
+				for _, fd := range []int{stdin, stdout} {
+					// One byte with each descriptor, as OpenSSH's
+					// mm_send_fd sends it.
+					if _, _, err := ctl.WriteMsgUnix([]byte{0}, syscall.UnixRights(fd), nil); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
 		}
 		if err != nil {
 			return fmt.Errorf("mux stdio request: %w", err)
@@ -124,14 +147,11 @@ func (t *controlMasterTunnel) dialStdio(ctx context.Context, addr string) (*stdi
 		}
 		return fmt.Errorf("mux: unexpected reply %#x", rtyp)
 	})
-	// The master holds its own copies of its ends now (or failed).
-	inPeer.Close()
-	outPeer.Close()
 	if err != nil {
-		conn.Close()
+		ctl.Close()
 		return nil, err
 	}
-	return conn, nil
+	return ctl, nil
 }
 
 // socketPair returns the two ends of a unix stream socket pair: ours as a
@@ -176,7 +196,10 @@ func (c *stdioConn) CloseWrite() error { return c.w.CloseWrite() }
 func (c *stdioConn) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
-		err = errors.Join(c.ctl.Close(), c.r.Close(), c.w.Close())
+		err = c.ctl.Close()
+		if c.r != nil { // nil for a handoff's (handoff.go)
+			err = errors.Join(err, c.r.Close(), c.w.Close())
+		}
 		if c.onClose != nil {
 			c.onClose()
 		}

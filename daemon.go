@@ -141,6 +141,15 @@ type Daemon struct {
 	// variable, leaves Go's setting alone.
 	MaxProcs int
 
+	// Handoff optionally says how connections through a controlmaster
+	// tunnel are handed to the master after the proxy handshake
+	// ([HandoffMode]). If zero, HandoffPipe, unless the environment
+	// variable HPCPROXY_HANDOFF names another mode ("optimistic", "off").
+	// HandoffOptimistic moves no bytes through the daemon but answers
+	// every request with success, as `ssh -D` does: a destination that
+	// cannot be reached closes the client's connection without a reason.
+	Handoff HandoffMode
+
 	// Logger optionally receives the daemon's log. If nil, nothing is
 	// logged.
 	Logger *slog.Logger
@@ -172,6 +181,15 @@ type Daemon struct {
 	// ExitFd, WatchPID or a detach request end only its own job's proxy
 	// while others are attached. Shared mode ignores it.
 	Private bool
+
+	// ListenerFd optionally names an inherited listening TCP socket on
+	// loopback (made by the job's start, [ListenJob]) to serve instead of
+	// binding one; Port is then ignored. StandbyFd optionally names the
+	// write end of the job's stand-by pipe ([StartStandby]): when the
+	// daemon ends its own job's proxy it writes the exit line on it; when
+	// it ends otherwise (a signal, or killed) the stand-by takes over. If
+	// <= 0, none. Both are marked close-on-exec first thing.
+	ListenerFd, StandbyFd int
 
 	// OnReady optionally is called with the listening address once the
 	// daemon is ready (after ReportFd is told), for programs that run a
@@ -252,7 +270,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if log == nil {
 		log = discardLogger
 	}
-	for _, fd := range []int{d.ReportFd, d.ExitFd} {
+	for _, fd := range []int{d.ReportFd, d.ExitFd, d.ListenerFd, d.StandbyFd} {
 		if fd > 0 {
 			if err := PrepareDaemonFds(fd); err != nil {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
@@ -327,7 +345,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
 				log.Info("stopping: " + cause.Error())
 			} else {
+				// Not the job's end: its stand-by (and every attached
+				// job's) takes over.
 				log.Info("stopping: signalled")
+				ready.handover.Store(true)
 			}
 			return nil
 		case err := <-ready.serveErr:
@@ -437,10 +458,13 @@ type running struct {
 	hub          *nodeHub         // the node tunnel this front is part of, if any
 	onDetach     func(error) bool // a detach request (control socket); nil: none
 	frontDown    atomic.Bool      // the front is shut down (the tunnel may run on)
+	standby      *os.File         // the write end of the job's stand-by pipe, if any
+	handover     atomic.Bool      // the front ends with the daemon, not the job: the stand-by takes over
 	lastNodes    []LoginNodeStats // as last written; under mu
 
-	self   selfDialer // dials the targets of reverse forwards (selfconn.go)
-	unresp bool       // the tunnel missed a keepalive reply; under mu
+	self    selfDialer  // dials the targets of reverse forwards (selfconn.go)
+	handoff HandoffMode // how the server hands conns to a controlmaster (handoff.go)
+	unresp  bool        // the tunnel missed a keepalive reply; under mu
 }
 
 // start claims the state file, listens, brings the tunnel up and starts
@@ -520,7 +544,12 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	if host == "" && mode == ModePerJob {
 		host = "127.0.0.1"
 	}
-	if err := r.listen(host, d.Port, mode); err != nil {
+	if d.ListenerFd > 0 {
+		err = r.adopt(os.NewFile(uintptr(d.ListenerFd), "listener"))
+	} else {
+		err = r.listen(host, d.Port, mode)
+	}
+	if err != nil {
 		return nil, err
 	}
 
@@ -534,12 +563,22 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	if err != nil {
 		return nil, err
 	}
+	r.handoff = d.Handoff
+	if env := os.Getenv(envHandoff); d.Handoff == HandoffPipe && env != "" {
+		if err := r.handoff.Set(env); err != nil {
+			log.Warn("ignoring "+envHandoff, "err", err)
+		}
+	}
 	r.serve(*creds, mode, d.AllowNetworks)
 	if err := r.startForwards(ctx, d.Forwards, d.Exposes, mode); err != nil {
 		return nil, err
 	}
 	if err := r.markReady(); err != nil {
 		return nil, err
+	}
+	if d.StandbyFd > 0 {
+		// Only now: a failed start leaves the stand-by to the starter.
+		r.standby = os.NewFile(uintptr(d.StandbyFd), "standby")
 	}
 	return r, nil
 }
@@ -573,6 +612,17 @@ func (r *running) listen(host string, port int, mode Mode) error {
 	return r.update(func(st *ProxyState) { st.Port = bound })
 }
 
+// adopt serves the front on a job's listener f (see [StartStandby]),
+// taking f over, and records its port.
+func (r *running) adopt(f *os.File) error {
+	ln, err := fileListener(f)
+	if err != nil {
+		return err
+	}
+	r.ln = ln
+	return r.update(func(st *ProxyState) { st.Port = ln.Addr().(*net.TCPAddr).Port })
+}
+
 // serve makes the front's server, dialling through the tunnel.
 func (r *running) serve(creds ProxyCredentials, mode Mode, allow []netip.Prefix) {
 	r.srv = &Server{
@@ -585,6 +635,7 @@ func (r *running) serve(creds ProxyCredentials, mode Mode, allow []netip.Prefix)
 	if mode == ModePerJob {
 		r.srv.TrustConn = r.ownerConn
 	}
+	r.srv.handoff, r.srv.handoffMode = r.sup, r.handoff
 	if len(allow) > 0 {
 		r.srv.AllowClient = allowNetworks(allow)
 	}
@@ -784,8 +835,18 @@ func (r *running) shutdownFront(log *slog.Logger) {
 		_ = r.ln.Close()
 	}
 	r.serveWG.Wait()
-	if err := r.claim.Release(); err != nil {
+	if r.standby != nil && r.handover.Load() {
+		// The state file stays, as a killed daemon's would: the stand-by's
+		// start takes the job's credentials from it.
+		r.claim.Abandon()
+	} else if err := r.claim.Release(); err != nil {
 		log.Warn("state file not released", "err", err)
+	}
+	if r.standby != nil {
+		// Last: a stand-by taking over finds the state file given up
+		// (its start waits for this process to be gone before it reads
+		// it), and one told to exit closes the port.
+		endStandby(r.standby, !r.handover.Load())
 	}
 }
 

@@ -134,7 +134,10 @@
 // environment variables that clients read, [Shell.ExportLines] into lines
 // for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the
 // system properties JVMs read instead (EnvOptions.Java puts them in
-// JAVA_TOOL_OPTIONS).
+// JAVA_TOOL_OPTIONS). Over a controlmaster tunnel the daemon hands each
+// client's socket to the OpenSSH master once the proxy handshake is done
+// ([HandoffMode]): uploads then go from the client to ssh directly, and,
+// in [HandoffOptimistic], downloads too.
 //
 // # Node tunnel
 //
@@ -151,6 +154,23 @@
 // SO_PEERCRED: another user can neither attach nor pose as the daemon.
 // [Daemon.Private] opts out. [StatusReport] is the stable JSON shape of a
 // daemon's status, with what each login node carries ([LoginNodeStats]).
+//
+// The daemon lives in the job that opened the tunnel, and a scheduler
+// that kills every process of a job at its end (Slurm's proctrack/cgroup)
+// kills it with that job. So each job's listener is made in the job
+// itself ([ListenJob]) and held there by a stand-by ([StartStandby]): a
+// /bin/sh blocked in `read` on a pipe whose write end only the daemon
+// holds (passed with the listener, [AttachOptions.ListenerFd] and
+// [AttachOptions.StandbyFd], [Daemon.ListenerFd] and [Daemon.StandbyFd]).
+// The job's end makes the daemon write "exit" on it; the daemon's death
+// (even SIGKILL) makes the stand-by exec the job's start again, with the
+// listener inherited and the job's credentials kept: it attaches to a
+// daemon that still runs or becomes the new one. The port never closes;
+// connections made meanwhile wait in its backlog. A stand-by costs about
+// 0.1 MiB of memory of its own (PSS; dash's pages are shared) and nothing
+// on the login node. A shell, since a second Go process per job would
+// cost several MiB; in the job, since anything outside its cgroup (a
+// user service, another job's process) would not end with it.
 //
 // # Cost
 //

@@ -240,13 +240,17 @@ func (ss *session) proxyAuthorized(h http.Header) bool {
 
 // serveCONNECT dials addr, answers 200 and relays (RFC 9110, 9.3.6).
 func (ss *session) serveCONNECT(addr string) error {
-	dst, err := ss.dial(addr)
+	const established = "HTTP/1.1 200 Connection established\r\n\r\n"
+	dst, err := ss.dialOrHandoff(addr, []byte(established))
 	if err != nil {
 		f := classifyDialError(err)
 		ss.logDialError(addr, f, err)
 		return ss.refuseHTTP(&httpError{code: httpStatusFor(f), msg: "connect to " + addr + ": " + f.reason()})
 	}
-	if _, err := io.WriteString(ss.c.raw, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+	if dst == nil {
+		return nil // handed off
+	}
+	if _, err := io.WriteString(ss.c.raw, established); err != nil {
 		ss.release(dst)
 		return ss.fail(fmt.Errorf("hpcproxy: http: write CONNECT reply: %w", err))
 	}

@@ -2,10 +2,12 @@ package hpcproxy
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"math"
 	"net"
+	"sync"
 )
 
 // protocol is what the first byte of a connection says the client speaks.
@@ -64,9 +66,15 @@ type clientConn struct {
 func newClientConn(raw net.Conn) *clientConn {
 	c := &clientConn{raw: raw}
 	c.lr = limitedReader{r: raw, n: maxHeaderBytes}
-	c.br = bufio.NewReader(&c.lr)
+	c.br = readerPool.Get().(*bufio.Reader)
+	c.br.Reset(&c.lr)
 	return c
 }
+
+// readerPool holds the handshake readers that takeBuffered gave back: a
+// relay starts without one, so each connection need not allocate its own
+// 4 KiB buffer.
+var readerPool = sync.Pool{New: func() any { return bufio.NewReader(nil) }}
 
 // sniff waits for the first byte and says which protocol it starts.
 func (c *clientConn) sniff() (protocol, error) {
@@ -98,7 +106,10 @@ func (c *clientConn) takeBuffered() []byte {
 	var b []byte
 	if n > 0 {
 		b, _ = c.br.Peek(n) // cannot fail: n bytes are buffered
+		b = bytes.Clone(b)  // the reader goes back to the pool
 	}
+	c.br.Reset(nil)
+	readerPool.Put(c.br)
 	c.br = nil
 	return b
 }

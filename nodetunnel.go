@@ -39,16 +39,20 @@ import (
 // and AttachJob refuses a socket held by another UID (a squatter), with an
 // error wrapping [ErrNodeTunnelForeign].
 //
-// The attach request is one JSON line sent with up to four descriptors
+// The attach request is one JSON line sent with up to six descriptors
 // (SCM_RIGHTS): the job's state directory, which the daemon, living in
 // another job's mount namespace, uses through /proc/self/fd to write the
 // state file and bind the control socket; the job's log file; a pidfd of
-// the process whose end ends the job's attachment (the job script); and
-// optionally the read end of an exit pipe. The daemon waits on the pidfd
+// the process whose end ends the job's attachment (the job script);
+// optionally the read end of an exit pipe; and optionally the job's
+// listener and the write end of its stand-by's pipe, with which the job's
+// port outlives the daemon (standby.go). The daemon waits on the pidfd
 // and the pipe in its netpoller: when the process exits, the pipe reaches
 // EOF, or `perjob stop` asks on the job's control socket ([DetachJob]),
-// it closes that job's listener, forwards and state file. The last job to go ends the daemon,
-// and with it the tunnel.
+// it closes that job's listener, forwards and state file, and tells the
+// stand-by to exit. The last job to go ends the daemon, and with it the
+// tunnel. A daemon that dies instead (killed with the job it lives in)
+// leaves the stand-bys to restore the tunnel.
 
 // ErrNodeTunnelRunning is reported by a daemon that could not serve the
 // node tunnel because another daemon of the user already does (the
@@ -123,6 +127,18 @@ type AttachOptions struct {
 	// Daemon.Forwards and Daemon.Exposes.
 	Forwards []ForwardSpec
 	Exposes  []ExposeSpec
+
+	// ListenerFd and StandbyFd optionally name the job's listener and the
+	// write end of its stand-by's pipe, as Daemon.ListenerFd and
+	// Daemon.StandbyFd (see [StartStandby]): the daemon gets copies and
+	// serves the job on that listener (Port is then ignored). If <= 0,
+	// the daemon binds a listener itself and there is no stand-by.
+	ListenerFd, StandbyFd int
+
+	// Credentials optionally fixes the job's proxy credentials, as
+	// Daemon.Credentials: a stand-by's start passes those of the daemon
+	// that died, so the job's clients keep working. If nil, fresh ones.
+	Credentials *ProxyCredentials
 }
 
 // Attach protocol.
@@ -132,8 +148,10 @@ const (
 	attachFdLog  = "log"
 	attachFdPid  = "pidfd"
 	attachFdExit = "exit"
+	attachFdLn   = "listener"
+	attachFdSby  = "standby"
 	attachMaxReq = 64 << 10
-	attachMaxFds = 4
+	attachMaxFds = 6
 )
 
 type attachRequest struct {
@@ -146,7 +164,9 @@ type attachRequest struct {
 	WatchPID  int      `json:"watch_pid,omitempty"` // when no pidfd could be passed
 	Forwards  []string `json:"forwards,omitempty"`
 	Exposes   []string `json:"exposes,omitempty"`
-	Fds       []string `json:"fds"` // what each passed descriptor is, in order
+	User      string   `json:"user,omitempty"`  // the job's credentials, if fixed
+	Token     string   `json:"token,omitempty"` // (both or neither)
+	Fds       []string `json:"fds"`             // what each passed descriptor is, in order
 }
 
 type attachReply struct {
@@ -186,12 +206,16 @@ func parseAttachRequest(line []byte, nfds int) (attachCommand, error) {
 		return c, fmt.Errorf("hpcproxy: attach request: bad port %d", r.Port)
 	case r.WatchPID < 0:
 		return c, fmt.Errorf("hpcproxy: attach request: bad pid %d", r.WatchPID)
+	case (r.User == "") != (r.Token == "") || len(r.Token) > 256 || strings.ContainsAny(r.User+r.Token, ":@/\x00\r\n"):
+		return c, errors.New("hpcproxy: attach request: bad credentials")
 	case len(r.Fds) != nfds:
 		return c, fmt.Errorf("hpcproxy: attach request names %d descriptors, %d came", len(r.Fds), nfds)
 	}
 	c.fdIndex = map[string]int{}
 	for i, k := range r.Fds {
-		if k != attachFdDir && k != attachFdLog && k != attachFdPid && k != attachFdExit {
+		switch k {
+		case attachFdDir, attachFdLog, attachFdPid, attachFdExit, attachFdLn, attachFdSby:
+		default:
 			return c, fmt.Errorf("hpcproxy: attach request: unknown descriptor %q", k)
 		}
 		if _, dup := c.fdIndex[k]; dup {
@@ -281,6 +305,9 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 	if job.InJob {
 		req.JobID, req.Scheduler = job.JobID, string(job.Scheduler)
 	}
+	if c := o.Credentials; c != nil {
+		req.User, req.Token = c.User, c.Token
+	}
 	fds := []int{int(dirf.Fd()), int(logf.Fd())}
 	if o.WatchPID > 0 {
 		pfd, err := unix.PidfdOpen(o.WatchPID, 0)
@@ -295,9 +322,14 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 			req.WatchPID = o.WatchPID // no pidfd (kernel < 5.3): the daemon polls the pid
 		}
 	}
-	if o.ExitFd > 0 {
-		fds = append(fds, o.ExitFd)
-		req.Fds = append(req.Fds, attachFdExit)
+	for _, x := range []struct {
+		fd   int
+		kind string
+	}{{o.ExitFd, attachFdExit}, {o.ListenerFd, attachFdLn}, {o.StandbyFd, attachFdSby}} {
+		if x.fd > 0 {
+			fds = append(fds, x.fd)
+			req.Fds = append(req.Fds, x.kind)
+		}
 	}
 	for _, f := range o.Forwards {
 		req.Forwards = append(req.Forwards, f.String())
@@ -613,6 +645,9 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 	if err != nil {
 		return nil, err
 	}
+	if req.Token != "" {
+		creds = ProxyCredentials{User: req.User, Token: req.Token}
+	}
 	logFile := ""
 	if req.StatePath != "" {
 		logFile = LogFilePath(req.StatePath)
@@ -626,7 +661,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 	if err != nil {
 		return nil, err
 	}
-	r.sup, r.sharedTunnel, r.hub, r.tcfg = own.sup, true, h, own.tcfg
+	r.sup, r.sharedTunnel, r.hub, r.tcfg, r.handoff = own.sup, true, h, own.tcfg, own.handoff
 	// Set before the control socket listens (startForwards).
 	detach := make(chan struct{}, 1)
 	r.onDetach = func(error) bool {
@@ -636,7 +671,14 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		}
 		return false
 	}
-	if err := r.listen("127.0.0.1", req.Port, ModePerJob); err != nil {
+	if i, ok := cmd.fdIndex[attachFdLn]; ok {
+		f := files[i]
+		files[i] = nil
+		err = r.adopt(f)
+	} else {
+		err = r.listen("127.0.0.1", req.Port, ModePerJob)
+	}
+	if err != nil {
 		r.shutdown(log)
 		return nil, err
 	}
@@ -668,6 +710,10 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		}
 		*exitFd, exited = -1, ch
 	}
+	if i, ok := cmd.fdIndex[attachFdSby]; ok {
+		// Only now: a failed attachment leaves the stand-by to the starter.
+		r.standby, files[i] = files[i], nil
+	}
 	h.mu.Lock()
 	h.fronts[r] = struct{}{}
 	h.mu.Unlock()
@@ -685,6 +731,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		for {
 			select {
 			case <-h.ctx.Done():
+				r.handover.Store(true) // the job goes on: its stand-by takes over
 				break loop
 			case <-watch:
 				why = "the job's watched process exited"

@@ -50,6 +50,11 @@ func TestParseAttachRequest(t *testing.T) {
 	assert.Equal(t, map[string]int{"dir": 0, "log": 1, "pidfd": 2}, c.fdIndex)
 	assert.Len(t, c.forwards, 1)
 	assert.Len(t, c.exposes, 1)
+	ok = `{"op":"attach","state_name":"p.json","user":"hpcproxy","token":"abc_-9","fds":["dir","listener","standby"]}`
+	c, err = parseAttachRequest([]byte(ok), 3)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]int{"dir": 0, "listener": 1, "standby": 2}, c.fdIndex)
+	assert.Equal(t, "abc_-9", c.req.Token)
 
 	for name, tc := range map[string]struct {
 		line string
@@ -70,6 +75,9 @@ func TestParseAttachRequest(t *testing.T) {
 		"no dir":        {`{"op":"attach","state_name":"p.json","fds":["log"]}`, 1},
 		"bad forward":   {`{"op":"attach","state_name":"p.json","fds":["dir"],"forwards":["x"]}`, 1},
 		"bad expose":    {`{"op":"attach","state_name":"p.json","fds":["dir"],"exposes":["x=y=z"]}`, 1},
+		"token alone":   {`{"op":"attach","state_name":"p.json","token":"t","fds":["dir"]}`, 1},
+		"user alone":    {`{"op":"attach","state_name":"p.json","user":"u","fds":["dir"]}`, 1},
+		"token colon":   {`{"op":"attach","state_name":"p.json","user":"u","token":"a:b","fds":["dir"]}`, 1},
 	} {
 		_, err := parseAttachRequest([]byte(tc.line), tc.nfds)
 		assert.Error(t, err, name)
@@ -80,6 +88,7 @@ func FuzzAttachRequest(f *testing.F) {
 	f.Add([]byte(`{"op":"attach","state_name":"proxy-7.json","fds":["dir","log","pidfd"],"forwards":["5432=db:5432"]}`), 3)
 	f.Add([]byte(`{"op":"attach","state_name":"p.json","fds":["dir"],"watch_pid":12}`), 1)
 	f.Add([]byte(`{"op":"attach","state_name":"p.json","fds":["dir","exit"]}`), 2)
+	f.Add([]byte(`{"op":"attach","state_name":"p.json","user":"hpcproxy","token":"t","fds":["dir","listener","standby"]}`), 3)
 	f.Add([]byte(`{}`), 0)
 	f.Fuzz(func(t *testing.T, line []byte, nfds int) {
 		c, err := parseAttachRequest(line, nfds)
@@ -94,6 +103,9 @@ func FuzzAttachRequest(f *testing.F) {
 		}
 		if _, ok := c.fdIndex[attachFdDir]; !ok {
 			t.Fatal("accepted a request without the state directory")
+		}
+		if (c.req.User == "") != (c.req.Token == "") || strings.ContainsAny(c.req.User+c.req.Token, ":\n") {
+			t.Fatalf("accepted credentials %q %q", c.req.User, c.req.Token)
 		}
 	})
 }

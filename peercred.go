@@ -284,7 +284,7 @@ func sockDiagUID(peer, self netip.AddrPort) (int, error) {
 	}
 	for _, fam := range families {
 		diagSock.seq++
-		uid, err := sockDiagQuery(diagSock.fd, diagSock.seq, fam, peer, self)
+		uid, err := sockDiagQuery(diagSock.fd, diagSock.seq, fam, peer, self, &diagSock.msg, &diagSock.buf)
 		if errors.Is(err, ErrPeerNotFound) {
 			continue
 		}
@@ -304,17 +304,22 @@ func sockDiagUID(peer, self netip.AddrPort) (int, error) {
 // brings no credentials, and a socket per lookup cost three more system
 // calls each. Replies are matched by sequence number, so one that comes
 // late for an earlier query is skipped.
+// The request and reply buffers are kept with it (under mu): a lookup per
+// connection allocated 4 KiB of garbage before.
 var diagSock struct {
 	mu   sync.Mutex
 	open bool
 	fd   int
 	seq  uint32
+	msg  [72]byte
+	buf  [4096]byte
 }
 
-func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort) (int, error) {
+func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort, msgBuf *[72]byte, rbuf *[4096]byte) (int, error) {
 	ne := binary.NativeEndian
 	// struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes).
-	msg := make([]byte, 72)
+	msg := msgBuf[:]
+	clear(msg)
 	ne.PutUint32(msg[0:], uint32(len(msg)))
 	ne.PutUint16(msg[4:], sockDiagByFamily)
 	ne.PutUint16(msg[6:], syscall.NLM_F_REQUEST)
@@ -333,7 +338,7 @@ func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort) 
 	if err := syscall.Sendto(fd, msg, 0, &syscall.SockaddrNetlink{Family: syscall.AF_NETLINK}); err != nil {
 		return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
 	}
-	buf := make([]byte, 4096)
+	buf := rbuf[:]
 	for {
 		n, _, err := syscall.Recvfrom(fd, buf, 0)
 		if err == syscall.EINTR {

@@ -910,6 +910,14 @@ func (c *StateClaim) Release() error {
 	return nil
 }
 
+// Abandon gives the claim up without removing the state file, as a
+// killed daemon would: the next claim finds it stale.
+func (c *StateClaim) Abandon() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.unlock()
+}
+
 func (c *StateClaim) unlock() {
 	if c.lock != nil {
 		c.lock.Close() // closing the last descriptor drops the flock

@@ -113,13 +113,17 @@ func (ss *session) serveSOCKS4() error {
 		return ss.fail(fmt.Errorf("hpcproxy: socks4: user id is not a valid token"))
 	}
 	ss.authenticated()
-	dst, err := ss.dial(req.addr)
+	granted := []byte{socks4ReplyVersion, socks4Granted, 0, 0, 0, 0, 0, 0}
+	dst, err := ss.dialOrHandoff(req.addr, granted)
 	if err != nil {
 		ss.logDialError(req.addr, classifyDialError(err), err)
 		ss.writeReply(reject)
 		return ss.fail(err)
 	}
-	if _, err := ss.c.raw.Write([]byte{socks4ReplyVersion, socks4Granted, 0, 0, 0, 0, 0, 0}); err != nil {
+	if dst == nil {
+		return nil // handed off
+	}
+	if _, err := ss.c.raw.Write(granted); err != nil {
 		ss.release(dst)
 		return ss.fail(fmt.Errorf("hpcproxy: socks4: write reply: %w", err))
 	}

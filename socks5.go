@@ -270,12 +270,15 @@ func (ss *session) serveSOCKS5() error {
 		}
 		return ss.fail(err)
 	}
-	dst, err := ss.dial(addr)
+	dst, err := ss.dialOrHandoff(addr, appendSOCKS5Reply(nil, socks5Succeeded, nil))
 	if err != nil {
 		f := classifyDialError(err)
 		ss.logDialError(addr, f, err)
 		ss.writeReply(appendSOCKS5Reply(nil, socks5ReplyFor(f), nil))
 		return ss.fail(err)
+	}
+	if dst == nil {
+		return nil // handed off
 	}
 	if _, err := w.Write(appendSOCKS5Reply(nil, socks5Succeeded, dst.LocalAddr())); err != nil {
 		ss.release(dst)

@@ -47,6 +47,8 @@ import (
 const (
 	ReportFd    = 3
 	ExitFd      = 4
+	ListenFd    = 5
+	StandbyFd   = 6
 	EnvReportFd = "HPCPROXY_REPORT_FD"
 	EnvExitFd   = "HPCPROXY_EXIT_FD"
 )
@@ -78,6 +80,11 @@ type DaemonOptions struct {
 	// ExitPipe optionally gives the daemon an exit pipe (fd 4): it stops
 	// when [DaemonProcess.CloseExit] is called or this process dies.
 	ExitPipe bool
+	// Listener and Standby optionally give the daemon its job's listener
+	// (fd 5, [EnvListenFd]) and the write end of the job's stand-by pipe
+	// (fd 6, [EnvStandbyFd]); see [StartStandby]. The caller keeps its
+	// copies.
+	Listener, Standby *os.File
 }
 
 // daemonGODEBUG adds adaptivestackstart=0 to GODEBUG in env, unless it sets
@@ -232,13 +239,23 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 	}
 	// Fds named by our own environment (a daemon starting a daemon) are
 	// not the child's.
-	env = slices.DeleteFunc(slices.Clone(env), func(kv string) bool {
-		return strings.HasPrefix(kv, EnvReportFd+"=") || strings.HasPrefix(kv, EnvExitFd+"=")
-	})
+	env = deleteFdEnv(env)
 	env = append(env, EnvReportFd+"="+strconv.Itoa(ReportFd))
 	env = daemonGODEBUG(env)
 	if opts.ExitPipe {
 		env = append(env, EnvExitFd+"="+strconv.Itoa(ExitFd))
+	}
+	if opts.Listener != nil || opts.Standby != nil {
+		if len(files) == 1 {
+			files = append(files, nil) // fd 4 stays closed
+		}
+		files = append(files, opts.Listener, opts.Standby)
+		if opts.Listener != nil {
+			env = append(env, EnvListenFd+"="+strconv.Itoa(ListenFd))
+		}
+		if opts.Standby != nil {
+			env = append(env, EnvStandbyFd+"="+strconv.Itoa(StandbyFd))
+		}
 	}
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -451,8 +468,10 @@ func logTail(path string, n int64) string {
 // DaemonFds are the pipes a daemon inherited from StartDaemon; -1 when
 // absent.
 type DaemonFds struct {
-	Report int
-	Exit   int
+	Report  int
+	Exit    int
+	Listen  int // the job's listener ([EnvListenFd])
+	Standby int // the write end of the job's stand-by pipe ([EnvStandbyFd])
 }
 
 // InheritedDaemonFds returns the fds named by EnvReportFd and EnvExitFd,
@@ -461,15 +480,15 @@ type DaemonFds struct {
 // neither. A daemon calls it first thing; fds that
 // are not open are reported as -1.
 func InheritedDaemonFds() DaemonFds {
-	fds := DaemonFds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd)}
+	fds := DaemonFds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd), Listen: envFd(EnvListenFd), Standby: envFd(EnvStandbyFd)}
 	// Children (ssh, a nested daemon) must not take them for theirs.
-	os.Unsetenv(EnvReportFd)
-	os.Unsetenv(EnvExitFd)
-	if fds.Report >= 0 && PrepareDaemonFds(fds.Report) != nil {
-		fds.Report = -1
+	for _, name := range []string{EnvReportFd, EnvExitFd, EnvListenFd, EnvStandbyFd} {
+		os.Unsetenv(name)
 	}
-	if fds.Exit >= 0 && PrepareDaemonFds(fds.Exit) != nil {
-		fds.Exit = -1
+	for _, fd := range []*int{&fds.Report, &fds.Exit, &fds.Listen, &fds.Standby} {
+		if *fd >= 0 && PrepareDaemonFds(*fd) != nil {
+			*fd = -1
+		}
 	}
 	return fds
 }

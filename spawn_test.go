@@ -102,7 +102,12 @@ func daemonHelper(mode string) int {
 	case "hang":
 		select {}
 	case "envfds":
-		fmt.Printf("report=%d exit=%d\n", fds.Report, fds.Exit)
+		fmt.Printf("report=%d exit=%d listen=%d standby=%d\n", fds.Report, fds.Exit, fds.Listen, fds.Standby)
+		if fds.Listen > 0 {
+			// The job's listener: a listening socket on loopback.
+			ln, err := fileListener(os.NewFile(uintptr(fds.Listen), "listener"))
+			fmt.Printf("listener %v %v\n", ln != nil, err)
+		}
 		ReportReady(fds.Report)
 		return 0
 	}
@@ -289,6 +294,34 @@ func TestStartDaemonEnv(t *testing.T) {
 	b, _ := os.ReadFile(log)
 	if !strings.Contains(string(b), "report=3 exit=4") {
 		t.Errorf("daemon saw %q, want report=3 exit=4", b)
+	}
+}
+
+// TestStartDaemonListener: a job's listener and stand-by pipe reach the
+// daemon as fds 5 and 6, named by the environment; fd 4 stays closed
+// without an exit pipe.
+func TestStartDaemonListener(t *testing.T) {
+	log := daemonLog(t)
+	ln, err := ListenJob(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	defer pw.Close()
+	d, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("envfds"), LogFile: log, Timeout: 30 * time.Second,
+		Listener: ln, Standby: pw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Wait()
+	b, _ := os.ReadFile(log)
+	if !strings.Contains(string(b), "report=3 exit=-1 listen=5 standby=6") || !strings.Contains(string(b), "listener true <nil>") {
+		t.Errorf("daemon saw %q, want report=3 exit=-1 listen=5 standby=6 and a listener", b)
 	}
 }
 

@@ -294,6 +294,18 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	return args
 }
 
+// envTakeoverCreds gives a daemon that a stand-by's start runs the job's
+// credentials (USER:TOKEN), kept from the daemon that died.
+const envTakeoverCreds = "HPCPROXY_TAKEOVER_CREDENTIALS"
+
+// startArgs are the arguments of the start a job's stand-by execs when
+// the node daemon dies: this start's, resolved (--via, --watch-pid).
+func (t *tunnelFlags) startArgs(state string, verbose bool) []string {
+	args := t.daemonArgs(state, verbose)
+	args[0] = "start"
+	return args
+}
+
 // tunnelConfig is the tunnel the flags ask for: the daemon's, and the
 // name of the node tunnel a start attaches to.
 func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
@@ -311,6 +323,15 @@ func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
 }
 
 func (a *App) start(args []string) error {
+	// A start exec'd by its job's stand-by (the node daemon died) gets the
+	// job's listener: take it first, before anything else inherits it.
+	held := hpcproxy.InheritedListener()
+	takeover := held != nil
+	defer func() {
+		if held != nil {
+			held.Close()
+		}
+	}()
 	f := a.cmdFlags("start")
 	var t tunnelFlags
 	a.addTunnelFlags(f, &t)
@@ -326,6 +347,27 @@ func (a *App) start(args []string) error {
 	// A running proxy first: a second start needs no login node to report
 	// it (outside a job, without --via or HPCPROXY_VIA, there is none).
 	state := a.statePath(f)
+	var creds *hpcproxy.ProxyCredentials
+	if takeover {
+		// The stand-by saw the daemon's pipe close, which happens while
+		// the daemon is still exiting: let it be gone, or its state file
+		// (whose port the stand-by holds open) would look alive. The job
+		// keeps the credentials it recorded.
+		if ps, err := hpcproxy.ReadPidFileAt(state); err == nil {
+			for end := time.Now().Add(10 * time.Second); hpcproxy.PIDAlive(ps.PID) && time.Now().Before(end); {
+				time.Sleep(20 * time.Millisecond)
+			}
+			creds = ps.Credentials
+		}
+		if t.watchPID > 0 && !hpcproxy.PIDAlive(t.watchPID) {
+			// The job has ended too (where the scheduler did not kill
+			// the stand-by with it): nothing to take over.
+			if f.verbose {
+				fmt.Fprintf(a.Stdout, "stand-by: the node daemon and the job (pid %d) are gone: not taking over\n", t.watchPID)
+			}
+			return nil
+		}
+	}
 	if ps, err := hpcproxy.ReadPidFileAt(state); err == nil && hpcproxy.CheckState(ps).Usable() {
 		// Not an error if the proxy the user asked for is there.
 		return a.alreadyRunning(ps, &t, stateFlag(f), f.verbose)
@@ -354,10 +396,35 @@ func (a *App) start(args []string) error {
 	defer stop()
 	deadline := time.Now().Add(t.timeout)
 	var d *hpcproxy.DaemonProcess
+	// On a node tunnel the job's listener is made here, in the job, and a
+	// stand-by holds it (see hpcproxy.StartStandby): the port outlives
+	// the node daemon, wherever that runs.
+	var sby *hpcproxy.Standby
+	defer func() {
+		if sby != nil {
+			sby.Release() // no daemon took it
+		}
+	}()
 	for {
+		var opts hpcproxy.DaemonOptions
 		if a.Mode == hpcproxy.ModePerJob && !t.private {
-			ps, err := a.attach(ctx, &t, state, deadline)
+			if sby == nil {
+				if held == nil {
+					if held, err = hpcproxy.ListenJob(t.port); err != nil {
+						return fmt.Errorf("%w\nhint: choose another --port, or none for a free one", err)
+					}
+				}
+				sby, err = hpcproxy.StartStandby(held, hpcproxy.LogFilePath(state), append([]string{exe}, t.startArgs(state, f.verbose)...))
+				if err != nil {
+					return err
+				}
+			}
+			ps, err := a.attach(ctx, &t, state, deadline, hpcproxy.AttachOptions{
+				ListenerFd: int(held.Fd()), StandbyFd: int(sby.W.Fd()), Credentials: creds,
+			})
 			if err == nil {
+				sby.Handoff()
+				sby = nil
 				if f.verbose {
 					fmt.Fprintf(a.Stdout, "attached to the node tunnel %s: pid %d, %s via %s (%s, %d jobs); log %s\n",
 						ps.Node.Socket, ps.PID, ps.Addr(), ps.Via, ps.Method, ps.Node.Jobs, ps.LogFile)
@@ -374,17 +441,24 @@ func (a *App) start(args []string) error {
 				fmt.Fprintf(a.Stderr, "%s start: warning: %s\n%s start: starting a tunnel of this job's own (as with --private)\n",
 					a.Name, strings.TrimPrefix(err.Error(), "hpcproxy: "), a.Name)
 				t.private = true
+				sby.Release()
+				sby = nil
 				continue
 			}
 			if !errors.Is(err, hpcproxy.ErrNoNodeTunnel) {
 				return fmt.Errorf("%w\nhint: start with --private to open a tunnel of this job's own; the log is %s", err, hpcproxy.LogFilePath(state))
 			}
+			opts.Standby = sby.W
 		}
 		// No node tunnel (or a private one): this start opens it.
-		cmd := exec.Command(exe, t.daemonArgs(state, f.verbose)...)
-		d, err = hpcproxy.StartDaemon(ctx, hpcproxy.DaemonOptions{
-			Cmd: cmd, LogFile: hpcproxy.LogFilePath(state), Timeout: time.Until(deadline),
-		})
+		opts.Listener = held
+		opts.Cmd = exec.Command(exe, t.daemonArgs(state, f.verbose)...)
+		if creds != nil {
+			// Not on the command line, which other users can read.
+			opts.Cmd.Env = append(os.Environ(), envTakeoverCreds+"="+creds.User+":"+creds.Token)
+		}
+		opts.LogFile, opts.Timeout = hpcproxy.LogFilePath(state), time.Until(deadline)
+		d, err = hpcproxy.StartDaemon(ctx, opts)
 		if errors.Is(err, hpcproxy.ErrNodeTunnelRunning) && time.Now().Before(deadline) {
 			// Another job's start opened it meanwhile: attach to that one.
 			time.Sleep(time.Duration(20+rand.IntN(80)) * time.Millisecond)
@@ -408,6 +482,10 @@ func (a *App) start(args []string) error {
 		}
 		return fmt.Errorf("%w\nhint: %s; the log is %s", err, hint, hpcproxy.LogFilePath(state))
 	}
+	if sby != nil {
+		sby.Handoff()
+		sby = nil
+	}
 	ps, _ := hpcproxy.ReadPidFileAt(state)
 	if f.verbose && ps != nil {
 		fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Via), ps.Method, d.LogFile())
@@ -421,17 +499,16 @@ func (a *App) start(args []string) error {
 
 // attach attaches this job to the node tunnel the flags name, if a
 // daemon serves it.
-func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time) (*hpcproxy.ProxyState, error) {
+func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time, o hpcproxy.AttachOptions) (*hpcproxy.ProxyState, error) {
 	fwd, exp, err := t.specs()
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	return hpcproxy.AttachJob(ctx, hpcproxy.AttachOptions{
-		Tunnel: t.tunnelConfig(), StatePath: state, Port: t.port,
-		WatchPID: max(t.watchPID, 0), Forwards: fwd, Exposes: exp,
-	})
+	o.Tunnel, o.StatePath, o.Port = t.tunnelConfig(), state, t.port
+	o.WatchPID, o.Forwards, o.Exposes = max(t.watchPID, 0), fwd, exp
+	return hpcproxy.AttachJob(ctx, o)
 }
 
 // startHint says where to look when a daemon with these flags did not
@@ -532,12 +609,20 @@ func (a *App) daemon(args []string) error {
 		StatePath:     a.statePath(f),
 		ReportFd:      fds.Report,
 		ExitFd:        fds.Exit,
+		ListenerFd:    fds.Listen,
+		StandbyFd:     fds.Standby,
 		Logger:        log,
 		Tunnel:        t.tunnelConfig(),
 		Private:       t.private,
 	}
 	if t.watchPID > 0 {
 		d.WatchPID = t.watchPID
+	}
+	if v, ok := os.LookupEnv(envTakeoverCreds); ok {
+		os.Unsetenv(envTakeoverCreds) // not for ssh
+		if user, token, ok := strings.Cut(v, ":"); ok && user != "" && token != "" {
+			d.Credentials = &hpcproxy.ProxyCredentials{User: user, Token: token}
+		}
 	}
 	fwd, exp, err := t.specs()
 	if err != nil {

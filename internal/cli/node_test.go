@@ -104,6 +104,12 @@ func bigServer(t *testing.T, size int) string {
 	return srv.Listener.Addr().String()
 }
 
+// bigURL is bigServer's /big, by a host name the proxy resolves.
+func bigURL(t *testing.T, size int) string {
+	_, port, _ := strings.Cut(bigServer(t, size), ":")
+	return "http://" + loopbackHostname(t) + ":" + port + "/big"
+}
+
 func bigPattern(n int) []byte { return bytes.Repeat([]byte("hpcproxy"), n/8+1)[:n] }
 
 // download fetches url through the job's proxy (HTTP CONNECT-less plain
@@ -137,10 +143,8 @@ func download(ps *hpcproxy.ProxyState, target string, size int) error {
 // one stopped, the others download on; the last one ends the daemon.
 func TestCLINodeTunnelJobs(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
-	host := loopbackHostname(t)
 	const size = 4 << 20
-	_, port, _ := strings.Cut(bigServer(t, size), ":")
-	target := "http://" + host + ":" + port + "/big"
+	target := bigURL(t, size)
 
 	jobs := []*simJob{newSimJob(t), newSimJob(t), newSimJob(t)}
 	r := jobs[0].start(t, sshd)
@@ -234,6 +238,10 @@ func TestCLINodeTunnelJobs(t *testing.T) {
 	require.Eventually(t, func() bool { return sshSessions(sshd) == 0 }, 10*time.Second, 50*time.Millisecond)
 	_, err = os.Stat(jobs[2].state)
 	assert.True(t, os.IsNotExist(err), "job 2's state file stays")
+	for i, j := range jobs {
+		assert.Eventually(t, func() bool { return len(jobProcs(j.state)) == 0 }, 5*time.Second, 50*time.Millisecond,
+			"job %d's processes (stand-by) outlive it", i)
+	}
 }
 
 // TestCLINodeTunnelPrivate: --private keeps a job's tunnel to itself.
@@ -260,7 +268,8 @@ func TestCLINodeTunnelPrivate(t *testing.T) {
 // BenchmarkNodeTunnelRSS measures what an attached job costs: the node
 // daemon's resident memory with 1 job and with 50 (one SSH connection
 // for all; each job with its own listener, state file, control socket and
-// watched process), and sshd's sessions on the login side.
+// watched process), sshd's sessions on the login side, and each job's
+// stand-by (resident, proportional and private memory).
 //
 //	go test -run XXX -bench NodeTunnelRSS ./internal/cli/
 func BenchmarkNodeTunnelRSS(b *testing.B) {
@@ -304,6 +313,22 @@ func BenchmarkNodeTunnelRSS(b *testing.B) {
 	b.ReportMetric(float64(rssN), "KiB-rss-50jobs")
 	b.ReportMetric(float64(rssN-rss1)/float64(jobs-1), "KiB/attached-job")
 	b.ReportMetric(float64(sshSessions(sshd)), "sshd-sessions")
+	// What each job keeps in itself: its stand-by.
+	var sum procMem
+	n := 0
+	for _, j := range all {
+		for _, pid := range standbysOf(j.state) {
+			m := memKiB(pid)
+			sum.rss, sum.pss, sum.uss = sum.rss+m.rss, sum.pss+m.pss, sum.uss+m.uss
+			n++
+		}
+	}
+	if n != jobs {
+		b.Fatalf("%d stand-bys for %d jobs", n, jobs)
+	}
+	b.ReportMetric(float64(sum.rss)/float64(n), "KiB-rss/standby")
+	b.ReportMetric(float64(sum.pss)/float64(n), "KiB-pss/standby")
+	b.ReportMetric(float64(sum.uss)/float64(n), "KiB-uss/standby")
 }
 
 // rssKiB returns a process's resident set size (VmRSS) in KiB, 0 if
@@ -457,4 +482,170 @@ func TestCLIStatusJSONShared(t *testing.T) {
 	assert.Equal(t, hpcproxy.StatusUp, rep.LoginNodes[0].Status)
 	assert.Equal(t, 0, rep.LoginNodes[0].Connections)
 	assert.NotContains(t, r.stdout, "token", "status --json shows the credentials")
+}
+
+// TestCLINodeTunnelTakeover: the node daemon is killed with the job that
+// opened the tunnel (SIGKILL to the daemon, the job script and, as a
+// scheduler's cgroup kill does, its stand-by; or, as proctrack/linuxproc
+// would leave it, not the stand-by, which must then exit by itself); the
+// attached jobs' ports stay open, a download started right after the
+// kill completes through each, one of their stand-bys starts the new
+// daemon and the other job attaches to it: one SSH connection again. A
+// SIGTERM to the new daemon hands over the same way. The last job's end
+// leaves no process behind.
+func TestCLINodeTunnelTakeover(t *testing.T) {
+	t.Run("cgroup", func(t *testing.T) { testNodeTunnelTakeover(t, true) })
+	t.Run("linuxproc", func(t *testing.T) { testNodeTunnelTakeover(t, false) })
+}
+
+func testNodeTunnelTakeover(t *testing.T, killStandby bool) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	const size = 1 << 20
+	target := bigURL(t, size)
+
+	jobs := []*simJob{newSimJob(t), newSimJob(t), newSimJob(t)}
+	for _, j := range jobs {
+		j.start(t, sshd)
+	}
+	t.Cleanup(func() {
+		for i, j := range jobs {
+			if t.Failed() || os.Getenv("NODE_TEST_LOGS") != "" {
+				t.Logf("job %d's log:\n%s", i, readFile(j.state, ".log"))
+			}
+			run(t, "perjob", "", "stop", "--state", j.state)
+		}
+	})
+	ps := []*hpcproxy.ProxyState{jobs[0].proxyState(t), jobs[1].proxyState(t), jobs[2].proxyState(t)}
+	daemon := ps[0].PID
+	for i, j := range jobs {
+		require.Equal(t, daemon, ps[i].PID)
+		sb := standbysOf(j.state)
+		require.Len(t, sb, 1, "job %d: stand-bys", i)
+		mem := memKiB(sb[0])
+		t.Logf("job %d's stand-by (pid %d): Rss %d KiB, Pss %d KiB, private (USS) %d KiB", i, sb[0], mem.rss, mem.pss, mem.uss)
+	}
+	assert.Equal(t, 1, sshSessions(sshd))
+
+	// Job 0's end as a cgroup kill: every process of it at once.
+	sb0 := standbysOf(jobs[0].state)
+	require.NoError(t, syscall.Kill(daemon, syscall.SIGKILL))
+	if killStandby {
+		require.NoError(t, syscall.Kill(sb0[0], syscall.SIGKILL))
+	}
+	jobs[0].end(t)
+
+	// Downloads right away: their connections wait in the ports' backlogs
+	// until a new daemon serves them.
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i := range 2 {
+		wg.Go(func() { errs[i] = download(ps[i+1], target, size) })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		assert.NoError(t, err, "download through job %d after the daemon's kill\nlog:\n%s", i+1, readFile(jobs[i+1].state, ".log"))
+	}
+	var now [2]*hpcproxy.ProxyState
+	require.Eventually(t, func() bool {
+		for i := range now {
+			p, err := hpcproxy.ReadPidFileAt(jobs[i+1].state)
+			if err != nil || !hpcproxy.CheckState(p).Usable() || p.Status != hpcproxy.StatusUp {
+				return false
+			}
+			now[i] = p
+		}
+		return now[0].PID == now[1].PID
+	}, 20*time.Second, 100*time.Millisecond, "the jobs' state after the takeover")
+	for i, p := range now {
+		assert.Equal(t, ps[i+1].Port, p.Port, "job %d's port changed", i+1)
+		assert.Equal(t, ps[i+1].Credentials.Token, p.Credentials.Token, "job %d's credentials changed", i+1)
+		assert.Len(t, standbysOf(jobs[i+1].state), 1, "job %d: stand-bys after the takeover", i+1)
+	}
+	assert.NotEqual(t, daemon, now[0].PID)
+	assert.True(t, now[0].Node.Attached != now[1].Node.Attached, "one job's stand-by opened the tunnel, the other attached")
+	require.Eventually(t, func() bool { return sshSessions(sshd) == 1 }, 10*time.Second, 50*time.Millisecond,
+		"SSH connections after the takeover: %d", sshSessions(sshd))
+	assert.Eventually(t, func() bool { return len(jobProcs(jobs[0].state)) == 0 }, 10*time.Second, 50*time.Millisecond,
+		"job 0's processes (its stand-by) outlive it")
+
+	// A plain SIGTERM to the new daemon hands over as well (the
+	// connections it serves at that moment end with it).
+	require.NoError(t, syscall.Kill(now[0].PID, syscall.SIGTERM))
+	require.Eventually(t, func() bool { return !hpcproxy.PIDAlive(now[0].PID) }, 15*time.Second, 20*time.Millisecond)
+	for i := range 2 {
+		assert.NoError(t, download(ps[i+1], target, size), "download through job %d after SIGTERM", i+1)
+	}
+
+	// The jobs end: nothing of them is left.
+	for _, j := range jobs[1:] {
+		j.end(t)
+	}
+	require.Eventually(t, func() bool {
+		return len(jobProcs(jobs[1].state))+len(jobProcs(jobs[2].state)) == 0
+	}, 15*time.Second, 50*time.Millisecond, "processes left after the jobs' end")
+	require.Eventually(t, func() bool { return sshSessions(sshd) == 0 }, 10*time.Second, 50*time.Millisecond)
+}
+
+// standbysOf returns the stand-bys of the job whose state file is state.
+func standbysOf(state string) []int {
+	var out []int
+	for _, pid := range jobProcs(state) {
+		if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline"); err == nil && bytes.HasPrefix(b, []byte("/bin/sh\x00-c\x00")) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// jobProcs returns the live processes started for the job whose state
+// file is state: its stand-by, its daemon, a start a stand-by execs.
+func jobProcs(state string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !bytes.Contains(b, []byte("\x00--state\x00"+state+"\x00")) {
+			continue
+		}
+		if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil {
+			if i := bytes.LastIndexByte(st, ')'); i > 0 && len(st) > i+2 && st[i+2] == 'Z' {
+				continue // a zombie: gone, not reaped yet
+			}
+		}
+		out = append(out, pid)
+	}
+	return out
+}
+
+type procMem struct{ rss, pss, uss int64 }
+
+// memKiB returns a process's resident (Rss), proportional (Pss) and
+// private (Private_Clean + Private_Dirty: USS) memory in KiB, from
+// /proc/PID/smaps_rollup.
+func memKiB(pid int) procMem {
+	var m procMem
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps_rollup")
+	if err != nil {
+		return m
+	}
+	for line := range strings.Lines(string(b)) {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		switch k {
+		case "Rss":
+			m.rss = n
+		case "Pss":
+			m.pss = n
+		case "Private_Clean", "Private_Dirty":
+			m.uss += n
+		}
+	}
+	return m
 }

@@ -1,11 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,9 +36,20 @@ const arrayTasks = 5
 // with a user namespace that maps the user to itself, so its UID stays
 // the same), since this Slurm cannot host job_container/tmpfs: the test
 // users' homes are under /tmp.
+//
+// In OpenerKilled the task whose start opened the tunnel is killed as a
+// scheduler's cgroup kill would kill it (this Slurm's
+// proctrack/linuxproc would not): SIGKILL to the node daemon, to the
+// task's stand-by and (scancel --signal=KILL) to its script, while the
+// other tasks download. Each of them loses at most the download in
+// flight; every download started after the kill succeeds on the same
+// port (the stand-bys keep the ports open and one of them starts the new
+// daemon), login serves one SSH connection again, and after the last
+// task no process of the user is left.
 func (c *cluster) jobArray(t *testing.T) {
-	t.Run("SharedTmp", func(t *testing.T) { c.jobArrayWith(t, false) })
-	t.Run("PrivateTmp", func(t *testing.T) { c.jobArrayWith(t, true) })
+	t.Run("SharedTmp", func(t *testing.T) { c.jobArrayWith(t, false, false) })
+	t.Run("PrivateTmp", func(t *testing.T) { c.jobArrayWith(t, true, false) })
+	t.Run("OpenerKilled", func(t *testing.T) { c.jobArrayWith(t, false, true) })
 }
 
 // privateTmpScript re-runs the job script in a mount namespace with a
@@ -48,7 +61,7 @@ if [ -z "${IN_PRIVATE_TMP:-}" ]; then
 fi
 `
 
-func (c *cluster) jobArrayWith(t *testing.T, privateTmp bool) {
+func (c *cluster) jobArrayWith(t *testing.T, privateTmp, killOpener bool) {
 	script := `
 tag="$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID"
 if perjob start -v; then echo "RESULT start ok"; else echo "RESULT start FAIL"; exit 1; fi
@@ -59,19 +72,26 @@ fi
 perjob status --json >"$HOME/status-$tag.json"
 eval "$(perjob env)"
 touch "$HOME/ready-$tag"
-n=0; bad=0
+n=0; bad=0; after=0; badafter=0
 while :; do
 	released=0
 	[ -e "$HOME/release-$tag" ] && released=1
+	killed=0
+	[ -e "$HOME/killed-$SLURM_ARRAY_JOB_ID" ] && killed=1
 	if curl -sS --fail --max-time 60 -o big.bin https://www.internet.test/files/big.bin && [ "$(sha big.bin)" = "$BIGSHA" ]; then
-		n=$((n+1))
+		n=$((n+1)); after=$((after+killed))
 	else
-		bad=$((bad+1)); echo "download $((n+bad)) failed"
+		bad=$((bad+1)); badafter=$((badafter+killed)); echo "download $((n+bad)) failed (after the kill: $killed)"
 	fi
 	[ $released = 1 ] && break
 done
-echo "DOWNLOADS $n BAD $bad"
-if [ $bad = 0 ]; then echo "RESULT downloads ok"; else echo "RESULT downloads FAIL"; fi
+echo "DOWNLOADS $n BAD $bad AFTER $after BADAFTER $badafter"
+# Killing the daemon cuts the download in flight, no other.
+if [ $bad = 0 ] || { [ -e "$HOME/killed-$SLURM_ARRAY_JOB_ID" ] && [ $bad = 1 ] && [ $badafter = 0 ]; }; then
+	echo "RESULT downloads ok"
+else
+	echo "RESULT downloads FAIL"
+fi
 `
 	n := jobSeq.Add(1)
 	path := filepath.Join(c.user.home, fmt.Sprintf("job%d.sh", n))
@@ -177,11 +197,21 @@ if [ $bad = 0 ]; then echo "RESULT downloads ok"; else echo "RESULT downloads FA
 			order = append(order, task)
 		}
 	}
+	if killOpener {
+		c.killOpener(t, id, opener, reps[opener-1], daemon)
+		order = order[1:]
+	}
 	for i, task := range order {
 		time.Sleep(time.Second)
 		release(task)
 		j := c.wait(t, id+"_"+itoa(task), out(task), time.Minute)
 		wantOK(t, j.output, "start", "downloads")
+		if killOpener {
+			if got := atoi(field(j.output, `AFTER (\d+)`)); got < 1 {
+				t.Errorf("task %d: %d downloads after the kill", task, got)
+			}
+			continue
+		}
 		if privateTmp {
 			wantOK(t, j.output, "private-tmp")
 		}
@@ -200,6 +230,54 @@ if [ $bad = 0 ]; then echo "RESULT downloads ok"; else echo "RESULT downloads FA
 	c.waitFor(t, "daemon and SSH connection gone after the last task", 15*time.Second, nil, func() bool {
 		return !pidAlive(daemon) && c.sshConnections() == 0
 	})
+	c.waitFor(t, "no process of the tasks' proxies left", 15*time.Second, nil, func() bool {
+		return len(proxyProcs(c.user.uid, "")) == 0
+	})
+}
+
+// killOpener kills the task that opened the node tunnel as a cgroup kill
+// would: the daemon, the task's stand-by and its script, at once; then
+// it waits for the other tasks' stand-bys to have restored the tunnel.
+func (c *cluster) killOpener(t *testing.T, id string, opener int, rep hpcproxy.StatusReport, daemon int) {
+	t.Helper()
+	time.Sleep(2 * time.Second) // downloads in flight
+	standbys := proxyProcs(c.user.uid, rep.StateFile)
+	if len(standbys) != 1 {
+		t.Fatalf("task %d (%s): %d stand-bys, want 1", opener, rep.StateFile, len(standbys))
+	}
+	for _, pid := range append(standbys, daemon) {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			t.Fatalf("kill %d: %v", pid, err)
+		}
+	}
+	c.runOn(c.login, nil, c.slurmEnv(), 10*time.Second, "scancel", "--signal=KILL", id+"_"+itoa(opener))
+	writeFile(t, filepath.Join(c.user.home, "killed-"+id), "", 0o644)
+	t.Logf("killed task %d's daemon %d and stand-by %d", opener, daemon, standbys[0])
+	c.waitFor(t, "one SSH connection again after the daemon's kill", 30*time.Second, nil, func() bool {
+		return c.sshConnections() == 1 && !pidAlive(daemon)
+	})
+	time.Sleep(3 * time.Second) // downloads through the new daemon
+}
+
+// proxyProcs lists uid's processes of a per-job proxy (a daemon, a
+// stand-by, a start), those of the job whose state file is state if
+// state is not empty, stand-bys only then.
+func proxyProcs(uid int, state string) []int {
+	var out []int
+	for _, pid := range pidsOfUser(uid) {
+		b, err := os.ReadFile("/proc/" + itoa(pid) + "/cmdline")
+		if err != nil || !pidAlive(pid) {
+			continue
+		}
+		switch {
+		case state == "" && bytes.Contains(b, []byte("\x00--state\x00")):
+		case state != "" && bytes.HasPrefix(b, []byte("/bin/sh\x00-c\x00")) && bytes.Contains(b, []byte("\x00--state\x00"+state+"\x00")):
+		default:
+			continue
+		}
+		out = append(out, pid)
+	}
+	return out
 }
 
 // sshConnections counts the TCP connections login's sshd has established.

@@ -122,7 +122,7 @@ func (env *benchEnv) stopAll() {
 }
 
 func allContenders() []*contender {
-	return []*contender{
+	return append([]*contender{
 		{name: "hpcproxy gossh", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 1)},
 		{name: "hpcproxy gossh x2", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 2)},
 		{name: "hpcproxy controlmaster", group: "ssh", fds: controlMasterFds, start: startPerJob("controlmaster", 1)},
@@ -130,7 +130,7 @@ func allContenders() []*contender {
 		{name: "hpcproxy direct", group: "relay", fds: perConn(2), start: startSharedDirect},
 		{name: "socat", group: "relay", baseline: true, fds: perConn(2), start: startSocat},
 		{name: "microsocks", group: "relay", fds: perConn(2), start: startMicrosocks},
-	}
+	}, handoffContenders()...)
 }
 
 // cliEnv, when set in a child's environment, makes this program run

@@ -211,6 +211,9 @@ func run(w io.Writer, o options) (err error) {
 	}()
 	if needsSSHD(cs) {
 		env.sshd = sshtest.StartSSHD(h, sshtest.Options{Config: []string{"LogLevel ERROR"}})
+		if err := pinLoginSide(env); err != nil {
+			return err
+		}
 	}
 	env.src, err = startSource(self)
 	if err != nil {
@@ -349,7 +352,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 			if r == nil {
 				continue
 			}
-			cpu0, login0 := treeCPU(r.pids), treeCPU(env.sshdPIDs())
+			cpu0, login0, own0 := treeCPU(r.pids), treeCPU(env.sshdPIDs()), ownCPU(r.pids)
 			d, err := download(r.dial, size, buf)
 			if err != nil {
 				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
@@ -359,6 +362,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 				return fmt.Errorf("%s: round %d: %w", c.name, round+1, err)
 			}
 			cpu, login := treeCPU(r.pids).sub(cpu0), treeCPU(env.sshdPIDs()).sub(login0)
+			own := ownCPU(r.pids).sub(own0)
 			res.down[c] = append(res.down[c], float64(size)/d.Seconds())
 			res.up[c] = append(res.up[c], float64(size)/u.Seconds())
 			gb := 2 * float64(size) / 1e9
@@ -381,21 +385,25 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 						100*login.total().Seconds()/pd.Seconds())
 				}
 			}
+			var ownConn time.Duration
 			if o.latency > 0 {
-				cpu0 := treeCPU(r.pids)
+				cpu0, own0 := treeCPU(r.pids), ownCPU(r.pids)
 				lat, err := connectLatency(r.dial, o.latency)
 				if err != nil {
 					return fmt.Errorf("%s: round %d: latency: %w", c.name, round+1, err)
 				}
 				cpu := treeCPU(r.pids).sub(cpu0)
+				ownConn = ownCPU(r.pids).sub(own0).total() / time.Duration(o.latency)
 				res.p50[c] = append(res.p50[c], percentile(lat, 50))
 				res.p99[c] = append(res.p99[c], percentile(lat, 99))
 				res.cpuPerConn[c] = append(res.cpuPerConn[c], cpu.total().Seconds()/float64(o.latency))
 			}
 			if o.verbose && o.latency > 0 {
-				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f) p50 %s p99 %s\n", round+1, c.name,
+				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f; main process alone %.2f) p50 %s p99 %s cpu/conn %s (main process alone %s)\n", round+1, c.name,
 					rate(res.down[c][round]), rate(res.up[c][round]), res.cpuPerGB[c][round], res.sysPerGB[c][round],
-					res.p50[c][round].Round(time.Microsecond), res.p99[c][round].Round(time.Microsecond))
+					own.total().Seconds()/(2*float64(size)/1e9),
+					res.p50[c][round].Round(time.Microsecond), res.p99[c][round].Round(time.Microsecond),
+					time.Duration(res.cpuPerConn[c][round]*1e9).Round(time.Microsecond), ownConn.Round(time.Microsecond))
 			}
 		}
 	}
