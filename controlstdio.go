@@ -37,12 +37,8 @@ import (
 // has more than 16,384 channels; beyond stdioCap connections, new ones use
 // proxy mode, one channel each.
 
-// Mux protocol messages of a stdio forward (PROTOCOL.mux).
-const (
-	muxCNewStdioFwd    = 0x10000008
-	muxSSessionOpened  = 0x80000006
-	stdioSetupDeadline = 30 * time.Second
-)
+// stdioSetupDeadline bounds the setup of one stdio forward.
+const stdioSetupDeadline = 30 * time.Second
 
 // maxStdioConns caps the stdio forwards open at once through one master
 // (a variable for tests). stdioCap lowers it to what the open-file limit
@@ -54,53 +50,6 @@ var maxStdioConns = 4096
 // the descriptors to the clients' sockets and proxy-mode connections.
 func stdioCap() int {
 	return int(min(uint64(maxStdioConns), openFileLimit()/8))
-}
-
-// muxHello dials the master's control socket at path and exchanges hello
-// messages. ctx bounds the dial and the exchange; the returned conn has no
-// deadline.
-func muxHello(ctx context.Context, path string) (*net.UnixConn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
-		return nil, err
-	}
-	uc := c.(*net.UnixConn)
-	if err := withConnDeadline(ctx, uc, func() error {
-		var hello muxBuf
-		hello.u32(muxMsgHello)
-		hello.u32(muxVersion)
-		if err := hello.send(uc); err != nil {
-			return fmt.Errorf("mux hello: %w", err)
-		}
-		msg, err := muxRead(uc)
-		if err != nil {
-			return fmt.Errorf("mux hello: %w", err)
-		}
-		if typ, _ := msg.u32(); typ != muxMsgHello {
-			return fmt.Errorf("mux: expected hello, got %#x", typ)
-		}
-		return nil
-	}); err != nil {
-		uc.Close()
-		return nil, err
-	}
-	return uc, nil
-}
-
-// withConnDeadline runs f with c's deadline set from ctx (and to the past
-// when ctx ends), and clears the deadline afterwards.
-func withConnDeadline(ctx context.Context, c net.Conn, f func() error) error {
-	if dl, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
-	err := f()
-	if !stop() && err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("%w (%w)", ctx.Err(), err)
-	}
-	_ = c.SetDeadline(time.Time{})
-	return err
 }
 
 // dialStdio opens a connection to addr through a stdio forward of the

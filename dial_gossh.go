@@ -208,47 +208,6 @@ func timeoutError(parent, setup context.Context, timeout time.Duration, err erro
 	return err
 }
 
-// jumpChain returns the SSH connections to make, in order: the ProxyJump
-// hops, then s. As in OpenSSH, the first hop's own ProxyJump applies
-// (recursively); later hops are reached through the hop before them. Hops
-// are resolved with the same config file but without TunnelConfig.SSHOptions
-// (ssh does not pass -o to its jump connections either).
-func (r *sshResolver) jumpChain(ctx context.Context, s *sshSettings, depth int) ([]*sshSettings, error) {
-	if s.ProxyJump == "" {
-		return []*sshSettings{s}, nil
-	}
-	if depth >= maxJumpDepth {
-		return nil, fmt.Errorf("hpcproxy: ProxyJump chain for %s is longer than %d hops (a loop?)", s.Host, maxJumpDepth)
-	}
-	hops, err := jumpHops(s.ProxyJump)
-	if err != nil {
-		return nil, err
-	}
-	hr := *r
-	hr.options = nil
-	var out []*sshSettings
-	for i, h := range hops {
-		hs, err := hr.resolve(ctx, h)
-		if err != nil {
-			return nil, err
-		}
-		if hs.ProxyCommand != "" {
-			return nil, fmt.Errorf("hpcproxy: jump host %s uses ProxyCommand, which only OpenSSH can run", h.Host)
-		}
-		if i == 0 {
-			sub, err := hr.jumpChain(ctx, hs, depth+1)
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, sub...)
-			continue
-		}
-		hs.ProxyJump = ""
-		out = append(out, hs)
-	}
-	return append(out, s), nil
-}
-
 // sshHandshake runs the SSH handshake and authentication for s over conn.
 // ctx bounds both: a deadline is put on a TCP conn, and conn is closed if
 // ctx ends first (channel conns take no deadlines). conn is consumed.

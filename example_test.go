@@ -103,3 +103,68 @@ func ExampleRunProxy() {
 	// far side asked for tcp login.cluster.example:22
 	// RunProxy returned: <nil>
 }
+
+// The library snippet of the README: a tunnel by the first method that
+// works, a proxy server in front of it, and the same tunnel used directly
+// from Go. It needs a login node, so it only compiles here; the example
+// of Tunnel.Dial runs one without.
+func ExampleEstablishTunnel() {
+	ctx := context.Background()
+
+	// A tunnel by the first method that works, and a proxy server in front of it.
+	tun, err := hpcproxy.EstablishTunnel(ctx, hpcproxy.TunnelConfig{Destination: "login1"})
+	if err != nil {
+		log.Fatal(err) // *hpcproxy.TunnelError: why each method failed
+	}
+	defer tun.Close()
+	go func() {
+		if err := hpcproxy.RunProxy(ctx, "127.0.0.1:1080", tun.Dial); err != nil {
+			log.Print(err)
+		}
+	}()
+
+	// Or use the tunnel directly from Go: names resolve on the login node.
+	client := &http.Client{Transport: &http.Transport{DialContext: tun.Dial}}
+	resp, err := client.Get("https://example.org/")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer resp.Body.Close()
+}
+
+// A tunnel used directly by net/http. The direct method stands in for an
+// SSH tunnel here (it dials with a net.Dialer, as a login node relaying
+// itself would), so the example runs on loopback; with the default methods
+// and a login node as Destination the code is the same.
+func ExampleTunnel_Dial() {
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello from %s", r.Host)
+	}))
+	defer backend.Close()
+
+	tun, err := hpcproxy.EstablishTunnel(context.Background(), hpcproxy.TunnelConfig{
+		Destination: "login1",
+		Methods:     []hpcproxy.Method{hpcproxy.MethodDirect},
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer tun.Close()
+
+	tr := &http.Transport{DialContext: tun.Dial}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	resp, err := client.Get(backend.URL)
+	if err != nil {
+		log.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	fmt.Println(resp.Status)
+	fmt.Println(string(body) == "hello from "+backend.Listener.Addr().String())
+	fmt.Println("method:", tun.Method())
+	// Output:
+	// 200 OK
+	// true
+	// method: direct
+}

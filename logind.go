@@ -55,8 +55,8 @@ type LogoutReport struct {
 // WillSurviveLogout reports whether a proxy daemon started now by this
 // process is expected to survive the user's logout, and logind's effective
 // KillUserProcesses and the user's Linger setting. See CheckLogout for the
-// rules; the seed's "KillUserProcesses=no or Linger=yes" was wrong both
-// ways: lingering does not save a session scope, and KillUserProcesses=no
+// rules; the simpler "KillUserProcesses=no or Linger=yes" would be wrong
+// both ways: lingering does not save a session scope, and KillUserProcesses=no
 // does not keep the user's service manager up after the last logout.
 func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 	r := CheckLogout()

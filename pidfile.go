@@ -22,8 +22,8 @@ import (
 
 // State files
 //
-// A running daemon describes itself in a JSON state file ("PID file" in the
-// seed's words). There are two scopes:
+// A running daemon describes itself in a JSON state file (a "PID file" in
+// the names of the functions that handle it). There are two scopes:
 //
 //   - shared: one proxy per user on a login node, listening on all
 //     interfaces. Its state file is PidFilePath(), in the user's data dir,
@@ -140,8 +140,8 @@ func (c ProxyCredentials) Match(user, token string) bool {
 }
 
 // ProxyState is the content of a state file. The first four fields are the
-// seed's; the rest are optional, and readers ignore fields they do not
-// know, so the format can grow.
+// original format; the rest are optional, and readers ignore fields they
+// do not know, so the format can grow.
 type ProxyState struct {
 	// Host is os.Hostname() of the node the daemon runs on. Liveness is
 	// checked by PID only when Host is this host.
@@ -327,8 +327,8 @@ func LogFilePath(statePath string) string {
 }
 
 // SockPath returns the unix socket path for the shared-mode tunnel's ssh
-// control or SOCKS socket. Unlike the seed it is node-local, not in the
-// (NFS) state dir: hpcproxy-UID under os.TempDir(). A unix socket path
+// control or SOCKS socket. It is node-local, not in the (NFS) state
+// dir: hpcproxy-UID under os.TempDir(). A unix socket path
 // must fit in sun_path (108 bytes); see shortSockPath.
 func SockPath() string {
 	return shortSockPath(uidTmpDir(os.TempDir()), "shared")
@@ -482,8 +482,8 @@ func syncDir(dir string) {
 
 // RemovePidFile removes the shared-mode state file unless it belongs to
 // another live proxy: one on another host (never removed from here), or
-// a live process other than this one on this host. Unlike the seed's, it
-// cannot delete the state of a running daemon.
+// a live process other than this one on this host. It never deletes the
+// state of a running daemon.
 func RemovePidFile() {
 	path := PidFilePath()
 	ps, err := ReadPidFileAt(path)

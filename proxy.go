@@ -428,23 +428,6 @@ func (s *Server) dialTimeout() time.Duration {
 	return DefaultDialTimeout
 }
 
-// session is one accepted client connection.
-type session struct {
-	srv     *Server
-	c       *clientConn
-	trusted bool         // no credentials required
-	refuse  bool         // over MaxConns: read the request, then refuse it
-	idle    *atomic.Bool // set while waiting for the next HTTP request
-	// slot: the conn holds one of MaxHandshakes until it has
-	// authenticated (authenticated) or ends; nil if trusted.
-	slot *list.Element
-	log  *slog.Logger
-	// finish ends the connection (closing it, and telling the server);
-	// startRelay hands it to the relay it starts and sets detached.
-	finish   func()
-	detached bool
-}
-
 // serveConn serves one accepted connection and calls release once it is
 // over: when serveConn returns, or, if a relay started, when the relay
 // ends. The relay runs in goroutines of its own, not in this one: the
@@ -541,44 +524,6 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-// dial opens the destination for a session, bounded by DialTimeout and
-// aborted by Close. The conn is tracked so that Close reaches it.
-//
-// The request has been read by now, so dial first lifts the handshake
-// deadline: a dial may take longer than the handshake timeout, and the
-// reply must still be written afterwards.
-func (ss *session) dial(addr string) (net.Conn, error) {
-	if err := ss.c.raw.SetDeadline(time.Time{}); err != nil {
-		return nil, fmt.Errorf("hpcproxy: clear handshake deadline: %w", err)
-	}
-	if ss.refuse {
-		return nil, errTooManyConns
-	}
-	s := ss.srv
-	ctx, cancel := context.WithTimeout(s.baseContext(), s.dialTimeout())
-	defer cancel()
-	dial := s.Dial
-	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
-	}
-	c, err := dial(ctx, "tcp", addr)
-	if err != nil {
-		return nil, convertOpenChannelError(addr, err)
-	}
-	if _, ok := s.trackConn(c); !ok {
-		c.Close()
-		return nil, ErrServerClosed
-	}
-	return c, nil
-}
-
-// release closes a destination conn from dial and forgets it.
-func (ss *session) release(c net.Conn) {
-	c.Close()
-	ss.srv.untrackConn(c)
-}
-
 // checkPassword reports, in constant time for the password, whether
 // user/pass is one of the server's credentials.
 func (s *Server) checkPassword(user, pass string) bool {
@@ -660,16 +605,6 @@ func (f dialFailure) reason() string {
 		return "too many connections; try again later"
 	}
 	return "connection failed"
-}
-
-// logDialError logs a failed dial: at Warn when the tunnel is down, at
-// Debug otherwise (a refused port is the client's business).
-func (ss *session) logDialError(addr string, f dialFailure, err error) {
-	if f == failTunnelDown || f == failBusy {
-		ss.log.Warn("dial failed", "dest", addr, "reason", f.reason(), "err", err)
-		return
-	}
-	ss.log.Debug("dial failed", "dest", addr, "reason", f.reason(), "err", err)
 }
 
 // Pre-authentication cost (MaxHandshakes)
@@ -764,13 +699,4 @@ func (s *Server) warnDrop() {
 	}
 	s.logger().Warn("too many unauthenticated handshakes at once; closing the oldest",
 		"in_progress", s.handshakes.Load(), "max", s.maxHandshakes(), "dropped", s.dropped.Load())
-}
-
-// authenticated gives up the session's handshake slot: its client has
-// authenticated, or the handshake is over. Idempotent.
-func (ss *session) authenticated() {
-	if ss.slot != nil {
-		ss.srv.endHandshake(ss.slot)
-		ss.slot = nil
-	}
 }

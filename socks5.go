@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
-	"time"
 )
 
 // SOCKS5 wire constants (RFC 1928, RFC 1929).
@@ -286,48 +285,4 @@ func (ss *session) serveSOCKS5() error {
 		return ss.fail(fmt.Errorf("hpcproxy: socks5: write reply: %w", err))
 	}
 	return ss.startRelay(dst)
-}
-
-// writeReply writes a refusal; the conn is closed next, so a failed write
-// is only logged.
-func (ss *session) writeReply(b []byte) {
-	if _, err := ss.c.raw.Write(b); err != nil {
-		ss.log.Debug("write refusal", "err", err)
-	}
-}
-
-// fail counts a failed handshake and returns err.
-func (ss *session) fail(err error) error {
-	ss.srv.failed.Add(1)
-	return err
-}
-
-// startRelay clears the handshake deadline and starts relaying between the
-// client and dst in goroutines of their own, which end the connection when
-// both directions are done. The session's goroutine returns at once: an
-// idle relay then holds only the small stacks its copiers start with, not
-// this goroutine's, which the handshake and the dial may have grown (at
-// 10,000 held connections, that was 4 KiB each).
-func (ss *session) startRelay(dst net.Conn) error {
-	if err := ss.c.raw.SetDeadline(time.Time{}); err != nil {
-		ss.release(dst)
-		return fmt.Errorf("hpcproxy: clear handshake deadline: %w", err)
-	}
-	cfg := relayConfig{
-		early: ss.c.takeBuffered(),
-		idle:  ss.srv.IdleTimeout,
-		in:    &ss.srv.bytesIn,
-		out:   &ss.srv.bytesOut,
-	}
-	client, finish, log := ss.c.raw, ss.finish, ss.log
-	ss.detached = true
-	go func() {
-		err := relay(client, dst, cfg)
-		ss.release(dst)
-		if err != nil {
-			log.Debug("connection ended", "err", err)
-		}
-		finish()
-	}()
-	return nil
 }

@@ -28,7 +28,7 @@ import (
 //     is up and its state file is written (ReportReady), or writes its
 //     error text and closes it (ReportError). The parent waits for EOF,
 //     or for READY=1 (a ready daemon stays ready even if a child it
-//     started leaked the pipe and holds it open). Unlike the seed, a silent EOF is not success: a daemon that dies
+//     started leaked the pipe and holds it open). A silent EOF is not success: a daemon that dies
 //     before reporting closes the pipe too, and must not look ready.
 //   - optionally the exit pipe, fd 4 in the daemon (EnvExitFd). The parent
 //     keeps the write end; when it is closed, explicitly or because the

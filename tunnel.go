@@ -581,3 +581,17 @@ func listenSSH(ctx context.Context, client *ssh.Client, done <-chan struct{}, ne
 	}
 	return r.ln, nil
 }
+
+// WaitTunnel returns t while it is up; afterwards an error wrapping
+// ErrTunnelDown. It never waits.
+func (t *Tunnel) WaitTunnel(ctx context.Context) (*Tunnel, error) {
+	select {
+	case <-t.impl.Done():
+		return nil, ErrTunnelDown
+	default:
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		return t, nil
+	}
+}
