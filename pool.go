@@ -19,7 +19,7 @@ import (
 // poll loop in which sshd serves every channel of the connection: past a
 // few dozen busy channels, each new one waits behind all the others
 // (measured in BENCHMARKS.md: 1,000 concurrent downloads over one
-// connection take seven times as long as over four). So a tunnel of a
+// connection take ten times as long as over four). So a tunnel of a
 // method that multiplexes channels (gossh, controlmaster) is a pool: it
 // opens TunnelConfig.Connections connections at start, and one more
 // whenever every connection carries ChannelsPerConnection open channels,
@@ -36,10 +36,13 @@ import (
 // Defaults of the pool.
 const (
 	// DefaultMaxConnections caps the pool when
-	// TunnelConfig.MaxConnections is zero: at most four sshd processes on
-	// the login node for one tunnel (about 30 MiB there), enough for
-	// 1,000 concurrent downloads at the measured knee.
-	DefaultMaxConnections = 4
+	// TunnelConfig.MaxConnections is zero: at most eight sshd sessions on
+	// the login node for one tunnel (about 60 MiB there, at 7.6 MiB per
+	// session process pair measured here), opened only while hundreds of
+	// channels are open at once. Measured in BENCHMARKS.md: 1,000
+	// concurrent downloads finish in about 1 s over 8 connections, 1.3-2.2 s
+	// over 4, 15-19 s over one.
+	DefaultMaxConnections = 8
 	// DefaultChannelsPerConnection is how many open channels one
 	// connection carries before the pool grows, when
 	// TunnelConfig.ChannelsPerConnection is zero: the knee measured in
