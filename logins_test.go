@@ -236,7 +236,10 @@ func testFailover(t *testing.T, cfgFile string, sshds map[string]*sshtest.SSHD, 
 	}
 	waitFor(t, func() bool { return ok.Load() >= 8 }, "downloads through "+first)
 	sshds[first].Stop()
-	before := ok.Load()
+	stopped, before := time.Now(), ok.Load()
+	waitFor(t, func() bool { return ok.Load() > before }, "a download after "+first+" stopped")
+	// Logged, not asserted: the target is 10s (see BENCHMARKS.md).
+	t.Logf("first download through %s %s after %s stopped", second, time.Since(stopped).Round(time.Millisecond), first)
 	waitFor(t, func() bool { return ok.Load() >= before+8 }, "downloads after "+first+" stopped")
 	close(stop)
 	wg.Wait()
