@@ -55,6 +55,10 @@ const (
 	// growRetry is how long the pool waits after a failed growth before
 	// trying again (the login node may be throttling starts).
 	growRetry = 5 * time.Second
+	// growWait is how long a dial waits for connections being added
+	// before it takes the least loaded one there is (a login node slow to
+	// answer must not hold every new channel).
+	growWait = 2 * time.Second
 )
 
 // poolable reports whether a method multiplexes channels over one SSH
@@ -332,6 +336,8 @@ func (p *poolTunnel) pick() *poolMember {
 // it. While every member carries pc.perConn channels or more it opens more
 // connections (up to pc.max) and waits for them, as long as ctx allows.
 func (p *poolTunnel) acquire(ctx context.Context) (*poolMember, error) {
+	var timeout <-chan time.Time // set once the dial starts waiting
+	waitedOut := false
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for {
@@ -352,15 +358,22 @@ func (p *poolTunnel) acquire(ctx context.Context) (*poolMember, error) {
 				p.grow()
 			}
 		}
-		if !full || p.growing == 0 {
+		if !full || p.growing == 0 || waitedOut {
 			best.active.Add(1)
 			return best, nil
+		}
+		if timeout == nil {
+			timer := time.NewTimer(growWait)
+			defer timer.Stop()
+			timeout = timer.C
 		}
 		changed := p.changed
 		p.waiting++
 		p.mu.Unlock()
 		select {
 		case <-changed:
+		case <-timeout:
+			waitedOut = true
 		case <-ctx.Done():
 		}
 		p.mu.Lock()

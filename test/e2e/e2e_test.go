@@ -81,6 +81,7 @@ func TestCluster(t *testing.T) {
 	scenario("OtherUser", c.otherUser)
 	scenario("Expose", c.expose)
 	scenario("Faults", c.faults)
+	scenario("TwoLogins", c.twoLogins)
 }
 
 // perJobJob is scenario 1: perjob status in the job must show via as the
