@@ -49,7 +49,7 @@ func measureStorms(w io.Writer, env *benchEnv, h *harnessTB, ns []int, verbose b
 	for _, n := range ns {
 		for _, c := range []struct {
 			name  string
-			start func(env *benchEnv, sshd *sshtest.SSHD, i int) stormStart
+			start func(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart
 		}{{"hpcproxy", stormPerJob}, {"ssh -D", stormSSHD}} {
 			r := runStorm(env, sshd, c.name, n, c.start)
 			if verbose {
@@ -70,9 +70,9 @@ type stormStart struct {
 	stop func()
 }
 
-func runStorm(env *benchEnv, sshd *sshtest.SSHD, name string, n int, start func(*benchEnv, *sshtest.SSHD, int) stormStart) stormResult {
+func runStorm(env *benchEnv, sshd *sshtest.SSHD, name string, n int, start func(*benchEnv, *sshtest.SSHD, int) *stormStart) stormResult {
 	r := stormResult{name: name, n: n}
-	starts := make([]stormStart, n)
+	starts := make([]*stormStart, n)
 	for i := range starts {
 		starts[i] = start(env, sshd, i)
 	}
@@ -150,8 +150,8 @@ func runStorm(env *benchEnv, sshd *sshtest.SSHD, name string, n int, start func(
 
 // stormPerJob is `perjob start` with its default method chain, the way a
 // job array's tasks run it, each with a state directory of its own.
-func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) stormStart {
-	var s stormStart
+func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
+	s := &stormStart{}
 	var state string
 	var ps *hpcproxy.ProxyState
 	s.run = func() error {
@@ -182,8 +182,8 @@ func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) stormStart {
 
 // stormSSHD is `ssh -N -D 127.0.0.1:PORT`, up once its SOCKS port answers,
 // failed if it exits first.
-func stormSSHD(env *benchEnv, sshd *sshtest.SSHD, i int) stormStart {
-	var s stormStart
+func stormSSHD(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
+	s := &stormStart{}
 	var cmd *exec.Cmd
 	exited := make(chan struct{})
 	s.run = func() error {
