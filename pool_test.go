@@ -17,7 +17,8 @@ import (
 )
 
 // pooledTunnel establishes a tunnel of method m through sshd with conns
-// SSH connections (one if conns is 0 or 1).
+// SSH connections (one if conns is 0 or 1), and no more: a pool that does
+// not grow (TestPoolGrowsAndShrinks tests growing).
 func pooledTunnel(t *testing.T, sshd *sshtest.SSHD, m Method, conns int) *Tunnel {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -25,7 +26,7 @@ func pooledTunnel(t *testing.T, sshd *sshtest.SSHD, m Method, conns int) *Tunnel
 	tun, err := EstablishTunnel(ctx, TunnelConfig{
 		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
 		Methods: []Method{m}, RuntimeDir: sshtest.PrivateTempDir(t),
-		Connections: conns,
+		Connections: conns, MaxConnections: max(conns, 1),
 	})
 	require.NoError(t, err, "sshd log:\n%s", sshd.Log())
 	t.Cleanup(func() { tun.Close() })
@@ -271,4 +272,15 @@ func TestPoolGrowthFailureKeepsServing(t *testing.T) {
 		c.Close()
 	}
 	require.Equal(t, 1, p.size())
+}
+
+// firstConn returns the tunnel's first SSH connection: the pool's first
+// member, or the tunnel itself if it is no pool.
+func firstConn(tun *Tunnel) tunnelImpl {
+	if p, ok := tun.impl.(*poolTunnel); ok {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.members[0].impl
+	}
+	return tun.impl
 }

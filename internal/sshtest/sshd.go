@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,8 +34,11 @@ const SSHDPath = "/usr/sbin/sshd"
 
 // Options configures StartSSHD.
 type Options struct {
-	// Config optionally adds sshd options ("Key=value"), passed as -o so
-	// they take precedence over the generated sshd_config.
+	// Config optionally adds sshd options ("Key=value" or "Key value"),
+	// written at the top of the generated sshd_config: sshd takes the
+	// first value of a keyword, so they win over the defaults below
+	// them. (-o would not: `sshd -T -f F -o MaxStartups=10:30:100` keeps
+	// the MaxStartups of F.)
 	Config []string
 	// Port optionally fixes the port. If zero, a free one is picked.
 	Port int
@@ -126,12 +130,12 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	s.ClientSigner = GenerateKeyFile(t, "ed25519", s.ClientKeyFile)
 	s.AuthorizeKey(t, s.ClientSigner.PublicKey())
 
-	cfg := []string{
-		"Port " + strconv.Itoa(s.Port),
-		"ListenAddress " + s.Host,
+	cfg := append(slices.Clone(opts.Config),
+		"Port "+strconv.Itoa(s.Port),
+		"ListenAddress "+s.Host,
 		strings.Join(hostKeyLines, "\n"),
-		"PidFile " + filepath.Join(dir, "sshd.pid"),
-		"AuthorizedKeysFile " + s.AuthorizedKeysFile,
+		"PidFile "+filepath.Join(dir, "sshd.pid"),
+		"AuthorizedKeysFile "+s.AuthorizedKeysFile,
 		"UsePAM no",
 		"PasswordAuthentication no",
 		"KbdInteractiveAuthentication no",
@@ -147,7 +151,7 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 		"MaxStartups 200:30:400",
 		"MaxSessions 200",
 		"LogLevel VERBOSE",
-	}
+	)
 	writeFile(t, s.ConfigFile, strings.Join(cfg, "\n")+"\n")
 
 	client := []string{
@@ -180,11 +184,7 @@ func (s *SSHD) Start(t testing.TB) {
 	if s.cmd != nil {
 		t.Fatalf("sshtest: sshd already running")
 	}
-	args := []string{"-D", "-f", s.ConfigFile, "-E", s.LogFile}
-	for _, o := range s.opts.Config {
-		args = append(args, "-o", o)
-	}
-	cmd := exec.Command(SSHDPath, args...)
+	cmd := exec.Command(SSHDPath, "-D", "-f", s.ConfigFile, "-E", s.LogFile)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("sshtest: start sshd: %v", err)
 	}
