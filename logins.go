@@ -122,8 +122,8 @@ func rotateAfter(order []string, cur string) []string {
 }
 
 // errDroppedAtStart marks a connection that the login node closed or reset
-// before it sent its SSH banner.
-var errDroppedAtStart = errors.New("the login node dropped the connection before its SSH banner (sshd's MaxStartups throttling a start storm?)")
+// before or right after it sent its SSH banner.
+var errDroppedAtStart = errors.New("the login node dropped the connection at its SSH banner (sshd's MaxStartups throttling a start storm?)")
 
 // isStartDrop reports whether err is a start that sshd dropped before the
 // SSH version exchange (MaxStartups), which is worth retrying: the
@@ -149,14 +149,21 @@ func isStartDrop(err error) bool {
 }
 
 // droppedBeforeBanner rewrites a handshake error as errDroppedAtStart when
-// the server sent not one byte and the connection was reset or closed:
-// what sshd does to a connection over MaxStartups.
+// the connection was reset or closed before the server sent more than its
+// version line (read bytes: its key exchange offer alone is over 256):
+// what sshd does to a connection over MaxStartups, closing it before or
+// right after the banner (OpenSSH 9.2 at MaxStartups 1:100:1 sends the
+// banner, then closes).
 func droppedBeforeBanner(err error, read int64) error {
-	if read == 0 && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
+	if read < maxBannerOnly && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
 		return fmt.Errorf("%w: %w", errDroppedAtStart, err)
 	}
 	return err
 }
+
+// maxBannerOnly bounds what a server sends before its key exchange offer:
+// the version line is at most 255 bytes (RFC 4253, 4.2).
+const maxBannerOnly = 256
 
 // startBackoff returns the wait before retry n (0-based): full jitter, a
 // uniform draw from [0, min(max, base*2^n)).

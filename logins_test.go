@@ -92,7 +92,8 @@ func TestIsStartDrop(t *testing.T) {
 	}{
 		{"eof before banner", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 0), true},
 		{"reset before banner", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", reset), 0), true},
-		{"eof after banner", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 21), false},
+		{"eof right after banner", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 22), true},
+		{"eof after key exchange offer", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 1200), false},
 		{"other error before banner", droppedBeforeBanner(errors.New("ssh: no common algorithm"), 0), false},
 		{"openssh closed", errors.New("ssh exited: kex_exchange_identification: Connection closed by remote host"), true},
 		{"openssh reset", errors.New("ssh: kex_exchange_identification: read: Connection reset by peer"), true},
@@ -507,4 +508,36 @@ func TestEstablishSkipsDeadLogin(t *testing.T) {
 	require.ErrorAs(t, err, &te)
 	assert.Contains(t, err.Error(), `"login1"`)
 	assert.Contains(t, err.Error(), `"login2"`)
+}
+
+// TestStartStormMaxStartups starts many tunnels at once against a real
+// sshd that throttles unauthenticated connections hard (MaxStartups
+// 1:100:1: every connection beyond the first pending one is dropped): all
+// come up, and sshd did drop some.
+func TestStartStormMaxStartups(t *testing.T) {
+	noAgent(t)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{Config: []string{"MaxStartups 1:100:1"}})
+	const n = 12
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	tuns := make([]*Tunnel, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tuns[i], errs[i] = EstablishTunnel(ctx, TunnelConfig{
+				Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+				StartRetryTimeout: 80 * time.Second,
+			})
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if assert.NoError(t, errs[i], "start %d", i) {
+			tuns[i].Close()
+		}
+	}
+	assert.Contains(t, sshd.Log(), "past MaxStartups", "sshd dropped none: the storm tested nothing")
 }

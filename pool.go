@@ -138,9 +138,11 @@ func startPool(ctx context.Context, cfg *TunnelConfig, m Method, pc poolConfig, 
 		ctx: runCtx, cancel: cancel,
 		changed: make(chan struct{}), done: make(chan struct{}),
 	}
+	p.mu.Lock() // a member's watcher may fail the pool at once
 	for _, t := range impls {
 		p.members = append(p.members, p.newMember(t, false))
 	}
+	p.mu.Unlock()
 	if pc.max > pc.min {
 		p.wg.Add(1)
 		go p.janitor()

@@ -35,10 +35,11 @@ const SSHDPath = "/usr/sbin/sshd"
 // Options configures StartSSHD.
 type Options struct {
 	// Config optionally adds sshd options ("Key=value" or "Key value"),
-	// written at the top of the generated sshd_config: sshd takes the
-	// first value of a keyword, so they win over the defaults below
-	// them. (-o would not: `sshd -T -f F -o MaxStartups=10:30:100` keeps
-	// the MaxStartups of F.)
+	// written at the top of the generated sshd_config in place of the
+	// defaults for the same keywords. (Passing them as -o would not do:
+	// sshd takes the first value of most keywords but the last of some,
+	// MaxStartups among them, and `sshd -T -f F -o MaxStartups=10:30:100`
+	// keeps the MaxStartups of F.)
 	Config []string
 	// Port optionally fixes the port. If zero, a free one is picked.
 	Port int
@@ -130,12 +131,12 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	s.ClientSigner = GenerateKeyFile(t, "ed25519", s.ClientKeyFile)
 	s.AuthorizeKey(t, s.ClientSigner.PublicKey())
 
-	cfg := append(slices.Clone(opts.Config),
-		"Port "+strconv.Itoa(s.Port),
-		"ListenAddress "+s.Host,
+	defaults := []string{
+		"Port " + strconv.Itoa(s.Port),
+		"ListenAddress " + s.Host,
 		strings.Join(hostKeyLines, "\n"),
-		"PidFile "+filepath.Join(dir, "sshd.pid"),
-		"AuthorizedKeysFile "+s.AuthorizedKeysFile,
+		"PidFile " + filepath.Join(dir, "sshd.pid"),
+		"AuthorizedKeysFile " + s.AuthorizedKeysFile,
 		"UsePAM no",
 		"PasswordAuthentication no",
 		"KbdInteractiveAuthentication no",
@@ -151,7 +152,13 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 		"MaxStartups 200:30:400",
 		"MaxSessions 200",
 		"LogLevel VERBOSE",
-	)
+	}
+	cfg := slices.Clone(opts.Config)
+	for _, d := range defaults {
+		if !slices.ContainsFunc(opts.Config, func(o string) bool { return strings.EqualFold(keyword(o), keyword(d)) }) {
+			cfg = append(cfg, d)
+		}
+	}
 	writeFile(t, s.ConfigFile, strings.Join(cfg, "\n")+"\n")
 
 	client := []string{
@@ -173,6 +180,14 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	s.Start(t)
 	t.Cleanup(s.Stop)
 	return s
+}
+
+// keyword returns the keyword of an sshd_config line ("Key value" or
+// "Key=value").
+func keyword(line string) string {
+	k, _, _ := strings.Cut(strings.TrimSpace(line), " ")
+	k, _, _ = strings.Cut(k, "=")
+	return k
 }
 
 // Start starts sshd (again, after Stop) on the same port with the same keys
