@@ -235,10 +235,12 @@ func establishAcross(ctx context.Context, cfg TunnelConfig, order []string, star
 					// The server is there but busy: the other methods
 					// would be dropped alike. Come back to this one.
 					log.Debug("start dropped by the login node; will retry", "method", m, "dest", d, "err", err)
-					if round == 0 || len(errs[i].Attempts) == 0 || !isStartDrop(errs[i].Attempts[len(errs[i].Attempts)-1]) {
-						errs[i].Attempts = append(errs[i].Attempts, &MethodError{m, err})
+					// One entry for the drops of a method: the last.
+					a := errs[i].Attempts
+					if n := len(a); n > 0 && a[n-1].Method == m && isStartDrop(a[n-1]) {
+						a[n-1] = &MethodError{m, err}
 					} else {
-						errs[i].Attempts[len(errs[i].Attempts)-1] = &MethodError{m, err}
+						errs[i].Attempts = append(a, &MethodError{m, err})
 					}
 					dropped = true
 					break
