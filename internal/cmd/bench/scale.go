@@ -50,7 +50,7 @@ func measureStorms(w io.Writer, env *benchEnv, h *harnessTB, ns []int, verbose b
 		for _, c := range []struct {
 			name  string
 			start func(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart
-		}{{"hpcproxy", stormPerJob}, {"ssh -D", stormSSHD}} {
+		}{{"hpcproxy", stormPerJob(false)}, {"hpcproxy --private", stormPerJob(true)}, {"ssh -D", stormSSHD}} {
 			r := runStorm(env, sshd, c.name, n, c.start)
 			if verbose {
 				fmt.Fprintf(os.Stderr, "storm %-9s N=%d: started %d, fetched %d, slowest %s, sshd sessions %d (%.0f MiB); first error: %s\n",
@@ -149,8 +149,15 @@ func runStorm(env *benchEnv, sshd *sshtest.SSHD, name string, n int, start func(
 }
 
 // stormPerJob is `perjob start` with its default method chain, the way a
-// job array's tasks run it, each with a state directory of its own.
-func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
+// job array's tasks run it, each with a state directory of its own: the
+// tasks share the node tunnel, or with private each opens its own.
+func stormPerJob(private bool) func(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
+	return func(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
+		return stormPerJobStart(env, sshd, private)
+	}
+}
+
+func stormPerJobStart(env *benchEnv, sshd *sshtest.SSHD, private bool) *stormStart {
 	s := &stormStart{}
 	var state string
 	var ps *hpcproxy.ProxyState
@@ -160,9 +167,13 @@ func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
 			return err
 		}
 		state = filepath.Join(dir, "proxy.json")
-		if _, err := env.cli("perjob", state, "start", "--state", state, "--via", "sshtest",
-			"--ssh-config", sshd.SSHConfigFile, "-o", "Ciphers="+benchCipher, "--watch-pid", "-1",
-			"--timeout", stormStartTimeout.String()); err != nil {
+		args := []string{"start", "--state", state, "--via", "sshtest",
+			"--ssh-config", sshd.SSHConfigFile, "-o", "Ciphers=" + benchCipher, "--watch-pid", "-1",
+			"--timeout", stormStartTimeout.String()}
+		if private {
+			args = append(args, "--private")
+		}
+		if _, err := env.cli("perjob", state, args...); err != nil {
 			return err
 		}
 		ps, err = hpcproxy.ReadPidFileAt(state)
@@ -173,8 +184,15 @@ func stormPerJob(env *benchEnv, sshd *sshtest.SSHD, i int) *stormStart {
 		return nil
 	}
 	s.stop = func() {
-		if ps != nil {
+		switch {
+		case ps == nil:
+		case private:
 			stopDaemon(env, "perjob", state, ps.PID)
+		default:
+			// Detaches this job; the last one's stop ends the daemon.
+			if _, err := env.cli("perjob", state, "stop", "--state", state); err != nil {
+				fmt.Fprintln(os.Stderr, "bench:", err)
+			}
 		}
 	}
 	return s
