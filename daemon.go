@@ -37,7 +37,7 @@ import (
 // Per-job mode (a compute node, inside a job): listens on 127.0.0.1, keeps
 // its state in the node-local tmp dir ([LocalPidFilePath]), and admits only
 // its owner: a client presenting the token, or a loopback client whose
-// socket belongs to the same UID ([SameUserConn]). It lives until the job
+// socket belongs to the same UID ([sameUserConn]). It lives until the job
 // ends (see WatchPID) or it is stopped. Unless Private, it also serves its
 // tunnel to the user's other jobs on the node, which attach to it
 // ([AttachJob]), and then lives until the last of those jobs has ended.
@@ -272,7 +272,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	for _, fd := range []int{d.ReportFd, d.ExitFd, d.ListenerFd, d.StandbyFd} {
 		if fd > 0 {
-			if err := PrepareDaemonFds(fd); err != nil {
+			if err := prepareDaemonFds(fd); err != nil {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
 			}
 		}
@@ -328,7 +328,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		hub.serve(ready)
 		ownDown = hub.ownDown
 	}
-	if err := ReportReady(d.ReportFd); err != nil {
+	if err := reportReady(d.ReportFd); err != nil {
 		log.Warn("could not report readiness to parent", "err", err)
 	}
 	log.Info("proxy ready", "addr", ready.ln.Addr(), "mode", d.mode(), "method", ready.sup.State().Method,
@@ -393,7 +393,7 @@ func (d *Daemon) sharesNode() bool {
 func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Logger) {
 	var exitCh, pidCh <-chan struct{}
 	if d.ExitFd > 0 {
-		ch, err := WatchExitFd(ctx, d.ExitFd)
+		ch, err := watchExitFd(ctx, d.ExitFd)
 		if err != nil {
 			log.Warn("exit fd not watched", "err", err)
 		} else {
@@ -432,7 +432,7 @@ func (d *Daemon) mode() Mode {
 // server, forwards, control socket: one job's proxy) and the tunnel,
 // which attached jobs' fronts share (sharedTunnel).
 type running struct {
-	claim    *StateClaim
+	claim    *stateClaim
 	ln       net.Listener
 	sup      *SupervisedTunnel
 	srv      *Server
@@ -493,7 +493,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	}
 	creds := d.Credentials
 	if creds == nil {
-		c, err := NewProxyCredentials()
+		c, err := newProxyCredentials()
 		if err != nil {
 			return nil, err
 		}
@@ -585,7 +585,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 
 // newFront claims the state file of a job's proxy (a front).
 func newFront(statePath string, initial ProxyState, log *slog.Logger) (*running, error) {
-	claim, err := ClaimStateFile(statePath, initial)
+	claim, err := claimStateFile(statePath, initial)
 	if err != nil {
 		return nil, err
 	}
@@ -854,7 +854,7 @@ func (r *running) shutdownFront(log *slog.Logger) {
 // mode with the state file statePath keeps its tunnel's sockets: in
 // per-job mode the state file's name with ".run" for ".json" (beside it,
 // node-local like the state file), in shared mode
-// LocalStateDir()/shared-HASH.run (node-local, while the state file is
+// localStateDir()/shared-HASH.run (node-local, while the state file is
 // usually on NFS), HASH naming the state file. Where that would be too
 // long for unix socket paths (sun_path holds 108 bytes), it is
 // /tmp/hpcproxy-UID/HASH.run.
@@ -867,7 +867,7 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 	hash := hex.EncodeToString(sum[:4])
 	dir := strings.TrimSuffix(statePath, ".json") + ".run"
 	if mode == ModeShared {
-		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
+		dir = filepath.Join(localStateDir(), "shared-"+hash+".run")
 	}
 	if len(dir) > maxRuntimeDir {
 		dir = filepath.Join(uidTmpDir("/tmp"), hash+".run")
@@ -879,13 +879,13 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 // parent. The caller holds the state file's claim, so no daemon of the
 // same scope runs: whatever is in dir was left by one that was killed.
 func prepareRuntimeDir(dir string) error {
-	if err := EnsurePrivateDir(filepath.Dir(dir)); err != nil {
+	if err := ensurePrivateDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("hpcproxy: runtime dir: %w", err)
 	}
-	return EnsurePrivateDir(dir)
+	return ensurePrivateDir(dir)
 }
 
 // allowNetworks returns an AllowClient hook admitting loopback and the

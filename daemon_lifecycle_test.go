@@ -250,7 +250,7 @@ func TestDaemonRuntimeDirPaths(t *testing.T) {
 		wantPrefix  string
 	}{
 		{"per-job beside the state file", "/tmp/hpcproxy-1000/proxy-7.json", ModePerJob, "/tmp/hpcproxy-1000/proxy-7.run"},
-		{"shared node-local", "/home/u/.local/share/hpcproxy/proxy.json", ModeShared, filepath.Join(LocalStateDir(), "shared-")},
+		{"shared node-local", "/home/u/.local/share/hpcproxy/proxy.json", ModeShared, filepath.Join(localStateDir(), "shared-")},
 		{"too long", long, ModePerJob, uidDir + "/"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

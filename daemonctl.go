@@ -19,7 +19,7 @@ import (
 // A running [Daemon] listens on a unix socket beside its state file
 // ([ControlSocketPath]): mode 0600, in the state directory that only the
 // user can enter, and every peer is checked once more with SO_PEERCRED
-// ([SameUserConn]), so only the daemon's owner can ask anything of it. The
+// ([sameUserConn]), so only the daemon's owner can ask anything of it. The
 // protocol is one request per connection: a JSON object on one line,
 //
 //	{"op":"forward","spec":"5432=db.internal:5432"}

@@ -130,10 +130,9 @@
 // reconnects by itself when the tunnel drops. Its status is
 // [StatusUnresponsive] from the first keepalive the login node leaves
 // unanswered (gossh), before the tunnel is given up for dead. [FindActiveProxy] and
-// [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
-// environment variables that clients read, [Shell.ExportLines] into lines
-// for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the
-// system properties JVMs read instead (EnvOptions.Java puts them in
+// [GetJobProxy] find a running proxy; [ProxyEnvList] and [ProxyEnvListFor]
+// turn it into the environment variables that clients read, and, with
+// [EnvOptions].Java, the system properties JVMs read instead (in
 // JAVA_TOOL_OPTIONS). Over a controlmaster tunnel the daemon hands each
 // client's socket to the OpenSSH master once the proxy handshake is done
 // ([HandoffMode]): uploads then go from the client to ssh directly, and,

@@ -61,7 +61,7 @@ func TestProxyEnvList(t *testing.T) {
 	// A path is dropped; IPv6 hosts keep their brackets.
 	assert.Contains(t, ProxyEnvList("http://[::1]:3128/x"), "all_proxy=socks5h://[::1]:3128")
 
-	env, err := ProxyEnvListOptions("http://127.0.0.1:9000", EnvOptions{
+	env, err := buildProxyEnv("http://127.0.0.1:9000", EnvOptions{
 		Credentials: &ProxyCredentials{User: "hpcproxy", Token: "abc"},
 		NoProxy:     []string{".cluster.local"},
 	})
@@ -168,7 +168,7 @@ func TestProxyEnvListClients(t *testing.T) {
 	t.Cleanup(origin.Close)
 	originPort := origin.Listener.Addr().(*net.TCPAddr).Port
 
-	creds, err := NewProxyCredentials()
+	creds, err := newProxyCredentials()
 	require.NoError(t, err)
 	proxy = startEnvTestProxy(t, origin.Listener.Addr().String(), creds)
 	ps := &ProxyState{Host: thisHost(), Port: proxy.ln.Addr().(*net.TCPAddr).Port, Mode: ModePerJob, Credentials: &creds}
@@ -249,7 +249,7 @@ func TestProxyEnvListClients(t *testing.T) {
 	t.Run("wrong token refused", func(t *testing.T) {
 		curl := testenv.LookPath(t, "curl")
 		bad := *ps
-		bad.Credentials = &ProxyCredentials{User: CredentialsUser, Token: "wrong"}
+		bad.Credentials = &ProxyCredentials{User: credentialsUser, Token: "wrong"}
 		cmd := exec.Command(curl, "-q", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "http://origin.test/")
 		cmd.Env = ProxyEnvListFor(&bad, EnvOptions{})
 		out, _ := cmd.CombinedOutput()

@@ -294,17 +294,6 @@ func resolveViaHost(flagVia string, env func(string) (string, bool)) (string, er
 	return "", ErrNoViaHost
 }
 
-// FreePort asks the kernel for a TCP port that is free on all interfaces
-// and returns it. Another program may take it before it is used.
-func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", ":0")
-	if err != nil {
-		return 0, fmt.Errorf("hpcproxy: free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 // ProxyAlive reports whether something accepts TCP connections at
 // host:port within 500 ms.
 func ProxyAlive(host string, port int) bool {
@@ -316,9 +305,9 @@ func ProxyAlive(host string, port int) bool {
 	return true
 }
 
-// RemoteStart starts a shared proxy on another node over SSH, the way
+// remoteStart starts a shared proxy on another node over SSH, the way
 // StartOnNode does, with its parts configurable.
-type RemoteStart struct {
+type remoteStart struct {
 	// SSHBinary optionally specifies the ssh client. If empty, "ssh".
 	SSHBinary string
 	// SSHOptions optionally adds ssh_config options ("Key=Value") given as
@@ -342,13 +331,13 @@ type RemoteStart struct {
 // StartOnNode runs this program's "start" command on host over ssh
 // (BatchMode=yes), passing --via and --port when set, and waits up to 10
 // seconds for the shared state file to show an answering proxy. See
-// RemoteStart for the details and to change them.
+// remoteStart for the details and to change them.
 func StartOnNode(host, via string, port int) error {
-	return RemoteStart{}.Run(context.Background(), host, via, port)
+	return remoteStart{}.Run(context.Background(), host, via, port)
 }
 
 // Run starts the proxy on host; see StartOnNode. ctx bounds the whole run.
-func (r RemoteStart) Run(ctx context.Context, host, via string, port int) error {
+func (r remoteStart) Run(ctx context.Context, host, via string, port int) error {
 	bin, args, err := r.sshArgs(host, via, port)
 	if err != nil {
 		return err
@@ -384,7 +373,7 @@ func (r RemoteStart) Run(ctx context.Context, host, via string, port int) error 
 
 // sshArgs builds the ssh command line. ssh joins the remote command's
 // words with spaces for the remote shell, so each is shell-quoted.
-func (r RemoteStart) sshArgs(host, via string, port int) (string, []string, error) {
+func (r remoteStart) sshArgs(host, via string, port int) (string, []string, error) {
 	if host == "" || strings.HasPrefix(host, "-") || strings.ContainsAny(host, " \t\r\n") {
 		return "", nil, fmt.Errorf("hpcproxy: invalid host %q", host)
 	}

@@ -155,7 +155,7 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.False(t, ok, "no state files")
 
 	port := listenPort(t)
-	creds := &ProxyCredentials{User: CredentialsUser, Token: "sharedtok"}
+	creds := &ProxyCredentials{User: credentialsUser, Token: "sharedtok"}
 	// The shared proxy runs on a login node; here it answers on loopback.
 	require.NoError(t, WritePidFileAt(PidFilePath(), ProxyState{Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 5, Mode: ModeShared, Status: StatusUp, Credentials: creds}))
 	u, ok := FindActiveProxy()
@@ -163,7 +163,7 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.Equal(t, "http://hpcproxy:sharedtok@127.0.0.1:"+strconv.Itoa(port), u)
 
 	// A per-job proxy that is still starting is not used yet.
-	local := ProxyState{Host: thisHost(), Port: port, PID: os.Getpid(), Mode: ModePerJob, Status: StatusStarting, Credentials: &ProxyCredentials{User: CredentialsUser, Token: "jobtok"}}
+	local := ProxyState{Host: thisHost(), Port: port, PID: os.Getpid(), Mode: ModePerJob, Status: StatusStarting, Credentials: &ProxyCredentials{User: credentialsUser, Token: "jobtok"}}
 	require.NoError(t, WritePidFileAt(LocalPidFilePath(), local))
 	u, _ = FindActiveProxy()
 	assert.Contains(t, u, "sharedtok")
@@ -185,14 +185,8 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.NoError(t, err)
 }
 
-func TestFreePort(t *testing.T) {
-	p, err := FreePort()
-	require.NoError(t, err)
-	assert.Greater(t, p, 0)
-}
-
 func TestRemoteStartArgs(t *testing.T) {
-	r := RemoteStart{SSHOptions: []string{"ConnectTimeout=5"}, Command: []string{"/opt/hpc proxy/bin/hpcproxy", "start"}}
+	r := remoteStart{SSHOptions: []string{"ConnectTimeout=5"}, Command: []string{"/opt/hpc proxy/bin/hpcproxy", "start"}}
 	bin, args, err := r.sshArgs("login1", "alice@gw", 8080)
 	require.NoError(t, err)
 	assert.Equal(t, "ssh", bin)
@@ -201,7 +195,7 @@ func TestRemoteStartArgs(t *testing.T) {
 		"'/opt/hpc proxy/bin/hpcproxy' start --via alice@gw --port 8080",
 	}, args)
 
-	r = RemoteStart{SSHBinary: "/usr/bin/ssh"}
+	r = remoteStart{SSHBinary: "/usr/bin/ssh"}
 	bin, args, err = r.sshArgs("login1", "", 0)
 	require.NoError(t, err)
 	assert.Equal(t, "/usr/bin/ssh", bin)
@@ -223,7 +217,7 @@ func TestRemoteStartRun(t *testing.T) {
 	require.NoError(t, WritePidFileAt(state, ProxyState{Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Status: StatusUp}))
 	fake := filepath.Join(dir, "ssh")
 	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho \"$@\" > "+ShellQuote(filepath.Join(dir, "args"))+"\n"), 0o700))
-	r := RemoteStart{SSHBinary: fake, Command: []string{"hpcproxy", "start"}, StateFile: state}
+	r := remoteStart{SSHBinary: fake, Command: []string{"hpcproxy", "start"}, StateFile: state}
 	require.NoError(t, r.Run(t.Context(), "login1", "", 0))
 	b, _ := os.ReadFile(filepath.Join(dir, "args"))
 	assert.Equal(t, "-o BatchMode=yes -- login1 hpcproxy start\n", string(b))
@@ -306,7 +300,7 @@ func TestGetJobProxy(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			require.NoError(t, WritePidFileAt(filepath.Join(stateDir, "proxy.json"), ProxyState{
 				Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Mode: ModeShared, Status: StatusUp,
-				Credentials: &ProxyCredentials{User: CredentialsUser, Token: "tok"},
+				Credentials: &ProxyCredentials{User: credentialsUser, Token: "tok"},
 			}))
 			cmd := helperCommand("getjobproxy")
 			var env []string

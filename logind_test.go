@@ -1,13 +1,14 @@
 package hpcproxy
 
 import (
+	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 )
 
-// TestCheckLogoutFixtures checks every row of CheckLogout's table against
+// TestCheckLogoutFixtures checks every row of checkLogout's table against
 // file trees under testdata/logind, for user alice (uid 1000).
 func TestCheckLogoutFixtures(t *testing.T) {
 	slurmJob := JobInfo{InJob: true, Scheduler: SchedulerSlurm, JobID: "5"}
@@ -17,28 +18,28 @@ func TestCheckLogoutFixtures(t *testing.T) {
 		survives bool
 		kill     bool
 		linger   bool
-		scope    CgroupScope
+		scope    cgroupScope
 		reason   string
 	}{
-		{"nosystemd", JobInfo{}, true, true, false, ScopeSession, "systemd is not running"},
-		{"default-no", JobInfo{}, true, false, true, ScopeSession, "KillUserProcesses=no"},
-		{"default-yes", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
-		{"session-linger", JobInfo{}, false, true, true, ScopeSession, "lingering or not"},
-		{"manager-linger", JobInfo{}, true, true, true, ScopeUserManager, "lingering keeps up"},
-		{"manager-nolinger", JobInfo{}, false, true, false, ScopeUserManager, "enable-linger"},
+		{"nosystemd", JobInfo{}, true, true, false, scopeSession, "systemd is not running"},
+		{"default-no", JobInfo{}, true, false, true, scopeSession, "KillUserProcesses=no"},
+		{"default-yes", JobInfo{}, false, true, false, scopeSession, "lingering or not"},
+		{"session-linger", JobInfo{}, false, true, true, scopeSession, "lingering or not"},
+		{"manager-linger", JobInfo{}, true, true, true, scopeUserManager, "lingering keeps up"},
+		{"manager-nolinger", JobInfo{}, false, true, false, scopeUserManager, "enable-linger"},
 		// KillUserProcesses=no does not keep user@UID.service up: only
 		// lingering does.
-		{"manager-nolinger-killno", JobInfo{}, false, false, false, ScopeUserManager, "enable-linger"},
-		{"dropins-last-wins", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
-		{"dropins-etc-masks", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
-		{"excluded", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
-		{"kill-only-others", JobInfo{}, true, false, false, ScopeSession, "KillUserProcesses=no"},
+		{"manager-nolinger-killno", JobInfo{}, false, false, false, scopeUserManager, "enable-linger"},
+		{"dropins-last-wins", JobInfo{}, false, true, false, scopeSession, "lingering or not"},
+		{"dropins-etc-masks", JobInfo{}, true, false, false, scopeSession, "KillUserProcesses=no"},
+		{"excluded", JobInfo{}, true, false, false, scopeSession, "KillUserProcesses=no"},
+		{"kill-only-others", JobInfo{}, true, false, false, scopeSession, "KillUserProcesses=no"},
 		// KillOnlyUsers overrides KillUserProcesses=no for the users it
 		// lists (logind.conf(5)).
-		{"kill-only-alice", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
-		{"slurm-job", slurmJob, true, true, false, ScopeOther, "ends with the job"},
-		{"cgroup-v1", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
-		{"usrlib-main", JobInfo{}, false, true, false, ScopeSession, "lingering or not"},
+		{"kill-only-alice", JobInfo{}, false, true, false, scopeSession, "lingering or not"},
+		{"slurm-job", slurmJob, true, true, false, scopeOther, "ends with the job"},
+		{"cgroup-v1", JobInfo{}, false, true, false, scopeSession, "lingering or not"},
+		{"usrlib-main", JobInfo{}, false, true, false, scopeSession, "lingering or not"},
 	} {
 		t.Run(tc.fixture, func(t *testing.T) {
 			r := checkLogout(filepath.Join("testdata", "logind", tc.fixture), "alice", 1000, tc.job)
@@ -54,12 +55,13 @@ func TestCheckLogoutFixtures(t *testing.T) {
 func TestCheckLogoutWrongUID(t *testing.T) {
 	// user@1000.service is alice's manager, not uid 1001's.
 	r := checkLogout(filepath.Join("testdata", "logind", "manager-linger"), "alice", 1001, JobInfo{})
-	assert.Equal(t, ScopeOther, r.Scope)
+	assert.Equal(t, scopeOther, r.Scope)
 }
 
 func TestWillSurviveLogoutHere(t *testing.T) {
 	// Whatever this machine is, the answers agree with each other.
-	r := CheckLogout()
+	name, _ := currentUserName()
+	r := checkLogout("/", name, os.Getuid(), DetectJob())
 	s, k, l := WillSurviveLogout()
 	assert.Equal(t, r.Survives, s)
 	assert.Equal(t, r.KillUserProcesses, k)

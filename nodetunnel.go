@@ -269,7 +269,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 	}
 	uc := conn.(*net.UnixConn)
 	defer uc.Close()
-	uid, err := UnixPeerUID(uc)
+	uid, err := unixPeerUID(uc)
 	if err != nil {
 		return nil, err
 	}
@@ -284,7 +284,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 	defer stop()
 
 	dir := filepath.Dir(statePath)
-	if err := EnsurePrivateDir(dir); err != nil {
+	if err := ensurePrivateDir(dir); err != nil {
 		return nil, err
 	}
 	dirf, err := os.Open(dir)
@@ -500,7 +500,7 @@ func (h *nodeHub) close() {
 
 func (h *nodeHub) serveConn(c *net.UnixConn) {
 	defer c.Close()
-	if uid, err := UnixPeerUID(c); err != nil || uid != selfUID() {
+	if uid, err := unixPeerUID(c); err != nil || uid != selfUID() {
 		h.log.Warn("node tunnel: connection from another user refused", "uid", uid, "err", err)
 		return
 	}
@@ -523,7 +523,7 @@ func (h *nodeHub) serveConn(c *net.UnixConn) {
 		reply(attachReply{Error: err.Error()})
 		return
 	}
-	// The exit pipe stays a bare descriptor, for WatchExitFd, which takes
+	// The exit pipe stays a bare descriptor, for watchExitFd, which takes
 	// it over; the others become files.
 	files := make([]*os.File, len(fds))
 	exitFd := -1
@@ -641,7 +641,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		}
 		log = slog.New(slog.NewTextHandler(files[i], &slog.HandlerOptions{Level: level}))
 	}
-	creds, err := NewProxyCredentials()
+	creds, err := newProxyCredentials()
 	if err != nil {
 		return nil, err
 	}
@@ -702,7 +702,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		watch = WatchPID(wctx, req.WatchPID, 0)
 	}
 	if *exitFd >= 0 {
-		ch, err := WatchExitFd(wctx, *exitFd)
+		ch, err := watchExitFd(wctx, *exitFd)
 		if err != nil {
 			wcancel()
 			r.shutdown(log)

@@ -23,21 +23,21 @@ import (
 // StartDaemon (the parent) starts the daemon in its own session with two
 // pipes:
 //
-//   - the report pipe, fd 3 in the daemon (EnvReportFd names it). The
+//   - the report pipe, fd 3 in the daemon (envReportFd names it). The
 //     daemon writes "READY=1\n" and closes it once it listens, its tunnel
-//     is up and its state file is written (ReportReady), or writes its
+//     is up and its state file is written (reportReady), or writes its
 //     error text and closes it (ReportError). The parent waits for EOF,
 //     or for READY=1 (a ready daemon stays ready even if a child it
 //     started leaked the pipe and holds it open). A silent EOF is not success: a daemon that dies
 //     before reporting closes the pipe too, and must not look ready.
-//   - optionally the exit pipe, fd 4 in the daemon (EnvExitFd). The parent
+//   - optionally the exit pipe, fd 4 in the daemon (envExitFd). The parent
 //     keeps the write end; when it is closed, explicitly or because the
-//     parent died, the daemon's read end sees EOF (WatchExitFd) and the
+//     parent died, the daemon's read end sees EOF (watchExitFd) and the
 //     daemon stops. This ties a per-job proxy to the process that started
 //     it, as rootlessport does with podman.
 //
 // The daemon's stdout and stderr go to a log file (mode 0600, appended).
-// A daemon must mark both fds close-on-exec (PrepareDaemonFds, done by
+// A daemon must mark both fds close-on-exec (prepareDaemonFds, done by
 // InheritedDaemonFds and again by Daemon.Run for fds given otherwise)
 // before it starts any child process, such as ssh or a wrapper script
 // around it: an inherited copy of the report pipe's write end would keep
@@ -47,26 +47,26 @@ import (
 const (
 	ReportFd    = 3
 	ExitFd      = 4
-	ListenFd    = 5
+	listenFd    = 5
 	StandbyFd   = 6
-	EnvReportFd = "HPCPROXY_REPORT_FD"
-	EnvExitFd   = "HPCPROXY_EXIT_FD"
+	envReportFd = "HPCPROXY_REPORT_FD"
+	envExitFd   = "HPCPROXY_EXIT_FD"
 )
 
 // readyLine is what a ready daemon writes on the report pipe.
 const readyLine = "READY=1\n"
 
-// ErrDaemonTimeout is wrapped by the *DaemonError of a daemon that did not
+// errDaemonTimeout is wrapped by the *daemonError of a daemon that did not
 // report within DaemonOptions.Timeout. The daemon has been killed.
-var ErrDaemonTimeout = errors.New("hpcproxy: daemon did not report readiness in time")
+var errDaemonTimeout = errors.New("hpcproxy: daemon did not report readiness in time")
 
 // DaemonOptions configures StartDaemon.
 type DaemonOptions struct {
 	// Cmd is the daemon's command line and environment, built with
 	// exec.Command (not CommandContext, which would kill the daemon with
 	// the context). StartDaemon sets its Stdin (nil), Stdout, Stderr,
-	// ExtraFiles and SysProcAttr.Setsid, and adds EnvReportFd (and
-	// EnvExitFd) to its environment; Stdout, Stderr and ExtraFiles must be
+	// ExtraFiles and SysProcAttr.Setsid, and adds envReportFd (and
+	// envExitFd) to its environment; Stdout, Stderr and ExtraFiles must be
 	// unset.
 	Cmd *exec.Cmd
 	// LogFile is where the daemon's stdout and stderr are appended, for
@@ -81,8 +81,8 @@ type DaemonOptions struct {
 	// when [DaemonProcess.CloseExit] is called or this process dies.
 	ExitPipe bool
 	// Listener and Standby optionally give the daemon its job's listener
-	// (fd 5, [EnvListenFd]) and the write end of the job's stand-by pipe
-	// (fd 6, [EnvStandbyFd]); see [StartStandby]. The caller keeps its
+	// (fd 5, [envListenFd]) and the write end of the job's stand-by pipe
+	// (fd 6, [envStandbyFd]); see [StartStandby]. The caller keeps its
 	// copies.
 	Listener, Standby *os.File
 }
@@ -129,23 +129,23 @@ type DaemonProcess struct {
 	mu      sync.Mutex
 }
 
-// DaemonError is returned by StartDaemon when the daemon did not become
+// daemonError is returned by StartDaemon when the daemon did not become
 // ready.
-type DaemonError struct {
+type daemonError struct {
 	// Reported is the daemon's own error text; empty if it reported none.
 	Reported string
 	// LogFile is the daemon's log.
 	LogFile string
 	// LogTail is the end of the log, for daemons that reported nothing.
 	LogTail string
-	// Err is ErrDaemonTimeout, the context's error, the daemon's exit
+	// Err is errDaemonTimeout, the context's error, the daemon's exit
 	// status (*exec.ExitError), or nil when the daemon reported an error.
 	Err error
 }
 
 // Error gives the daemon's own text (or why there is none) and the log
 // path, and the log's tail when the daemon reported nothing.
-func (e *DaemonError) Error() string {
+func (e *daemonError) Error() string {
 	var b strings.Builder
 	b.WriteString("hpcproxy: daemon did not start: ")
 	switch {
@@ -169,7 +169,7 @@ func (e *DaemonError) Error() string {
 // Unwrap returns Err and, when the daemon reported that a proxy already
 // runs, ErrAlreadyRunning, that a node tunnel with its settings runs,
 // ErrNodeTunnelRunning, or that a state path is unsafe, ErrUnsafePath.
-func (e *DaemonError) Unwrap() []error {
+func (e *daemonError) Unwrap() []error {
 	var errs []error
 	if e.Err != nil {
 		errs = append(errs, e.Err)
@@ -188,7 +188,7 @@ func (e *DaemonError) Unwrap() []error {
 
 // StartDaemon starts opts.Cmd as a daemon (see the protocol above) and
 // waits until it reports. On success the daemon listens and its state
-// file is written. Otherwise the error is a *DaemonError carrying the
+// file is written. Otherwise the error is a *daemonError carrying the
 // daemon's own error text or, if it died without one, its exit status and
 // the end of its log; a daemon that did not report in time, or before ctx
 // ended, is killed (its whole process group) and reaped.
@@ -240,10 +240,10 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 	// Fds named by our own environment (a daemon starting a daemon) are
 	// not the child's.
 	env = deleteFdEnv(env)
-	env = append(env, EnvReportFd+"="+strconv.Itoa(ReportFd))
+	env = append(env, envReportFd+"="+strconv.Itoa(ReportFd))
 	env = daemonGODEBUG(env)
 	if opts.ExitPipe {
-		env = append(env, EnvExitFd+"="+strconv.Itoa(ExitFd))
+		env = append(env, envExitFd+"="+strconv.Itoa(ExitFd))
 	}
 	if opts.Listener != nil || opts.Standby != nil {
 		if len(files) == 1 {
@@ -251,10 +251,10 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 		}
 		files = append(files, opts.Listener, opts.Standby)
 		if opts.Listener != nil {
-			env = append(env, EnvListenFd+"="+strconv.Itoa(ListenFd))
+			env = append(env, envListenFd+"="+strconv.Itoa(listenFd))
 		}
 		if opts.Standby != nil {
-			env = append(env, EnvStandbyFd+"="+strconv.Itoa(StandbyFd))
+			env = append(env, envStandbyFd+"="+strconv.Itoa(StandbyFd))
 		}
 	}
 	cmd.Env = env
@@ -287,12 +287,12 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 	if rerr == nil && text == readyLine {
 		return d, nil
 	}
-	derr := &DaemonError{LogFile: opts.LogFile, Reported: strings.TrimSpace(strings.TrimPrefix(text, readyLine))}
+	derr := &daemonError{LogFile: opts.LogFile, Reported: strings.TrimSpace(strings.TrimPrefix(text, readyLine))}
 	switch {
 	case rerr != nil && ctx.Err() != nil:
 		derr.Err = ctx.Err()
 	case errors.Is(rerr, os.ErrDeadlineExceeded):
-		derr.Err = ErrDaemonTimeout
+		derr.Err = errDaemonTimeout
 	case rerr != nil:
 		derr.Err = rerr
 	}
@@ -430,7 +430,7 @@ const logStartMarker = "--- hpcproxy daemon start "
 const maxLogSize = 1 << 20
 
 func openDaemonLog(path string, args []string) (*os.File, error) {
-	if err := EnsurePrivateDir(filepath.Dir(path)); err != nil {
+	if err := ensurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
 	if fi, err := os.Lstat(path); err == nil && fi.Mode().IsRegular() && fi.Size() > maxLogSize {
@@ -470,23 +470,23 @@ func logTail(path string, n int64) string {
 type DaemonFds struct {
 	Report  int
 	Exit    int
-	Listen  int // the job's listener ([EnvListenFd])
-	Standby int // the write end of the job's stand-by pipe ([EnvStandbyFd])
+	Listen  int // the job's listener ([envListenFd])
+	Standby int // the write end of the job's stand-by pipe ([envStandbyFd])
 }
 
-// InheritedDaemonFds returns the fds named by EnvReportFd and EnvExitFd,
-// marks them close-on-exec (PrepareDaemonFds) and removes the variables
+// InheritedDaemonFds returns the fds named by envReportFd and envExitFd,
+// marks them close-on-exec (prepareDaemonFds) and removes the variables
 // from the environment, so that child processes such as ssh inherit
 // neither. A daemon calls it first thing; fds that
 // are not open are reported as -1.
 func InheritedDaemonFds() DaemonFds {
-	fds := DaemonFds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd), Listen: envFd(EnvListenFd), Standby: envFd(EnvStandbyFd)}
+	fds := DaemonFds{Report: envFd(envReportFd), Exit: envFd(envExitFd), Listen: envFd(envListenFd), Standby: envFd(envStandbyFd)}
 	// Children (ssh, a nested daemon) must not take them for theirs.
-	for _, name := range []string{EnvReportFd, EnvExitFd, EnvListenFd, EnvStandbyFd} {
+	for _, name := range []string{envReportFd, envExitFd, envListenFd, envStandbyFd} {
 		os.Unsetenv(name)
 	}
 	for _, fd := range []*int{&fds.Report, &fds.Exit, &fds.Listen, &fds.Standby} {
-		if *fd >= 0 && PrepareDaemonFds(*fd) != nil {
+		if *fd >= 0 && prepareDaemonFds(*fd) != nil {
 			*fd = -1
 		}
 	}
@@ -501,10 +501,10 @@ func envFd(name string) int {
 	return n
 }
 
-// PrepareDaemonFds checks that each fd is open and marks it close-on-exec.
+// prepareDaemonFds checks that each fd is open and marks it close-on-exec.
 // A daemon given its fds by flags (--report-fd 3) calls it before starting
 // any child process.
-func PrepareDaemonFds(fds ...int) error {
+func prepareDaemonFds(fds ...int) error {
 	for _, fd := range fds {
 		var st syscall.Stat_t
 		if err := syscall.Fstat(fd, &st); err != nil {
@@ -519,7 +519,7 @@ func report(fd int, msg string) error {
 	if fd <= 0 {
 		return nil
 	}
-	if err := PrepareDaemonFds(fd); err != nil {
+	if err := prepareDaemonFds(fd); err != nil {
 		return err
 	}
 	f := os.NewFile(uintptr(fd), "report-fd")
@@ -533,12 +533,12 @@ func report(fd int, msg string) error {
 	return nil
 }
 
-// ReportReady tells the parent that the daemon is ready ("READY=1" and
-// EOF on fd). It closes fd: report once, with ReportReady or ReportError,
+// reportReady tells the parent that the daemon is ready ("READY=1" and
+// EOF on fd). It closes fd: report once, with reportReady or ReportError,
 // never both, since afterwards the number may name an unrelated file. Call it only once the listener is bound, the tunnel is up
 // and the state file is written. fd <= 0 means no parent waits: a no-op.
 // A parent that gave up (EPIPE) is not an error.
-func ReportReady(fd int) error { return report(fd, readyLine) }
+func reportReady(fd int) error { return report(fd, readyLine) }
 
 // ReportError tells the parent why the daemon could not start: err's text
 // (one line or several; never "READY=1"), then EOF. fd <= 0 is a no-op.
@@ -554,17 +554,17 @@ func ReportError(fd int, err error) error {
 	return report(fd, msg)
 }
 
-// WatchExitFd returns a channel that is closed when the exit pipe fd
+// watchExitFd returns a channel that is closed when the exit pipe fd
 // reaches EOF (the parent closed its end or died), or when ctx ends, which
 // also stops the watch and closes fd. fd <= 0 gives a channel closed only
 // by ctx. The fd is marked close-on-exec.
-func WatchExitFd(ctx context.Context, fd int) (<-chan struct{}, error) {
+func watchExitFd(ctx context.Context, fd int) (<-chan struct{}, error) {
 	ch := make(chan struct{})
 	if fd <= 0 {
 		context.AfterFunc(ctx, func() { close(ch) })
 		return ch, nil
 	}
-	if err := PrepareDaemonFds(fd); err != nil {
+	if err := prepareDaemonFds(fd); err != nil {
 		return nil, err
 	}
 	// Non-blocking, so that os.File uses the poller and Close interrupts

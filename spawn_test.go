@@ -46,8 +46,8 @@ func daemonHelper(mode string) int {
 				return 1
 			}
 		}
-		if v, ok := os.LookupEnv(EnvReportFd); ok {
-			ReportError(fds.Report, fmt.Errorf("%s=%s left in the environment", EnvReportFd, v))
+		if v, ok := os.LookupEnv(envReportFd); ok {
+			ReportError(fds.Report, fmt.Errorf("%s=%s left in the environment", envReportFd, v))
 			return 1
 		}
 		// Be slow to bind: a parent that returned early would fail to
@@ -72,12 +72,12 @@ func daemonHelper(mode string) int {
 				c.Close()
 			}
 		}()
-		exit, err := WatchExitFd(context.Background(), fds.Exit)
+		exit, err := watchExitFd(context.Background(), fds.Exit)
 		if err != nil {
 			ReportError(fds.Report, err)
 			return 1
 		}
-		if err := ReportReady(fds.Report); err != nil {
+		if err := reportReady(fds.Report); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
@@ -108,7 +108,7 @@ func daemonHelper(mode string) int {
 			ln, err := fileListener(os.NewFile(uintptr(fds.Listen), "listener"))
 			fmt.Printf("listener %v %v\n", ln != nil, err)
 		}
-		ReportReady(fds.Report)
+		reportReady(fds.Report)
 		return 0
 	}
 	fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
@@ -183,9 +183,9 @@ func getsid(pid int) (int, error) {
 func TestStartDaemonReportedError(t *testing.T) {
 	log := daemonLog(t)
 	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("fail"), LogFile: log, Timeout: 30 * time.Second})
-	var de *DaemonError
+	var de *daemonError
 	if !errors.As(err, &de) {
-		t.Fatalf("err = %v, want *DaemonError", err)
+		t.Fatalf("err = %v, want *daemonError", err)
 	}
 	if !strings.Contains(de.Reported, "no tunnel method reached") || !strings.Contains(de.Reported, "gossh: connection refused") {
 		t.Errorf("Reported = %q, want the daemon's text", de.Reported)
@@ -215,9 +215,9 @@ func TestStartDaemonAlreadyRunning(t *testing.T) {
 
 func TestStartDaemonCrashBeforeReport(t *testing.T) {
 	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("crash"), LogFile: daemonLog(t), Timeout: 30 * time.Second})
-	var de *DaemonError
+	var de *daemonError
 	if !errors.As(err, &de) {
-		t.Fatalf("err = %v, want *DaemonError (a silent EOF is not ready)", err)
+		t.Fatalf("err = %v, want *daemonError (a silent EOF is not ready)", err)
 	}
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 2 {
@@ -231,8 +231,8 @@ func TestStartDaemonCrashBeforeReport(t *testing.T) {
 func TestStartDaemonTimeout(t *testing.T) {
 	start := time.Now()
 	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("hang"), LogFile: daemonLog(t), Timeout: 500 * time.Millisecond})
-	if !errors.Is(err, ErrDaemonTimeout) {
-		t.Fatalf("err = %v, want ErrDaemonTimeout", err)
+	if !errors.Is(err, errDaemonTimeout) {
+		t.Fatalf("err = %v, want errDaemonTimeout", err)
 	}
 	if el := time.Since(start); el > 10*time.Second {
 		t.Errorf("took %v", el)
@@ -343,7 +343,7 @@ func TestReportProtocol(t *testing.T) {
 		do   func(fd int) error
 		want string
 	}{
-		{"ready", ReportReady, "READY=1\n"},
+		{"ready", reportReady, "READY=1\n"},
 		{"error", func(fd int) error { return ReportError(fd, errors.New("hpcproxy: bad")) }, "hpcproxy: bad\n"},
 		{"error that looks ready", func(fd int) error { return ReportError(fd, errors.New("READY=1")) }, "error: READY=1\n"},
 	} {
@@ -368,13 +368,13 @@ func TestReportProtocol(t *testing.T) {
 			if got := string(b[:n]); got != tc.want {
 				t.Errorf("got %q, want %q", got, tc.want)
 			}
-			if err := ReportReady(fd); err == nil {
+			if err := reportReady(fd); err == nil {
 				t.Errorf("second report on fd %d accepted", fd)
 			}
 		})
 	}
-	if err := ReportReady(0); err != nil {
-		t.Errorf("ReportReady(0) = %v, want no-op", err)
+	if err := reportReady(0); err != nil {
+		t.Errorf("reportReady(0) = %v, want no-op", err)
 	}
 }
 
@@ -390,7 +390,7 @@ func TestWatchExitFdContext(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	ch, err := WatchExitFd(ctx, fd)
+	ch, err := watchExitFd(ctx, fd)
 	if err != nil {
 		t.Fatal(err)
 	}

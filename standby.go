@@ -30,7 +30,7 @@ import (
 // the stand-by exits, and the port closes. When the daemon dies (SIGKILL
 // included; the kernel closes the write end) the stand-by reads EOF and
 // execs the job's start again, with the listener as fd 3
-// ([EnvListenFd]): that start attaches to a node daemon that still runs or
+// ([envListenFd]): that start attaches to a node daemon that still runs or
 // starts the new one (one wins the abstract socket, the others attach to
 // it), passing the same listener on, so the port never closes and
 // connections made meanwhile wait in its backlog. A stand-by ends with its
@@ -39,12 +39,12 @@ import (
 // watched process ends, or, the daemon being gone too, the start it execs
 // finds that process gone and exits.
 
-// EnvListenFd names the fd of a job's listener that a start inherited
-// (from its stand-by) or a daemon inherited (from StartDaemon); EnvStandbyFd
+// envListenFd names the fd of a job's listener that a start inherited
+// (from its stand-by) or a daemon inherited (from StartDaemon); envStandbyFd
 // names the write end of the stand-by's pipe, which a daemon inherited.
 const (
-	EnvListenFd  = "HPCPROXY_LISTEN_FD"
-	EnvStandbyFd = "HPCPROXY_STANDBY_FD"
+	envListenFd  = "HPCPROXY_LISTEN_FD"
+	envStandbyFd = "HPCPROXY_STANDBY_FD"
 )
 
 // standbyExitLine, written on a stand-by's pipe, tells it to exit: the
@@ -75,13 +75,13 @@ func ListenJob(port int) (*os.File, error) {
 	return f, nil
 }
 
-// InheritedListener returns the listener named by EnvListenFd (a start
+// InheritedListener returns the listener named by envListenFd (a start
 // exec'd by its stand-by), marked close-on-exec, and removes the variable
 // from the environment; nil if there is none.
 func InheritedListener() *os.File {
-	fd := envFd(EnvListenFd)
-	os.Unsetenv(EnvListenFd)
-	if fd < 0 || PrepareDaemonFds(fd) != nil {
+	fd := envFd(envListenFd)
+	os.Unsetenv(envListenFd)
+	if fd < 0 || prepareDaemonFds(fd) != nil {
 		return nil
 	}
 	return os.NewFile(uintptr(fd), "listener")
@@ -99,7 +99,7 @@ type Standby struct {
 // StartStandby starts a stand-by holding the listener ln (its fd 3) in a
 // session of its own, its output appended to logFile. When its pipe
 // reaches EOF without the exit line it execs argv (argv[0] the program)
-// with EnvListenFd=3. Give W to the daemon, then call Handoff; if no
+// with envListenFd=3. Give W to the daemon, then call Handoff; if no
 // daemon got it, call Release.
 func StartStandby(ln *os.File, logFile string, argv []string) (*Standby, error) {
 	if len(argv) == 0 {
@@ -116,7 +116,7 @@ func StartStandby(ln *os.File, logFile string, argv []string) (*Standby, error) 
 	}
 	defer pr.Close()
 	cmd := exec.Command(standbyShell, append([]string{"-c", standbyScript}, argv...)...)
-	cmd.Env = append(deleteFdEnv(os.Environ()), EnvListenFd+"=3")
+	cmd.Env = append(deleteFdEnv(os.Environ()), envListenFd+"=3")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = pr, logf, logf
 	cmd.ExtraFiles = []*os.File{ln}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -155,7 +155,7 @@ func deleteFdEnv(env []string) []string {
 	out := make([]string, 0, len(env))
 	for _, kv := range env {
 		switch name, _, _ := strings.Cut(kv, "="); name {
-		case EnvReportFd, EnvExitFd, EnvListenFd, EnvStandbyFd:
+		case envReportFd, envExitFd, envListenFd, envStandbyFd:
 			continue
 		}
 		out = append(out, kv)

@@ -15,11 +15,11 @@ import (
 // TestStandby: a stand-by holds the job's port open on its own (a
 // connection made while only it holds the listener waits in the
 // backlog); the exit line ends it, and EOF without it makes it exec the
-// takeover command with the listener as fd 3 and EnvListenFd=3.
+// takeover command with the listener as fd 3 and envListenFd=3.
 func TestStandby(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "out")
-	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + EnvListenFd + `" >>"$OUT"`}
+	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + envListenFd + `" >>"$OUT"`}
 	t.Setenv("OUT", out)
 	start := func() (*Standby, int) {
 		ln, err := ListenJob(0)
