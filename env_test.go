@@ -73,35 +73,6 @@ func TestProxyEnvList(t *testing.T) {
 	assert.Contains(t, ProxyEnvListFor(ps, EnvOptions{}), "ALL_PROXY=socks5h://hpcproxy:xyz@127.0.0.1:9001")
 }
 
-func TestShellQuote(t *testing.T) {
-	for in, want := range map[string]string{
-		"plain":                 "plain",
-		"http://u:t@h:1/a,b":    "http://u:t@h:1/a,b",
-		"":                      "''",
-		"a b":                   "'a b'",
-		"it's":                  `'it'\''s'`,
-		"$HOME `x` \\ \"q\" *;": `'$HOME ` + "`x`" + ` \ "q" *;'`,
-	} {
-		assert.Equal(t, want, ShellQuote(in), "ShellQuote(%q)", in)
-	}
-}
-
-func TestExportLinesEval(t *testing.T) {
-	sh := testenv.LookPath(t, "sh")
-	env := []string{
-		"A=plain",
-		"B=it's a \"test\" with $HOME and `cmd` and \\ and ;|&",
-		"C=line1\nline2",
-		"D=",
-		"not-a-name=x",
-	}
-	lines := ExportLines(env)
-	assert.NotContains(t, lines, "not-a-name")
-	out, err := exec.Command(sh, "-c", lines+`printf '%s|' "$A" "$B" "$C" "$D"`).CombinedOutput()
-	require.NoError(t, err, "%s", out)
-	assert.Equal(t, "plain|it's a \"test\" with $HOME and `cmd` and \\ and ;|&|line1\nline2||", string(out))
-}
-
 // envTestProxy is the real Server, requiring creds (if they have a token), whose Dial records
 // each destination it is asked for and sends the name "origin.test" to the
 // origin, refusing every other destination. A request that reaches the

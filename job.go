@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 // Scheduler names a batch system.
@@ -399,7 +401,7 @@ func (r remoteStart) sshArgs(host, via string, port int) (string, []string, erro
 	args = append(args, "--", host)
 	quoted := make([]string, len(cmd))
 	for i, w := range cmd {
-		quoted[i] = ShellQuote(w)
+		quoted[i] = shellenv.Quote(w)
 	}
 	args = append(args, strings.Join(quoted, " "))
 	return firstOf(r.SSHBinary, "ssh"), args, nil

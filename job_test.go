@@ -15,6 +15,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 // jobEnvVars are every variable job detection and the tmp-dir chain read.
@@ -200,7 +202,7 @@ func TestRemoteStartArgs(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "/usr/bin/ssh", bin)
 	exe, _ := os.Executable()
-	assert.Equal(t, ShellQuote(exe)+" start", args[len(args)-1])
+	assert.Equal(t, shellenv.Quote(exe)+" start", args[len(args)-1])
 
 	for _, bad := range []string{"", "-oProxyCommand=x", "a b"} {
 		_, _, err := r.sshArgs(bad, "", 0)
@@ -216,7 +218,7 @@ func TestRemoteStartRun(t *testing.T) {
 	port := listenPort(t)
 	require.NoError(t, WritePidFileAt(state, ProxyState{Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Status: StatusUp}))
 	fake := filepath.Join(dir, "ssh")
-	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho \"$@\" > "+ShellQuote(filepath.Join(dir, "args"))+"\n"), 0o700))
+	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho \"$@\" > "+shellenv.Quote(filepath.Join(dir, "args"))+"\n"), 0o700))
 	r := remoteStart{SSHBinary: fake, Command: []string{"hpcproxy", "start"}, StateFile: state}
 	require.NoError(t, r.Run(t.Context(), "login1", "", 0))
 	b, _ := os.ReadFile(filepath.Join(dir, "args"))

@@ -50,6 +50,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 const (
@@ -341,25 +343,17 @@ func (s *sshCommand) jumpCommand(ctx context.Context, hops []destination, depth 
 	}
 	var b strings.Builder
 	for _, w := range words {
-		b.WriteString(shellQuote(percentEscape(w)))
+		b.WriteString(shellenv.Quote(percentEscape(w)))
 		b.WriteByte(' ')
 	}
 	// The one place where the tokens are meant: the outer ssh's target.
 	b.WriteString("-W '[%h]:%p' -- ")
-	b.WriteString(shellQuote(percentEscape(last.Host)))
+	b.WriteString(shellenv.Quote(percentEscape(last.Host)))
 	return b.String(), nil
 }
 
 // percentEscape protects s from ssh's %-token expansion.
 func percentEscape(s string) string { return strings.ReplaceAll(s, "%", "%%") }
-
-// shellQuote quotes s for a POSIX shell, unless it needs no quoting.
-func shellQuote(s string) string {
-	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
 
 // args returns ssh's arguments: -F, the destination's -l and -p, the
 // fixed options, the explicit TunnelConfig values, extraFixed (method

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/kevinburke/ssh_config"
+
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 // destination is a parsed TunnelConfig.Destination. Host may still be an
@@ -106,7 +108,7 @@ func SSHCommand(destination string, args ...string) string {
 	d, err := parseDestination(destination)
 	if err != nil {
 		// After "--": never an option, whatever it looks like.
-		words = append(words, "--", ShellQuote(destination))
+		words = append(words, "--", shellenv.Quote(destination))
 	} else {
 		if d.Port != 0 {
 			words = append(words, "-p", strconv.Itoa(d.Port))
@@ -115,10 +117,10 @@ func SSHCommand(destination string, args ...string) string {
 		if d.User != "" {
 			host = d.User + "@" + host
 		}
-		words = append(words, ShellQuote(host))
+		words = append(words, shellenv.Quote(host))
 	}
 	for _, a := range args {
-		words = append(words, ShellQuote(a))
+		words = append(words, shellenv.Quote(a))
 	}
 	return strings.Join(words, " ")
 }

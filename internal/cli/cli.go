@@ -27,6 +27,7 @@ import (
 	"golang.org/x/net/proxy"
 
 	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
 
@@ -840,7 +841,7 @@ func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
 	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
-	shell := hpcproxy.DefaultShell()
+	shell := shellenv.Default()
 	f.Var(&shell, "shell", "`SHELL` syntax of the lines: sh (eval \"$("+a.Name+" env)\"), csh (eval \"`"+a.Name+" env`\"), fish ("+a.Name+" env | source) or slurm (a TaskProlog's unquoted export lines) (default: the shell that runs "+a.Name+", else $SHELL's, else sh)")
 	if err := f.parse(args); err != nil {
 		return err
