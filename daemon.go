@@ -401,7 +401,7 @@ func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Log
 		}
 	}
 	if d.WatchPID > 0 {
-		pidCh = WatchPID(ctx, d.WatchPID, 0)
+		pidCh = watchPID(ctx, d.WatchPID, 0)
 	}
 	if exitCh == nil && pidCh == nil {
 		return

@@ -169,7 +169,7 @@ func readCondorJobAd(path string) (jobID, submitHost string) {
 	return jobID, submitHost
 }
 
-// NodeTmpDir returns the node-local tmp dir for per-job state, the first
+// localTmpDir returns the node-local tmp dir for per-job state, the first
 // of this chain that is an absolute path to an existing directory:
 //
 //  1. $HPCPROXY_TMPDIR (an explicit choice: taken even if it does not
@@ -182,7 +182,7 @@ func readCondorJobAd(path string) (jobID, submitHost string) {
 //  7. $TMPDIR (Slurm passes the submitter's through unchecked, hence
 //     the existence check)
 //  8. /tmp
-func NodeTmpDir() string { return nodeTmpDir(os.LookupEnv, isDir) }
+func localTmpDir() string { return nodeTmpDir(os.LookupEnv, isDir) }
 
 func isDir(p string) bool {
 	fi, err := os.Stat(p)
@@ -407,13 +407,13 @@ func (r remoteStart) sshArgs(host, via string, port int) (string, []string, erro
 	return firstOf(r.SSHBinary, "ssh"), args, nil
 }
 
-// WatchPID returns a channel that is closed when process pid has exited,
+// watchPID returns a channel that is closed when process pid has exited,
 // checked every interval (a second if zero), or when ctx ends. A per-job
 // daemon watches the job script (JobInfo.ScriptPID) with it, so that it
 // ends with the job even where the scheduler does not track processes
 // that detached (Slurm's proctrack/linuxproc). On Linux the process is
 // held by a pidfd from the start, so a reused PID is not mistaken for it.
-func WatchPID(ctx context.Context, pid int, interval time.Duration) <-chan struct{} {
+func watchPID(ctx context.Context, pid int, interval time.Duration) <-chan struct{} {
 	if interval <= 0 {
 		interval = time.Second
 	}

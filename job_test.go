@@ -243,7 +243,7 @@ func TestRemoteStartRun(t *testing.T) {
 func TestWatchPID(t *testing.T) {
 	cmd := exec.Command("sleep", "30")
 	require.NoError(t, cmd.Start())
-	ch := WatchPID(t.Context(), cmd.Process.Pid, 20*time.Millisecond)
+	ch := watchPID(t.Context(), cmd.Process.Pid, 20*time.Millisecond)
 	select {
 	case <-ch:
 		t.Fatal("fired while the process runs")
@@ -259,12 +259,12 @@ func TestWatchPID(t *testing.T) {
 
 	// Already gone, and a cancelled context.
 	select {
-	case <-WatchPID(t.Context(), deadPID(t), 20*time.Millisecond):
+	case <-watchPID(t.Context(), deadPID(t), 20*time.Millisecond):
 	case <-time.After(5 * time.Second):
 		t.Fatal("dead pid not noticed")
 	}
 	ctx, cancel := context.WithCancel(t.Context())
-	ch = WatchPID(ctx, os.Getpid(), time.Hour)
+	ch = watchPID(ctx, os.Getpid(), time.Hour)
 	cancel()
 	select {
 	case <-ch:

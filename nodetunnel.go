@@ -699,7 +699,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 	case ok:
 		watch = watchPidfd(wctx, files[i])
 	case req.WatchPID > 0:
-		watch = WatchPID(wctx, req.WatchPID, 0)
+		watch = watchPID(wctx, req.WatchPID, 0)
 	}
 	if *exitFd >= 0 {
 		ch, err := watchExitFd(wctx, *exitFd)

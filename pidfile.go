@@ -30,7 +30,7 @@ import (
 //     which is normally on NFS so that compute nodes can read it.
 //   - per-job: one proxy per job on a compute node, listening on 127.0.0.1.
 //     Its state file is LocalPidFilePath(), in a per-user directory of the
-//     node-local tmp dir ([NodeTmpDir]), named after the job.
+//     node-local tmp dir (see [EnvTmpDir]), named after the job.
 //
 // The environment can move both: HPCPROXY_STATE_DIR replaces the shared
 // state directory, HPCPROXY_TMPDIR the node-local tmp dir.
@@ -45,8 +45,9 @@ const (
 	// EnvStateDir, if set, is used as the shared-mode state directory
 	// instead of $XDG_DATA_HOME/hpcproxy.
 	EnvStateDir = "HPCPROXY_STATE_DIR"
-	// EnvTmpDir, if set, heads the node-local tmp dir chain (see
-	// [NodeTmpDir]).
+	// EnvTmpDir, if set, is the node-local tmp dir, ahead of the job's
+	// tmp dir that the scheduler names ($SLURM_TMPDIR, $LSB_JOB_TMPDIR, ...),
+	// $TMPDIR and /tmp.
 	EnvTmpDir = "HPCPROXY_TMPDIR"
 )
 
@@ -302,12 +303,12 @@ func stateDir() string {
 }
 
 // localStateDir returns the per-job state directory: hpcproxy-UID in the
-// node-local tmp dir ([NodeTmpDir]). If another user owns a file of that
+// node-local tmp dir ([localTmpDir]). If another user owns a file of that
 // name (squatting it), it is a private directory beside it instead,
 // hpcproxy-UID.XXXXXXXX (mode 0700, made by the first call that needs
 // it, as mkdtemp does), which later calls find again.
 func localStateDir() string {
-	return uidTmpDir(NodeTmpDir())
+	return uidTmpDir(localTmpDir())
 }
 
 // PidFilePath returns the shared-mode state file, stateDir()/proxy.json.
