@@ -273,8 +273,9 @@ func findActive(paths ...string) (*ProxyState, bool) {
 const EnvVia = "HPCPROXY_VIA"
 
 // ErrNoViaHost is returned by ResolveViaHost when nothing names a login
-// node.
-var ErrNoViaHost = errors.New("hpcproxy: no login node: pass --via HOST or set " + EnvVia)
+// node: no argument, no $HPCPROXY_VIA and no submit host. A command line
+// translates it into its own flag's hint.
+var ErrNoViaHost = errors.New("hpcproxy: no login node: none given, " + EnvVia + " unset, and no submit host known")
 
 // ResolveViaHost returns the SSH destination for a per-job tunnel: flagVia
 // if set, else $HPCPROXY_VIA, else the host the job was submitted from

@@ -146,7 +146,8 @@ func TestResolveViaHost(t *testing.T) {
 			assert.ErrorIs(t, err, tc.wantErr)
 		})
 	}
-	assert.Contains(t, ErrNoViaHost.Error(), "--via")
+	assert.Contains(t, ErrNoViaHost.Error(), EnvVia)
+	assert.NotContains(t, ErrNoViaHost.Error(), "--", "a library error speaks of functions and variables, not flags")
 }
 
 func TestFindActiveProxy(t *testing.T) {

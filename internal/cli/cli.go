@@ -375,6 +375,9 @@ func (a *App) start(args []string) error {
 	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
+		if errors.Is(err, hpcproxy.ErrNoViaHost) {
+			return fmt.Errorf("%w\nhint: pass --via HOST or set %s", err, hpcproxy.EnvVia)
+		}
 		if err != nil {
 			return err
 		}
