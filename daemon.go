@@ -20,6 +20,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 // Daemon is the long-lived proxy process: a [Server] in front of a
@@ -109,7 +111,7 @@ type Daemon struct {
 	AllowNetworks []netip.Prefix
 
 	// ReportFd optionally names the pipe to the starting parent (see
-	// StartDaemon). If <= 0, nothing is reported.
+	// the example binaries' start). If <= 0, nothing is reported.
 	ReportFd int
 
 	// ExitFd optionally names the exit pipe: Run returns when it reaches
@@ -183,9 +185,9 @@ type Daemon struct {
 	Private bool
 
 	// ListenerFd optionally names an inherited listening TCP socket on
-	// loopback (made by the job's start, [ListenJob]) to serve instead of
+	// loopback (made by the job's start) to serve instead of
 	// binding one; Port is then ignored. StandbyFd optionally names the
-	// write end of the job's stand-by pipe ([StartStandby]): when the
+	// write end of the job's stand-by pipe (see the package doc's "Node tunnel"): when the
 	// daemon ends its own job's proxy it writes the exit line on it; when
 	// it ends otherwise (a signal, or killed) the stand-by takes over. If
 	// <= 0, none. Both are marked close-on-exec first thing.
@@ -212,7 +214,7 @@ type Daemon struct {
 // fails. An exit pipe named by HPCPROXY_EXIT_FD is honoured too. Logs go to
 // stderr. See [Daemon] for the configurable form.
 func RunDaemon(sshDest string, port int, localOnly bool, reportFd int) error {
-	fds := InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	if reportFd <= 0 {
 		reportFd = fds.Report
 	}
@@ -272,7 +274,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	for _, fd := range []int{d.ReportFd, d.ExitFd, d.ListenerFd, d.StandbyFd} {
 		if fd > 0 {
-			if err := prepareDaemonFds(fd); err != nil {
+			if err := daemonproc.PrepareFds(fd); err != nil {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
 			}
 		}
@@ -309,10 +311,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
 			log.Info("stopping before ready: " + cause.Error())
 			err = fmt.Errorf("hpcproxy: daemon stopped before it was ready: %w", cause)
-			_ = ReportError(d.ReportFd, err) // the parent is most likely gone
+			_ = daemonproc.ReportError(d.ReportFd, err) // the parent is most likely gone
 			return nil
 		}
-		if rerr := ReportError(d.ReportFd, err); rerr != nil {
+		if rerr := daemonproc.ReportError(d.ReportFd, err); rerr != nil {
 			log.Warn("could not report start-up error to parent", "err", rerr)
 		}
 		return err
@@ -328,7 +330,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		hub.serve(ready)
 		ownDown = hub.ownDown
 	}
-	if err := reportReady(d.ReportFd); err != nil {
+	if err := daemonproc.ReportReady(d.ReportFd); err != nil {
 		log.Warn("could not report readiness to parent", "err", err)
 	}
 	log.Info("proxy ready", "addr", ready.ln.Addr(), "mode", d.mode(), "method", ready.sup.State().Method,
@@ -393,7 +395,7 @@ func (d *Daemon) sharesNode() bool {
 func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Logger) {
 	var exitCh, pidCh <-chan struct{}
 	if d.ExitFd > 0 {
-		ch, err := watchExitFd(ctx, d.ExitFd)
+		ch, err := daemonproc.WatchExitFd(ctx, d.ExitFd)
 		if err != nil {
 			log.Warn("exit fd not watched", "err", err)
 		} else {
@@ -612,10 +614,10 @@ func (r *running) listen(host string, port int, mode Mode) error {
 	return r.update(func(st *ProxyState) { st.Port = bound })
 }
 
-// adopt serves the front on a job's listener f (see [StartStandby]),
+// adopt serves the front on a job's listener f (see daemonproc.StartStandby),
 // taking f over, and records its port.
 func (r *running) adopt(f *os.File) error {
-	ln, err := fileListener(f)
+	ln, err := daemonproc.FileListener(f)
 	if err != nil {
 		return err
 	}
@@ -846,7 +848,7 @@ func (r *running) shutdownFront(log *slog.Logger) {
 		// Last: a stand-by taking over finds the state file given up
 		// (its start waits for this process to be gone before it reads
 		// it), and one told to exit closes the port.
-		endStandby(r.standby, !r.handover.Load())
+		daemonproc.EndStandby(r.standby, !r.handover.Load())
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/proxy"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -44,7 +45,7 @@ func startTestDaemon(t *testing.T, d *Daemon) *daemonRun {
 	r := runTestDaemon(t, d)
 	select {
 	case msg := <-r.report:
-		require.Equal(t, readyLine, msg, "daemon did not report ready")
+		require.Equal(t, daemonproc.ReadyLine, msg, "daemon did not report ready")
 	case <-r.exited:
 		t.Fatalf("daemon exited before ready: %v", r.err)
 	case <-time.After(60 * time.Second):

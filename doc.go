@@ -157,7 +157,7 @@
 // The daemon lives in the job that opened the tunnel, and a scheduler
 // that kills every process of a job at its end (Slurm's proctrack/cgroup)
 // kills it with that job. So each job's listener is made in the job
-// itself ([ListenJob]) and held there by a stand-by ([StartStandby]): a
+// itself and held there by a stand-by process: a
 // /bin/sh blocked in `read` on a pipe whose write end only the daemon
 // holds (passed with the listener, [AttachOptions.ListenerFd] and
 // [AttachOptions.StandbyFd], [Daemon.ListenerFd] and [Daemon.StandbyFd]).

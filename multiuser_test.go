@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -378,7 +379,7 @@ func TestSquattedStateDir(t *testing.T) {
 // gives an error that says so (errors.Is), so that the command line can
 // point at this node rather than at the login node.
 func TestDaemonErrorUnsafePath(t *testing.T) {
-	err := error(&daemonError{Reported: "hpcproxy: create state file: hpcproxy: unsafe state path: /tmp/x is owned by uid 5, not 0"})
+	err := error(&daemonproc.Error{Known: []error{ErrUnsafePath}, Reported: "hpcproxy: create state file: hpcproxy: unsafe state path: /tmp/x is owned by uid 5, not 0"})
 	assert.ErrorIs(t, err, ErrUnsafePath)
-	assert.NotErrorIs(t, &daemonError{Reported: "hpcproxy: ssh: connection refused"}, ErrUnsafePath)
+	assert.NotErrorIs(t, &daemonproc.Error{Known: []error{ErrUnsafePath}, Reported: "hpcproxy: ssh: connection refused"}, ErrUnsafePath)
 }

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 // The node tunnel: one tunnel per user per compute node.
@@ -46,7 +48,7 @@ import (
 // the process whose end ends the job's attachment (the job script);
 // optionally the read end of an exit pipe; and optionally the job's
 // listener and the write end of its stand-by's pipe, with which the job's
-// port outlives the daemon (standby.go). The daemon waits on the pidfd
+// port outlives the daemon (internal/daemonproc/standby.go). The daemon waits on the pidfd
 // and the pipe in its netpoller: when the process exits, the pipe reaches
 // EOF, or `perjob stop` asks on the job's control socket ([DetachJob]),
 // it closes that job's listener, forwards and state file, and tells the
@@ -130,7 +132,7 @@ type AttachOptions struct {
 
 	// ListenerFd and StandbyFd optionally name the job's listener and the
 	// write end of its stand-by's pipe, as Daemon.ListenerFd and
-	// Daemon.StandbyFd (see [StartStandby]): the daemon gets copies and
+	// Daemon.StandbyFd (see the package doc's "Node tunnel"): the daemon gets copies and
 	// serves the job on that listener (Port is then ignored). If <= 0,
 	// the daemon binds a listener itself and there is no stand-by.
 	ListenerFd, StandbyFd int
@@ -292,7 +294,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 		return nil, fmt.Errorf("hpcproxy: state directory: %w", err)
 	}
 	defer dirf.Close()
-	logf, err := openDaemonLog(LogFilePath(statePath), []string{"attach", name})
+	logf, err := daemonproc.OpenLog(LogFilePath(statePath), []string{"attach", name})
 	if err != nil {
 		return nil, err
 	}
@@ -702,7 +704,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		watch = watchPID(wctx, req.WatchPID, 0)
 	}
 	if *exitFd >= 0 {
-		ch, err := watchExitFd(wctx, *exitFd)
+		ch, err := daemonproc.WatchExitFd(wctx, *exitFd)
 		if err != nil {
 			wcancel()
 			r.shutdown(log)

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 // State files
@@ -258,9 +260,9 @@ var (
 	// ErrUnsafePath is wrapped by errors about a state directory or file
 	// that is owned by someone else, writable by others, or not what it
 	// should be (a symlink, not a directory). hpcproxy never uses one.
-	ErrUnsafePath = errors.New("hpcproxy: unsafe state path")
+	ErrUnsafePath = daemonproc.ErrUnsafePath
 	// ErrAlreadyRunning is matched (errors.Is) by *AlreadyRunningError, and
-	// by a *daemonError whose daemon reported one.
+	// by a *daemonproc.Error whose daemon reported one.
 	ErrAlreadyRunning = errors.New("hpcproxy: proxy already running")
 )
 
@@ -500,58 +502,6 @@ func removeIfUnchanged(path string, ps *ProxyState) {
 // host, pid and start time.
 func sameDaemon(a, b *ProxyState) bool {
 	return a.PID == b.PID && a.Host == b.Host && a.Started.Equal(b.Started)
-}
-
-// ensurePrivateDir creates dir with mode 0700 (and missing parents with
-// 0700, as the XDG base directory spec asks) and checks that it is safe to
-// keep secrets in: a directory (or a symlink the user owns to one) owned by
-// the user and not writable by group or others. A directory that others
-// can only read or enter is tightened to 0700. An unsafe directory, such
-// as one pre-created by another user in a shared /tmp, gives an error
-// wrapping ErrUnsafePath.
-func ensurePrivateDir(dir string) error {
-	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
-		return fmt.Errorf("hpcproxy: create state directory: %w", err)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("hpcproxy: create state directory: %w", err)
-	}
-	uid := os.Getuid()
-	lfi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("hpcproxy: state directory: %w", err)
-	}
-	if lfi.Mode()&fs.ModeSymlink != 0 {
-		// In a sticky /tmp only the link's owner can replace it, so a link
-		// of our own is as safe as the directory it names.
-		if o := fileUID(lfi); o != uid {
-			return fmt.Errorf("%w: %s is a symlink owned by uid %d, not %d", ErrUnsafePath, dir, o, uid)
-		}
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("hpcproxy: state directory: %w", err)
-	}
-	switch {
-	case !fi.IsDir():
-		return fmt.Errorf("%w: %s is not a directory", ErrUnsafePath, dir)
-	case fileUID(fi) != uid:
-		return fmt.Errorf("%w: %s is owned by uid %d, not %d", ErrUnsafePath, dir, fileUID(fi), uid)
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("%w: %s is writable by others (mode %04o)", ErrUnsafePath, dir, fi.Mode().Perm())
-	case fi.Mode().Perm()&0o077 != 0:
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("hpcproxy: state directory: %w", err)
-		}
-	}
-	return nil
-}
-
-func fileUID(fi fs.FileInfo) int {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return int(st.Uid)
-	}
-	return -1
 }
 
 // StateVerdict is what CheckState concludes about a state file.
@@ -913,3 +863,9 @@ func flockNB(f *os.File) error {
 	}
 	return ferr
 }
+
+// ensurePrivateDir creates dir (and its parents) 0700 if needed and
+// checks that only the user can use it; see daemonproc.EnsurePrivateDir.
+func ensurePrivateDir(dir string) error { return daemonproc.EnsurePrivateDir(dir) }
+
+func fileUID(fi fs.FileInfo) int { return daemonproc.FileUID(fi) }

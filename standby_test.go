@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 // TestStandby: a stand-by holds the job's port open on its own (a
@@ -19,17 +21,17 @@ import (
 func TestStandby(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "out")
-	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + envListenFd + `" >>"$OUT"`}
+	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + daemonproc.EnvListenFd + `" >>"$OUT"`}
 	t.Setenv("OUT", out)
-	start := func() (*Standby, int) {
-		ln, err := ListenJob(0)
+	start := func() (*daemonproc.Standby, int) {
+		ln, err := daemonproc.ListenJob(0)
 		require.NoError(t, err)
 		defer ln.Close()
 		l, err := net.FileListener(ln)
 		require.NoError(t, err)
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		s, err := StartStandby(ln, filepath.Join(dir, "log"), takeover)
+		s, err := daemonproc.StartStandby(ln, filepath.Join(dir, "log"), takeover)
 		require.NoError(t, err)
 		return s, port
 	}

@@ -27,9 +27,14 @@ import (
 	"golang.org/x/net/proxy"
 
 	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
+
+// daemonErrors are the library's errors that a daemon reports and start
+// branches on (ErrUnsafePath daemonproc knows itself).
+var daemonErrors = []error{hpcproxy.ErrAlreadyRunning, hpcproxy.ErrNodeTunnelRunning}
 
 // App is one example binary: its name and the mode it runs daemons in.
 type App struct {
@@ -326,7 +331,7 @@ func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
 func (a *App) start(args []string) error {
 	// A start exec'd by its job's stand-by (the node daemon died) gets the
 	// job's listener: take it first, before anything else inherits it.
-	held := hpcproxy.InheritedListener()
+	held := daemonproc.InheritedListener()
 	takeover := held != nil
 	defer func() {
 		if held != nil {
@@ -399,26 +404,26 @@ func (a *App) start(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	deadline := time.Now().Add(t.timeout)
-	var d *hpcproxy.DaemonProcess
+	var d *daemonproc.Process
 	// On a node tunnel the job's listener is made here, in the job, and a
-	// stand-by holds it (see hpcproxy.StartStandby): the port outlives
+	// stand-by holds it (see daemonproc.StartStandby): the port outlives
 	// the node daemon, wherever that runs.
-	var sby *hpcproxy.Standby
+	var sby *daemonproc.Standby
 	defer func() {
 		if sby != nil {
 			sby.Release() // no daemon took it
 		}
 	}()
 	for {
-		var opts hpcproxy.DaemonOptions
+		var opts daemonproc.Options
 		if a.Mode == hpcproxy.ModePerJob && !t.private {
 			if sby == nil {
 				if held == nil {
-					if held, err = hpcproxy.ListenJob(t.port); err != nil {
+					if held, err = daemonproc.ListenJob(t.port); err != nil {
 						return fmt.Errorf("%w\nhint: choose another --port, or none for a free one", err)
 					}
 				}
-				sby, err = hpcproxy.StartStandby(held, hpcproxy.LogFilePath(state), append([]string{exe}, t.startArgs(state, f.verbose)...))
+				sby, err = daemonproc.StartStandby(held, hpcproxy.LogFilePath(state), append([]string{exe}, t.startArgs(state, f.verbose)...))
 				if err != nil {
 					return err
 				}
@@ -462,7 +467,8 @@ func (a *App) start(args []string) error {
 			opts.Cmd.Env = append(os.Environ(), envTakeoverCreds+"="+creds.User+":"+creds.Token)
 		}
 		opts.LogFile, opts.Timeout = hpcproxy.LogFilePath(state), time.Until(deadline)
-		d, err = hpcproxy.StartDaemon(ctx, opts)
+		opts.Errors = daemonErrors
+		d, err = daemonproc.Start(ctx, opts)
 		if errors.Is(err, hpcproxy.ErrNodeTunnelRunning) && time.Now().Before(deadline) {
 			// Another job's start opened it meanwhile: attach to that one.
 			time.Sleep(time.Duration(20+rand.IntN(80)) * time.Millisecond)
@@ -600,7 +606,7 @@ func (a *App) daemon(args []string) error {
 	if err := f.parse(args); err != nil {
 		return err
 	}
-	fds := hpcproxy.InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	level := slog.LevelInfo
 	if f.verbose {
 		level = slog.LevelDebug
@@ -630,7 +636,7 @@ func (a *App) daemon(args []string) error {
 	}
 	fwd, exp, err := t.specs()
 	if err != nil {
-		_ = hpcproxy.ReportError(fds.Report, err)
+		_ = daemonproc.ReportError(fds.Report, err)
 		return err
 	}
 	d.Forwards, d.Exposes = fwd, exp
@@ -638,7 +644,7 @@ func (a *App) daemon(args []string) error {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
 			err = fmt.Errorf("--allow %q: want a network like 10.1.0.0/16: %w", s, err)
-			_ = hpcproxy.ReportError(fds.Report, err)
+			_ = daemonproc.ReportError(fds.Report, err)
 			return err
 		}
 		d.AllowNetworks = append(d.AllowNetworks, p)

@@ -1,4 +1,4 @@
-package hpcproxy
+package daemonproc
 
 import (
 	"errors"
@@ -30,7 +30,7 @@ import (
 // the stand-by exits, and the port closes. When the daemon dies (SIGKILL
 // included; the kernel closes the write end) the stand-by reads EOF and
 // execs the job's start again, with the listener as fd 3
-// ([envListenFd]): that start attaches to a node daemon that still runs or
+// ([EnvListenFd]): that start attaches to a node daemon that still runs or
 // starts the new one (one wins the abstract socket, the others attach to
 // it), passing the same listener on, so the port never closes and
 // connections made meanwhile wait in its backlog. A stand-by ends with its
@@ -39,12 +39,12 @@ import (
 // watched process ends, or, the daemon being gone too, the start it execs
 // finds that process gone and exits.
 
-// envListenFd names the fd of a job's listener that a start inherited
-// (from its stand-by) or a daemon inherited (from StartDaemon); envStandbyFd
+// EnvListenFd names the fd of a job's listener that a start inherited
+// (from its stand-by) or a daemon inherited (from Start); EnvStandbyFd
 // names the write end of the stand-by's pipe, which a daemon inherited.
 const (
-	envListenFd  = "HPCPROXY_LISTEN_FD"
-	envStandbyFd = "HPCPROXY_STANDBY_FD"
+	EnvListenFd  = "HPCPROXY_LISTEN_FD"
+	EnvStandbyFd = "HPCPROXY_STANDBY_FD"
 )
 
 // standbyExitLine, written on a stand-by's pipe, tells it to exit: the
@@ -75,13 +75,13 @@ func ListenJob(port int) (*os.File, error) {
 	return f, nil
 }
 
-// InheritedListener returns the listener named by envListenFd (a start
+// InheritedListener returns the listener named by EnvListenFd (a start
 // exec'd by its stand-by), marked close-on-exec, and removes the variable
 // from the environment; nil if there is none.
 func InheritedListener() *os.File {
-	fd := envFd(envListenFd)
-	os.Unsetenv(envListenFd)
-	if fd < 0 || prepareDaemonFds(fd) != nil {
+	fd := envFd(EnvListenFd)
+	os.Unsetenv(EnvListenFd)
+	if fd < 0 || PrepareFds(fd) != nil {
 		return nil
 	}
 	return os.NewFile(uintptr(fd), "listener")
@@ -99,13 +99,13 @@ type Standby struct {
 // StartStandby starts a stand-by holding the listener ln (its fd 3) in a
 // session of its own, its output appended to logFile. When its pipe
 // reaches EOF without the exit line it execs argv (argv[0] the program)
-// with envListenFd=3. Give W to the daemon, then call Handoff; if no
+// with EnvListenFd=3. Give W to the daemon, then call Handoff; if no
 // daemon got it, call Release.
 func StartStandby(ln *os.File, logFile string, argv []string) (*Standby, error) {
 	if len(argv) == 0 {
 		return nil, errors.New("hpcproxy: stand-by: no command")
 	}
-	logf, err := openDaemonLog(logFile, []string{"stand-by"})
+	logf, err := OpenLog(logFile, []string{"stand-by"})
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +116,7 @@ func StartStandby(ln *os.File, logFile string, argv []string) (*Standby, error) 
 	}
 	defer pr.Close()
 	cmd := exec.Command(standbyShell, append([]string{"-c", standbyScript}, argv...)...)
-	cmd.Env = append(deleteFdEnv(os.Environ()), envListenFd+"=3")
+	cmd.Env = append(deleteFdEnv(os.Environ()), EnvListenFd+"=3")
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = pr, logf, logf
 	cmd.ExtraFiles = []*os.File{ln}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -139,11 +139,11 @@ func (s *Standby) PID() int { return s.pid }
 func (s *Standby) Handoff() { _ = s.W.Close() }
 
 // Release tells the stand-by to exit (no daemon serves its listener).
-func (s *Standby) Release() { endStandby(s.W, true) }
+func (s *Standby) Release() { EndStandby(s.W, true) }
 
-// endStandby closes a stand-by's pipe, after telling it to exit if exit
+// EndStandby closes a stand-by's pipe, after telling it to exit if exit
 // (else it takes over).
-func endStandby(w io.WriteCloser, exit bool) {
+func EndStandby(w io.WriteCloser, exit bool) {
 	if exit {
 		_, _ = io.WriteString(w, standbyExitLine)
 	}
@@ -155,7 +155,7 @@ func deleteFdEnv(env []string) []string {
 	out := make([]string, 0, len(env))
 	for _, kv := range env {
 		switch name, _, _ := strings.Cut(kv, "="); name {
-		case envReportFd, envExitFd, envListenFd, envStandbyFd:
+		case EnvReportFd, EnvExitFd, EnvListenFd, EnvStandbyFd:
 			continue
 		}
 		out = append(out, kv)
@@ -163,9 +163,9 @@ func deleteFdEnv(env []string) []string {
 	return out
 }
 
-// fileListener makes a net.Listener of a job's listener file, checking
+// FileListener makes a net.Listener of a job's listener file, checking
 // that it is a TCP listener on loopback. It takes f over.
-func fileListener(f *os.File) (net.Listener, error) {
+func FileListener(f *os.File) (net.Listener, error) {
 	defer f.Close()
 	if v, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
 		return nil, errors.New("hpcproxy: job listener: not a listening socket")
