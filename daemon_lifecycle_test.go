@@ -163,7 +163,7 @@ func TestDaemonStartingState(t *testing.T) {
 	}, 20*time.Second, 10*time.Millisecond, "the tunnel never came up")
 	assert.Equal(t, StatusStarting, st.Status, "not ready yet")
 	require.NotZero(t, st.Port, "the bound port is recorded before readiness")
-	assert.True(t, ProxyAlive("127.0.0.1", st.Port), "the recorded port is the listener's")
+	assert.True(t, proxyAlive("127.0.0.1", st.Port), "the recorded port is the listener's")
 	assert.Equal(t, VerdictAlive, CheckState(st))
 	v, err := RemoveStaleState(statePath)
 	require.NoError(t, err)

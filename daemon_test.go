@@ -256,7 +256,7 @@ func TestDaemonSecondStartReportsRunning(t *testing.T) {
 	st, err := ReadPidFileAt(statePath)
 	require.NoError(t, err)
 	assert.Equal(t, first.addr, st.Addr())
-	assert.True(t, ProxyAlive("127.0.0.1", st.Port))
+	assert.True(t, proxyAlive("127.0.0.1", st.Port))
 }
 
 func TestDaemonStartFailureReported(t *testing.T) {

@@ -151,7 +151,7 @@
 // so this works where each job has a private /tmp (Slurm's
 // job_container/tmpfs). Both sides check the peer's UID with
 // SO_PEERCRED: another user can neither attach nor pose as the daemon.
-// [Daemon.Private] opts out. [StatusReport] is the stable JSON shape of a
+// [Daemon.Private] opts out. The state file ([ProxyState]) records the
 // daemon's status, with what each login node carries ([LoginNodeStats]).
 //
 // The daemon lives in the job that opened the tunnel, and a scheduler

@@ -297,9 +297,9 @@ func resolveViaHost(flagVia string, env func(string) (string, bool)) (string, er
 	return "", ErrNoViaHost
 }
 
-// ProxyAlive reports whether something accepts TCP connections at
+// proxyAlive reports whether something accepts TCP connections at
 // host:port within 500 ms.
-func ProxyAlive(host string, port int) bool {
+func proxyAlive(host string, port int) bool {
 	c, err := net.DialTimeout("tcp", net.JoinHostPort(host, strconv.Itoa(port)), 500*time.Millisecond)
 	if err != nil {
 		return false

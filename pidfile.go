@@ -198,7 +198,7 @@ type ProxyState struct {
 }
 
 // LoginNodeStats is what one login node carries for a daemon: its part of
-// `status --json` (see [StatusReport]). The JSON names are stable.
+// `status --json`. The JSON names are stable.
 type LoginNodeStats struct {
 	Host   string `json:"host"`   // the SSH destination (Via); "direct" when relaying directly
 	InUse  bool   `json:"in_use"` // the tunnel goes through it now
@@ -549,7 +549,7 @@ func (v StateVerdict) Stale() bool { return v == VerdictDeadPID || v == VerdictN
 func (v StateVerdict) Usable() bool { return v == VerdictAlive || v == VerdictForeignAnswering }
 
 // CheckState judges a state file. The PID is checked only when ps.Host is
-// this host; the port is probed (ProxyAlive at DialHost) up to three
+// this host; the port is probed (a TCP connect to DialHost) up to three
 // times before "no answer" is concluded, so one lost probe cannot make a
 // live daemon look stale.
 func CheckState(ps *ProxyState) StateVerdict { return defaultChecker.check(ps) }
@@ -564,8 +564,8 @@ type stateChecker struct {
 
 var defaultChecker = stateChecker{
 	hostname: thisHost,
-	pidAlive: PIDAlive,
-	probe:    ProxyAlive,
+	pidAlive: daemonproc.PIDAlive,
+	probe:    proxyAlive,
 	tries:    3,
 	pause:    200 * time.Millisecond,
 }
@@ -599,32 +599,6 @@ func (c stateChecker) check(ps *ProxyState) StateVerdict {
 		return VerdictAlive
 	}
 	return VerdictNoAnswer
-}
-
-// PIDAlive reports whether the process pid on this host is running: it
-// exists (kill -0; EPERM means it belongs to someone else) and is not a
-// zombie, a process that has exited but that its parent has not reaped
-// yet (kill -0 succeeds on those). State-file checks and `stop` use it.
-func PIDAlive(pid int) bool {
-	if pid <= 0 {
-		return false
-	}
-	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
-		return false
-	}
-	return !isZombie(pid)
-}
-
-// isZombie reports whether /proc says pid has exited unreaped (state Z,
-// after the command name in parentheses, which may itself hold ')').
-func isZombie(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false // no /proc: trust kill -0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i >= 0 && i+2 < len(s) && s[i+2] == 'Z'
 }
 
 var (

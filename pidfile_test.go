@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
@@ -293,7 +294,7 @@ func TestCheckStateReal(t *testing.T) {
 	dead := alive
 	dead.PID = deadPID(t)
 	assert.Equal(t, VerdictDeadPID, CheckState(&dead))
-	assert.True(t, ProxyAlive("127.0.0.1", port))
+	assert.True(t, proxyAlive("127.0.0.1", port))
 }
 
 // TestPIDAliveZombie: a process that has exited but is not reaped yet
@@ -303,14 +304,14 @@ func TestPIDAliveZombie(t *testing.T) {
 	require.NoError(t, sleeper.Start())
 	pid := sleeper.Process.Pid
 	defer sleeper.Wait()
-	assert.True(t, PIDAlive(pid))
+	assert.True(t, daemonproc.PIDAlive(pid))
 	require.NoError(t, sleeper.Process.Kill())
-	require.Eventually(t, func() bool { return !PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
 	require.NoError(t, syscall.Kill(pid, 0), "not reaped yet: kill -0 still succeeds")
 	assert.Equal(t, VerdictDeadPID, CheckState(&ProxyState{Host: thisHost(), PID: pid, Port: 1, Status: StatusUp}))
-	assert.True(t, PIDAlive(os.Getpid()))
-	assert.False(t, PIDAlive(0))
-	assert.False(t, PIDAlive(deadPID(t)))
+	assert.True(t, daemonproc.PIDAlive(os.Getpid()))
+	assert.False(t, daemonproc.PIDAlive(0))
+	assert.False(t, daemonproc.PIDAlive(deadPID(t)))
 }
 
 func TestClaimStateFileConcurrent(t *testing.T) {

@@ -42,7 +42,7 @@ func TestStandby(t *testing.T) {
 	require.NoError(t, err, "the stand-by does not hold the port")
 	c.Close()
 	s.Release()
-	require.Eventually(t, func() bool { return !PIDAlive(s.PID()) }, 10*time.Second, 20*time.Millisecond, "the exit line did not end the stand-by")
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(s.PID()) }, 10*time.Second, 20*time.Millisecond, "the exit line did not end the stand-by")
 	_, err = os.Stat(out)
 	assert.True(t, os.IsNotExist(err), "the stand-by took over after the exit line")
 	_, err = net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", itoa(port)), 5*time.Second)

@@ -360,12 +360,12 @@ func (a *App) start(args []string) error {
 		// (whose port the stand-by holds open) would look alive. The job
 		// keeps the credentials it recorded.
 		if ps, err := hpcproxy.ReadPidFileAt(state); err == nil {
-			for end := time.Now().Add(10 * time.Second); hpcproxy.PIDAlive(ps.PID) && time.Now().Before(end); {
+			for end := time.Now().Add(10 * time.Second); daemonproc.PIDAlive(ps.PID) && time.Now().Before(end); {
 				time.Sleep(20 * time.Millisecond)
 			}
 			creds = ps.Credentials
 		}
-		if t.watchPID > 0 && !hpcproxy.PIDAlive(t.watchPID) {
+		if t.watchPID > 0 && !daemonproc.PIDAlive(t.watchPID) {
 			// The job has ended too (where the scheduler did not kill
 			// the stand-by with it): nothing to take over.
 			if f.verbose {
@@ -724,7 +724,7 @@ func (a *App) stop(args []string) error {
 		// reap (an init in a container) must not make stop wait in vain.
 		cur, err := hpcproxy.ReadPidFileAt(path)
 		removed := errors.Is(err, os.ErrNotExist) || (err == nil && cur.PID != ps.PID)
-		if removed || !hpcproxy.PIDAlive(ps.PID) {
+		if removed || !daemonproc.PIDAlive(ps.PID) {
 			if ps.Node != nil && f.verbose && removed {
 				fmt.Fprintf(a.Stdout, "detached from the node tunnel (pid %d)\n", ps.PID)
 				return nil
@@ -753,7 +753,7 @@ func (a *App) stopHint() string {
 
 func (a *App) status(args []string) error {
 	f := a.cmdFlags("status")
-	asJSON := f.Bool("json", false, "print the status as one JSON object (a stable shape: see hpcproxy.StatusReport)")
+	asJSON := f.Bool("json", false, "print the status as one JSON object (a stable shape, documented in the README)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -761,7 +761,7 @@ func (a *App) status(args []string) error {
 	ps, err := hpcproxy.ReadPidFileAt(path)
 	if errors.Is(err, os.ErrNotExist) {
 		if *asJSON {
-			if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, nil, 0)); err != nil {
+			if err := printJSON(a.Stdout, NewStatusReport(path, nil, 0)); err != nil {
 				return err
 			}
 			return &exitError{3}
@@ -774,7 +774,7 @@ func (a *App) status(args []string) error {
 	}
 	v := hpcproxy.CheckState(ps)
 	if *asJSON {
-		if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, ps, v)); err != nil {
+		if err := printJSON(a.Stdout, NewStatusReport(path, ps, v)); err != nil {
 			return err
 		}
 		if !v.Usable() {
