@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // Daemon is the long-lived proxy process: a [Server] in front of a
@@ -501,7 +502,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 		}
 		creds = &c
 	}
-	job := DetectJob()
+	job := jobenv.Detect()
 	initial := ProxyState{
 		Via:           tcfg.Destination,
 		Port:          d.Port,

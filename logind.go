@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // cgroupScope says where in systemd's cgroup tree a process sits, which
@@ -47,7 +49,7 @@ type logoutReport struct {
 	Scope cgroupScope
 	// Job is the batch job this process runs in, if any: a daemon started
 	// inside a job lives with the job, not with a login.
-	Job JobInfo
+	Job jobenv.JobInfo
 	// Reason explains Survives in a sentence.
 	Reason string
 }
@@ -60,7 +62,7 @@ type logoutReport struct {
 // does not keep the user's service manager up after the last logout.
 func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 	name, _ := currentUserName()
-	r := checkLogout("/", name, os.Getuid(), DetectJob())
+	r := checkLogout("/", name, os.Getuid(), jobenv.Detect())
 	return r.Survives, r.KillUserProcesses, r.Linger
 }
 
@@ -98,7 +100,7 @@ func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 // RHEL, Fedora and SUSE (upstream systemd's build default is yes).
 //
 // Every path is read under root ("/" but for test fixtures).
-func checkLogout(root, userName string, uid int, job JobInfo) logoutReport {
+func checkLogout(root, userName string, uid int, job jobenv.JobInfo) logoutReport {
 	r := logoutReport{Job: job}
 	r.Systemd = isDir(filepath.Join(root, "run/systemd/system"))
 	if userName != "" {
@@ -289,4 +291,9 @@ func currentUserName() (string, error) {
 		return os.Getenv("USER"), err
 	}
 	return u.Username, nil
+}
+
+func isDir(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
 }

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // The node tunnel: one tunnel per user per compute node.
@@ -299,7 +300,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 		return nil, err
 	}
 	defer logf.Close()
-	job := DetectJob()
+	job := jobenv.Detect()
 	req := attachRequest{
 		Op: attachOp, StateName: filepath.Base(statePath), StatePath: statePath, Port: o.Port,
 		Fds: []string{attachFdDir, attachFdLog},

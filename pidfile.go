@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // State files
@@ -305,12 +306,12 @@ func stateDir() string {
 }
 
 // localStateDir returns the per-job state directory: hpcproxy-UID in the
-// node-local tmp dir ([localTmpDir]). If another user owns a file of that
+// node-local tmp dir (jobenv.TmpDir). If another user owns a file of that
 // name (squatting it), it is a private directory beside it instead,
 // hpcproxy-UID.XXXXXXXX (mode 0700, made by the first call that needs
 // it, as mkdtemp does), which later calls find again.
 func localStateDir() string {
-	return uidTmpDir(localTmpDir())
+	return uidTmpDir(jobenv.TmpDir())
 }
 
 // PidFilePath returns the shared-mode state file, stateDir()/proxy.json.
@@ -330,7 +331,7 @@ func LogFilePath(statePath string) string {
 }
 
 func jobSuffix() string {
-	if j := DetectJob(); j.InJob && j.JobID != "" {
+	if j := jobenv.Detect(); j.InJob && j.JobID != "" {
 		return "-" + sanitizeName(j.JobID)
 	}
 	return ""

@@ -28,6 +28,7 @@ import (
 
 	"github.com/hpcproxy/hpcproxy"
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
@@ -389,7 +390,7 @@ func (a *App) start(args []string) error {
 		t.via = via
 		if t.watchPID == 0 {
 			t.watchPID = os.Getppid()
-			j := hpcproxy.DetectJob()
+			j := jobenv.Detect()
 			if j.ScriptPID > 0 {
 				t.watchPID = j.ScriptPID
 			} else if w := watchWarning(a.Name, t.watchPID, j.InJob); w != "" {
