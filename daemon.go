@@ -481,7 +481,8 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	if tcfg.Logger == nil {
 		tcfg.Logger = log
 	}
-	if tcfg.Destination == "" {
+	logins := tcfg.logins()
+	if len(logins) == 0 {
 		if mode == ModePerJob {
 			return nil, fmt.Errorf("hpcproxy: per-job mode needs a login node to tunnel through: %w", ErrNoViaHost)
 		}
@@ -504,7 +505,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	}
 	job := jobenv.Detect()
 	initial := ProxyState{
-		Via:           tcfg.Destination,
+		Via:           strings.Join(logins, ","),
 		Port:          d.Port,
 		Mode:          mode,
 		AdvertiseHost: d.AdvertiseHost,
@@ -535,7 +536,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 		}
 		r.onDetach = hub.ownStop
 	}
-	if tcfg.Destination != "" && tcfg.RuntimeDir == "" {
+	if len(logins) > 0 && tcfg.RuntimeDir == "" {
 		dir := daemonRuntimeDir(mode, statePath)
 		if err := prepareRuntimeDir(dir); err != nil {
 			return nil, err
@@ -709,7 +710,7 @@ func (r *running) recordTunnel(ts TunnelState, log *slog.Logger) {
 	}
 	err := r.update(func(st *ProxyState) {
 		if !r.ready {
-			st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+			st.Method, st.Reconnects, st.ViaInUse = ts.Method.String(), ts.Reconnects, ts.Login
 			return
 		}
 		applyTunnel(st, ts)
@@ -729,7 +730,7 @@ func applyTunnel(st *ProxyState, ts TunnelState) {
 			st.LastError = ts.LastError.Error()
 		}
 	}
-	st.Method, st.Reconnects = ts.Method.String(), ts.Reconnects
+	st.Method, st.Reconnects, st.ViaInUse = ts.Method.String(), ts.Reconnects, ts.Login
 }
 
 // refreshStats writes the server's and the forwards' counters to the

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -244,7 +245,8 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 		_ = conn.SetDeadline(dl) // fails harmlessly on channel conns
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(withQuickAck(conn), sshReadBuffer)}
+	got := &countingReader{r: withQuickAck(conn)}
+	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(got, sshReadBuffer)}
 	c, chans, reqs, err := ssh.NewClientConn(bc, s.addr(), config)
 	if !stop() {
 		if c != nil {
@@ -263,10 +265,24 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 		if strings.Contains(err.Error(), "unable to authenticate") {
 			return nil, &AuthError{User: s.User, Host: s.Host, Offered: keys.offered, Skipped: keys.skipped, Err: err}
 		}
-		return nil, fmt.Errorf("hpcproxy: SSH handshake with %s (%s): %w", s.Host, s.addr(), err)
+		return nil, fmt.Errorf("hpcproxy: SSH handshake with %s (%s): %w", s.Host, s.addr(), droppedBeforeBanner(err, got.n.Load()))
 	}
 	_ = conn.SetDeadline(time.Time{})
 	return ssh.NewClient(c, chans, reqs), nil
+}
+
+// countingReader counts the bytes read through it: a handshake that
+// failed before the server sent a byte was dropped by sshd (MaxStartups).
+// x/crypto's reader goroutine may still read when the handshake fails.
+type countingReader struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // bufferedConn reads through a large buffer: x/crypto's transport (and its

@@ -344,7 +344,7 @@ func TestGoSSHProxyJump(t *testing.T) {
 			tun, err := establishGoSSH(t, TunnelConfig{Destination: dest, SSHConfigFile: cfgFile})
 			require.NoError(t, err, "jump log:\n%s\ntarget log:\n%s", jump.Log(), target.Log())
 			requireEcho(t, tun)
-			gt := tun.impl.(*gosshTunnel)
+			gt := firstConn(tun).(*gosshTunnel)
 			require.Len(t, gt.hops, strings.Count(dest, "2")+1)
 		})
 	}

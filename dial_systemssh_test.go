@@ -389,7 +389,7 @@ func TestControlMasterAttachesToUsersMaster(t *testing.T) {
 		Methods: []Method{MethodControlMaster},
 	})
 	require.NoError(t, err)
-	impl := tun.impl.(*controlMasterTunnel)
+	impl := firstConn(tun).(*controlMasterTunnel)
 	assert.Nil(t, impl.proc, "started its own master instead of attaching")
 	echo := startEchoServer(t)
 	require.NoError(t, echoOnce(ctx, tun, echo, []byte("through the user's master")))
@@ -928,7 +928,7 @@ func tunnelChildHelper() int {
 		return fail("%v", err)
 	}
 	var proc *sshProcess
-	switch impl := tun.impl.(type) {
+	switch impl := firstConn(tun).(type) {
 	case *controlMasterTunnel:
 		proc = impl.proc
 	case *socksTunnel:

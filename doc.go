@@ -108,6 +108,14 @@
 // forms. [SupervisedTunnel] keeps a tunnel up, re-establishing it with
 // backoff when it drops.
 //
+// A cluster's login nodes can be given as a list
+// ([TunnelConfig.Destinations]): each node orders them by rendezvous
+// hashing of its name ([OrderLogins]), tries the method chain on each in
+// turn, and a supervised tunnel that loses its login node goes to the next.
+// Starts that sshd drops before its banner (MaxStartups, when a job array
+// starts many tunnels at once) are retried with full-jitter backoff until
+// [TunnelConfig.StartRetryTimeout].
+//
 // # Port forwarding
 //
 // [LocalForward] listens locally and carries each connection through a
@@ -182,8 +190,9 @@
 // ([Daemon.MaxProcs]), runs the garbage collector less often while bytes
 // stream (x/crypto allocates a buffer per received packet), and raises
 // its open-file limit for itself and its ssh children.
-// [TunnelConfig.Connections] spreads connections over several SSH
-// connections. BENCHMARKS.md in the repository compares all of this with
+// A tunnel of the gossh or controlmaster method grows a pool of SSH
+// connections with the number of open channels and shrinks it when they
+// close ([TunnelConfig.MaxConnections], [TunnelConfig.ChannelsPerConnection]). BENCHMARKS.md in the repository compares all of this with
 // OpenSSH's `ssh -D`.
 //
 // # What is left to the caller

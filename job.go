@@ -74,8 +74,14 @@ func findActive(paths ...string) (*ProxyState, bool) {
 }
 
 // EnvVia names the environment variable that ResolveViaHost consults after
-// the flag.
+// the flag: a login node, or several separated by commas (see
+// TunnelConfig.Destinations).
 const EnvVia = "HPCPROXY_VIA"
+
+// EnvMaxConnections names the environment variable from which the example
+// binaries take the default of --max-connections (TunnelConfig.MaxConnections):
+// a site can set it for its users, in a module file for instance.
+const EnvMaxConnections = "HPCPROXY_MAX_CONNECTIONS"
 
 // ErrNoViaHost is returned by ResolveViaHost when nothing names a login
 // node: no argument, no $HPCPROXY_VIA and no submit host. A command line

@@ -87,6 +87,10 @@ func NodeSocketName(uid int, t TunnelConfig) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%q\n%q\n%q\n%q\n%d\n%d\n%q\n", t.Destination, Methods(t.Methods).String(), cfg,
 		t.SSHOptions, max(t.Connections, 1), t.HostKeyPolicy, t.SSHBinary)
+	if len(t.Destinations) > 0 || t.MaxConnections != 0 {
+		// Only when set, so that the names of older settings stay.
+		fmt.Fprintf(h, "%q\n%d\n", t.Destinations, t.MaxConnections)
+	}
 	return fmt.Sprintf("@hpcproxy-node-%d-%x", uid, h.Sum(nil)[:8])
 }
 
@@ -822,17 +826,17 @@ func (r *running) loginNodeStats() []LoginNodeStats {
 		return nil
 	}
 	ts := r.sup.State()
-	ln := LoginNodeStats{Host: r.tcfg.Destination, InUse: true, Status: StatusReconnecting, Method: ts.Method.String(), Jobs: len(fronts)}
+	ln := LoginNodeStats{Host: ts.Login, InUse: true, Status: StatusReconnecting, Method: ts.Method.String(), Jobs: len(fronts)}
+	if ln.Host == "" {
+		ln.Host = r.tcfg.Destination
+	}
 	if ln.Host == "" {
 		ln.Host = "direct"
 	}
 	if ts.Status == TunnelUp {
-		ln.Status, ln.Connections = StatusUp, 1
-		if r.tcfg.Connections > 1 && poolable(ts.Method) {
-			ln.Connections = r.tcfg.Connections
-		}
-		if ts.Method == MethodDirect {
-			ln.Connections = 0
+		ln.Status = StatusUp
+		if t := r.sup.Current(); t != nil {
+			ln.Connections = t.connections()
 		}
 	}
 	for _, f := range fronts {

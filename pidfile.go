@@ -150,7 +150,8 @@ type ProxyState struct {
 	// Host is os.Hostname() of the node the daemon runs on. Liveness is
 	// checked by PID only when Host is this host.
 	Host string `json:"host"`
-	// Via is the SSH destination (login node) the tunnel goes through.
+	// Via is the SSH destination (login node) the tunnel goes through, or
+	// several, separated by commas (TunnelConfig.Destinations).
 	Via string `json:"via"`
 	// Port is the listening port (SOCKS5, SOCKS4a, HTTP on one port).
 	Port int `json:"port"`
@@ -165,6 +166,9 @@ type ProxyState struct {
 	AdvertiseHost string `json:"advertise_host,omitempty"`
 	// Method is the tunnel method in use ([Method.String]).
 	Method string `json:"method,omitempty"`
+	// ViaInUse is the login node of Via that the tunnel reached (or last
+	// reached, while reconnecting).
+	ViaInUse string `json:"via_in_use,omitempty"`
 	// Started is when the daemon started.
 	Started time.Time `json:"started,omitzero"`
 	// Status and StatusSince describe the tunnel; the daemon rewrites the
@@ -226,6 +230,15 @@ type DaemonStats struct {
 	BytesOut         int64     `json:"bytes_out"` // destination to client
 	FailedHandshakes int64     `json:"failed_handshakes"`
 	Updated          time.Time `json:"updated"`
+}
+
+// Login returns the login node the tunnel goes through: ViaInUse if the
+// daemon recorded it, else Via.
+func (ps *ProxyState) Login() string {
+	if ps.ViaInUse != "" {
+		return ps.ViaInUse
+	}
+	return ps.Via
 }
 
 // DialHost returns the host clients dial: AdvertiseHost if set, 127.0.0.1

@@ -2,18 +2,23 @@ package hpcproxy
 
 import (
 	"context"
+	"io"
 	"net"
+	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 )
 
 // pooledTunnel establishes a tunnel of method m through sshd with conns
-// SSH connections (one if conns is 0 or 1).
+// SSH connections (one if conns is 0 or 1), and no more: a pool that does
+// not grow (TestPoolGrowsAndShrinks tests growing).
 func pooledTunnel(t *testing.T, sshd *sshtest.SSHD, m Method, conns int) *Tunnel {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -21,7 +26,7 @@ func pooledTunnel(t *testing.T, sshd *sshtest.SSHD, m Method, conns int) *Tunnel
 	tun, err := EstablishTunnel(ctx, TunnelConfig{
 		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile,
 		Methods: []Method{m}, RuntimeDir: sshtest.PrivateTempDir(t),
-		Connections: conns,
+		Connections: conns, MaxConnections: max(conns, 1),
 	})
 	require.NoError(t, err, "sshd log:\n%s", sshd.Log())
 	t.Cleanup(func() { tun.Close() })
@@ -148,6 +153,8 @@ func TestPoolPick(t *testing.T) {
 	for range 3 {
 		p.members = append(p.members, &poolMember{})
 	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	seen := map[*poolMember]int{}
 	for range 3 {
 		seen[p.pick()]++
@@ -159,4 +166,121 @@ func TestPoolPick(t *testing.T) {
 	for range 5 {
 		require.Same(t, p.members[1], p.pick())
 	}
+}
+
+// TestPoolGrowsAndShrinks opens many concurrent channels through a tunnel
+// whose pool grows past 4 channels per connection, up to 3 connections:
+// sshd authenticates 3, the channels spread over them and all carry
+// bytes, and once they close the added connections close again.
+func TestPoolGrowsAndShrinks(t *testing.T) {
+	noAgent(t)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+		MaxConnections: 3, ChannelsPerConnection: 4, poolIdle: 300 * time.Millisecond,
+	})
+	require.NoError(t, err)
+	defer tun.Close()
+	p := tun.impl.(*poolTunnel)
+	require.Equal(t, 1, p.size(), "one connection while idle")
+
+	echo := startEchoServer(t)
+	const n = 40
+	conns := make([]net.Conn, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conns[i], errs[i] = tun.Dial(ctx, "tcp", echo)
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		require.NoError(t, errs[i], "channel %d", i)
+	}
+	require.Equal(t, 3, p.size(), "grown to the cap")
+	require.Equal(t, 3, strings.Count(sshd.Log(), "Accepted publickey"), "sshd authenticated the pool")
+	p.mu.Lock()
+	var loads []int64
+	for _, m := range p.members {
+		loads = append(loads, m.active.Load())
+	}
+	p.mu.Unlock()
+	t.Logf("channels per connection: %v", loads)
+	for i, l := range loads {
+		// 40 over 3, each new one to the least loaded: 4 on the first
+		// before the others come, then even.
+		assert.GreaterOrEqual(t, l, int64(10), "connection %d carries %d of %d", i, l, n)
+	}
+	for i, c := range conns {
+		_, err := c.Write([]byte{byte(i)})
+		require.NoError(t, err)
+		var b [1]byte
+		_, err = io.ReadFull(c, b[:])
+		require.NoError(t, err, "channel %d", i)
+		require.Equal(t, byte(i), b[0])
+	}
+	// Half close: the pool keeps its connections while they carry any.
+	for _, c := range conns[:n/2] {
+		c.Close()
+	}
+	time.Sleep(600 * time.Millisecond)
+	require.Equal(t, 3, p.size(), "connections that carry channels stay")
+	for _, c := range conns[n/2:] {
+		c.Close()
+	}
+	waitFor(t, func() bool { return p.size() == 1 }, "the added connections to close")
+	select {
+	case <-tun.Done():
+		t.Fatal("closing added connections took the tunnel down")
+	default:
+	}
+	// And it grows again.
+	c, err := tun.Dial(ctx, "tcp", echo)
+	require.NoError(t, err)
+	c.Close()
+}
+
+// TestPoolGrowthFailureKeepsServing: when the login node refuses to add a
+// connection, channels go on over the ones there are.
+func TestPoolGrowthFailureKeepsServing(t *testing.T) {
+	noAgent(t)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
+		MaxConnections: 4, ChannelsPerConnection: 2, StartRetryTimeout: -1,
+	})
+	require.NoError(t, err)
+	defer tun.Close()
+	p := tun.impl.(*poolTunnel)
+	// The key no longer opens the login node: new connections fail.
+	require.NoError(t, os.WriteFile(sshd.AuthorizedKeysFile, nil, 0o600))
+	echo := startEchoServer(t)
+	var conns []net.Conn
+	for range 8 {
+		c, err := tun.Dial(ctx, "tcp", echo)
+		require.NoError(t, err)
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	require.Equal(t, 1, p.size())
+}
+
+// firstConn returns the tunnel's first SSH connection: the pool's first
+// member, or the tunnel itself if it is no pool.
+func firstConn(tun *Tunnel) tunnelImpl {
+	if p, ok := tun.impl.(*poolTunnel); ok {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.members[0].impl
+	}
+	return tun.impl
 }

@@ -39,6 +39,7 @@ func (s TunnelStatus) String() string {
 type TunnelState struct {
 	Status     TunnelStatus
 	Method     Method    // the method of the current (or last) tunnel
+	Login      string    // the login node of the current (or last) tunnel
 	Since      time.Time // when Status last changed
 	Reconnects int       // tunnels re-established after a drop
 	Attempts   int       // failed attempts since the tunnel dropped
@@ -50,9 +51,11 @@ type SupervisorConfig struct {
 	// Tunnel is how each tunnel is established, first and after a drop.
 	Tunnel TunnelConfig
 
-	// MinBackoff optionally specifies the wait after the first failed
-	// reconnect attempt; it doubles after each failure up to MaxBackoff,
-	// with random jitter. If zero, 500ms.
+	// MinBackoff optionally specifies the longest wait after the first
+	// failed reconnect attempt; it doubles after each failure up to
+	// MaxBackoff, and each wait is a random draw below it (full jitter),
+	// so that the daemons of a job array that lost their login node at the
+	// same moment do not come back in lockstep. If zero, 500ms.
 	MinBackoff time.Duration
 	// MaxBackoff optionally caps the wait between attempts. If zero, 30s.
 	MaxBackoff time.Duration
@@ -75,7 +78,9 @@ type SupervisorConfig struct {
 
 // SupervisedTunnel keeps a tunnel to the login node up: when the current
 // tunnel's Done fires it re-establishes one, going through the method chain
-// again, with exponential backoff and jitter between attempts. It never gives
+// again, with exponential backoff and jitter between attempts. With several
+// login nodes (TunnelConfig.Destinations) it tries the one after the login
+// node it lost first, and that one last. It never gives
 // up on its own; Close stops it. Its Dial is a [DialFunc].
 type SupervisedTunnel struct {
 	cfg    SupervisorConfig
@@ -140,25 +145,26 @@ func (s *SupervisedTunnel) run(ctx context.Context, t *Tunnel) {
 			why = errors.New("tunnel closed")
 		}
 		t.Close()
-		log.Warn("tunnel dropped; reconnecting", "method", t.Method(), "err", why)
+		log.Warn("tunnel dropped; reconnecting", "method", t.Method(), "dest", t.Destination(), "err", why)
 		s.setDown(why)
 
 		backoff := s.cfg.MinBackoff
+		tc := s.reconnectConfig(t.Destination())
 		for {
-			nt, err := s.cfg.establish(ctx, s.cfg.Tunnel)
+			nt, err := s.cfg.establish(ctx, tc)
 			if err == nil {
 				t = nt
 				s.setUp(t, true)
-				log.Info("tunnel re-established", "method", t.Method())
+				log.Info("tunnel re-established", "method", t.Method(), "dest", t.Destination())
 				break
 			}
 			if ctx.Err() != nil {
 				return
 			}
 			s.noteFailure(err)
-			// Full jitter over the upper half keeps a job array's daemons
-			// from reconnecting in lockstep (sshd's MaxStartups).
-			wait := backoff/2 + rand.N(backoff/2+1)
+			// Full jitter keeps a job array's daemons from reconnecting
+			// in lockstep (sshd's MaxStartups).
+			wait := rand.N(backoff + 1)
 			log.Debug("reconnect failed", "err", err, "retry_in", wait)
 			if !s.cfg.sleep(ctx, wait) {
 				return
@@ -166,6 +172,20 @@ func (s *SupervisedTunnel) run(ctx context.Context, t *Tunnel) {
 			backoff = min(backoff*2, s.cfg.MaxBackoff)
 		}
 	}
+}
+
+// reconnectConfig is the tunnel configuration for reconnecting after the
+// tunnel to login lost: with several login nodes, in this node's order
+// from the one after login on, login itself last.
+func (s *SupervisedTunnel) reconnectConfig(login string) TunnelConfig {
+	tc := s.cfg.Tunnel
+	logins := tc.logins()
+	if len(logins) < 2 {
+		return tc
+	}
+	tc.Destinations = rotateAfter(OrderLogins(logins, tc.nodeName()), login)
+	tc.Destination, tc.ordered = "", true
+	return tc
 }
 
 // sleepCtx waits for d; it reports false if ctx ended first.
@@ -186,6 +206,7 @@ func (s *SupervisedTunnel) setUp(t *Tunnel, reconnected bool) {
 	close(s.up)
 	s.state.Status = TunnelUp
 	s.state.Method = t.Method()
+	s.state.Login = t.Destination()
 	s.state.Since = time.Now()
 	s.state.Attempts = 0
 	if reconnected {

@@ -261,20 +261,67 @@ type TunnelConfig struct {
 	// beside its state file.
 	RuntimeDir string
 
+	// Destinations optionally lists several login nodes, used instead of
+	// Destination (which may also hold them, separated by commas: the
+	// syntax of --via login1,login2). Each node tries them in its own
+	// order, by rendezvous hashing of NodeName: the nodes of a cluster
+	// spread over the login nodes, each keeps its login node from start to
+	// start, and removing one login node moves only the nodes that
+	// preferred it. The method chain is tried on each login node in turn,
+	// and a [SupervisedTunnel] whose login node drops reconnects to the
+	// next one in the order.
+	Destinations []string
+
+	// NodeName optionally names this node for the spreading over
+	// Destinations. If empty, the host name up to its first dot.
+	NodeName string
+
+	// StartRetryTimeout optionally bounds how long a start retries
+	// connections that a login node drops before its SSH banner (sshd's
+	// MaxStartups, when a job array starts many tunnels at once). Retries
+	// wait a random time up to 200ms, doubling to at most 8s (full
+	// jitter), so that many starting tunnels spread out. Other failures
+	// (authentication refused, a host key mismatch, nothing listening) are
+	// never retried. If zero, DefaultStartRetryTimeout (90s); negative
+	// disables the retries.
+	StartRetryTimeout time.Duration
+
 	// Connections optionally specifies how many SSH connections carry the
-	// tunnel, for the methods that multiplex channels over one connection
-	// (gossh, controlmaster; the others ignore it). Each connection is
-	// served by its own sshd process on the login node, and new
-	// connections go to the one that carries the fewest, so parallel
-	// streams use several of its cores. If any connection drops, the whole
-	// tunnel is down (Done fires). A controlmaster tunnel that attaches to
-	// the user's own master has only that one connection to share. If zero
-	// or one, one connection.
+	// tunnel at least, for the methods that multiplex channels over one
+	// connection (gossh, controlmaster; the others ignore it). Each
+	// connection is served by its own sshd process on the login node. If
+	// zero or one, one connection.
+	//
+	// Beyond it the tunnel grows a pool of connections with the number of
+	// open channels: when every connection carries ChannelsPerConnection
+	// channels or more, it opens one more, up to MaxConnections, and closes
+	// the added ones again once they have carried no channel for a while.
+	// New channels go to the connection that carries the fewest. If one of
+	// the first Connections drops, the whole tunnel is down (Done fires);
+	// an added one that drops is just removed. A controlmaster tunnel that
+	// attaches to the user's own master shares that one connection.
 	Connections int
+
+	// MaxConnections optionally caps the pool of SSH connections (see
+	// Connections): the most sshd processes one tunnel keeps busy on the
+	// login node. If zero, DefaultMaxConnections; it is never below
+	// Connections. 1 turns growing off.
+	MaxConnections int
+
+	// ChannelsPerConnection optionally specifies how many open channels
+	// one SSH connection carries before the pool grows. If zero,
+	// DefaultChannelsPerConnection, the knee measured in BENCHMARKS.md.
+	ChannelsPerConnection int
 
 	// Logger optionally receives the tunnel's diagnostics. If nil, nothing
 	// is logged.
 	Logger *slog.Logger
+
+	// ordered says that the login nodes are already in the order to try
+	// (a supervisor's reconnect); poolIdle replaces defaultPoolIdle in
+	// tests.
+	ordered  bool
+	poolIdle time.Duration
 }
 
 // ErrTunnelDown is returned by dials while the tunnel is down (closed, or
@@ -337,6 +384,7 @@ type tunnelImpl interface {
 // [DialFunc]. A Tunnel is safe for concurrent use.
 type Tunnel struct {
 	method Method
+	dest   string // the login node it reached
 	impl   tunnelImpl
 }
 
@@ -396,46 +444,46 @@ func (t *Tunnel) Unresponsive() bool {
 	return ok && h.unresponsive()
 }
 
-// EstablishTunnel tries cfg.Methods in order (DefaultMethods if empty) and
-// returns the first tunnel that comes up. ctx bounds the whole attempt; each
+// connections counts the SSH connections the tunnel holds open: a pool's
+// members, none for MethodDirect, else one.
+func (t *Tunnel) connections() int {
+	switch impl := t.impl.(type) {
+	case *poolTunnel:
+		return impl.size()
+	}
+	if t.method == MethodDirect {
+		return 0
+	}
+	return 1
+}
+
+// Destination reports the login node the tunnel reached: one of
+// TunnelConfig's Destinations, or its Destination.
+func (t *Tunnel) Destination() string { return t.dest }
+
+// EstablishTunnel tries cfg.Methods in order (DefaultMethods if empty) on
+// each login node in turn (see TunnelConfig.Destinations) and returns the
+// first tunnel that comes up. Starts that the login node drops before its
+// SSH banner are retried until the start deadline
+// (TunnelConfig.StartRetryTimeout). ctx bounds the whole attempt; each
 // method is further bounded by the connect timeout. If every method fails,
-// the error is a *[TunnelError] naming each method's reason.
+// the error is a *[TunnelError] naming each method's reason (one for each
+// login node, joined, if there are several).
 func EstablishTunnel(ctx context.Context, cfg TunnelConfig) (*Tunnel, error) {
 	return establishChain(ctx, cfg, startMethod)
 }
 
 // establishChain is EstablishTunnel with the start of one method replaced,
 // for tests of the chain.
-func establishChain(ctx context.Context, cfg TunnelConfig, start func(context.Context, *TunnelConfig, Method) (tunnelImpl, error)) (*Tunnel, error) {
-	methods := cfg.Methods
-	if len(methods) == 0 {
-		methods = DefaultMethods
+func establishChain(ctx context.Context, cfg TunnelConfig, start startFunc) (*Tunnel, error) {
+	order := cfg.logins()
+	if len(order) > 1 && !cfg.ordered {
+		order = OrderLogins(order, cfg.nodeName())
 	}
-	log := cfg.logger()
-	terr := &TunnelError{Destination: cfg.Destination}
-	for _, m := range methods {
-		if err := ctx.Err(); err != nil {
-			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
-			break
-		}
-		conns := 1
-		var impl tunnelImpl
-		var err error
-		if cfg.Connections > 1 && poolable(m) {
-			conns = cfg.Connections
-			impl, err = startPool(ctx, &cfg, m, conns, start)
-		} else {
-			impl, err = start(ctx, &cfg, m)
-		}
-		if err != nil {
-			log.Debug("tunnel method failed", "method", m, "dest", cfg.Destination, "err", err)
-			terr.Attempts = append(terr.Attempts, &MethodError{m, err})
-			continue
-		}
-		log.Info("tunnel up", "method", m, "dest", cfg.Destination, "connections", conns)
-		return &Tunnel{method: m, impl: impl}, nil
+	if len(order) == 0 {
+		order = []string{""} // MethodDirect needs none
 	}
-	return nil, terr
+	return establishAcross(ctx, cfg, order, start)
 }
 
 func startMethod(ctx context.Context, cfg *TunnelConfig, m Method) (tunnelImpl, error) {

@@ -225,6 +225,13 @@ type tunnelFlags struct {
 	exposes   multiString
 	conns     int
 	private   bool
+	maxConns  int
+}
+
+// envInt returns the integer in environment variable name, or 0.
+func envInt(name string) int {
+	n, _ := strconv.Atoi(os.Getenv(name))
+	return n
 }
 
 type multiString []string
@@ -233,7 +240,7 @@ func (m *multiString) String() string     { return strings.Join(*m, ",") }
 func (m *multiString) Set(s string) error { *m = append(*m, s); return nil }
 
 func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
-	viaHelp := "login node to tunnel through: HOST, USER@HOST[:PORT] or an ssh_config alias (default: $" + hpcproxy.EnvVia + ", else the job's submit host)"
+	viaHelp := "login node to tunnel through: HOST, USER@HOST[:PORT] or an ssh_config alias, or several separated by commas (each node prefers its own, stable by node name; the next takes over when one fails) (default: $" + hpcproxy.EnvVia + ", else the job's submit host)"
 	if a.Mode == hpcproxy.ModeShared {
 		viaHelp = "host to tunnel through (default: none, relay directly from this node)"
 	}
@@ -242,7 +249,8 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.Var(&t.methods, "method", "tunnel methods to try, in order (default: "+hpcproxy.Methods(hpcproxy.DefaultMethods).String()+")")
 	f.StringVar(&t.sshConfig, "ssh-config", "", "ssh_config file to use instead of ~/.ssh/config (like ssh -F)")
 	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
-	f.IntVar(&t.conns, "connections", 1, "SSH connections to the login node (gossh, controlmaster): parallel streams spread over them, each served by its own sshd process there")
+	f.IntVar(&t.conns, "connections", 1, "SSH connections to the login node kept open (gossh, controlmaster): parallel streams spread over them, each served by its own sshd process there")
+	f.IntVar(&t.maxConns, "max-connections", envInt(hpcproxy.EnvMaxConnections), fmt.Sprintf("most SSH connections to the login node: more are opened while many channels are open (%d per connection), and closed when idle (default: $%s, else %d)", hpcproxy.DefaultChannelsPerConnection, hpcproxy.EnvMaxConnections, hpcproxy.DefaultMaxConnections))
 	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
 	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
 	f.Var(&t.forwards, "forward", "LOCAL=REMOTE: listen on LOCAL (PORT on 127.0.0.1, HOST:PORT or a socket path) and connect to REMOTE (HOST:PORT as the login node resolves it), like ssh -L (repeatable)")
@@ -276,6 +284,9 @@ func (t *tunnelFlags) daemonArgs(state string, verbose bool) []string {
 	}
 	if t.conns > 1 {
 		args = append(args, "--connections", strconv.Itoa(t.conns))
+	}
+	if t.maxConns > 0 {
+		args = append(args, "--max-connections", strconv.Itoa(t.maxConns))
 	}
 	for _, n := range t.allow {
 		args = append(args, "--allow", n)
@@ -322,6 +333,8 @@ func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
 		SSHConfigFile: t.sshConfig,
 		SSHOptions:    t.sshOpts,
 		Connections:   t.conns,
+
+		MaxConnections: t.maxConns,
 	}
 	if t.acceptNew {
 		tc.HostKeyPolicy = hpcproxy.HostKeyAcceptNew
@@ -499,7 +512,7 @@ func (a *App) start(args []string) error {
 	}
 	ps, _ := hpcproxy.ReadPidFileAt(state)
 	if f.verbose && ps != nil {
-		fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Via), ps.Method, d.LogFile())
+		fmt.Fprintf(a.Stdout, "started: pid %d, %s via %s (%s); log %s\n", d.PID(), ps.Addr(), orDirect(ps.Login()), ps.Method, d.LogFile())
 	}
 	if ps != nil {
 		// What the user asked to expose is useless without the way to it.
@@ -528,7 +541,7 @@ func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline
 func (t *tunnelFlags) startHint() string {
 	switch {
 	case t.via != "":
-		return "check the login node with '" + hpcproxy.SSHCommand(t.via, "true") + "'"
+		return "check the login node with '" + hpcproxy.SSHCommand(hpcproxy.ParseDestinations(t.via)[0], "true") + "'"
 	case t.port != 0:
 		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
 	}
@@ -539,6 +552,9 @@ func (t *tunnelFlags) startHint() string {
 func (t *tunnelFlags) specs() ([]hpcproxy.ForwardSpec, []hpcproxy.ExposeSpec, error) {
 	if t.conns < 1 {
 		return nil, nil, fmt.Errorf("--connections %d: want at least 1", t.conns)
+	}
+	if t.maxConns < 0 {
+		return nil, nil, fmt.Errorf("--max-connections %d: want at least 1 (or 0 for the default)", t.maxConns)
 	}
 	var fwd []hpcproxy.ForwardSpec
 	var exp []hpcproxy.ExposeSpec
@@ -582,9 +598,9 @@ func printForwards(w io.Writer, ps *hpcproxy.ProxyState, onlyHints bool) {
 			lport, _ = strconv.Atoi(p)
 		}
 		if onlyHints {
-			fmt.Fprintf(w, "exposed %s on %s at %s\n", fi.Target, orDirect(ps.Via), fi.Listen)
+			fmt.Fprintf(w, "exposed %s on %s at %s\n", fi.Target, orDirect(ps.Login()), fi.Listen)
 		}
-		if hint := hpcproxy.SSHForwardHint(ps.Via, fi.Listen, lport); hint != "" {
+		if hint := hpcproxy.SSHForwardHint(ps.Login(), fi.Listen, lport); hint != "" {
 			fmt.Fprintf(w, "             on your machine: %s\n", hint)
 			if lport > 0 {
 				fmt.Fprintf(w, "             then open http://127.0.0.1:%d/ (use the login node's public name if it differs)\n", lport)
@@ -789,6 +805,9 @@ func (a *App) status(args []string) error {
 	fmt.Fprintf(w, "address:     %s\n", ps.Addr())
 	fmt.Fprintf(w, "pid:         %d on %s\n", ps.PID, ps.Host)
 	fmt.Fprintf(w, "via:         %s\n", orDirect(ps.Via))
+	if ps.ViaInUse != "" && ps.ViaInUse != ps.Via {
+		fmt.Fprintf(w, "login node:  %s\n", ps.ViaInUse)
+	}
 	fmt.Fprintf(w, "method:      %s\n", ps.Method)
 	fmt.Fprintf(w, "tunnel:      %s since %s\n", ps.Status, ps.StatusSince.Local().Format(time.DateTime))
 	if ps.LastError != "" {

@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,8 +34,12 @@ const SSHDPath = "/usr/sbin/sshd"
 
 // Options configures StartSSHD.
 type Options struct {
-	// Config optionally adds sshd options ("Key=value"), passed as -o so
-	// they take precedence over the generated sshd_config.
+	// Config optionally adds sshd options ("Key=value" or "Key value"),
+	// written at the top of the generated sshd_config in place of the
+	// defaults for the same keywords. (Passing them as -o would not do:
+	// sshd takes the first value of most keywords but the last of some,
+	// MaxStartups among them, and `sshd -T -f F -o MaxStartups=10:30:100`
+	// keeps the MaxStartups of F.)
 	Config []string
 	// Port optionally fixes the port. If zero, a free one is picked.
 	Port int
@@ -126,7 +131,7 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	s.ClientSigner = GenerateKeyFile(t, "ed25519", s.ClientKeyFile)
 	s.AuthorizeKey(t, s.ClientSigner.PublicKey())
 
-	cfg := []string{
+	defaults := []string{
 		"Port " + strconv.Itoa(s.Port),
 		"ListenAddress " + s.Host,
 		strings.Join(hostKeyLines, "\n"),
@@ -147,6 +152,12 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 		"MaxStartups 200:30:400",
 		"MaxSessions 200",
 		"LogLevel VERBOSE",
+	}
+	cfg := slices.Clone(opts.Config)
+	for _, d := range defaults {
+		if !slices.ContainsFunc(opts.Config, func(o string) bool { return strings.EqualFold(keyword(o), keyword(d)) }) {
+			cfg = append(cfg, d)
+		}
 	}
 	writeFile(t, s.ConfigFile, strings.Join(cfg, "\n")+"\n")
 
@@ -171,6 +182,14 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	return s
 }
 
+// keyword returns the keyword of an sshd_config line ("Key value" or
+// "Key=value").
+func keyword(line string) string {
+	k, _, _ := strings.Cut(strings.TrimSpace(line), " ")
+	k, _, _ = strings.Cut(k, "=")
+	return k
+}
+
 // Start starts sshd (again, after Stop) on the same port with the same keys
 // and waits until it answers with an SSH banner.
 func (s *SSHD) Start(t testing.TB) {
@@ -180,11 +199,7 @@ func (s *SSHD) Start(t testing.TB) {
 	if s.cmd != nil {
 		t.Fatalf("sshtest: sshd already running")
 	}
-	args := []string{"-D", "-f", s.ConfigFile, "-E", s.LogFile}
-	for _, o := range s.opts.Config {
-		args = append(args, "-o", o)
-	}
-	cmd := exec.Command(SSHDPath, args...)
+	cmd := exec.Command(SSHDPath, "-D", "-f", s.ConfigFile, "-E", s.LogFile)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("sshtest: start sshd: %v", err)
 	}

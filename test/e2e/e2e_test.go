@@ -86,6 +86,7 @@ func TestCluster(t *testing.T) {
 	scenario("JobArray", c.jobArray)
 	scenario("Transparent", c.transparent)
 	scenario("Transparent/OtherUser", c.transparentOtherUser)
+	scenario("TwoLogins", c.twoLogins)
 }
 
 // perJobJob is scenario 1: perjob status in the job must show via as the

@@ -123,7 +123,7 @@ func (env *benchEnv) stopAll() {
 
 func allContenders() []*contender {
 	return append([]*contender{
-		{name: "hpcproxy gossh", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 1)},
+		{name: "hpcproxy gossh", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 1, "--max-connections", "1")},
 		{name: "hpcproxy gossh x2", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 2)},
 		{name: "hpcproxy controlmaster", group: "ssh", fds: controlMasterFds, start: startPerJob("controlmaster", 1)},
 		{name: "ssh -D", group: "ssh", baseline: true, fds: perConn(1), start: startSSHD},
@@ -205,7 +205,7 @@ func (env *benchEnv) cli(name string, state string, args ...string) ([]byte, err
 // connections) through the benchmark's sshd. The benchmark runs as the
 // daemon's owner, so its loopback connections need no token (the peer UID
 // check of a per-job proxy runs for each of them, as for a user's).
-func startPerJob(method string, conns int) func(env *benchEnv) (*running, error) {
+func startPerJob(method string, conns int, extra ...string) func(env *benchEnv) (*running, error) {
 	return func(env *benchEnv) (*running, error) {
 		dir, err := os.MkdirTemp(env.dir, "perjob")
 		if err != nil {
@@ -218,6 +218,7 @@ func startPerJob(method string, conns int) func(env *benchEnv) (*running, error)
 		if conns > 1 {
 			args = append(args, "--connections", strconv.Itoa(conns))
 		}
+		args = append(args, extra...)
 		if _, err := env.cli("perjob", state, args...); err != nil {
 			return nil, err
 		}

@@ -64,6 +64,10 @@ func main() {
 	flag.IntVar(&o.latency, "latency-samples", 300, "connections per round for the connect latency (0: skip it)")
 	flag.StringVar(&o.streams, "streams", "8,64", "parallel stream counts for the aggregate throughput (empty: skip it)")
 	flag.DurationVar(&o.settle, "settle", 8*time.Second, "how long held connections stay idle before their memory is read (hpcproxy's collector settles after 5 quiet seconds)")
+	flag.StringVar(&o.storm, "storm", "50,150,300", "start storms: numbers of per-job daemons (and of ssh -D) started at once against one sshd with the default MaxStartups (empty: skip them)")
+	flag.StringVar(&o.concurrent, "concurrent", "1000,5000", "numbers of downloads at once through one proxy (empty: skip them)")
+	o.concSize = 64 << 10
+	flag.Var(&o.concSize, "concurrent-size", "bytes per download of -concurrent")
 	flag.BoolVar(&o.verbose, "v", false, "print each measurement as it is taken")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: bench [flags]\n\nRuns hpcproxy side by side with ssh -D, socat and microsocks and prints ratios.\n\nFlags:\n")
@@ -91,6 +95,9 @@ type options struct {
 	streams string
 	settle  time.Duration
 	verbose bool
+
+	storm, concurrent string
+	concSize          byteSize
 }
 
 // byteSize is a flag.Value for sizes like "1GiB", "512MiB", "64KiB" or a
@@ -162,6 +169,14 @@ func run(w io.Writer, o options) (err error) {
 	holds, err := parseInts(o.hold)
 	if err != nil {
 		return fmt.Errorf("-hold %w", err)
+	}
+	storms, err := parseInts(o.storm)
+	if err != nil {
+		return fmt.Errorf("-storm %w", err)
+	}
+	concs, err := parseInts(o.concurrent)
+	if err != nil {
+		return fmt.Errorf("-concurrent %w", err)
 	}
 	if o.rounds < 1 {
 		return errors.New("-rounds must be at least 1")
@@ -236,6 +251,12 @@ func run(w io.Writer, o options) (err error) {
 		hr = measureHold(w, env, cs, holds, fdLimit, o)
 	}
 	printTables(w, cs, res, streams, holds, hr, int64(o.size))
+	if needsSSHD(cs) && len(concs) > 0 {
+		printConcurrent(w, measureConcurrent(w, env, concurrentContenders(), concs, int64(o.concSize), o.verbose), int64(o.concSize))
+	}
+	if needsSSHD(cs) && len(storms) > 0 {
+		printStorms(w, measureStorms(w, env, h, storms, o.verbose))
+	}
 	return nil
 }
 

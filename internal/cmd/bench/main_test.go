@@ -34,7 +34,7 @@ func TestBenchSmoke(t *testing.T) {
 	var out bytes.Buffer
 	err := run(&out, options{
 		size: 4 << 20, rounds: 2, hold: "20,40", latency: 10, streams: "2,4",
-		settle: 100 * time.Millisecond,
+		settle: 100 * time.Millisecond, storm: "3", concurrent: "30", concSize: 64 << 10,
 	})
 	t.Log(out.String())
 	if err != nil {
@@ -53,13 +53,14 @@ func TestBenchSmoke(t *testing.T) {
 			t.Errorf("%q has %d rows in the output, want %d", c.name, n, want)
 		}
 	}
-	for _, want := range []string{"Ratios to ssh -D", "Ratios to socat", "KiB/conn@40", "errors@40"} {
+	for _, want := range []string{"Ratios to ssh -D", "Ratios to socat", "KiB/conn@40", "errors@40",
+		"Start storms", "Concurrent downloads", "hpcproxy gossh pool"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q", want)
 		}
 	}
 	if strings.Contains(got, "first error") {
-		t.Errorf("held connections failed")
+		t.Errorf("held connections, storm starts or concurrent downloads failed")
 	}
 }
 
