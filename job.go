@@ -78,11 +78,6 @@ func findActive(paths ...string) (*ProxyState, bool) {
 // TunnelConfig.Destinations).
 const EnvVia = "HPCPROXY_VIA"
 
-// EnvMaxConnections names the environment variable from which the example
-// binaries take the default of --max-connections (TunnelConfig.MaxConnections):
-// a site can set it for its users, in a module file for instance.
-const EnvMaxConnections = "HPCPROXY_MAX_CONNECTIONS"
-
 // ErrNoViaHost is returned by ResolveViaHost when nothing names a login
 // node: no argument, no $HPCPROXY_VIA and no submit host. A command line
 // translates it into its own flag's hint.
@@ -221,7 +216,7 @@ func (r remoteStart) sshArgs(host, via string, port int) (string, []string, erro
 
 // watchPID returns a channel that is closed when process pid has exited,
 // checked every interval (a second if zero), or when ctx ends. A per-job
-// daemon watches the job script (the job script's PID) with it, so that it
+// daemon watches the job script (its PID from the scheduler) with it, so that it
 // ends with the job even where the scheduler does not track processes
 // that detached (Slurm's proctrack/linuxproc). On Linux the process is
 // held by a pidfd from the start, so a reused PID is not mistaken for it.

@@ -229,6 +229,11 @@ type tunnelFlags struct {
 }
 
 // envInt returns the integer in environment variable name, or 0.
+// envMaxConnections names the environment variable from which
+// --max-connections (TunnelConfig.MaxConnections) takes its default: a
+// site can set it for its users, in a module file for instance.
+const envMaxConnections = "HPCPROXY_MAX_CONNECTIONS"
+
 func envInt(name string) int {
 	n, _ := strconv.Atoi(os.Getenv(name))
 	return n
@@ -250,7 +255,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.StringVar(&t.sshConfig, "ssh-config", "", "ssh_config file to use instead of ~/.ssh/config (like ssh -F)")
 	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
 	f.IntVar(&t.conns, "connections", 1, "SSH connections to the login node kept open (gossh, controlmaster): parallel streams spread over them, each served by its own sshd process there")
-	f.IntVar(&t.maxConns, "max-connections", envInt(hpcproxy.EnvMaxConnections), fmt.Sprintf("most SSH connections to the login node: more are opened while many channels are open (%d per connection), and closed when idle (default: $%s, else %d)", hpcproxy.DefaultChannelsPerConnection, hpcproxy.EnvMaxConnections, hpcproxy.DefaultMaxConnections))
+	f.IntVar(&t.maxConns, "max-connections", envInt(envMaxConnections), fmt.Sprintf("most SSH connections to the login node: more are opened while many channels are open (%d per connection), and closed when idle (default: $%s, else %d)", hpcproxy.DefaultChannelsPerConnection, envMaxConnections, hpcproxy.DefaultMaxConnections))
 	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
 	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
 	f.Var(&t.forwards, "forward", "LOCAL=REMOTE: listen on LOCAL (PORT on 127.0.0.1, HOST:PORT or a socket path) and connect to REMOTE (HOST:PORT as the login node resolves it), like ssh -L (repeatable)")
