@@ -307,8 +307,9 @@ func AddForward(ctx context.Context, statePath string, spec ForwardSpec) (Forwar
 
 // AddExpose asks the daemon whose state file is statePath, running on this
 // host, to start the reverse forward spec through its control socket, and
-// returns the forward with the address the login node bound (see
-// [SSHForwardHint]). If the daemon already has an expose that satisfies
+// returns the forward with the address the login node bound
+// ([ForwardInfo].Listen, which `ssh -L` on the user's machine can reach
+// through the login node). If the daemon already has an expose that satisfies
 // spec, that one is returned. ctx bounds the whole request, sshd's answer
 // included.
 func AddExpose(ctx context.Context, statePath string, spec ExposeSpec) (ForwardInfo, error) {

@@ -228,7 +228,7 @@ func (s *sshCommand) lookupHop(ctx context.Context, d destination) hopConfig {
 	if s.cfg.SSHConfigFile != "" {
 		args = append(args, "-F", s.cfg.SSHConfigFile)
 	}
-	args = append(args, d.loginArgs()...)
+	args = append(args, d.LoginArgs()...)
 	// BatchMode=no: under BatchMode, ssh -G shows 300 for an unset
 	// ServerAliveInterval.
 	args = append(args, "-o", "BatchMode=no", "--", d.Host)
@@ -337,7 +337,7 @@ func (s *sshCommand) jumpCommand(ctx context.Context, hops []destination, depth 
 	if s.cfg.SSHConfigFile != "" {
 		words = append(words, "-F", s.cfg.SSHConfigFile)
 	}
-	words = append(words, last.loginArgs()...)
+	words = append(words, last.LoginArgs()...)
 	for _, o := range opts {
 		words = append(words, "-o", o)
 	}
@@ -365,7 +365,7 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 	if s.cfg.SSHConfigFile != "" {
 		a = append(a, "-F", s.cfg.SSHConfigFile)
 	}
-	a = append(a, s.dest.loginArgs()...)
+	a = append(a, s.dest.LoginArgs()...)
 	opt := func(o ...string) {
 		for _, v := range o {
 			a = append(a, "-o", v)

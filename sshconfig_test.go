@@ -3,10 +3,8 @@ package hpcproxy
 import (
 	"context"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -245,38 +243,4 @@ func FuzzParseDestination(f *testing.F) {
 			t.Fatalf("parseDestination(%q) = %+v", s, d)
 		}
 	})
-}
-
-// TestSSHCommand checks the command lines SSHCommand prints, and that
-// OpenSSH reads each the way hpcproxy reads the destination (ssh -G).
-func TestSSHCommand(t *testing.T) {
-	ssh := testenv.LookPath(t, "ssh")
-	for _, tc := range []struct {
-		dest, want           string
-		user, hostname, port string
-	}{
-		{"login1", "ssh login1 true", "", "login1", "22"},
-		{"alice@login1", "ssh alice@login1 true", "alice", "login1", "22"},
-		{"127.0.0.1:22222", "ssh -p 22222 127.0.0.1 true", "", "127.0.0.1", "22222"},
-		{"alice@login1:2222", "ssh -p 2222 alice@login1 true", "alice", "login1", "2222"},
-		{"[::1]:2222", "ssh -p 2222 ::1 true", "", "::1", "2222"},
-		{"a@b@login1", "ssh a@b@login1 true", "a@b", "login1", "22"},
-		{"-oProxyCommand=x", "ssh -- -oProxyCommand=x true", "", "", ""},
-	} {
-		got := SSHCommand(tc.dest, "true")
-		assert.Equal(t, tc.want, got, "SSHCommand(%q)", tc.dest)
-		if tc.hostname == "" {
-			continue
-		}
-		args := append([]string{"-F", "none", "-G"}, strings.Fields(got)[1:]...)
-		args = args[:len(args)-1] // not the remote command
-		out, err := exec.Command(ssh, args...).Output()
-		require.NoError(t, err, "ssh %q", args)
-		conf := string(out)
-		assert.Contains(t, conf, "\nhostname "+tc.hostname+"\n", "ssh %q", args)
-		assert.Contains(t, conf, "\nport "+tc.port+"\n", "ssh %q", args)
-		if tc.user != "" {
-			assert.Contains(t, conf, "\nuser "+tc.user+"\n", "ssh %q", args)
-		}
-	}
 }

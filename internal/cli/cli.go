@@ -30,6 +30,7 @@ import (
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
+	"github.com/hpcproxy/hpcproxy/internal/sshdest"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
 
@@ -546,7 +547,7 @@ func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline
 func (t *tunnelFlags) startHint() string {
 	switch {
 	case t.via != "":
-		return "check the login node with '" + hpcproxy.SSHCommand(hpcproxy.ParseDestinations(t.via)[0], "true") + "'"
+		return "check the login node with '" + sshdest.Command(hpcproxy.ParseDestinations(t.via)[0], "true") + "'"
 	case t.port != 0:
 		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
 	}
@@ -605,7 +606,7 @@ func printForwards(w io.Writer, ps *hpcproxy.ProxyState, onlyHints bool) {
 		if onlyHints {
 			fmt.Fprintf(w, "exposed %s on %s at %s\n", fi.Target, orDirect(ps.Login()), fi.Listen)
 		}
-		if hint := hpcproxy.SSHForwardHint(ps.Login(), fi.Listen, lport); hint != "" {
+		if hint := sshdest.ForwardHint(ps.Login(), fi.Listen, lport); hint != "" {
 			fmt.Fprintf(w, "             on your machine: %s\n", hint)
 			if lport > 0 {
 				fmt.Fprintf(w, "             then open http://127.0.0.1:%d/ (use the login node's public name if it differs)\n", lport)
