@@ -40,10 +40,10 @@ import (
 // Per-job mode (a compute node, inside a job): listens on 127.0.0.1, keeps
 // its state in the node-local tmp dir ([LocalPidFilePath]), and admits only
 // its owner: a client presenting the token, or a loopback client whose
-// socket belongs to the same UID ([sameUserConn]). It lives until the job
-// ends (see WatchPID) or it is stopped. Unless Private, it also serves its
+// socket belongs to the same UID (the kernel's socket tables say so). It
+// lives until the job ends (see WatchPID) or it is stopped. Unless Private, it also serves its
 // tunnel to the user's other jobs on the node, which attach to it
-// ([AttachJob]), and then lives until the last of those jobs has ended.
+// ([Daemon.Attach]), and then lives until the last of those jobs has ended.
 //
 // # Sockets
 //
@@ -177,7 +177,7 @@ type Daemon struct {
 	// Private optionally keeps a per-job daemon's tunnel to its own job.
 	// If false, a per-job daemon also serves its tunnel to the user's other
 	// jobs on the node, on the abstract socket [NodeSocketName] (see
-	// [AttachJob]): Run fails at once with an error wrapping
+	// [Daemon.Attach]): Run fails at once with an error wrapping
 	// [ErrNodeTunnelRunning] when another daemon serves that tunnel
 	// already (attach to it instead), and once ready it runs until the
 	// last job using the tunnel has ended, its own job being one of them:

@@ -19,7 +19,7 @@ import (
 // A running [Daemon] listens on a unix socket beside its state file
 // ([ControlSocketPath]): mode 0600, in the state directory that only the
 // user can enter, and every peer is checked once more with SO_PEERCRED
-// ([sameUserConn]), so only the daemon's owner can ask anything of it. The
+// (SO_PEERCRED; for loopback TCP, the socket's owner), so only the daemon's owner can ask anything of it. The
 // protocol is one request per connection: a JSON object on one line,
 //
 //	{"op":"forward","spec":"5432=db.internal:5432"}
@@ -30,7 +30,7 @@ import (
 // answered by one JSON line: {"forward":{...}} with the [ForwardInfo] of
 // the forward, or {"error":"..."}. A request for a forward that the daemon
 // already has ([ForwardSpec.Matches], [ExposeSpec.Matches]) returns that
-// one. "detach" ends the job's proxy on a node tunnel (see [AttachJob])
+// one. "detach" ends the job's proxy on a node tunnel (see [Daemon.Attach])
 // and is answered {"detached":true}. [AddForward], [AddExpose] and
 // [DetachJob] are the client side.
 

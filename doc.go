@@ -151,7 +151,7 @@
 // Per-job daemons of one user on one compute node share one tunnel: the
 // first opens it and serves it on an abstract unix socket
 // ([NodeSocketName]); later jobs (array tasks, job steps) attach to it
-// with [AttachJob] instead of opening another SSH connection. Each job
+// with [Daemon.Attach] instead of opening another SSH connection. Each job
 // keeps its own listener, credentials, UID check, state file, log,
 // forwards and control socket; its end (a pidfd of its script, passed
 // with SCM_RIGHTS) or [DetachJob] detaches it alone, and the last job's
@@ -167,8 +167,8 @@
 // kills it with that job. So each job's listener is made in the job
 // itself and held there by a stand-by process: a
 // /bin/sh blocked in `read` on a pipe whose write end only the daemon
-// holds (passed with the listener, [AttachOptions.ListenerFd] and
-// [AttachOptions.StandbyFd], [Daemon.ListenerFd] and [Daemon.StandbyFd]).
+// holds (passed with the listener, [Daemon.ListenerFd] and
+// [Daemon.StandbyFd]).
 // The job's end makes the daemon write "exit" on it; the daemon's death
 // (even SIGKILL) makes the stand-by exec the job's start again, with the
 // listener inherited and the job's credentials kept: it attaches to a

@@ -29,7 +29,7 @@ import (
 // the user's other jobs on the node (array tasks, job steps, other jobs):
 // it listens on an abstract unix socket, [NodeSocketName], named after the
 // user and the tunnel settings. A later job's start finds it there
-// ([AttachJob]) instead of opening another SSH connection, and the daemon
+// ([Daemon.Attach]) instead of opening another SSH connection, and the daemon
 // serves that job from then on: its own listener and port, its own
 // credentials and UID check, its own state file (in the job's own tmp dir),
 // its own forwards and control socket, its own log. The jobs share only
@@ -39,7 +39,7 @@ import (
 // jobs that Slurm's job_container/tmpfs gives each a private /tmp still
 // find each other. Anyone on the node can connect to one, so both sides
 // check the other with SO_PEERCRED: the daemon serves only its own UID,
-// and AttachJob refuses a socket held by another UID (a squatter), with an
+// and Daemon.Attach refuses a socket held by another UID (a squatter), with an
 // error wrapping [ErrNodeTunnelForeign].
 //
 // The attach request is one JSON line sent with up to six descriptors
@@ -62,11 +62,11 @@ import (
 // starter attaches to that one instead).
 var ErrNodeTunnelRunning = errors.New("hpcproxy: a node tunnel with these settings already runs")
 
-// ErrNoNodeTunnel is wrapped by AttachJob's error when no daemon serves
+// ErrNoNodeTunnel is wrapped by Daemon.Attach's error when no daemon serves
 // the node tunnel (nothing listens on the socket, or it is ending).
 var ErrNoNodeTunnel = errors.New("hpcproxy: no node tunnel to attach to")
 
-// ErrNodeTunnelForeign is wrapped by AttachJob's error when the node
+// ErrNodeTunnelForeign is wrapped by Daemon.Attach's error when the node
 // tunnel's socket belongs to another user: it is refused, never used.
 var ErrNodeTunnelForeign = errors.New("hpcproxy: node tunnel socket held by another user")
 
@@ -105,8 +105,8 @@ type NodeTunnelInfo struct {
 	Attached bool `json:"attached"`
 }
 
-// AttachOptions configures AttachJob.
-type AttachOptions struct {
+// attachOptions configures attachJob.
+type attachOptions struct {
 	// Tunnel names the node tunnel: its settings, as the daemon that
 	// serves it was given them ([NodeSocketName]).
 	Tunnel TunnelConfig
@@ -250,14 +250,27 @@ func parseAttachRequest(line []byte, nfds int) (attachCommand, error) {
 	return c, nil
 }
 
-// AttachJob attaches this job to the node tunnel named by o.Tunnel: the
-// daemon serving it starts a proxy for the job (listener, credentials,
-// state file at o.StatePath, forwards), and AttachJob returns the state it
-// wrote, once the job's proxy is ready. It returns an error wrapping
-// ErrNoNodeTunnel when no daemon serves that tunnel (start one), and one
-// wrapping ErrNodeTunnelForeign when another user holds the socket. ctx
-// bounds the whole exchange.
-func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
+// Attach attaches this job to the node tunnel that a per-job daemon of
+// the same user on this node already serves for d.Tunnel's settings
+// ([NodeSocketName]), instead of opening a tunnel of its own as Run does:
+// that daemon starts a proxy for the job (d's Port or ListenerFd,
+// StandbyFd, Credentials, StatePath, Forwards and Exposes; it stops the
+// job's proxy when ExitFd reaches EOF or WatchPID exits), and Attach
+// returns the state it wrote, once the job's proxy is ready. It returns
+// an error wrapping ErrNoNodeTunnel when no daemon serves that tunnel
+// (Run one), and one wrapping ErrNodeTunnelForeign when another user holds
+// the socket. ctx bounds the whole exchange. Only the fields named here
+// are used.
+func (d *Daemon) Attach(ctx context.Context) (*ProxyState, error) {
+	return attachJob(ctx, attachOptions{
+		Tunnel: d.Tunnel, StatePath: d.StatePath, Port: d.Port, WatchPID: d.WatchPID, ExitFd: d.ExitFd,
+		Forwards: d.Forwards, Exposes: d.Exposes, ListenerFd: d.ListenerFd, StandbyFd: d.StandbyFd,
+		Credentials: d.Credentials,
+	})
+}
+
+// attachJob is Daemon.Attach with its settings in o.
+func attachJob(ctx context.Context, o attachOptions) (*ProxyState, error) {
 	statePath := o.StatePath
 	if statePath == "" {
 		statePath = LocalPidFilePath()

@@ -115,7 +115,7 @@ func TestAttachJobNoTunnel(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	state := filepath.Join(t.TempDir(), "st", "proxy.json")
-	_, err := AttachJob(ctx, AttachOptions{Tunnel: TunnelConfig{Destination: "nowhere-" + strconv.Itoa(os.Getpid())}, StatePath: state})
+	_, err := attachJob(ctx, attachOptions{Tunnel: TunnelConfig{Destination: "nowhere-" + strconv.Itoa(os.Getpid())}, StatePath: state})
 	assert.ErrorIs(t, err, ErrNoNodeTunnel)
 }
 
@@ -142,7 +142,7 @@ func TestAttachJobSquatter(t *testing.T) {
 	defer cancel()
 	state := filepath.Join(t.TempDir(), "st", "proxy.json")
 	require.Eventually(t, func() bool {
-		_, err = AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: state})
+		_, err = attachJob(ctx, attachOptions{Tunnel: tc, StatePath: state})
 		return !errors.Is(err, ErrNoNodeTunnel) // socat is listening
 	}, 5*time.Second, 20*time.Millisecond, "socat did not listen")
 	assert.ErrorIs(t, err, ErrNodeTunnelForeign)
@@ -188,11 +188,11 @@ func TestDaemonNodeTunnel(t *testing.T) {
 	var jobs []*job
 	for i := range 2 {
 		j := &job{state: filepath.Join(sshtest.PrivateTempDir(t), "proxy-"+itoa(i)+".json"), script: sleeper(t)}
-		o := AttachOptions{Tunnel: tc, StatePath: j.state, WatchPID: j.script.Process.Pid}
+		o := attachOptions{Tunnel: tc, StatePath: j.state, WatchPID: j.script.Process.Pid}
 		if i == 0 {
 			o.Forwards = []ForwardSpec{{Listen: "127.0.0.1:" + itoa(lport), Remote: strings.TrimPrefix(web.URL, "http://")}}
 		}
-		ps, err := AttachJob(ctx, o)
+		ps, err := attachJob(ctx, o)
 		require.NoError(t, err, "attach %d", i)
 		require.NotNil(t, ps.Node)
 		assert.True(t, ps.Node.Attached)
@@ -200,14 +200,14 @@ func TestDaemonNodeTunnel(t *testing.T) {
 		j.ps = ps
 		jobs = append(jobs, j)
 	}
-	_, err := AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: jobs[0].state})
+	_, err := attachJob(ctx, attachOptions{Tunnel: tc, StatePath: jobs[0].state})
 	assert.ErrorIs(t, err, ErrAlreadyRunning, "a second attach of the same job")
 
 	// A job watched by an exit pipe detaches when its write end closes.
 	pr, pw, err := os.Pipe()
 	require.NoError(t, err)
 	piped := filepath.Join(sshtest.PrivateTempDir(t), "proxy-pipe.json")
-	_, err = AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: piped, ExitFd: int(pr.Fd())})
+	_, err = attachJob(ctx, attachOptions{Tunnel: tc, StatePath: piped, ExitFd: int(pr.Fd())})
 	require.NoError(t, err)
 	pr.Close()
 	ps, err := ReadPidFileAt(piped)

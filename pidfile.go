@@ -113,7 +113,7 @@ const credentialsUser = "hpcproxy"
 //     restrict clients to an allow-list of networks.
 //   - Per-job mode (compute node, 127.0.0.1) accepts the same user only:
 //     a client presenting the token, or a loopback client whose socket
-//     belongs to the daemon's UID ([sameUserConn]), so that tools which
+//     belongs to the daemon's UID (SO_PEERCRED; for loopback TCP, the socket's owner), so that tools which
 //     cannot send proxy credentials still work for their owner and for
 //     nobody else sharing the node.
 type ProxyCredentials struct {

@@ -448,7 +448,7 @@ func (a *App) start(args []string) error {
 					return err
 				}
 			}
-			ps, err := a.attach(ctx, &t, state, deadline, hpcproxy.AttachOptions{
+			ps, err := a.attach(ctx, &t, state, deadline, hpcproxy.Daemon{
 				ListenerFd: int(held.Fd()), StandbyFd: int(sby.W.Fd()), Credentials: creds,
 			})
 			if err == nil {
@@ -529,7 +529,7 @@ func (a *App) start(args []string) error {
 
 // attach attaches this job to the node tunnel the flags name, if a
 // daemon serves it.
-func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time, o hpcproxy.AttachOptions) (*hpcproxy.ProxyState, error) {
+func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time, o hpcproxy.Daemon) (*hpcproxy.ProxyState, error) {
 	fwd, exp, err := t.specs()
 	if err != nil {
 		return nil, err
@@ -538,7 +538,7 @@ func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline
 	defer cancel()
 	o.Tunnel, o.StatePath, o.Port = t.tunnelConfig(), state, t.port
 	o.WatchPID, o.Forwards, o.Exposes = max(t.watchPID, 0), fwd, exp
-	return hpcproxy.AttachJob(ctx, o)
+	return o.Attach(ctx)
 }
 
 // startHint says where to look when a daemon with these flags did not
