@@ -276,7 +276,7 @@ var (
 	// should be (a symlink, not a directory). hpcproxy never uses one.
 	ErrUnsafePath = daemonproc.ErrUnsafePath
 	// ErrAlreadyRunning is matched (errors.Is) by *AlreadyRunningError, and
-	// by a *daemonproc.Error whose daemon reported one.
+	// by the error of a daemon start whose daemon reported one.
 	ErrAlreadyRunning = errors.New("hpcproxy: proxy already running")
 )
 
