@@ -20,6 +20,9 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // Daemon is the long-lived proxy process: a [Server] in front of a
@@ -37,10 +40,10 @@ import (
 // Per-job mode (a compute node, inside a job): listens on 127.0.0.1, keeps
 // its state in the node-local tmp dir ([LocalPidFilePath]), and admits only
 // its owner: a client presenting the token, or a loopback client whose
-// socket belongs to the same UID ([SameUserConn]). It lives until the job
-// ends (see WatchPID) or it is stopped. Unless Private, it also serves its
+// socket belongs to the same UID (the kernel's socket tables say so). It
+// lives until the job ends (see WatchPID) or it is stopped. Unless Private, it also serves its
 // tunnel to the user's other jobs on the node, which attach to it
-// ([AttachJob]), and then lives until the last of those jobs has ended.
+// ([Daemon.Attach]), and then lives until the last of those jobs has ended.
 //
 // # Sockets
 //
@@ -109,7 +112,7 @@ type Daemon struct {
 	AllowNetworks []netip.Prefix
 
 	// ReportFd optionally names the pipe to the starting parent (see
-	// StartDaemon). If <= 0, nothing is reported.
+	// the example binaries' start). If <= 0, nothing is reported.
 	ReportFd int
 
 	// ExitFd optionally names the exit pipe: Run returns when it reaches
@@ -174,7 +177,7 @@ type Daemon struct {
 	// Private optionally keeps a per-job daemon's tunnel to its own job.
 	// If false, a per-job daemon also serves its tunnel to the user's other
 	// jobs on the node, on the abstract socket [NodeSocketName] (see
-	// [AttachJob]): Run fails at once with an error wrapping
+	// [Daemon.Attach]): Run fails at once with an error wrapping
 	// [ErrNodeTunnelRunning] when another daemon serves that tunnel
 	// already (attach to it instead), and once ready it runs until the
 	// last job using the tunnel has ended, its own job being one of them:
@@ -183,9 +186,9 @@ type Daemon struct {
 	Private bool
 
 	// ListenerFd optionally names an inherited listening TCP socket on
-	// loopback (made by the job's start, [ListenJob]) to serve instead of
+	// loopback (made by the job's start) to serve instead of
 	// binding one; Port is then ignored. StandbyFd optionally names the
-	// write end of the job's stand-by pipe ([StartStandby]): when the
+	// write end of the job's stand-by pipe (see the package doc's "Node tunnel"): when the
 	// daemon ends its own job's proxy it writes the exit line on it; when
 	// it ends otherwise (a signal, or killed) the stand-by takes over. If
 	// <= 0, none. Both are marked close-on-exec first thing.
@@ -212,7 +215,7 @@ type Daemon struct {
 // fails. An exit pipe named by HPCPROXY_EXIT_FD is honoured too. Logs go to
 // stderr. See [Daemon] for the configurable form.
 func RunDaemon(sshDest string, port int, localOnly bool, reportFd int) error {
-	fds := InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	if reportFd <= 0 {
 		reportFd = fds.Report
 	}
@@ -272,7 +275,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	for _, fd := range []int{d.ReportFd, d.ExitFd, d.ListenerFd, d.StandbyFd} {
 		if fd > 0 {
-			if err := PrepareDaemonFds(fd); err != nil {
+			if err := daemonproc.PrepareFds(fd); err != nil {
 				log.Warn("inherited fd unusable", "fd", fd, "err", err)
 			}
 		}
@@ -309,10 +312,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if cause := context.Cause(ctx); errors.Is(cause, errStopRequested) {
 			log.Info("stopping before ready: " + cause.Error())
 			err = fmt.Errorf("hpcproxy: daemon stopped before it was ready: %w", cause)
-			_ = ReportError(d.ReportFd, err) // the parent is most likely gone
+			_ = daemonproc.ReportError(d.ReportFd, err) // the parent is most likely gone
 			return nil
 		}
-		if rerr := ReportError(d.ReportFd, err); rerr != nil {
+		if rerr := daemonproc.ReportError(d.ReportFd, err); rerr != nil {
 			log.Warn("could not report start-up error to parent", "err", rerr)
 		}
 		return err
@@ -328,7 +331,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		hub.serve(ready)
 		ownDown = hub.ownDown
 	}
-	if err := ReportReady(d.ReportFd); err != nil {
+	if err := daemonproc.ReportReady(d.ReportFd); err != nil {
 		log.Warn("could not report readiness to parent", "err", err)
 	}
 	log.Info("proxy ready", "addr", ready.ln.Addr(), "mode", d.mode(), "method", ready.sup.State().Method,
@@ -393,7 +396,7 @@ func (d *Daemon) sharesNode() bool {
 func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Logger) {
 	var exitCh, pidCh <-chan struct{}
 	if d.ExitFd > 0 {
-		ch, err := WatchExitFd(ctx, d.ExitFd)
+		ch, err := daemonproc.WatchExitFd(ctx, d.ExitFd)
 		if err != nil {
 			log.Warn("exit fd not watched", "err", err)
 		} else {
@@ -401,7 +404,7 @@ func (d *Daemon) watchStops(ctx context.Context, stop func(error), log *slog.Log
 		}
 	}
 	if d.WatchPID > 0 {
-		pidCh = WatchPID(ctx, d.WatchPID, 0)
+		pidCh = watchPID(ctx, d.WatchPID, 0)
 	}
 	if exitCh == nil && pidCh == nil {
 		return
@@ -432,7 +435,7 @@ func (d *Daemon) mode() Mode {
 // server, forwards, control socket: one job's proxy) and the tunnel,
 // which attached jobs' fronts share (sharedTunnel).
 type running struct {
-	claim    *StateClaim
+	claim    *stateClaim
 	ln       net.Listener
 	sup      *SupervisedTunnel
 	srv      *Server
@@ -494,13 +497,13 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 	}
 	creds := d.Credentials
 	if creds == nil {
-		c, err := NewProxyCredentials()
+		c, err := newProxyCredentials()
 		if err != nil {
 			return nil, err
 		}
 		creds = &c
 	}
-	job := DetectJob()
+	job := jobenv.Detect()
 	initial := ProxyState{
 		Via:           strings.Join(logins, ","),
 		Port:          d.Port,
@@ -586,7 +589,7 @@ func (d *Daemon) start(ctx context.Context, log *slog.Logger, hub *nodeHub) (_ *
 
 // newFront claims the state file of a job's proxy (a front).
 func newFront(statePath string, initial ProxyState, log *slog.Logger) (*running, error) {
-	claim, err := ClaimStateFile(statePath, initial)
+	claim, err := claimStateFile(statePath, initial)
 	if err != nil {
 		return nil, err
 	}
@@ -613,10 +616,10 @@ func (r *running) listen(host string, port int, mode Mode) error {
 	return r.update(func(st *ProxyState) { st.Port = bound })
 }
 
-// adopt serves the front on a job's listener f (see [StartStandby]),
+// adopt serves the front on a job's listener f (see daemonproc.StartStandby),
 // taking f over, and records its port.
 func (r *running) adopt(f *os.File) error {
-	ln, err := fileListener(f)
+	ln, err := daemonproc.FileListener(f)
 	if err != nil {
 		return err
 	}
@@ -847,7 +850,7 @@ func (r *running) shutdownFront(log *slog.Logger) {
 		// Last: a stand-by taking over finds the state file given up
 		// (its start waits for this process to be gone before it reads
 		// it), and one told to exit closes the port.
-		endStandby(r.standby, !r.handover.Load())
+		daemonproc.EndStandby(r.standby, !r.handover.Load())
 	}
 }
 
@@ -855,7 +858,7 @@ func (r *running) shutdownFront(log *slog.Logger) {
 // mode with the state file statePath keeps its tunnel's sockets: in
 // per-job mode the state file's name with ".run" for ".json" (beside it,
 // node-local like the state file), in shared mode
-// LocalStateDir()/shared-HASH.run (node-local, while the state file is
+// localStateDir()/shared-HASH.run (node-local, while the state file is
 // usually on NFS), HASH naming the state file. Where that would be too
 // long for unix socket paths (sun_path holds 108 bytes), it is
 // /tmp/hpcproxy-UID/HASH.run.
@@ -868,7 +871,7 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 	hash := hex.EncodeToString(sum[:4])
 	dir := strings.TrimSuffix(statePath, ".json") + ".run"
 	if mode == ModeShared {
-		dir = filepath.Join(LocalStateDir(), "shared-"+hash+".run")
+		dir = filepath.Join(localStateDir(), "shared-"+hash+".run")
 	}
 	if len(dir) > maxRuntimeDir {
 		dir = filepath.Join(uidTmpDir("/tmp"), hash+".run")
@@ -880,13 +883,13 @@ func daemonRuntimeDir(mode Mode, statePath string) string {
 // parent. The caller holds the state file's claim, so no daemon of the
 // same scope runs: whatever is in dir was left by one that was killed.
 func prepareRuntimeDir(dir string) error {
-	if err := EnsurePrivateDir(filepath.Dir(dir)); err != nil {
+	if err := ensurePrivateDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("hpcproxy: runtime dir: %w", err)
 	}
-	return EnsurePrivateDir(dir)
+	return ensurePrivateDir(dir)
 }
 
 // allowNetworks returns an AllowClient hook admitting loopback and the

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/sshdest"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -52,7 +53,7 @@ func TestDaemonForwards(t *testing.T) {
 	_, rport, err := net.SplitHostPort(expose.Listen)
 	require.NoError(t, err)
 	assert.NotEqual(t, "0", rport)
-	assert.Equal(t, "ssh -N -L "+rport+":127.0.0.1:"+rport+" sshtest", SSHForwardHint(st.Via, expose.Listen, 0))
+	assert.Equal(t, "ssh -N -L "+rport+":127.0.0.1:"+rport+" sshtest", sshdest.ForwardHint(st.Via, expose.Listen, 0))
 
 	assert.Equal(t, "ping", fwdEcho(t, "tcp", local.Listen, "ping"))
 	assert.Equal(t, "hello /lab", httpGet(t, "http://"+expose.Listen+"/lab"))
@@ -141,9 +142,6 @@ func TestParseSpecs(t *testing.T) {
 		require.NoError(t, err, tc.in)
 		assert.Equal(t, tc.want, got, tc.in)
 	}
-	assert.Equal(t, "ssh -N -L 8888:127.0.0.1:40001 -p 2222 alice@login1", SSHForwardHint("alice@login1:2222", "127.0.0.1:40001", 8888))
-	assert.Equal(t, "ssh -N -L 8888:/home/a/j.sock login1", SSHForwardHint("login1", "/home/a/j.sock", 8888))
-	assert.Equal(t, "", SSHForwardHint("login1", "127.0.0.1:0", 0))
 }
 
 // TestDaemonForwardUnixSocket: a per-job daemon's --forward on a unix

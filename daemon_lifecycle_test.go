@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -31,7 +32,7 @@ func init() {
 // daemon tunnelling through HELPER_VIA (HELPER_SSH_CONFIG, HELPER_METHODS).
 // Its state file is HELPER_STATE.
 func daemonProcessHelper() int {
-	fds := InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	d := &Daemon{
 		Mode:       ModeShared,
 		ListenHost: "127.0.0.1",
@@ -46,7 +47,7 @@ func daemonProcessHelper() int {
 		if m := os.Getenv("HELPER_METHODS"); m != "" {
 			var ms Methods
 			if err := ms.Set(m); err != nil {
-				_ = ReportError(fds.Report, err)
+				_ = daemonproc.ReportError(fds.Report, err)
 				return 1
 			}
 			d.Tunnel.Methods = ms
@@ -64,16 +65,16 @@ func daemonProcessHelper() int {
 
 // startDaemonProcess starts daemonProcessHelper with StartDaemon and
 // returns it with its state file, once it is ready.
-func startDaemonProcess(t *testing.T, exitPipe bool, env ...string) (*DaemonProcess, string) {
+func startDaemonProcess(t *testing.T, exitPipe bool, env ...string) (*daemonproc.Process, string) {
 	t.Helper()
 	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
-	d, err := StartDaemon(context.Background(), DaemonOptions{
+	d, err := daemonproc.Start(context.Background(), daemonproc.Options{
 		Cmd:      helperCommand("daemon", append(env, "HELPER_STATE="+state)...),
 		LogFile:  LogFilePath(state),
 		Timeout:  60 * time.Second,
 		ExitPipe: exitPipe,
 	})
-	require.NoError(t, err, "StartDaemon")
+	require.NoError(t, err, "daemonproc.Start")
 	t.Cleanup(func() {
 		_ = d.Stop(2 * time.Second)
 		if t.Failed() {
@@ -89,7 +90,7 @@ func startDaemonProcess(t *testing.T, exitPipe bool, env ...string) (*DaemonProc
 }
 
 // waitExit waits up to 10s for d to exit and returns its exit error.
-func waitExit(t *testing.T, d *DaemonProcess, why string) error {
+func waitExit(t *testing.T, d *daemonproc.Process, why string) error {
 	t.Helper()
 	select {
 	case <-d.Done():
@@ -162,7 +163,7 @@ func TestDaemonStartingState(t *testing.T) {
 	}, 20*time.Second, 10*time.Millisecond, "the tunnel never came up")
 	assert.Equal(t, StatusStarting, st.Status, "not ready yet")
 	require.NotZero(t, st.Port, "the bound port is recorded before readiness")
-	assert.True(t, ProxyAlive("127.0.0.1", st.Port), "the recorded port is the listener's")
+	assert.True(t, proxyAlive("127.0.0.1", st.Port), "the recorded port is the listener's")
 	assert.Equal(t, VerdictAlive, CheckState(st))
 	v, err := RemoveStaleState(statePath)
 	require.NoError(t, err)
@@ -228,7 +229,7 @@ func TestDaemonReportFdNotInherited(t *testing.T) {
 	})
 	select {
 	case msg := <-r.report:
-		require.Equal(t, readyLine, msg)
+		require.Equal(t, daemonproc.ReadyLine, msg)
 	case <-r.exited:
 		t.Fatalf("daemon exited: %v", r.err)
 	case <-time.After(20 * time.Second):
@@ -250,7 +251,7 @@ func TestDaemonRuntimeDirPaths(t *testing.T) {
 		wantPrefix  string
 	}{
 		{"per-job beside the state file", "/tmp/hpcproxy-1000/proxy-7.json", ModePerJob, "/tmp/hpcproxy-1000/proxy-7.run"},
-		{"shared node-local", "/home/u/.local/share/hpcproxy/proxy.json", ModeShared, filepath.Join(LocalStateDir(), "shared-")},
+		{"shared node-local", "/home/u/.local/share/hpcproxy/proxy.json", ModeShared, filepath.Join(localStateDir(), "shared-")},
 		{"too long", long, ModePerJob, uidDir + "/"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

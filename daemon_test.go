@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/proxy"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -44,7 +45,7 @@ func startTestDaemon(t *testing.T, d *Daemon) *daemonRun {
 	r := runTestDaemon(t, d)
 	select {
 	case msg := <-r.report:
-		require.Equal(t, readyLine, msg, "daemon did not report ready")
+		require.Equal(t, daemonproc.ReadyLine, msg, "daemon did not report ready")
 	case <-r.exited:
 		t.Fatalf("daemon exited before ready: %v", r.err)
 	case <-time.After(60 * time.Second):
@@ -255,7 +256,7 @@ func TestDaemonSecondStartReportsRunning(t *testing.T) {
 	st, err := ReadPidFileAt(statePath)
 	require.NoError(t, err)
 	assert.Equal(t, first.addr, st.Addr())
-	assert.True(t, ProxyAlive("127.0.0.1", st.Port))
+	assert.True(t, proxyAlive("127.0.0.1", st.Port))
 }
 
 func TestDaemonStartFailureReported(t *testing.T) {

@@ -19,7 +19,7 @@ import (
 // A running [Daemon] listens on a unix socket beside its state file
 // ([ControlSocketPath]): mode 0600, in the state directory that only the
 // user can enter, and every peer is checked once more with SO_PEERCRED
-// ([SameUserConn]), so only the daemon's owner can ask anything of it. The
+// (SO_PEERCRED; for loopback TCP, the socket's owner), so only the daemon's owner can ask anything of it. The
 // protocol is one request per connection: a JSON object on one line,
 //
 //	{"op":"forward","spec":"5432=db.internal:5432"}
@@ -30,7 +30,7 @@ import (
 // answered by one JSON line: {"forward":{...}} with the [ForwardInfo] of
 // the forward, or {"error":"..."}. A request for a forward that the daemon
 // already has ([ForwardSpec.Matches], [ExposeSpec.Matches]) returns that
-// one. "detach" ends the job's proxy on a node tunnel (see [AttachJob])
+// one. "detach" ends the job's proxy on a node tunnel (see [Daemon.Attach])
 // and is answered {"detached":true}. [AddForward], [AddExpose] and
 // [DetachJob] are the client side.
 
@@ -307,8 +307,9 @@ func AddForward(ctx context.Context, statePath string, spec ForwardSpec) (Forwar
 
 // AddExpose asks the daemon whose state file is statePath, running on this
 // host, to start the reverse forward spec through its control socket, and
-// returns the forward with the address the login node bound (see
-// [SSHForwardHint]). If the daemon already has an expose that satisfies
+// returns the forward with the address the login node bound
+// ([ForwardInfo].Listen, which `ssh -L` on the user's machine can reach
+// through the login node). If the daemon already has an expose that satisfies
 // spec, that one is returned. ctx bounds the whole request, sshd's answer
 // included.
 func AddExpose(ctx context.Context, statePath string, spec ExposeSpec) (ForwardInfo, error) {

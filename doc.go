@@ -138,10 +138,9 @@
 // reconnects by itself when the tunnel drops. Its status is
 // [StatusUnresponsive] from the first keepalive the login node leaves
 // unanswered (gossh), before the tunnel is given up for dead. [FindActiveProxy] and
-// [GetJobProxy] find a running proxy; [ProxyEnvList] turns it into the
-// environment variables that clients read, [Shell.ExportLines] into lines
-// for sh, csh, fish or a Slurm TaskProlog, and [JavaProxyOptions] into the
-// system properties JVMs read instead (EnvOptions.Java puts them in
+// [GetJobProxy] find a running proxy; [ProxyEnvList] and [ProxyEnvListFor]
+// turn it into the environment variables that clients read, and, with
+// [EnvOptions].Java, the system properties JVMs read instead (in
 // JAVA_TOOL_OPTIONS). Over a controlmaster tunnel the daemon hands each
 // client's socket to the OpenSSH master once the proxy handshake is done
 // ([HandoffMode]): uploads then go from the client to ssh directly, and,
@@ -152,7 +151,7 @@
 // Per-job daemons of one user on one compute node share one tunnel: the
 // first opens it and serves it on an abstract unix socket
 // ([NodeSocketName]); later jobs (array tasks, job steps) attach to it
-// with [AttachJob] instead of opening another SSH connection. Each job
+// with [Daemon.Attach] instead of opening another SSH connection. Each job
 // keeps its own listener, credentials, UID check, state file, log,
 // forwards and control socket; its end (a pidfd of its script, passed
 // with SCM_RIGHTS) or [DetachJob] detaches it alone, and the last job's
@@ -160,16 +159,16 @@
 // so this works where each job has a private /tmp (Slurm's
 // job_container/tmpfs). Both sides check the peer's UID with
 // SO_PEERCRED: another user can neither attach nor pose as the daemon.
-// [Daemon.Private] opts out. [StatusReport] is the stable JSON shape of a
+// [Daemon.Private] opts out. The state file ([ProxyState]) records the
 // daemon's status, with what each login node carries ([LoginNodeStats]).
 //
 // The daemon lives in the job that opened the tunnel, and a scheduler
 // that kills every process of a job at its end (Slurm's proctrack/cgroup)
 // kills it with that job. So each job's listener is made in the job
-// itself ([ListenJob]) and held there by a stand-by ([StartStandby]): a
+// itself and held there by a stand-by process: a
 // /bin/sh blocked in `read` on a pipe whose write end only the daemon
-// holds (passed with the listener, [AttachOptions.ListenerFd] and
-// [AttachOptions.StandbyFd], [Daemon.ListenerFd] and [Daemon.StandbyFd]).
+// holds (passed with the listener, [Daemon.ListenerFd] and
+// [Daemon.StandbyFd]).
 // The job's end makes the daemon write "exit" on it; the daemon's death
 // (even SIGKILL) makes the stand-by exec the job's start again, with the
 // listener inherited and the job's credentials kept: it attaches to a

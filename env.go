@@ -16,23 +16,25 @@ import (
 // ProxyEnvList adds to its defaults.
 const EnvNoProxy = "HPCPROXY_NO_PROXY"
 
-// DefaultNoProxy lists what no_proxy always covers: loopback by name,
+// defaultNoProxy lists what no_proxy always covers: loopback by name,
 // address and network. 127.0.0.1 is listed beside 127.0.0.0/8 for
 // clients that match no_proxy by string (Python's urllib, wget, curl
 // before 7.86).
-var DefaultNoProxy = []string{"localhost", "127.0.0.1", "127.0.0.0/8", "::1"}
+var defaultNoProxy = []string{"localhost", "127.0.0.1", "127.0.0.0/8", "::1"}
 
-// EnvOptions configures ProxyEnvListOptions.
+// EnvOptions configures ProxyEnvListFor.
 type EnvOptions struct {
 	// Credentials optionally specifies credentials put into URLs that
 	// carry none. If nil, the URL is used as given.
 	Credentials *ProxyCredentials
-	// NoProxy optionally adds no_proxy entries after DefaultNoProxy, such
+	// NoProxy optionally adds no_proxy entries after the loopback ones
+	// (localhost, 127.0.0.1, 127.0.0.0/8, ::1), such
 	// as the cluster's domains: "cluster.example.edu" (curl and Go match
 	// the domain and its subdomains), "10.0.0.0/8".
 	NoProxy []string
 	// Java, if true, adds JAVA_TOOL_OPTIONS with the JVM's proxy system
-	// properties (see [JavaProxyOptions]), which carry no credentials:
+	// properties (http.proxyHost, http.proxyPort, https.proxyHost,
+	// https.proxyPort, http.nonProxyHosts), which carry no credentials:
 	// set it only for a proxy that admits the client without, as a
 	// per-job proxy admits its owner's loopback connections. JVMs ignore
 	// http_proxy and the rest.
@@ -53,13 +55,13 @@ type EnvOptions struct {
 //     to a proxy.
 //   - all_proxy, ALL_PROXY: the same port as socks5h://, so that names are
 //     resolved on the login node (compute nodes often have no DNS).
-//   - no_proxy, NO_PROXY: DefaultNoProxy plus the entries of
+//   - no_proxy, NO_PROXY: defaultNoProxy plus the entries of
 //     $HPCPROXY_NO_PROXY.
 //
 // Credentials in httpURL are carried into every URL. If httpURL is not an
 // http(s) URL with a host, ProxyEnvList returns nil.
 func ProxyEnvList(httpURL string) []string {
-	env, err := ProxyEnvListOptions(httpURL, EnvOptions{NoProxy: EnvNoProxyEntries()})
+	env, err := buildProxyEnv(httpURL, EnvOptions{NoProxy: EnvNoProxyEntries()})
 	if err != nil {
 		return nil
 	}
@@ -67,24 +69,26 @@ func ProxyEnvList(httpURL string) []string {
 }
 
 // EnvNoProxyEntries returns the entries of $HPCPROXY_NO_PROXY (separated
-// by commas or white space), which ProxyEnvList adds to DefaultNoProxy.
-// Callers of ProxyEnvListOptions and ProxyEnvListFor, which read no
-// environment, pass them in EnvOptions.NoProxy to honour the variable.
+// by commas or white space), which ProxyEnvList adds to defaultNoProxy.
+// Callers of ProxyEnvListFor, which reads no environment, pass them in
+// EnvOptions.NoProxy to honour the variable.
 func EnvNoProxyEntries() []string { return splitList(os.Getenv(EnvNoProxy)) }
 
-// ProxyEnvListFor is ProxyEnvListOptions for the proxy a state file
-// describes, with its credentials.
+// ProxyEnvListFor returns the assignments ProxyEnvList describes for the
+// proxy a state file describes, with its credentials unless
+// opts.Credentials overrides them, configured by opts. It reads no
+// environment variables.
 func ProxyEnvListFor(ps *ProxyState, opts EnvOptions) []string {
 	if opts.Credentials == nil {
 		opts.Credentials = ps.Credentials
 	}
-	env, _ := ProxyEnvListOptions("http://"+ps.Addr(), opts) // cannot fail: a valid URL
+	env, _ := buildProxyEnv("http://"+ps.Addr(), opts) // cannot fail: a valid URL
 	return env
 }
 
-// ProxyEnvListOptions is ProxyEnvList with options; it reads no
-// environment variables.
-func ProxyEnvListOptions(httpURL string, opts EnvOptions) ([]string, error) {
+// buildProxyEnv builds ProxyEnvList's assignments for httpURL, configured
+// by opts; it reads no environment variables.
+func buildProxyEnv(httpURL string, opts EnvOptions) ([]string, error) {
 	u, err := url.Parse(httpURL)
 	if err != nil {
 		return nil, fmt.Errorf("hpcproxy: proxy URL: %w", err)
@@ -103,7 +107,7 @@ func ProxyEnvListOptions(httpURL string, opts EnvOptions) ([]string, error) {
 
 	seen := map[string]bool{}
 	var np []string
-	for _, e := range append(append([]string(nil), DefaultNoProxy...), opts.NoProxy...) {
+	for _, e := range append(append([]string(nil), defaultNoProxy...), opts.NoProxy...) {
 		e = strings.TrimSpace(e)
 		if e == "" || seen[strings.ToLower(e)] {
 			continue
@@ -128,15 +132,15 @@ func ProxyEnvListOptions(httpURL string, opts EnvOptions) ([]string, error) {
 		if port == 0 {
 			port = 80
 		}
-		env = append(env, "JAVA_TOOL_OPTIONS="+JavaProxyOptions(opts.JavaToolOptions, u.Hostname(), port, np))
+		env = append(env, "JAVA_TOOL_OPTIONS="+javaProxyOptions(opts.JavaToolOptions, u.Hostname(), port, np))
 	}
 	return env, nil
 }
 
-// javaProxyProperties are the system properties JavaProxyOptions sets.
+// javaProxyProperties are the system properties javaProxyOptions sets.
 var javaProxyProperties = []string{"http.proxyHost", "http.proxyPort", "https.proxyHost", "https.proxyPort", "http.nonProxyHosts"}
 
-// JavaProxyOptions returns JVM options that send a JVM's HTTP and HTTPS
+// javaProxyOptions returns JVM options that send a JVM's HTTP and HTTPS
 // connections (java.net.URL, java.net.http.HttpClient, Maven, Gradle,
 // Nextflow, Spark...) through the proxy at host:port, except to the hosts
 // of noProxy: existing (a JAVA_TOOL_OPTIONS value), without any of these
@@ -146,11 +150,11 @@ var javaProxyProperties = []string{"http.proxyHost", "http.proxyPort", "https.pr
 //	-Dhttps.proxyPort=PORT -Dhttp.nonProxyHosts=H1|H2...
 //
 // http.nonProxyHosts (which HTTPS uses too) is noProxy in the JVM's
-// syntax ([JavaNonProxyHosts]). No credentials: a JVM answers a proxy's
+// syntax ([javaNonProxyHosts]). No credentials: a JVM answers a proxy's
 // 407 only through a java.net.Authenticator the program installs, and
 // HTTPS tunnels through a proxy that wants Basic authentication also need
 // -Djdk.http.auth.tunneling.disabledSchemes= (empty).
-func JavaProxyOptions(existing, host string, port int, noProxy []string) string {
+func javaProxyOptions(existing, host string, port int, noProxy []string) string {
 	var opts []string
 	for _, f := range strings.Fields(existing) {
 		if !isJavaProxyProperty(f) {
@@ -164,7 +168,7 @@ func JavaProxyOptions(existing, host string, port int, noProxy []string) string 
 	opts = append(opts,
 		"-Dhttp.proxyHost="+host, "-Dhttp.proxyPort="+p,
 		"-Dhttps.proxyHost="+host, "-Dhttps.proxyPort="+p)
-	if np := JavaNonProxyHosts(noProxy); np != "" {
+	if np := javaNonProxyHosts(noProxy); np != "" {
 		opts = append(opts, "-Dhttp.nonProxyHosts="+np)
 	}
 	return strings.Join(opts, " ")
@@ -179,7 +183,7 @@ func isJavaProxyProperty(opt string) bool {
 	return false
 }
 
-// JavaNonProxyHosts turns no_proxy entries into the value of the JVM's
+// javaNonProxyHosts turns no_proxy entries into the value of the JVM's
 // http.nonProxyHosts: patterns separated by |, each a host name or address
 // with * as a wildcard at either end. The translation follows curl's
 // reading of no_proxy:
@@ -195,7 +199,7 @@ func isJavaProxyProperty(opt string) bool {
 //
 // IPv6 networks, which the JVM cannot match by pattern, and entries it
 // cannot parse are left out.
-func JavaNonProxyHosts(noProxy []string) string {
+func javaNonProxyHosts(noProxy []string) string {
 	seen := map[string]bool{}
 	var out []string
 	add := func(p string) {
@@ -283,19 +287,4 @@ func splitList(s string) []string {
 		out = append(out, f)
 	}
 	return out
-}
-
-func isShellName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i, r := range s {
-		switch {
-		case r == '_', r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z':
-		case r >= '0' && r <= '9' && i > 0:
-		default:
-			return false
-		}
-	}
-	return true
 }

@@ -61,7 +61,7 @@ func TestProxyEnvList(t *testing.T) {
 	// A path is dropped; IPv6 hosts keep their brackets.
 	assert.Contains(t, ProxyEnvList("http://[::1]:3128/x"), "all_proxy=socks5h://[::1]:3128")
 
-	env, err := ProxyEnvListOptions("http://127.0.0.1:9000", EnvOptions{
+	env, err := buildProxyEnv("http://127.0.0.1:9000", EnvOptions{
 		Credentials: &ProxyCredentials{User: "hpcproxy", Token: "abc"},
 		NoProxy:     []string{".cluster.local"},
 	})
@@ -71,35 +71,6 @@ func TestProxyEnvList(t *testing.T) {
 
 	ps := &ProxyState{Host: "node1", Port: 9001, Mode: ModePerJob, Credentials: &ProxyCredentials{User: "hpcproxy", Token: "xyz"}}
 	assert.Contains(t, ProxyEnvListFor(ps, EnvOptions{}), "ALL_PROXY=socks5h://hpcproxy:xyz@127.0.0.1:9001")
-}
-
-func TestShellQuote(t *testing.T) {
-	for in, want := range map[string]string{
-		"plain":                 "plain",
-		"http://u:t@h:1/a,b":    "http://u:t@h:1/a,b",
-		"":                      "''",
-		"a b":                   "'a b'",
-		"it's":                  `'it'\''s'`,
-		"$HOME `x` \\ \"q\" *;": `'$HOME ` + "`x`" + ` \ "q" *;'`,
-	} {
-		assert.Equal(t, want, ShellQuote(in), "ShellQuote(%q)", in)
-	}
-}
-
-func TestExportLinesEval(t *testing.T) {
-	sh := testenv.LookPath(t, "sh")
-	env := []string{
-		"A=plain",
-		"B=it's a \"test\" with $HOME and `cmd` and \\ and ;|&",
-		"C=line1\nline2",
-		"D=",
-		"not-a-name=x",
-	}
-	lines := ExportLines(env)
-	assert.NotContains(t, lines, "not-a-name")
-	out, err := exec.Command(sh, "-c", lines+`printf '%s|' "$A" "$B" "$C" "$D"`).CombinedOutput()
-	require.NoError(t, err, "%s", out)
-	assert.Equal(t, "plain|it's a \"test\" with $HOME and `cmd` and \\ and ;|&|line1\nline2||", string(out))
 }
 
 // envTestProxy is the real Server, requiring creds (if they have a token), whose Dial records
@@ -168,7 +139,7 @@ func TestProxyEnvListClients(t *testing.T) {
 	t.Cleanup(origin.Close)
 	originPort := origin.Listener.Addr().(*net.TCPAddr).Port
 
-	creds, err := NewProxyCredentials()
+	creds, err := newProxyCredentials()
 	require.NoError(t, err)
 	proxy = startEnvTestProxy(t, origin.Listener.Addr().String(), creds)
 	ps := &ProxyState{Host: thisHost(), Port: proxy.ln.Addr().(*net.TCPAddr).Port, Mode: ModePerJob, Credentials: &creds}
@@ -249,7 +220,7 @@ func TestProxyEnvListClients(t *testing.T) {
 	t.Run("wrong token refused", func(t *testing.T) {
 		curl := testenv.LookPath(t, "curl")
 		bad := *ps
-		bad.Credentials = &ProxyCredentials{User: CredentialsUser, Token: "wrong"}
+		bad.Credentials = &ProxyCredentials{User: credentialsUser, Token: "wrong"}
 		cmd := exec.Command(curl, "-q", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "http://origin.test/")
 		cmd.Env = ProxyEnvListFor(&bad, EnvOptions{})
 		out, _ := cmd.CombinedOutput()

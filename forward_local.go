@@ -35,7 +35,7 @@ type LocalForward struct {
 	// SupervisedTunnel.Dial or Tunnel.Dial.
 	Dial DialFunc
 	// AllowConn optionally vets each accepted connection before anything is
-	// dialled, such as [SameUserConn] on a shared compute node. If nil,
+	// dialled, such as a same-user check on a shared compute node. If nil,
 	// every connection is served.
 	AllowConn func(net.Conn) bool
 	// Logger optionally receives per-connection diagnostics. If nil,

@@ -6,7 +6,6 @@ package hpcproxy
 import (
 	"fmt"
 	"net"
-	"strconv"
 	"strings"
 )
 
@@ -119,38 +118,4 @@ func ParseExposeSpec(s string) (ExposeSpec, error) {
 		}
 	}
 	return spec, nil
-}
-
-// SSHForwardHint returns the command a user runs on their own machine to
-// reach a reverse forward's remote address (as ForwardInfo.Listen records
-// it) through the login node via: `ssh -L LOCALPORT:127.0.0.1:PORT HOST`,
-// with -p and the user from via when it names them. It returns "" for an
-// address it cannot use.
-func SSHForwardHint(via, remote string, localPort int) string {
-	target := remote
-	if !isSocketPath(remote) {
-		host, port, err := net.SplitHostPort(remote)
-		if err != nil || port == "0" {
-			return ""
-		}
-		if host == "" || host == "0.0.0.0" || host == "::" || host == "localhost" {
-			host = "127.0.0.1"
-		}
-		target = net.JoinHostPort(host, port)
-		if localPort <= 0 {
-			localPort, _ = strconv.Atoi(port)
-		}
-	} else if localPort <= 0 {
-		return ""
-	}
-	dest, sshPort := via, ""
-	at := strings.LastIndex(dest, "@")
-	if h, p, err := net.SplitHostPort(dest[at+1:]); err == nil {
-		dest, sshPort = dest[:at+1]+h, p
-	}
-	cmd := fmt.Sprintf("ssh -N -L %d:%s", localPort, target)
-	if sshPort != "" && sshPort != "22" {
-		cmd += " -p " + sshPort
-	}
-	return cmd + " " + dest
 }

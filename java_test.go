@@ -39,7 +39,7 @@ func TestJavaThroughProxy(t *testing.T) {
 
 	run := func(p *envTestProxy, urls ...string) string {
 		t.Helper()
-		env, err := ProxyEnvListOptions(fmt.Sprintf("http://127.0.0.1:%d", port(p.ln)), EnvOptions{
+		env, err := buildProxyEnv(fmt.Sprintf("http://127.0.0.1:%d", port(p.ln)), EnvOptions{
 			Java: true, JavaToolOptions: "-Xmx64m -Dhttp.proxyHost=stale.example -Duser.language=en",
 		})
 		require.NoError(t, err)
@@ -78,17 +78,17 @@ func TestJavaNonProxyHosts(t *testing.T) {
 		in   []string
 		want string
 	}{
-		{DefaultNoProxy, "localhost|*.localhost|127.0.0.1|127.*|[::1]"},
+		{defaultNoProxy, "localhost|*.localhost|127.0.0.1|127.*|[::1]"},
 		{[]string{"cluster.example.edu", ".svc.local", "db:5432", "10.1.2.3"}, "cluster.example.edu|*.cluster.example.edu|*.svc.local|db|*.db|10.1.2.3"},
 		{[]string{"10.16.0.0/12"}, "10.16.*|10.17.*|10.18.*|10.19.*|10.20.*|10.21.*|10.22.*|10.23.*|10.24.*|10.25.*|10.26.*|10.27.*|10.28.*|10.29.*|10.30.*|10.31.*"},
 		{[]string{"192.168.1.0/24", "172.16.5.7/32", "0.0.0.0/0"}, "192.168.1.*|172.16.5.7|*"},
 		{[]string{"fd00::/8", "bad|entry", "", "*"}, "*"},
 		{[]string{"[::1]", "::ffff:10.0.0.1"}, "[::1]|10.0.0.1"},
 	} {
-		assert.Equal(t, tc.want, JavaNonProxyHosts(tc.in), "%q", tc.in)
+		assert.Equal(t, tc.want, javaNonProxyHosts(tc.in), "%q", tc.in)
 	}
 	assert.Equal(t, "-Xss1m -Dhttp.proxyHost=[::1] -Dhttp.proxyPort=8 -Dhttps.proxyHost=[::1] -Dhttps.proxyPort=8",
-		JavaProxyOptions("-Xss1m -Dhttps.proxyPort=9", "::1", 8, nil))
+		javaProxyOptions("-Xss1m -Dhttps.proxyPort=9", "::1", 8, nil))
 }
 
 // FuzzJavaNonProxyHosts: whatever no_proxy holds, the JVM's value is a
@@ -99,7 +99,7 @@ func FuzzJavaNonProxyHosts(f *testing.F) {
 	f.Add(".example.edu, 10.16.0.0/12 db:5432")
 	f.Add("[::1],*,fd00::/8,0.0.0.0/0")
 	f.Fuzz(func(t *testing.T, noProxy string) {
-		got := JavaNonProxyHosts(splitList(noProxy))
+		got := javaNonProxyHosts(splitList(noProxy))
 		if got == "" {
 			return
 		}

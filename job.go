@@ -1,215 +1,22 @@
 package hpcproxy
 
 import (
-	"bufio"
-	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
-
-// Scheduler names a batch system.
-type Scheduler string
-
-// The batch systems DetectJob knows.
-const (
-	SchedulerSlurm    Scheduler = "slurm"
-	SchedulerPBS      Scheduler = "pbs" // PBS Pro, OpenPBS, Torque
-	SchedulerLSF      Scheduler = "lsf"
-	SchedulerSGE      Scheduler = "sge" // SGE, UGE, OGS
-	SchedulerHTCondor Scheduler = "htcondor"
-	SchedulerFlux     Scheduler = "flux"
-)
-
-// JobInfo describes the batch job the process runs in, if any.
-type JobInfo struct {
-	// InJob reports whether the process runs inside a job on a compute
-	// node. An allocation shell on a login node (Slurm's salloc without an
-	// interactive step) is not a job in this sense.
-	InJob bool
-	// Scheduler is the batch system; set whenever one is recognised.
-	Scheduler Scheduler
-	// JobID is the scheduler's job ID ("1234", "1234.pbs01", "12.0").
-	JobID string
-	// SubmitHost is where the job was submitted: usually a login node,
-	// the default SSH destination for a per-job tunnel. Empty where the
-	// scheduler does not say (Flux). A job submitted from inside another
-	// job names a compute node here.
-	SubmitHost string
-	// TmpDir is the scheduler's per-job node-local tmp dir, if it sets one.
-	TmpDir string
-	// ScriptPID is the PID of the job script where the scheduler exports
-	// it (Slurm's SLURM_TASK_PID), else 0. A daemon can watch it to end
-	// with the job even where the scheduler does not track detached
-	// processes.
-	ScriptPID int
-}
-
-// DetectJob reports the job this process runs in, from its environment.
-// The rules, checked in this order (Flux first because it nests inside the
-// others):
-//
-//   - Flux: FLUX_JOB_ID. Tmp dir FLUX_JOB_TMPDIR.
-//   - Slurm: SLURM_JOB_ID (or SLURM_JOBID) and one of SLURMD_NODENAME or
-//     SLURM_STEP_ID, which only slurmd sets: salloc exports SLURM_JOB_ID
-//     into a shell on the login node, which is no compute-node job. Submit
-//     host SLURM_SUBMIT_HOST, tmp dir SLURM_TMPDIR (a site convention),
-//     script PID SLURM_TASK_PID.
-//   - PBS Pro / Torque: PBS_JOBID, unless PBS_ENVIRONMENT says otherwise
-//     than PBS_BATCH or PBS_INTERACTIVE (qsub -I runs on the compute node).
-//     Submit host PBS_O_HOST, tmp dir TMPDIR (per job where configured).
-//   - LSF: LSB_JOBID. Submit host LSB_SUB_HOST, tmp dir LSB_JOB_TMPDIR.
-//   - SGE/UGE: JOB_ID and SGE_O_HOST (JOB_ID alone is too common a name).
-//     Tmp dir TMPDIR (per job).
-//   - HTCondor: _CONDOR_JOB_AD. The job ID (ClusterId.ProcId) and the
-//     submit host (the schedd in GlobalJobId) come from that job ad file;
-//     tmp dir _CONDOR_SCRATCH_DIR.
-func DetectJob() JobInfo { return detectJob(os.LookupEnv) }
-
-func detectJob(env func(string) (string, bool)) JobInfo {
-	get := func(k string) string { v, _ := env(k); return v }
-	has := func(k string) bool { v, ok := env(k); return ok && v != "" }
-
-	if has("FLUX_JOB_ID") {
-		return JobInfo{InJob: true, Scheduler: SchedulerFlux, JobID: get("FLUX_JOB_ID"), TmpDir: get("FLUX_JOB_TMPDIR")}
-	}
-	if id := firstOf(get("SLURM_JOB_ID"), get("SLURM_JOBID")); id != "" {
-		j := JobInfo{
-			Scheduler:  SchedulerSlurm,
-			JobID:      id,
-			SubmitHost: get("SLURM_SUBMIT_HOST"),
-			TmpDir:     get("SLURM_TMPDIR"),
-			InJob:      has("SLURMD_NODENAME") || has("SLURM_STEP_ID"),
-		}
-		if j.InJob {
-			j.ScriptPID, _ = strconv.Atoi(get("SLURM_TASK_PID"))
-		}
-		return j
-	}
-	if id := get("PBS_JOBID"); id != "" {
-		pe := get("PBS_ENVIRONMENT")
-		return JobInfo{
-			Scheduler:  SchedulerPBS,
-			JobID:      id,
-			SubmitHost: get("PBS_O_HOST"),
-			TmpDir:     get("TMPDIR"),
-			InJob:      pe == "" || pe == "PBS_BATCH" || pe == "PBS_INTERACTIVE",
-		}
-	}
-	if id := get("LSB_JOBID"); id != "" {
-		return JobInfo{InJob: true, Scheduler: SchedulerLSF, JobID: id, SubmitHost: get("LSB_SUB_HOST"), TmpDir: get("LSB_JOB_TMPDIR")}
-	}
-	if id := get("JOB_ID"); id != "" && has("SGE_O_HOST") {
-		j := JobInfo{InJob: true, Scheduler: SchedulerSGE, JobID: id, SubmitHost: get("SGE_O_HOST"), TmpDir: get("TMPDIR")}
-		if t := get("SGE_TASK_ID"); t != "" && t != "undefined" {
-			j.JobID += "." + t
-		}
-		return j
-	}
-	if ad := get("_CONDOR_JOB_AD"); ad != "" {
-		j := JobInfo{InJob: true, Scheduler: SchedulerHTCondor, TmpDir: get("_CONDOR_SCRATCH_DIR")}
-		j.JobID, j.SubmitHost = readCondorJobAd(ad)
-		return j
-	}
-	return JobInfo{}
-}
-
-func firstOf(vs ...string) string {
-	for _, v := range vs {
-		if v != "" {
-			return v
-		}
-	}
-	return ""
-}
-
-// readCondorJobAd extracts ClusterId.ProcId and the schedd name from
-// GlobalJobId ("schedd#cluster.proc#time") of an HTCondor job ad. Missing
-// or odd files give empty strings: the job is still a job.
-func readCondorJobAd(path string) (jobID, submitHost string) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", ""
-	}
-	attrs := map[string]string{}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		k, v, ok := strings.Cut(sc.Text(), "=")
-		if !ok {
-			continue
-		}
-		attrs[strings.ToLower(strings.TrimSpace(k))] = strings.Trim(strings.TrimSpace(v), `"`)
-	}
-	if c := attrs["clusterid"]; c != "" {
-		jobID = c + "." + firstOf(attrs["procid"], "0")
-	}
-	if g := attrs["globaljobid"]; g != "" {
-		parts := strings.Split(g, "#")
-		if jobID == "" && len(parts) > 1 {
-			jobID = parts[1]
-		}
-		// A schedd name may carry a prefix ("name@host"); the host is last.
-		s := parts[0]
-		if i := strings.LastIndex(s, "@"); i >= 0 {
-			s = s[i+1:]
-		}
-		submitHost = s
-	}
-	return jobID, submitHost
-}
-
-// NodeTmpDir returns the node-local tmp dir for per-job state, the first
-// of this chain that is an absolute path to an existing directory:
-//
-//  1. $HPCPROXY_TMPDIR (an explicit choice: taken even if it does not
-//     exist yet, as long as it is absolute)
-//  2. $SLURM_TMPDIR
-//  3. $TMPDIR inside a PBS or SGE job (set per job by those schedulers)
-//  4. $LSB_JOB_TMPDIR
-//  5. $FLUX_JOB_TMPDIR
-//  6. $_CONDOR_SCRATCH_DIR
-//  7. $TMPDIR (Slurm passes the submitter's through unchecked, hence
-//     the existence check)
-//  8. /tmp
-func NodeTmpDir() string { return nodeTmpDir(os.LookupEnv, isDir) }
-
-func isDir(p string) bool {
-	fi, err := os.Stat(p)
-	return err == nil && fi.IsDir()
-}
-
-func nodeTmpDir(env func(string) (string, bool), isDir func(string) bool) string {
-	get := func(k string) string { v, _ := env(k); return v }
-	if d := get(EnvTmpDir); filepath.IsAbs(d) {
-		return filepath.Clean(d)
-	}
-	var perJobTMPDIR string
-	if j := detectJob(env); j.InJob && (j.Scheduler == SchedulerPBS || j.Scheduler == SchedulerSGE) {
-		perJobTMPDIR = get("TMPDIR")
-	}
-	for _, d := range []string{
-		get("SLURM_TMPDIR"),
-		perJobTMPDIR,
-		get("LSB_JOB_TMPDIR"),
-		get("FLUX_JOB_TMPDIR"),
-		get("_CONDOR_SCRATCH_DIR"),
-		get("TMPDIR"),
-	} {
-		if filepath.IsAbs(d) && isDir(d) {
-			return filepath.Clean(d)
-		}
-	}
-	return "/tmp"
-}
 
 var jobProxy struct {
 	once sync.Once
@@ -223,7 +30,7 @@ var jobProxy struct {
 // false. The result is computed once per process.
 func GetJobProxy() (string, bool) {
 	jobProxy.once.Do(func() {
-		if !DetectJob().InJob {
+		if !jobenv.Detect().InJob {
 			return
 		}
 		jobProxy.url, jobProxy.ok = FindActiveProxy()
@@ -271,18 +78,14 @@ func findActive(paths ...string) (*ProxyState, bool) {
 // TunnelConfig.Destinations).
 const EnvVia = "HPCPROXY_VIA"
 
-// EnvMaxConnections names the environment variable from which the example
-// binaries take the default of --max-connections (TunnelConfig.MaxConnections):
-// a site can set it for its users, in a module file for instance.
-const EnvMaxConnections = "HPCPROXY_MAX_CONNECTIONS"
-
 // ErrNoViaHost is returned by ResolveViaHost when nothing names a login
-// node.
-var ErrNoViaHost = errors.New("hpcproxy: no login node: pass --via HOST or set " + EnvVia)
+// node: no argument, no $HPCPROXY_VIA and no submit host. A command line
+// translates it into its own flag's hint.
+var ErrNoViaHost = errors.New("hpcproxy: no login node: none given, " + EnvVia + " unset, and no submit host known")
 
 // ResolveViaHost returns the SSH destination for a per-job tunnel: flagVia
 // if set, else $HPCPROXY_VIA, else the host the job was submitted from
-// (JobInfo.SubmitHost). If none is known, the error is ErrNoViaHost.
+// (the submit host the scheduler records). If none is known, the error is ErrNoViaHost.
 func ResolveViaHost(flagVia string) (string, error) {
 	return resolveViaHost(flagVia, os.LookupEnv)
 }
@@ -294,26 +97,15 @@ func resolveViaHost(flagVia string, env func(string) (string, bool)) (string, er
 	if v, _ := env(EnvVia); v != "" {
 		return v, nil
 	}
-	if j := detectJob(env); j.SubmitHost != "" {
+	if j := jobenv.FromEnv(env); j.SubmitHost != "" {
 		return j.SubmitHost, nil
 	}
 	return "", ErrNoViaHost
 }
 
-// FreePort asks the kernel for a TCP port that is free on all interfaces
-// and returns it. Another program may take it before it is used.
-func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", ":0")
-	if err != nil {
-		return 0, fmt.Errorf("hpcproxy: free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// ProxyAlive reports whether something accepts TCP connections at
+// proxyAlive reports whether something accepts TCP connections at
 // host:port within 500 ms.
-func ProxyAlive(host string, port int) bool {
+func proxyAlive(host string, port int) bool {
 	c, err := net.DialTimeout("tcp", net.JoinHostPort(host, strconv.Itoa(port)), 500*time.Millisecond)
 	if err != nil {
 		return false
@@ -322,9 +114,9 @@ func ProxyAlive(host string, port int) bool {
 	return true
 }
 
-// RemoteStart starts a shared proxy on another node over SSH, the way
+// remoteStart starts a shared proxy on another node over SSH, the way
 // StartOnNode does, with its parts configurable.
-type RemoteStart struct {
+type remoteStart struct {
 	// SSHBinary optionally specifies the ssh client. If empty, "ssh".
 	SSHBinary string
 	// SSHOptions optionally adds ssh_config options ("Key=Value") given as
@@ -348,13 +140,13 @@ type RemoteStart struct {
 // StartOnNode runs this program's "start" command on host over ssh
 // (BatchMode=yes), passing --via and --port when set, and waits up to 10
 // seconds for the shared state file to show an answering proxy. See
-// RemoteStart for the details and to change them.
+// remoteStart for the details and to change them.
 func StartOnNode(host, via string, port int) error {
-	return RemoteStart{}.Run(context.Background(), host, via, port)
+	return remoteStart{}.Run(context.Background(), host, via, port)
 }
 
 // Run starts the proxy on host; see StartOnNode. ctx bounds the whole run.
-func (r RemoteStart) Run(ctx context.Context, host, via string, port int) error {
+func (r remoteStart) Run(ctx context.Context, host, via string, port int) error {
 	bin, args, err := r.sshArgs(host, via, port)
 	if err != nil {
 		return err
@@ -367,7 +159,7 @@ func (r RemoteStart) Run(ctx context.Context, host, via string, port int) error 
 		}
 		return fmt.Errorf("hpcproxy: start on %s: %w: %s", host, err, msg)
 	}
-	state := firstOf(r.StateFile, PidFilePath())
+	state := cmp.Or(r.StateFile, PidFilePath())
 	wait := r.Wait
 	if wait <= 0 {
 		wait = 10 * time.Second
@@ -390,7 +182,7 @@ func (r RemoteStart) Run(ctx context.Context, host, via string, port int) error 
 
 // sshArgs builds the ssh command line. ssh joins the remote command's
 // words with spaces for the remote shell, so each is shell-quoted.
-func (r RemoteStart) sshArgs(host, via string, port int) (string, []string, error) {
+func (r remoteStart) sshArgs(host, via string, port int) (string, []string, error) {
 	if host == "" || strings.HasPrefix(host, "-") || strings.ContainsAny(host, " \t\r\n") {
 		return "", nil, fmt.Errorf("hpcproxy: invalid host %q", host)
 	}
@@ -416,19 +208,19 @@ func (r RemoteStart) sshArgs(host, via string, port int) (string, []string, erro
 	args = append(args, "--", host)
 	quoted := make([]string, len(cmd))
 	for i, w := range cmd {
-		quoted[i] = ShellQuote(w)
+		quoted[i] = shellenv.Quote(w)
 	}
 	args = append(args, strings.Join(quoted, " "))
-	return firstOf(r.SSHBinary, "ssh"), args, nil
+	return cmp.Or(r.SSHBinary, "ssh"), args, nil
 }
 
-// WatchPID returns a channel that is closed when process pid has exited,
+// watchPID returns a channel that is closed when process pid has exited,
 // checked every interval (a second if zero), or when ctx ends. A per-job
-// daemon watches the job script (JobInfo.ScriptPID) with it, so that it
+// daemon watches the job script (its PID from the scheduler) with it, so that it
 // ends with the job even where the scheduler does not track processes
 // that detached (Slurm's proctrack/linuxproc). On Linux the process is
 // held by a pidfd from the start, so a reused PID is not mistaken for it.
-func WatchPID(ctx context.Context, pid int, interval time.Duration) <-chan struct{} {
+func watchPID(ctx context.Context, pid int, interval time.Duration) <-chan struct{} {
 	if interval <= 0 {
 		interval = time.Second
 	}

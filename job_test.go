@@ -15,6 +15,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 // jobEnvVars are every variable job detection and the tmp-dir chain read.
@@ -44,83 +47,10 @@ func mapEnv(m map[string]string) func(string) (string, bool) {
 	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
 }
 
-func TestDetectJob(t *testing.T) {
-	ad := filepath.Join(t.TempDir(), ".job.ad")
-	require.NoError(t, os.WriteFile(ad, []byte("ClusterId = 812\nProcId = 3\nGlobalJobId = \"submit.example.edu#812.3#1700000000\"\nOwner = \"alice\"\n"), 0o600))
-	badAd := filepath.Join(t.TempDir(), "missing.ad")
-
-	for _, tc := range []struct {
-		name string
-		env  map[string]string
-		want JobInfo
-	}{
-		{"none", nil, JobInfo{}},
-		{"slurm batch", map[string]string{"SLURM_JOB_ID": "1234", "SLURMD_NODENAME": "node7", "SLURM_SUBMIT_HOST": "login1", "SLURM_TASK_PID": "4321", "SLURM_TMPDIR": "/local/1234"},
-			JobInfo{InJob: true, Scheduler: SchedulerSlurm, JobID: "1234", SubmitHost: "login1", TmpDir: "/local/1234", ScriptPID: 4321}},
-		{"slurm step (srun)", map[string]string{"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_SUBMIT_HOST": "login1"},
-			JobInfo{InJob: true, Scheduler: SchedulerSlurm, JobID: "1234", SubmitHost: "login1"}},
-		{"slurm old SLURM_JOBID", map[string]string{"SLURM_JOBID": "77", "SLURMD_NODENAME": "n1"},
-			JobInfo{InJob: true, Scheduler: SchedulerSlurm, JobID: "77"}},
-		{"salloc shell on the login node", map[string]string{"SLURM_JOB_ID": "1234", "SLURM_SUBMIT_HOST": "login1", "SLURM_JOB_NODELIST": "node7"},
-			JobInfo{InJob: false, Scheduler: SchedulerSlurm, JobID: "1234", SubmitHost: "login1"}},
-		{"pbs batch", map[string]string{"PBS_JOBID": "99.pbs01", "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_HOST": "login2", "TMPDIR": "/var/tmp/pbs.99"},
-			JobInfo{InJob: true, Scheduler: SchedulerPBS, JobID: "99.pbs01", SubmitHost: "login2", TmpDir: "/var/tmp/pbs.99"}},
-		{"pbs interactive", map[string]string{"PBS_JOBID": "99.pbs01", "PBS_ENVIRONMENT": "PBS_INTERACTIVE", "PBS_O_HOST": "login2"},
-			JobInfo{InJob: true, Scheduler: SchedulerPBS, JobID: "99.pbs01", SubmitHost: "login2"}},
-		{"torque without PBS_ENVIRONMENT", map[string]string{"PBS_JOBID": "5.torque"},
-			JobInfo{InJob: true, Scheduler: SchedulerPBS, JobID: "5.torque"}},
-		{"pbs odd environment", map[string]string{"PBS_JOBID": "5", "PBS_ENVIRONMENT": "SOMETHING"},
-			JobInfo{InJob: false, Scheduler: SchedulerPBS, JobID: "5"}},
-		{"lsf", map[string]string{"LSB_JOBID": "314", "LSB_SUB_HOST": "login3", "LSB_JOB_TMPDIR": "/tmp/314.tmpdir"},
-			JobInfo{InJob: true, Scheduler: SchedulerLSF, JobID: "314", SubmitHost: "login3", TmpDir: "/tmp/314.tmpdir"}},
-		{"sge", map[string]string{"JOB_ID": "42", "SGE_O_HOST": "login4", "TMPDIR": "/tmp/42.1.all.q", "SGE_TASK_ID": "undefined"},
-			JobInfo{InJob: true, Scheduler: SchedulerSGE, JobID: "42", SubmitHost: "login4", TmpDir: "/tmp/42.1.all.q"}},
-		{"sge array task", map[string]string{"JOB_ID": "42", "SGE_O_HOST": "login4", "SGE_TASK_ID": "7"},
-			JobInfo{InJob: true, Scheduler: SchedulerSGE, JobID: "42.7", SubmitHost: "login4"}},
-		{"JOB_ID alone is not SGE", map[string]string{"JOB_ID": "42"}, JobInfo{}},
-		{"htcondor", map[string]string{"_CONDOR_JOB_AD": ad, "_CONDOR_SCRATCH_DIR": "/var/lib/condor/execute/dir_1"},
-			JobInfo{InJob: true, Scheduler: SchedulerHTCondor, JobID: "812.3", SubmitHost: "submit.example.edu", TmpDir: "/var/lib/condor/execute/dir_1"}},
-		{"htcondor unreadable ad", map[string]string{"_CONDOR_JOB_AD": badAd},
-			JobInfo{InJob: true, Scheduler: SchedulerHTCondor}},
-		{"flux", map[string]string{"FLUX_JOB_ID": "f2345", "FLUX_JOB_TMPDIR": "/tmp/flux-f2345"},
-			JobInfo{InJob: true, Scheduler: SchedulerFlux, JobID: "f2345", TmpDir: "/tmp/flux-f2345"}},
-		{"flux inside slurm: innermost wins", map[string]string{"FLUX_JOB_ID": "f1", "SLURM_JOB_ID": "9", "SLURMD_NODENAME": "n"},
-			JobInfo{InJob: true, Scheduler: SchedulerFlux, JobID: "f1"}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			assert.Equal(t, tc.want, detectJob(mapEnv(tc.env)))
-		})
-	}
-}
-
-func TestNodeTmpDir(t *testing.T) {
-	exists := map[string]bool{}
-	isDir := func(p string) bool { return exists[p] }
-	for _, d := range []string{"/slurm", "/pbsjob", "/lsf", "/flux", "/condor", "/tmpdir"} {
-		exists[d] = true
-	}
-	for _, tc := range []struct {
-		name string
-		env  map[string]string
-		want string
-	}{
-		{"default", nil, "/tmp"},
-		{"TMPDIR", map[string]string{"TMPDIR": "/tmpdir"}, "/tmpdir"},
-		{"TMPDIR missing on this node", map[string]string{"TMPDIR": "/login-node-only"}, "/tmp"},
-		{"relative TMPDIR ignored", map[string]string{"TMPDIR": "tmpdir"}, "/tmp"},
-		{"explicit override first, even before it exists", map[string]string{EnvTmpDir: "/mine/", "SLURM_TMPDIR": "/slurm"}, "/mine"},
-		{"SLURM_TMPDIR", map[string]string{"SLURM_TMPDIR": "/slurm", "TMPDIR": "/tmpdir", "LSB_JOB_TMPDIR": "/lsf"}, "/slurm"},
-		{"per-job TMPDIR in PBS beats the rest", map[string]string{"PBS_JOBID": "1", "TMPDIR": "/pbsjob", "FLUX_JOB_TMPDIR": "/flux"}, "/pbsjob"},
-		{"per-job TMPDIR in SGE", map[string]string{"JOB_ID": "1", "SGE_O_HOST": "l", "TMPDIR": "/pbsjob", "_CONDOR_SCRATCH_DIR": "/condor"}, "/pbsjob"},
-		{"LSB_JOB_TMPDIR before TMPDIR", map[string]string{"LSB_JOBID": "1", "LSB_JOB_TMPDIR": "/lsf", "TMPDIR": "/tmpdir"}, "/lsf"},
-		{"FLUX_JOB_TMPDIR", map[string]string{"FLUX_JOB_TMPDIR": "/flux", "TMPDIR": "/tmpdir"}, "/flux"},
-		{"_CONDOR_SCRATCH_DIR", map[string]string{"_CONDOR_SCRATCH_DIR": "/condor", "TMPDIR": "/tmpdir"}, "/condor"},
-		{"slurm job: TMPDIR is the submitter's", map[string]string{"SLURM_JOB_ID": "1", "SLURMD_NODENAME": "n", "TMPDIR": "/login-node-only"}, "/tmp"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			assert.Equal(t, tc.want, nodeTmpDir(mapEnv(tc.env), isDir))
-		})
-	}
+// TestEnvTmpDirShared: the root package and internal/jobenv name the
+// same variable.
+func TestEnvTmpDirShared(t *testing.T) {
+	assert.Equal(t, EnvTmpDir, jobenv.EnvTmpDir)
 }
 
 func TestResolveViaHost(t *testing.T) {
@@ -144,7 +74,8 @@ func TestResolveViaHost(t *testing.T) {
 			assert.ErrorIs(t, err, tc.wantErr)
 		})
 	}
-	assert.Contains(t, ErrNoViaHost.Error(), "--via")
+	assert.Contains(t, ErrNoViaHost.Error(), EnvVia)
+	assert.NotContains(t, ErrNoViaHost.Error(), "--", "a library error speaks of functions and variables, not flags")
 }
 
 func TestFindActiveProxy(t *testing.T) {
@@ -155,7 +86,7 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.False(t, ok, "no state files")
 
 	port := listenPort(t)
-	creds := &ProxyCredentials{User: CredentialsUser, Token: "sharedtok"}
+	creds := &ProxyCredentials{User: credentialsUser, Token: "sharedtok"}
 	// The shared proxy runs on a login node; here it answers on loopback.
 	require.NoError(t, WritePidFileAt(PidFilePath(), ProxyState{Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 5, Mode: ModeShared, Status: StatusUp, Credentials: creds}))
 	u, ok := FindActiveProxy()
@@ -163,7 +94,7 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.Equal(t, "http://hpcproxy:sharedtok@127.0.0.1:"+strconv.Itoa(port), u)
 
 	// A per-job proxy that is still starting is not used yet.
-	local := ProxyState{Host: thisHost(), Port: port, PID: os.Getpid(), Mode: ModePerJob, Status: StatusStarting, Credentials: &ProxyCredentials{User: CredentialsUser, Token: "jobtok"}}
+	local := ProxyState{Host: thisHost(), Port: port, PID: os.Getpid(), Mode: ModePerJob, Status: StatusStarting, Credentials: &ProxyCredentials{User: credentialsUser, Token: "jobtok"}}
 	require.NoError(t, WritePidFileAt(LocalPidFilePath(), local))
 	u, _ = FindActiveProxy()
 	assert.Contains(t, u, "sharedtok")
@@ -185,14 +116,8 @@ func TestFindActiveProxy(t *testing.T) {
 	assert.NoError(t, err)
 }
 
-func TestFreePort(t *testing.T) {
-	p, err := FreePort()
-	require.NoError(t, err)
-	assert.Greater(t, p, 0)
-}
-
 func TestRemoteStartArgs(t *testing.T) {
-	r := RemoteStart{SSHOptions: []string{"ConnectTimeout=5"}, Command: []string{"/opt/hpc proxy/bin/hpcproxy", "start"}}
+	r := remoteStart{SSHOptions: []string{"ConnectTimeout=5"}, Command: []string{"/opt/hpc proxy/bin/hpcproxy", "start"}}
 	bin, args, err := r.sshArgs("login1", "alice@gw", 8080)
 	require.NoError(t, err)
 	assert.Equal(t, "ssh", bin)
@@ -201,12 +126,12 @@ func TestRemoteStartArgs(t *testing.T) {
 		"'/opt/hpc proxy/bin/hpcproxy' start --via alice@gw --port 8080",
 	}, args)
 
-	r = RemoteStart{SSHBinary: "/usr/bin/ssh"}
+	r = remoteStart{SSHBinary: "/usr/bin/ssh"}
 	bin, args, err = r.sshArgs("login1", "", 0)
 	require.NoError(t, err)
 	assert.Equal(t, "/usr/bin/ssh", bin)
 	exe, _ := os.Executable()
-	assert.Equal(t, ShellQuote(exe)+" start", args[len(args)-1])
+	assert.Equal(t, shellenv.Quote(exe)+" start", args[len(args)-1])
 
 	for _, bad := range []string{"", "-oProxyCommand=x", "a b"} {
 		_, _, err := r.sshArgs(bad, "", 0)
@@ -222,8 +147,8 @@ func TestRemoteStartRun(t *testing.T) {
 	port := listenPort(t)
 	require.NoError(t, WritePidFileAt(state, ProxyState{Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Status: StatusUp}))
 	fake := filepath.Join(dir, "ssh")
-	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho \"$@\" > "+ShellQuote(filepath.Join(dir, "args"))+"\n"), 0o700))
-	r := RemoteStart{SSHBinary: fake, Command: []string{"hpcproxy", "start"}, StateFile: state}
+	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\necho \"$@\" > "+shellenv.Quote(filepath.Join(dir, "args"))+"\n"), 0o700))
+	r := remoteStart{SSHBinary: fake, Command: []string{"hpcproxy", "start"}, StateFile: state}
 	require.NoError(t, r.Run(t.Context(), "login1", "", 0))
 	b, _ := os.ReadFile(filepath.Join(dir, "args"))
 	assert.Equal(t, "-o BatchMode=yes -- login1 hpcproxy start\n", string(b))
@@ -247,7 +172,7 @@ func TestRemoteStartRun(t *testing.T) {
 func TestWatchPID(t *testing.T) {
 	cmd := exec.Command("sleep", "30")
 	require.NoError(t, cmd.Start())
-	ch := WatchPID(t.Context(), cmd.Process.Pid, 20*time.Millisecond)
+	ch := watchPID(t.Context(), cmd.Process.Pid, 20*time.Millisecond)
 	select {
 	case <-ch:
 		t.Fatal("fired while the process runs")
@@ -263,12 +188,12 @@ func TestWatchPID(t *testing.T) {
 
 	// Already gone, and a cancelled context.
 	select {
-	case <-WatchPID(t.Context(), deadPID(t), 20*time.Millisecond):
+	case <-watchPID(t.Context(), deadPID(t), 20*time.Millisecond):
 	case <-time.After(5 * time.Second):
 		t.Fatal("dead pid not noticed")
 	}
 	ctx, cancel := context.WithCancel(t.Context())
-	ch = WatchPID(ctx, os.Getpid(), time.Hour)
+	ch = watchPID(ctx, os.Getpid(), time.Hour)
 	cancel()
 	select {
 	case <-ch:
@@ -306,7 +231,7 @@ func TestGetJobProxy(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			require.NoError(t, WritePidFileAt(filepath.Join(stateDir, "proxy.json"), ProxyState{
 				Host: "login1", AdvertiseHost: "127.0.0.1", Port: port, PID: 1, Mode: ModeShared, Status: StatusUp,
-				Credentials: &ProxyCredentials{User: CredentialsUser, Token: "tok"},
+				Credentials: &ProxyCredentials{User: credentialsUser, Token: "tok"},
 			}))
 			cmd := helperCommand("getjobproxy")
 			var env []string

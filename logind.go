@@ -9,33 +9,35 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
-// CgroupScope says where in systemd's cgroup tree a process sits, which
+// cgroupScope says where in systemd's cgroup tree a process sits, which
 // decides whether logind kills it at logout.
-type CgroupScope string
+type cgroupScope string
 
 // Cgroup scopes.
 const (
-	// ScopeSession: a login session's scope (session-N.scope), as for
+	// scopeSession: a login session's scope (session-N.scope), as for
 	// anything started from an SSH shell, even after setsid.
-	ScopeSession CgroupScope = "session"
-	// ScopeUserManager: the user's service manager (user@UID.service), as
+	scopeSession cgroupScope = "session"
+	// scopeUserManager: the user's service manager (user@UID.service), as
 	// for anything started with systemd-run --user.
-	ScopeUserManager CgroupScope = "user-manager"
-	// ScopeOther: anything else, such as a batch job's cgroup under the
+	scopeUserManager cgroupScope = "user-manager"
+	// scopeOther: anything else, such as a batch job's cgroup under the
 	// scheduler's system service.
-	ScopeOther CgroupScope = "other"
+	scopeOther cgroupScope = "other"
 )
 
-// LogoutReport is CheckLogout's answer with its reasons.
-type LogoutReport struct {
+// logoutReport is checkLogout's answer with its reasons.
+type logoutReport struct {
 	// Survives reports whether a daemon started now, from this process's
 	// cgroup, is expected to outlive the user's logout.
 	Survives bool
 	// KillUserProcesses is logind's effective setting for this user's
 	// session scopes: KillUserProcesses, overridden by KillExcludeUsers
-	// and KillOnlyUsers as CheckLogout describes.
+	// and KillOnlyUsers as checkLogout describes.
 	KillUserProcesses bool
 	// Linger reports whether the user lingers (user@UID.service stays up
 	// without sessions).
@@ -44,26 +46,27 @@ type LogoutReport struct {
 	// kills processes at logout (setsid already escapes SIGHUP).
 	Systemd bool
 	// Scope is where this process sits in the cgroup tree.
-	Scope CgroupScope
+	Scope cgroupScope
 	// Job is the batch job this process runs in, if any: a daemon started
 	// inside a job lives with the job, not with a login.
-	Job JobInfo
+	Job jobenv.JobInfo
 	// Reason explains Survives in a sentence.
 	Reason string
 }
 
 // WillSurviveLogout reports whether a proxy daemon started now by this
 // process is expected to survive the user's logout, and logind's effective
-// KillUserProcesses and the user's Linger setting. See CheckLogout for the
+// KillUserProcesses and the user's Linger setting. See checkLogout for the
 // rules; the simpler "KillUserProcesses=no or Linger=yes" would be wrong
 // both ways: lingering does not save a session scope, and KillUserProcesses=no
 // does not keep the user's service manager up after the last logout.
 func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
-	r := CheckLogout()
+	name, _ := currentUserName()
+	r := checkLogout("/", name, os.Getuid(), jobenv.Detect())
 	return r.Survives, r.KillUserProcesses, r.Linger
 }
 
-// CheckLogout decides whether a daemon started now from this process will
+// checkLogout decides whether a daemon started now from this process will
 // survive logout, from the files logind and the kernel expose:
 // /run/systemd/system (systemd is running), logind.conf and its
 // logind.conf.d drop-ins (KillUserProcesses, KillOnlyUsers,
@@ -95,22 +98,10 @@ func WillSurviveLogout() (survives, killUserProcesses, linger bool) {
 // is taken from the commented-out default in logind.conf (distributions
 // ship "#KillUserProcesses=no"), else "no", the setting of Debian, Ubuntu,
 // RHEL, Fedora and SUSE (upstream systemd's build default is yes).
-func CheckLogout() LogoutReport {
-	name, _ := currentUserName()
-	return checkLogout("/", name, os.Getuid(), DetectJob())
-}
-
-func currentUserName() (string, error) {
-	u, err := user.Current()
-	if err != nil {
-		return os.Getenv("USER"), err
-	}
-	return u.Username, nil
-}
-
-// checkLogout is CheckLogout with every path under root, for fixtures.
-func checkLogout(root, userName string, uid int, job JobInfo) LogoutReport {
-	r := LogoutReport{Job: job}
+//
+// Every path is read under root ("/" but for test fixtures).
+func checkLogout(root, userName string, uid int, job jobenv.JobInfo) logoutReport {
+	r := logoutReport{Job: job}
 	r.Systemd = isDir(filepath.Join(root, "run/systemd/system"))
 	if userName != "" {
 		_, err := os.Stat(filepath.Join(root, "var/lib/systemd/linger", userName))
@@ -122,13 +113,13 @@ func checkLogout(root, userName string, uid int, job JobInfo) LogoutReport {
 	switch {
 	case !r.Systemd:
 		r.Survives, r.Reason = true, "systemd is not running: nothing kills processes at logout"
-	case r.Scope == ScopeUserManager && r.Linger:
+	case r.Scope == scopeUserManager && r.Linger:
 		r.Survives, r.Reason = true, "the daemon runs under the user's service manager, which lingering keeps up"
-	case r.Scope == ScopeUserManager:
+	case r.Scope == scopeUserManager:
 		r.Survives, r.Reason = false, "the user's service manager stops at the last logout, whatever KillUserProcesses says: enable lingering (loginctl enable-linger)"
-	case r.Scope == ScopeSession && !r.KillUserProcesses:
+	case r.Scope == scopeSession && !r.KillUserProcesses:
 		r.Survives, r.Reason = true, "logind does not kill this user's session processes at logout (KillUserProcesses=no for the user)"
-	case r.Scope == ScopeSession:
+	case r.Scope == scopeSession:
 		r.Survives, r.Reason = false, "logind kills the login session's processes at logout (KillUserProcesses=yes for the user), lingering or not: start the daemon with systemd-run --user (with linger on) or from a batch job"
 	default:
 		r.Survives, r.Reason = true, "the daemon is outside logind's sessions"
@@ -149,7 +140,7 @@ type logindConf struct {
 
 // kills reports whether logind kills userName's session scopes at logout:
 // KillExcludeUsers first, then KillOnlyUsers (which overrides
-// KillUserProcesses when set), then KillUserProcesses; see CheckLogout.
+// KillUserProcesses when set), then KillUserProcesses; see checkLogout.
 func (c logindConf) kills(userName string) bool {
 	if slices.Contains(c.killExcludeUsers, userName) {
 		return false
@@ -260,10 +251,10 @@ func parseSystemdBool(s string) (bool, bool) {
 // readCgroupScope classifies the systemd cgroup path of /proc/self/cgroup:
 // the name=systemd hierarchy under cgroup v1 or hybrid, else the unified
 // "0::" line.
-func readCgroupScope(path string, uid int) CgroupScope {
+func readCgroupScope(path string, uid int) cgroupScope {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return ScopeOther
+		return scopeOther
 	}
 	var unified, named string
 	for _, line := range strings.Split(string(b), "\n") {
@@ -286,10 +277,23 @@ func readCgroupScope(path string, uid int) CgroupScope {
 	for _, c := range strings.Split(cg, "/") {
 		switch {
 		case strings.HasPrefix(c, "session-") && strings.HasSuffix(c, ".scope"):
-			return ScopeSession
+			return scopeSession
 		case c == manager:
-			return ScopeUserManager
+			return scopeUserManager
 		}
 	}
-	return ScopeOther
+	return scopeOther
+}
+
+func currentUserName() (string, error) {
+	u, err := user.Current()
+	if err != nil {
+		return os.Getenv("USER"), err
+	}
+	return u.Username, nil
+}
+
+func isDir(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -353,7 +354,7 @@ func TestSquattedStateDir(t *testing.T) {
 		require.NoError(t, err, "%s", out)
 	}
 
-	dir := LocalStateDir()
+	dir := localStateDir()
 	require.NotEqual(t, primary, dir)
 	require.True(t, strings.HasPrefix(dir, primary+"."), dir)
 	require.NotEqual(t, primary+".0000", dir, "took the other user's look-alike")
@@ -361,7 +362,7 @@ func TestSquattedStateDir(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, fi.IsDir())
 	require.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
-	require.Equal(t, dir, LocalStateDir(), "a second call made another directory")
+	require.Equal(t, dir, localStateDir(), "a second call made another directory")
 
 	r := startTestDaemon(t, &Daemon{
 		Mode:      ModePerJob,
@@ -378,7 +379,7 @@ func TestSquattedStateDir(t *testing.T) {
 // gives an error that says so (errors.Is), so that the command line can
 // point at this node rather than at the login node.
 func TestDaemonErrorUnsafePath(t *testing.T) {
-	err := error(&DaemonError{Reported: "hpcproxy: create state file: hpcproxy: unsafe state path: /tmp/x is owned by uid 5, not 0"})
+	err := error(&daemonproc.Error{Known: []error{ErrUnsafePath}, Reported: "hpcproxy: create state file: hpcproxy: unsafe state path: /tmp/x is owned by uid 5, not 0"})
 	assert.ErrorIs(t, err, ErrUnsafePath)
-	assert.NotErrorIs(t, &DaemonError{Reported: "hpcproxy: ssh: connection refused"}, ErrUnsafePath)
+	assert.NotErrorIs(t, &daemonproc.Error{Known: []error{ErrUnsafePath}, Reported: "hpcproxy: ssh: connection refused"}, ErrUnsafePath)
 }

@@ -18,6 +18,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // The node tunnel: one tunnel per user per compute node.
@@ -26,7 +29,7 @@ import (
 // the user's other jobs on the node (array tasks, job steps, other jobs):
 // it listens on an abstract unix socket, [NodeSocketName], named after the
 // user and the tunnel settings. A later job's start finds it there
-// ([AttachJob]) instead of opening another SSH connection, and the daemon
+// ([Daemon.Attach]) instead of opening another SSH connection, and the daemon
 // serves that job from then on: its own listener and port, its own
 // credentials and UID check, its own state file (in the job's own tmp dir),
 // its own forwards and control socket, its own log. The jobs share only
@@ -36,7 +39,7 @@ import (
 // jobs that Slurm's job_container/tmpfs gives each a private /tmp still
 // find each other. Anyone on the node can connect to one, so both sides
 // check the other with SO_PEERCRED: the daemon serves only its own UID,
-// and AttachJob refuses a socket held by another UID (a squatter), with an
+// and Daemon.Attach refuses a socket held by another UID (a squatter), with an
 // error wrapping [ErrNodeTunnelForeign].
 //
 // The attach request is one JSON line sent with up to six descriptors
@@ -46,7 +49,7 @@ import (
 // the process whose end ends the job's attachment (the job script);
 // optionally the read end of an exit pipe; and optionally the job's
 // listener and the write end of its stand-by's pipe, with which the job's
-// port outlives the daemon (standby.go). The daemon waits on the pidfd
+// port outlives the daemon (internal/daemonproc/standby.go). The daemon waits on the pidfd
 // and the pipe in its netpoller: when the process exits, the pipe reaches
 // EOF, or `perjob stop` asks on the job's control socket ([DetachJob]),
 // it closes that job's listener, forwards and state file, and tells the
@@ -59,11 +62,11 @@ import (
 // starter attaches to that one instead).
 var ErrNodeTunnelRunning = errors.New("hpcproxy: a node tunnel with these settings already runs")
 
-// ErrNoNodeTunnel is wrapped by AttachJob's error when no daemon serves
+// ErrNoNodeTunnel is wrapped by Daemon.Attach's error when no daemon serves
 // the node tunnel (nothing listens on the socket, or it is ending).
 var ErrNoNodeTunnel = errors.New("hpcproxy: no node tunnel to attach to")
 
-// ErrNodeTunnelForeign is wrapped by AttachJob's error when the node
+// ErrNodeTunnelForeign is wrapped by Daemon.Attach's error when the node
 // tunnel's socket belongs to another user: it is refused, never used.
 var ErrNodeTunnelForeign = errors.New("hpcproxy: node tunnel socket held by another user")
 
@@ -102,8 +105,8 @@ type NodeTunnelInfo struct {
 	Attached bool `json:"attached"`
 }
 
-// AttachOptions configures AttachJob.
-type AttachOptions struct {
+// attachOptions configures attachJob.
+type attachOptions struct {
 	// Tunnel names the node tunnel: its settings, as the daemon that
 	// serves it was given them ([NodeSocketName]).
 	Tunnel TunnelConfig
@@ -134,7 +137,7 @@ type AttachOptions struct {
 
 	// ListenerFd and StandbyFd optionally name the job's listener and the
 	// write end of its stand-by's pipe, as Daemon.ListenerFd and
-	// Daemon.StandbyFd (see [StartStandby]): the daemon gets copies and
+	// Daemon.StandbyFd (see the package doc's "Node tunnel"): the daemon gets copies and
 	// serves the job on that listener (Port is then ignored). If <= 0,
 	// the daemon binds a listener itself and there is no stand-by.
 	ListenerFd, StandbyFd int
@@ -247,14 +250,27 @@ func parseAttachRequest(line []byte, nfds int) (attachCommand, error) {
 	return c, nil
 }
 
-// AttachJob attaches this job to the node tunnel named by o.Tunnel: the
-// daemon serving it starts a proxy for the job (listener, credentials,
-// state file at o.StatePath, forwards), and AttachJob returns the state it
-// wrote, once the job's proxy is ready. It returns an error wrapping
-// ErrNoNodeTunnel when no daemon serves that tunnel (start one), and one
-// wrapping ErrNodeTunnelForeign when another user holds the socket. ctx
-// bounds the whole exchange.
-func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
+// Attach attaches this job to the node tunnel that a per-job daemon of
+// the same user on this node already serves for d.Tunnel's settings
+// ([NodeSocketName]), instead of opening a tunnel of its own as Run does:
+// that daemon starts a proxy for the job (d's Port or ListenerFd,
+// StandbyFd, Credentials, StatePath, Forwards and Exposes; it stops the
+// job's proxy when ExitFd reaches EOF or WatchPID exits), and Attach
+// returns the state it wrote, once the job's proxy is ready. It returns
+// an error wrapping ErrNoNodeTunnel when no daemon serves that tunnel
+// (Run one), and one wrapping ErrNodeTunnelForeign when another user holds
+// the socket. ctx bounds the whole exchange. Only the fields named here
+// are used.
+func (d *Daemon) Attach(ctx context.Context) (*ProxyState, error) {
+	return attachJob(ctx, attachOptions{
+		Tunnel: d.Tunnel, StatePath: d.StatePath, Port: d.Port, WatchPID: d.WatchPID, ExitFd: d.ExitFd,
+		Forwards: d.Forwards, Exposes: d.Exposes, ListenerFd: d.ListenerFd, StandbyFd: d.StandbyFd,
+		Credentials: d.Credentials,
+	})
+}
+
+// attachJob is Daemon.Attach with its settings in o.
+func attachJob(ctx context.Context, o attachOptions) (*ProxyState, error) {
 	statePath := o.StatePath
 	if statePath == "" {
 		statePath = LocalPidFilePath()
@@ -273,7 +289,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 	}
 	uc := conn.(*net.UnixConn)
 	defer uc.Close()
-	uid, err := UnixPeerUID(uc)
+	uid, err := unixPeerUID(uc)
 	if err != nil {
 		return nil, err
 	}
@@ -288,7 +304,7 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 	defer stop()
 
 	dir := filepath.Dir(statePath)
-	if err := EnsurePrivateDir(dir); err != nil {
+	if err := ensurePrivateDir(dir); err != nil {
 		return nil, err
 	}
 	dirf, err := os.Open(dir)
@@ -296,12 +312,12 @@ func AttachJob(ctx context.Context, o AttachOptions) (*ProxyState, error) {
 		return nil, fmt.Errorf("hpcproxy: state directory: %w", err)
 	}
 	defer dirf.Close()
-	logf, err := openDaemonLog(LogFilePath(statePath), []string{"attach", name})
+	logf, err := daemonproc.OpenLog(LogFilePath(statePath), []string{"attach", name})
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close()
-	job := DetectJob()
+	job := jobenv.Detect()
 	req := attachRequest{
 		Op: attachOp, StateName: filepath.Base(statePath), StatePath: statePath, Port: o.Port,
 		Fds: []string{attachFdDir, attachFdLog},
@@ -504,7 +520,7 @@ func (h *nodeHub) close() {
 
 func (h *nodeHub) serveConn(c *net.UnixConn) {
 	defer c.Close()
-	if uid, err := UnixPeerUID(c); err != nil || uid != selfUID() {
+	if uid, err := unixPeerUID(c); err != nil || uid != selfUID() {
 		h.log.Warn("node tunnel: connection from another user refused", "uid", uid, "err", err)
 		return
 	}
@@ -527,7 +543,7 @@ func (h *nodeHub) serveConn(c *net.UnixConn) {
 		reply(attachReply{Error: err.Error()})
 		return
 	}
-	// The exit pipe stays a bare descriptor, for WatchExitFd, which takes
+	// The exit pipe stays a bare descriptor, for watchExitFd, which takes
 	// it over; the others become files.
 	files := make([]*os.File, len(fds))
 	exitFd := -1
@@ -645,7 +661,7 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		}
 		log = slog.New(slog.NewTextHandler(files[i], &slog.HandlerOptions{Level: level}))
 	}
-	creds, err := NewProxyCredentials()
+	creds, err := newProxyCredentials()
 	if err != nil {
 		return nil, err
 	}
@@ -703,10 +719,10 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 	case ok:
 		watch = watchPidfd(wctx, files[i])
 	case req.WatchPID > 0:
-		watch = WatchPID(wctx, req.WatchPID, 0)
+		watch = watchPID(wctx, req.WatchPID, 0)
 	}
 	if *exitFd >= 0 {
-		ch, err := WatchExitFd(wctx, *exitFd)
+		ch, err := daemonproc.WatchExitFd(wctx, *exitFd)
 		if err != nil {
 			wcancel()
 			r.shutdown(log)

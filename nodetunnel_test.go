@@ -2,7 +2,6 @@ package hpcproxy
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"net/http"
 	"os"
@@ -116,7 +115,7 @@ func TestAttachJobNoTunnel(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	state := filepath.Join(t.TempDir(), "st", "proxy.json")
-	_, err := AttachJob(ctx, AttachOptions{Tunnel: TunnelConfig{Destination: "nowhere-" + strconv.Itoa(os.Getpid())}, StatePath: state})
+	_, err := attachJob(ctx, attachOptions{Tunnel: TunnelConfig{Destination: "nowhere-" + strconv.Itoa(os.Getpid())}, StatePath: state})
 	assert.ErrorIs(t, err, ErrNoNodeTunnel)
 }
 
@@ -143,7 +142,7 @@ func TestAttachJobSquatter(t *testing.T) {
 	defer cancel()
 	state := filepath.Join(t.TempDir(), "st", "proxy.json")
 	require.Eventually(t, func() bool {
-		_, err = AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: state})
+		_, err = attachJob(ctx, attachOptions{Tunnel: tc, StatePath: state})
 		return !errors.Is(err, ErrNoNodeTunnel) // socat is listening
 	}, 5*time.Second, 20*time.Millisecond, "socat did not listen")
 	assert.ErrorIs(t, err, ErrNodeTunnelForeign)
@@ -151,36 +150,6 @@ func TestAttachJobSquatter(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	b, _ := os.ReadFile(out)
 	assert.Empty(t, string(b), "the squatter got the attach request")
-}
-
-// TestStatusReportJSON pins the shape of status --json: its names are a
-// documented interface.
-func TestStatusReportJSON(t *testing.T) {
-	at := time.Date(2026, 12, 6, 20, 0, 0, 0, time.UTC)
-	ps := &ProxyState{
-		Host: "node17", Via: "login1", Port: 40123, PID: 4242, Mode: ModePerJob, Method: "gossh",
-		Started: at, Status: StatusUp, StatusSince: at, Credentials: &ProxyCredentials{User: "hpcproxy", Token: "SECRET"},
-		JobID: "1234_7", Scheduler: "slurm", LogFile: "/tmp/p.log",
-		Stats: &DaemonStats{Active: 1, Total: 9, BytesIn: 812, BytesOut: 91234, Updated: at},
-		Node:  &NodeTunnelInfo{Socket: "@hpcproxy-node-1000-00", Jobs: 3, Attached: true},
-		LoginNodes: []LoginNodeStats{{Host: "login1", InUse: true, Status: StatusUp, Method: "gossh", Connections: 1,
-			Channels: 4, ChannelsTotal: 31, BytesIn: 2301, BytesOut: 402133, Jobs: 3}},
-	}
-	b, err := json.Marshal(NewStatusReport("/tmp/p.json", ps, VerdictAlive))
-	require.NoError(t, err)
-	assert.NotContains(t, string(b), "SECRET", "status --json shows the token")
-	want := `{"schema":1,"state":"alive","usable":true,"mode":"per-job","address":"127.0.0.1:40123","host":"node17",` +
-		`"pid":4242,"via":"login1","method":"gossh","tunnel":"up","tunnel_since":"2026-12-06T20:00:00Z","reconnects":0,` +
-		`"started":"2026-12-06T20:00:00Z","job_id":"1234_7","scheduler":"slurm",` +
-		`"stats":{"active":1,"total":9,"bytes_in":812,"bytes_out":91234,"failed_handshakes":0,"updated":"2026-12-06T20:00:00Z"},` +
-		`"forwards":[],"node":{"socket":"@hpcproxy-node-1000-00","jobs":3,"attached":true},` +
-		`"login_nodes":[{"host":"login1","in_use":true,"status":"up","method":"gossh","connections":1,"channels":4,` +
-		`"channels_total":31,"bytes_in":2301,"bytes_out":402133,"jobs":3}],"state_file":"/tmp/p.json","log_file":"/tmp/p.log"}`
-	assert.JSONEq(t, want, string(b))
-
-	b, err = json.Marshal(NewStatusReport("/tmp/p.json", nil, 0))
-	require.NoError(t, err)
-	assert.JSONEq(t, `{"schema":1,"state":"not running","usable":false,"reconnects":0,"forwards":[],"login_nodes":[],"state_file":"/tmp/p.json"}`, string(b))
 }
 
 // sleeper starts a process standing for a job script; kill ends the job.
@@ -219,11 +188,11 @@ func TestDaemonNodeTunnel(t *testing.T) {
 	var jobs []*job
 	for i := range 2 {
 		j := &job{state: filepath.Join(sshtest.PrivateTempDir(t), "proxy-"+itoa(i)+".json"), script: sleeper(t)}
-		o := AttachOptions{Tunnel: tc, StatePath: j.state, WatchPID: j.script.Process.Pid}
+		o := attachOptions{Tunnel: tc, StatePath: j.state, WatchPID: j.script.Process.Pid}
 		if i == 0 {
 			o.Forwards = []ForwardSpec{{Listen: "127.0.0.1:" + itoa(lport), Remote: strings.TrimPrefix(web.URL, "http://")}}
 		}
-		ps, err := AttachJob(ctx, o)
+		ps, err := attachJob(ctx, o)
 		require.NoError(t, err, "attach %d", i)
 		require.NotNil(t, ps.Node)
 		assert.True(t, ps.Node.Attached)
@@ -231,14 +200,14 @@ func TestDaemonNodeTunnel(t *testing.T) {
 		j.ps = ps
 		jobs = append(jobs, j)
 	}
-	_, err := AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: jobs[0].state})
+	_, err := attachJob(ctx, attachOptions{Tunnel: tc, StatePath: jobs[0].state})
 	assert.ErrorIs(t, err, ErrAlreadyRunning, "a second attach of the same job")
 
 	// A job watched by an exit pipe detaches when its write end closes.
 	pr, pw, err := os.Pipe()
 	require.NoError(t, err)
 	piped := filepath.Join(sshtest.PrivateTempDir(t), "proxy-pipe.json")
-	_, err = AttachJob(ctx, AttachOptions{Tunnel: tc, StatePath: piped, ExitFd: int(pr.Fd())})
+	_, err = attachJob(ctx, attachOptions{Tunnel: tc, StatePath: piped, ExitFd: int(pr.Fd())})
 	require.NoError(t, err)
 	pr.Close()
 	ps, err := ReadPidFileAt(piped)

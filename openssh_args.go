@@ -50,6 +50,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 const (
@@ -226,7 +228,7 @@ func (s *sshCommand) lookupHop(ctx context.Context, d destination) hopConfig {
 	if s.cfg.SSHConfigFile != "" {
 		args = append(args, "-F", s.cfg.SSHConfigFile)
 	}
-	args = append(args, d.loginArgs()...)
+	args = append(args, d.LoginArgs()...)
 	// BatchMode=no: under BatchMode, ssh -G shows 300 for an unset
 	// ServerAliveInterval.
 	args = append(args, "-o", "BatchMode=no", "--", d.Host)
@@ -335,31 +337,23 @@ func (s *sshCommand) jumpCommand(ctx context.Context, hops []destination, depth 
 	if s.cfg.SSHConfigFile != "" {
 		words = append(words, "-F", s.cfg.SSHConfigFile)
 	}
-	words = append(words, last.loginArgs()...)
+	words = append(words, last.LoginArgs()...)
 	for _, o := range opts {
 		words = append(words, "-o", o)
 	}
 	var b strings.Builder
 	for _, w := range words {
-		b.WriteString(shellQuote(percentEscape(w)))
+		b.WriteString(shellenv.Quote(percentEscape(w)))
 		b.WriteByte(' ')
 	}
 	// The one place where the tokens are meant: the outer ssh's target.
 	b.WriteString("-W '[%h]:%p' -- ")
-	b.WriteString(shellQuote(percentEscape(last.Host)))
+	b.WriteString(shellenv.Quote(percentEscape(last.Host)))
 	return b.String(), nil
 }
 
 // percentEscape protects s from ssh's %-token expansion.
 func percentEscape(s string) string { return strings.ReplaceAll(s, "%", "%%") }
-
-// shellQuote quotes s for a POSIX shell, unless it needs no quoting.
-func shellQuote(s string) string {
-	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-") == "" {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
 
 // args returns ssh's arguments: -F, the destination's -l and -p, the
 // fixed options, the explicit TunnelConfig values, extraFixed (method
@@ -371,7 +365,7 @@ func (s *sshCommand) args(extraFixed, overridable []string, flags ...string) []s
 	if s.cfg.SSHConfigFile != "" {
 		a = append(a, "-F", s.cfg.SSHConfigFile)
 	}
-	a = append(a, s.dest.loginArgs()...)
+	a = append(a, s.dest.LoginArgs()...)
 	opt := func(o ...string) {
 		for _, v := range o {
 			a = append(a, "-o", v)

@@ -29,6 +29,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 const (
@@ -222,13 +224,13 @@ type runtimeDir struct {
 var socketSeq atomic.Uint64
 
 // socketTempBase is where a tunnel without a RuntimeDir makes its private
-// temporary directories: the node-local tmp dir ([NodeTmpDir]: a
+// temporary directories: the node-local tmp dir (jobenv.TmpDir: a
 // scheduler's per-job dir, $TMPDIR if it exists, else /tmp), or /tmp when
 // sockets there would not fit in sun_path. Unlike os.TempDir it survives a
 // job whose TMPDIR, passed on from the submitting host, does not exist on
 // the node.
 func socketTempBase() string {
-	base := NodeTmpDir()
+	base := jobenv.TmpDir()
 	if len(base)+len("/hpcproxy-1234567890") > maxRuntimeDir {
 		return "/tmp"
 	}

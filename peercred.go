@@ -22,33 +22,33 @@ import (
 // take userinfo in proxy URLs) still get in for their owner: the kernel
 // records which UID created every TCP socket, and on loopback both ends of
 // a connection are in the same table, /proc/net/tcp and /proc/net/tcp6 of
-// the network namespace. LoopbackPeerUID finds the client's socket there
+// the network namespace. loopbackPeerUID finds the client's socket there
 // (its local address is our peer's address and its remote address is
 // ours; netlink sock_diag looks it up directly, /proc/net/tcp{,6} is the
 // fallback) and returns its owner. Sockets of processes in other network
 // namespaces, or of other hosts, are never found: those peers must
 // present the token. Over a unix socket the kernel hands over the peer's
-// credentials directly (SO_PEERCRED; UnixPeerUID).
+// credentials directly (SO_PEERCRED; unixPeerUID).
 
-// ErrPeerNotFound is returned by LoopbackPeerUID when no socket in the
+// errPeerNotFound is returned by loopbackPeerUID when no socket in the
 // kernel's tables matches the connection (it was closed meanwhile, or the
 // peer is in another network namespace).
-var ErrPeerNotFound = errors.New("hpcproxy: loopback peer socket not found")
+var errPeerNotFound = errors.New("hpcproxy: loopback peer socket not found")
 
-// ErrNotLoopback is returned by LoopbackPeerUID for a connection whose
+// errNotLoopback is returned by loopbackPeerUID for a connection whose
 // peer is not a loopback TCP address.
-var ErrNotLoopback = errors.New("hpcproxy: peer is not on loopback")
+var errNotLoopback = errors.New("hpcproxy: peer is not on loopback")
 
 // procNetTCPFiles are searched for the peer's socket.
 var procNetTCPFiles = []string{"/proc/net/tcp", "/proc/net/tcp6"}
 
-// LoopbackPeerUID returns the UID owning the client end of c, a TCP
+// loopbackPeerUID returns the UID owning the client end of c, a TCP
 // connection accepted from a loopback address of this host. It asks the
 // kernel for exactly that socket over netlink (sock_diag, as ss(8) does),
 // and, where netlink is unavailable, scans /proc/net/tcp and
 // /proc/net/tcp6, whose cost grows with the number of TCP sockets on the
 // node. Use it once per connection, only when no credentials were given.
-func LoopbackPeerUID(c net.Conn) (int, error) {
+func loopbackPeerUID(c net.Conn) (int, error) {
 	peer, err := addrPortOf(c.RemoteAddr())
 	if err != nil {
 		return -1, err
@@ -58,10 +58,10 @@ func LoopbackPeerUID(c net.Conn) (int, error) {
 		return -1, err
 	}
 	if !peer.Addr().IsLoopback() {
-		return -1, fmt.Errorf("%w: %v", ErrNotLoopback, peer)
+		return -1, fmt.Errorf("%w: %v", errNotLoopback, peer)
 	}
 	uid, err := sockDiagUID(peer, self)
-	if err == nil || errors.Is(err, ErrPeerNotFound) {
+	if err == nil || errors.Is(err, errPeerNotFound) {
 		return uid, err
 	}
 	return procNetUID(peer, self)
@@ -101,22 +101,22 @@ func procNetUID(peer, self netip.AddrPort) (int, error) {
 			return -1, fmt.Errorf("hpcproxy: peer credentials: %s: %w", name, err)
 		}
 	}
-	return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
+	return -1, fmt.Errorf("%w: %v", errPeerNotFound, peer)
 }
 
-// SameUserConn reports whether c's peer runs as this process's UID: for a
+// sameUserConn reports whether c's peer runs as this process's UID: for a
 // unix socket connection (*net.UnixConn) the UID the kernel recorded when
-// the peer connected ([UnixPeerUID]), for TCP a loopback socket owned by
-// that UID ([LoopbackPeerUID]). Any failure to tell answers false. Its
+// the peer connected ([unixPeerUID]), for TCP a loopback socket owned by
+// that UID ([loopbackPeerUID]). Any failure to tell answers false. Its
 // signature suits a server's "trust this connection without credentials"
 // hook and a forward's AllowConn.
-func SameUserConn(c net.Conn) bool {
+func sameUserConn(c net.Conn) bool {
 	var uid int
 	var err error
 	if uc, ok := c.(*net.UnixConn); ok {
-		uid, err = UnixPeerUID(uc)
+		uid, err = unixPeerUID(uc)
 	} else {
-		uid, err = LoopbackPeerUID(c)
+		uid, err = loopbackPeerUID(c)
 	}
 	return err == nil && uid == selfUID()
 }
@@ -125,10 +125,10 @@ func SameUserConn(c net.Conn) bool {
 // for every connection.
 var selfUID = sync.OnceValue(os.Getuid)
 
-// UnixPeerUID returns the UID of the process at the other end of c, a
+// unixPeerUID returns the UID of the process at the other end of c, a
 // unix socket connection, as the kernel recorded it when the connection
 // was made (SO_PEERCRED).
-func UnixPeerUID(c *net.UnixConn) (int, error) {
+func unixPeerUID(c *net.UnixConn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return -1, fmt.Errorf("hpcproxy: peer credentials: %w", err)
@@ -152,11 +152,11 @@ func addrPortOf(a net.Addr) (netip.AddrPort, error) {
 		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 	}
 	if a == nil {
-		return netip.AddrPort{}, fmt.Errorf("%w: no address", ErrNotLoopback)
+		return netip.AddrPort{}, fmt.Errorf("%w: no address", errNotLoopback)
 	}
 	ap, err := netip.ParseAddrPort(a.String())
 	if err != nil || a.Network() != "tcp" {
-		return netip.AddrPort{}, fmt.Errorf("%w: %s address %q", ErrNotLoopback, a.Network(), a.String())
+		return netip.AddrPort{}, fmt.Errorf("%w: %s address %q", errNotLoopback, a.Network(), a.String())
 	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
 }
@@ -285,7 +285,7 @@ func sockDiagUID(peer, self netip.AddrPort) (int, error) {
 	for _, fam := range families {
 		diagSock.seq++
 		uid, err := sockDiagQuery(diagSock.fd, diagSock.seq, fam, peer, self, &diagSock.msg, &diagSock.buf)
-		if errors.Is(err, ErrPeerNotFound) {
+		if errors.Is(err, errPeerNotFound) {
 			continue
 		}
 		if err != nil {
@@ -296,7 +296,7 @@ func sockDiagUID(peer, self netip.AddrPort) (int, error) {
 		}
 		return uid, err
 	}
-	return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
+	return -1, fmt.Errorf("%w: %v", errPeerNotFound, peer)
 }
 
 // diagSock is the netlink socket that sockDiagUID asks through, opened at
@@ -362,7 +362,7 @@ func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort, 
 				}
 				errno := syscall.Errno(-int32(ne.Uint32(m.Data)))
 				if errno == syscall.ENOENT {
-					return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
+					return -1, fmt.Errorf("%w: %v", errPeerNotFound, peer)
 				}
 				return -1, fmt.Errorf("hpcproxy: sock_diag: %w", errno)
 			case sockDiagByFamily:
@@ -376,7 +376,7 @@ func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort, 
 				if d[1] == tcpListen || binary.BigEndian.Uint16(d[4+2:]) != self.Port() {
 					// The exact lookup falls back to listeners: a listener
 					// on the peer's port is not the peer.
-					return -1, fmt.Errorf("%w: %v", ErrPeerNotFound, peer)
+					return -1, fmt.Errorf("%w: %v", errPeerNotFound, peer)
 				}
 				return int(ne.Uint32(d[64:])), nil
 			}

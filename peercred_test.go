@@ -126,10 +126,10 @@ func TestLoopbackPeerUIDSelf(t *testing.T) {
 				return err
 			})
 			defer client.Close()
-			uid, err := LoopbackPeerUID(c)
+			uid, err := loopbackPeerUID(c)
 			require.NoError(t, err)
 			assert.Equal(t, os.Getuid(), uid)
-			assert.True(t, SameUserConn(c))
+			assert.True(t, sameUserConn(c))
 
 			// Both lookups, on their own.
 			peer, _ := addrPortOf(c.RemoteAddr())
@@ -144,7 +144,7 @@ func TestLoopbackPeerUIDSelf(t *testing.T) {
 			// The listener's own port is not a peer.
 			lnAddr, _ := addrPortOf(ln.Addr())
 			_, err = sockDiagUID(lnAddr, self)
-			assert.ErrorIs(t, err, ErrPeerNotFound)
+			assert.ErrorIs(t, err, errPeerNotFound)
 		})
 	}
 }
@@ -163,13 +163,13 @@ func TestLoopbackPeerUIDClosedPeer(t *testing.T) {
 	client.(*net.TCPConn).SetLinger(0)
 	client.Close()
 	time.Sleep(50 * time.Millisecond)
-	_, err = LoopbackPeerUID(c)
-	assert.ErrorIs(t, err, ErrPeerNotFound)
-	assert.False(t, SameUserConn(c))
+	_, err = loopbackPeerUID(c)
+	assert.ErrorIs(t, err, errPeerNotFound)
+	assert.False(t, sameUserConn(c))
 	peer, _ := addrPortOf(c.RemoteAddr())
 	self, _ := addrPortOf(c.LocalAddr())
 	_, err = procNetUID(peer, self)
-	assert.ErrorIs(t, err, ErrPeerNotFound, "/proc/net")
+	assert.ErrorIs(t, err, errPeerNotFound, "/proc/net")
 }
 
 type fakeAddrConn struct {
@@ -187,18 +187,18 @@ func TestLoopbackPeerUIDNotLoopback(t *testing.T) {
 		&net.UnixAddr{Name: "/tmp/s", Net: "unix"},
 		nil,
 	} {
-		_, err := LoopbackPeerUID(fakeAddrConn{local: local, remote: remote})
-		assert.ErrorIs(t, err, ErrNotLoopback, "remote %v", remote)
+		_, err := loopbackPeerUID(fakeAddrConn{local: local, remote: remote})
+		assert.ErrorIs(t, err, errNotLoopback, "remote %v", remote)
 	}
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	assert.False(t, SameUserConn(a))
+	assert.False(t, sameUserConn(a))
 }
 
 // TestLoopbackPeerUIDOtherUser connects as another UID (curl run with
 // SysProcAttr.Credential) and checks that the lookup names that UID and
-// SameUserConn refuses it. The kernel needs no passwd entry for a UID, so
+// sameUserConn refuses it. The kernel needs no passwd entry for a UID, so
 // no user is created on the machine.
 func TestLoopbackPeerUIDOtherUser(t *testing.T) {
 	testenv.RequireRoot(t)
@@ -215,7 +215,7 @@ func TestLoopbackPeerUIDOtherUser(t *testing.T) {
 	defer cmd.Wait()
 	defer c.Close()
 
-	uid, err := LoopbackPeerUID(c)
+	uid, err := loopbackPeerUID(c)
 	require.NoError(t, err)
 	assert.Equal(t, otherUID, uid, "peer uid")
 	peer, _ := addrPortOf(c.RemoteAddr())
@@ -223,7 +223,7 @@ func TestLoopbackPeerUIDOtherUser(t *testing.T) {
 	uid, err = procNetUID(peer, self)
 	require.NoError(t, err)
 	assert.Equal(t, otherUID, uid, "peer uid from /proc/net")
-	assert.False(t, SameUserConn(c), "another user's connection trusted")
+	assert.False(t, sameUserConn(c), "another user's connection trusted")
 
 	c.Write([]byte("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"))
 	c.Close()
@@ -256,17 +256,17 @@ func TestUnixPeerUIDSelf(t *testing.T) {
 	})
 	defer client.Close()
 	// An unnamed client ("@"): no address to look up in the TCP tables.
-	_, err = LoopbackPeerUID(c)
-	assert.ErrorIs(t, err, ErrNotLoopback)
-	uid, err := UnixPeerUID(c)
+	_, err = loopbackPeerUID(c)
+	assert.ErrorIs(t, err, errNotLoopback)
+	uid, err := unixPeerUID(c)
 	require.NoError(t, err)
 	assert.Equal(t, os.Getuid(), uid)
-	assert.True(t, SameUserConn(c), "the owner's unix connection refused")
+	assert.True(t, sameUserConn(c), "the owner's unix connection refused")
 }
 
 // TestUnixPeerUIDOtherUser connects to a unix socket as another UID (curl
 // --unix-socket with SysProcAttr.Credential): SO_PEERCRED names that UID
-// and SameUserConn refuses it.
+// and sameUserConn refuses it.
 func TestUnixPeerUIDOtherUser(t *testing.T) {
 	testenv.RequireRoot(t)
 	curl := testenv.LookPath(t, "curl")
@@ -282,10 +282,10 @@ func TestUnixPeerUIDOtherUser(t *testing.T) {
 	c := acceptUnix(t, ln, cmd.Start)
 	defer cmd.Wait()
 
-	uid, err := UnixPeerUID(c)
+	uid, err := unixPeerUID(c)
 	require.NoError(t, err)
 	assert.Equal(t, otherUID, uid, "peer uid")
-	assert.False(t, SameUserConn(c), "another user's unix connection trusted")
+	assert.False(t, sameUserConn(c), "another user's unix connection trusted")
 	c.Close()
 }
 

@@ -18,6 +18,9 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 )
 
 // State files
@@ -30,7 +33,7 @@ import (
 //     which is normally on NFS so that compute nodes can read it.
 //   - per-job: one proxy per job on a compute node, listening on 127.0.0.1.
 //     Its state file is LocalPidFilePath(), in a per-user directory of the
-//     node-local tmp dir ([NodeTmpDir]), named after the job.
+//     node-local tmp dir (see [EnvTmpDir]), named after the job.
 //
 // The environment can move both: HPCPROXY_STATE_DIR replaces the shared
 // state directory, HPCPROXY_TMPDIR the node-local tmp dir.
@@ -45,8 +48,9 @@ const (
 	// EnvStateDir, if set, is used as the shared-mode state directory
 	// instead of $XDG_DATA_HOME/hpcproxy.
 	EnvStateDir = "HPCPROXY_STATE_DIR"
-	// EnvTmpDir, if set, heads the node-local tmp dir chain (see
-	// [NodeTmpDir]).
+	// EnvTmpDir, if set, is the node-local tmp dir, ahead of the job's
+	// tmp dir that the scheduler names ($SLURM_TMPDIR, $LSB_JOB_TMPDIR, ...),
+	// $TMPDIR and /tmp.
 	EnvTmpDir = "HPCPROXY_TMPDIR"
 )
 
@@ -86,10 +90,10 @@ const (
 	StatusUnresponsive Status = "unresponsive"
 )
 
-// CredentialsUser is the user name carried in proxy URLs. Only the token
+// credentialsUser is the user name carried in proxy URLs. Only the token
 // is secret; the fixed name just fills the userinfo slot that clients
 // expect (http://hpcproxy:TOKEN@host:port).
-const CredentialsUser = "hpcproxy"
+const credentialsUser = "hpcproxy"
 
 // ProxyCredentials are what a client presents to the proxy: HTTP
 // Proxy-Authorization Basic, SOCKS5 username/password (RFC 1929), carried
@@ -102,14 +106,14 @@ const CredentialsUser = "hpcproxy"
 //
 //   - Shared mode (login node, all interfaces) always requires
 //     credentials. The daemon generates them at start
-//     (NewProxyCredentials) and keeps them only in its 0600 state file in
+//     (newProxyCredentials) and keeps them only in its 0600 state file in
 //     the user's 0700 data dir; FindActiveProxy and ProxyEnvList hand them
 //     to the user's own programs in the proxy URL. Other users cannot read
 //     the file, so they cannot use the proxy. A daemon may further
 //     restrict clients to an allow-list of networks.
 //   - Per-job mode (compute node, 127.0.0.1) accepts the same user only:
 //     a client presenting the token, or a loopback client whose socket
-//     belongs to the daemon's UID ([SameUserConn]), so that tools which
+//     belongs to the daemon's UID (SO_PEERCRED; for loopback TCP, the socket's owner), so that tools which
 //     cannot send proxy credentials still work for their owner and for
 //     nobody else sharing the node.
 type ProxyCredentials struct {
@@ -117,15 +121,15 @@ type ProxyCredentials struct {
 	Token string `json:"token"`
 }
 
-// NewProxyCredentials returns credentials with user CredentialsUser and a
+// newProxyCredentials returns credentials with user credentialsUser and a
 // fresh token of 32 bytes from crypto/rand, base64url-encoded (43
 // characters, safe in URL userinfo without escaping).
-func NewProxyCredentials() (ProxyCredentials, error) {
+func newProxyCredentials() (ProxyCredentials, error) {
 	var b [32]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return ProxyCredentials{}, fmt.Errorf("hpcproxy: generate token: %w", err)
 	}
-	return ProxyCredentials{User: CredentialsUser, Token: base64.RawURLEncoding.EncodeToString(b[:])}, nil
+	return ProxyCredentials{User: credentialsUser, Token: base64.RawURLEncoding.EncodeToString(b[:])}, nil
 }
 
 // Match reports, in constant time with respect to the secret, whether user
@@ -199,7 +203,7 @@ type ProxyState struct {
 }
 
 // LoginNodeStats is what one login node carries for a daemon: its part of
-// `status --json` (see [StatusReport]). The JSON names are stable.
+// `status --json`. The JSON names are stable.
 type LoginNodeStats struct {
 	Host   string `json:"host"`   // the SSH destination (Via); "direct" when relaying directly
 	InUse  bool   `json:"in_use"` // the tunnel goes through it now
@@ -270,13 +274,13 @@ var (
 	// ErrUnsafePath is wrapped by errors about a state directory or file
 	// that is owned by someone else, writable by others, or not what it
 	// should be (a symlink, not a directory). hpcproxy never uses one.
-	ErrUnsafePath = errors.New("hpcproxy: unsafe state path")
+	ErrUnsafePath = daemonproc.ErrUnsafePath
 	// ErrAlreadyRunning is matched (errors.Is) by *AlreadyRunningError, and
-	// by a *DaemonError whose daemon reported one.
+	// by the error of a daemon start whose daemon reported one.
 	ErrAlreadyRunning = errors.New("hpcproxy: proxy already running")
 )
 
-// AlreadyRunningError is returned by ClaimStateFile when the scope already
+// AlreadyRunningError is returned by claimStateFile when the scope already
 // has a proxy, possibly on another host, or one still starting.
 type AlreadyRunningError struct {
 	Path    string      // the state file
@@ -299,12 +303,12 @@ func (e *AlreadyRunningError) Error() string {
 // Is makes errors.Is(err, ErrAlreadyRunning) true.
 func (e *AlreadyRunningError) Is(target error) bool { return target == ErrAlreadyRunning }
 
-// StateDir returns the shared-mode state directory: $HPCPROXY_STATE_DIR,
+// stateDir returns the shared-mode state directory: $HPCPROXY_STATE_DIR,
 // else $XDG_DATA_HOME/hpcproxy, else HOME/.local/share/hpcproxy. HOME is
 // $HOME if set, else the passwd entry's home: the data dir is the user's
 // to choose, and a shared proxy is looked up from compute nodes through the
 // same (NFS) home.
-func StateDir() string {
+func stateDir() string {
 	if d := os.Getenv(EnvStateDir); d != "" {
 		return d
 	}
@@ -314,23 +318,23 @@ func StateDir() string {
 	return filepath.Join(homeDir(), ".local", "share", "hpcproxy")
 }
 
-// LocalStateDir returns the per-job state directory: hpcproxy-UID in the
-// node-local tmp dir ([NodeTmpDir]). If another user owns a file of that
+// localStateDir returns the per-job state directory: hpcproxy-UID in the
+// node-local tmp dir (jobenv.TmpDir). If another user owns a file of that
 // name (squatting it), it is a private directory beside it instead,
 // hpcproxy-UID.XXXXXXXX (mode 0700, made by the first call that needs
 // it, as mkdtemp does), which later calls find again.
-func LocalStateDir() string {
-	return uidTmpDir(NodeTmpDir())
+func localStateDir() string {
+	return uidTmpDir(jobenv.TmpDir())
 }
 
-// PidFilePath returns the shared-mode state file, StateDir()/proxy.json.
-func PidFilePath() string { return filepath.Join(StateDir(), "proxy.json") }
+// PidFilePath returns the shared-mode state file, stateDir()/proxy.json.
+func PidFilePath() string { return filepath.Join(stateDir(), "proxy.json") }
 
-// LocalPidFilePath returns the per-job state file in LocalStateDir():
+// LocalPidFilePath returns the per-job state file in localStateDir():
 // proxy-JOBID.json inside a scheduler job (two jobs of one user can share
 // a node), proxy.json outside one.
 func LocalPidFilePath() string {
-	return filepath.Join(LocalStateDir(), "proxy"+jobSuffix()+".json")
+	return filepath.Join(localStateDir(), "proxy"+jobSuffix()+".json")
 }
 
 // LogFilePath returns the log file that goes with a state file: the same
@@ -339,39 +343,8 @@ func LogFilePath(statePath string) string {
 	return strings.TrimSuffix(statePath, ".json") + ".log"
 }
 
-// SockPath returns the unix socket path for the shared-mode tunnel's ssh
-// control or SOCKS socket. It is node-local, not in the (NFS) state
-// dir: hpcproxy-UID under os.TempDir(). A unix socket path
-// must fit in sun_path (108 bytes); see shortSockPath.
-func SockPath() string {
-	return shortSockPath(uidTmpDir(os.TempDir()), "shared")
-}
-
-// LocalSockPath returns the unix socket path for a per-job tunnel, beside
-// LocalPidFilePath().
-func LocalSockPath() string {
-	return shortSockPath(LocalStateDir(), "tunnel"+jobSuffix())
-}
-
-// maxSockPath leaves room under sun_path's 108 bytes for the suffixes ssh
-// appends to control sockets (ControlPath.XXXXXXXXXXXXXXXX while binding).
-const maxSockPath = 100 - 17
-
-// shortSockPath returns dir/name.sock, or, when that is too long for a
-// unix socket, a path in /tmp/hpcproxy-UID with a shortened name.
-func shortSockPath(dir, name string) string {
-	p := filepath.Join(dir, name+".sock")
-	if len(p) <= maxSockPath {
-		return p
-	}
-	if len(name) > 24 {
-		name = name[:24]
-	}
-	return filepath.Join(uidTmpDir("/tmp"), name+".sock")
-}
-
 func jobSuffix() string {
-	if j := DetectJob(); j.InJob && j.JobID != "" {
+	if j := jobenv.Detect(); j.InJob && j.JobID != "" {
 		return "-" + sanitizeName(j.JobID)
 	}
 	return ""
@@ -438,11 +411,11 @@ func ReadPidFileAt(path string) (*ProxyState, error) {
 // directory (mode 0600), fsync, rename over path, fsync of the directory.
 // The directory is created 0700 if missing and refused (ErrUnsafePath) if
 // another user owns it or others can write to it. WritePidFileAt does not
-// check who owns the scope: a daemon uses ClaimStateFile and
-// [StateClaim.Update].
+// check who owns the scope: a daemon uses claimStateFile and
+// [stateClaim.Update].
 func WritePidFileAt(path string, ps ProxyState) error {
 	dir := filepath.Dir(path)
-	if err := EnsurePrivateDir(dir); err != nil {
+	if err := ensurePrivateDir(dir); err != nil {
 		return err
 	}
 	tmp, err := writeTemp(dir, &ps)
@@ -545,58 +518,6 @@ func sameDaemon(a, b *ProxyState) bool {
 	return a.PID == b.PID && a.Host == b.Host && a.Started.Equal(b.Started)
 }
 
-// EnsurePrivateDir creates dir with mode 0700 (and missing parents with
-// 0700, as the XDG base directory spec asks) and checks that it is safe to
-// keep secrets in: a directory (or a symlink the user owns to one) owned by
-// the user and not writable by group or others. A directory that others
-// can only read or enter is tightened to 0700. An unsafe directory, such
-// as one pre-created by another user in a shared /tmp, gives an error
-// wrapping ErrUnsafePath.
-func EnsurePrivateDir(dir string) error {
-	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
-		return fmt.Errorf("hpcproxy: create state directory: %w", err)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("hpcproxy: create state directory: %w", err)
-	}
-	uid := os.Getuid()
-	lfi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("hpcproxy: state directory: %w", err)
-	}
-	if lfi.Mode()&fs.ModeSymlink != 0 {
-		// In a sticky /tmp only the link's owner can replace it, so a link
-		// of our own is as safe as the directory it names.
-		if o := fileUID(lfi); o != uid {
-			return fmt.Errorf("%w: %s is a symlink owned by uid %d, not %d", ErrUnsafePath, dir, o, uid)
-		}
-	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("hpcproxy: state directory: %w", err)
-	}
-	switch {
-	case !fi.IsDir():
-		return fmt.Errorf("%w: %s is not a directory", ErrUnsafePath, dir)
-	case fileUID(fi) != uid:
-		return fmt.Errorf("%w: %s is owned by uid %d, not %d", ErrUnsafePath, dir, fileUID(fi), uid)
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("%w: %s is writable by others (mode %04o)", ErrUnsafePath, dir, fi.Mode().Perm())
-	case fi.Mode().Perm()&0o077 != 0:
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("hpcproxy: state directory: %w", err)
-		}
-	}
-	return nil
-}
-
-func fileUID(fi fs.FileInfo) int {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return int(st.Uid)
-	}
-	return -1
-}
-
 // StateVerdict is what CheckState concludes about a state file.
 type StateVerdict int
 
@@ -642,7 +563,7 @@ func (v StateVerdict) Stale() bool { return v == VerdictDeadPID || v == VerdictN
 func (v StateVerdict) Usable() bool { return v == VerdictAlive || v == VerdictForeignAnswering }
 
 // CheckState judges a state file. The PID is checked only when ps.Host is
-// this host; the port is probed (ProxyAlive at DialHost) up to three
+// this host; the port is probed (a TCP connect to DialHost) up to three
 // times before "no answer" is concluded, so one lost probe cannot make a
 // live daemon look stale.
 func CheckState(ps *ProxyState) StateVerdict { return defaultChecker.check(ps) }
@@ -657,8 +578,8 @@ type stateChecker struct {
 
 var defaultChecker = stateChecker{
 	hostname: thisHost,
-	pidAlive: PIDAlive,
-	probe:    ProxyAlive,
+	pidAlive: daemonproc.PIDAlive,
+	probe:    proxyAlive,
 	tries:    3,
 	pause:    200 * time.Millisecond,
 }
@@ -694,32 +615,6 @@ func (c stateChecker) check(ps *ProxyState) StateVerdict {
 	return VerdictNoAnswer
 }
 
-// PIDAlive reports whether the process pid on this host is running: it
-// exists (kill -0; EPERM means it belongs to someone else) and is not a
-// zombie, a process that has exited but that its parent has not reaped
-// yet (kill -0 succeeds on those). State-file checks and `stop` use it.
-func PIDAlive(pid int) bool {
-	if pid <= 0 {
-		return false
-	}
-	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
-		return false
-	}
-	return !isZombie(pid)
-}
-
-// isZombie reports whether /proc says pid has exited unreaped (state Z,
-// after the command name in parentheses, which may itself hold ')').
-func isZombie(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false // no /proc: trust kill -0
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i >= 0 && i+2 < len(s) && s[i+2] == 'Z'
-}
-
 var (
 	hostOnce sync.Once
 	hostName string
@@ -733,7 +628,7 @@ func thisHost() string {
 	return hostName
 }
 
-// StateClaim is a daemon's exclusive hold on a state file's scope. Hold it
+// stateClaim is a daemon's exclusive hold on a state file's scope. Hold it
 // for the daemon's lifetime: rewrite the state with Update on every change
 // and Release it on exit.
 //
@@ -747,25 +642,25 @@ func thisHost() string {
 // (mounts with nolock or local_lock=flock). On such mounts, two hosts that
 // both find the same stale file at the same moment can still race; with
 // working NFS locks (NFSv4, or v3 with lockd) they cannot.
-type StateClaim struct {
+type stateClaim struct {
 	path string
 	lock *os.File
 	mu   sync.Mutex
 	last ProxyState
 }
 
-// ClaimStateFile claims the scope of the state file at path for this
+// claimStateFile claims the scope of the state file at path for this
 // process and writes initial there (Host, PID and, if unset, Started and
 // Status are filled in: os.Hostname(), os.Getpid(), now, StatusStarting).
 //
-// If the scope has a proxy, ClaimStateFile returns an *AlreadyRunningError
+// If the scope has a proxy, claimStateFile returns an *AlreadyRunningError
 // describing it (errors.Is(err, ErrAlreadyRunning)): a live daemon here or
 // one still starting (it holds the lock), or any state written on another
 // host that is not proven stale (never removed or overwritten from here).
 // A stale file from this host (its daemon gone) is replaced.
-func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
+func claimStateFile(path string, initial ProxyState) (*stateClaim, error) {
 	dir := filepath.Dir(path)
-	if err := EnsurePrivateDir(dir); err != nil {
+	if err := ensurePrivateDir(dir); err != nil {
 		return nil, err
 	}
 	lock, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
@@ -788,7 +683,7 @@ func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
 		}
 		return nil, fmt.Errorf("hpcproxy: lock %s: %w", path+".lock", err)
 	}
-	c := &StateClaim{path: path, lock: lock}
+	c := &stateClaim{path: path, lock: lock}
 
 	if initial.Host == "" {
 		initial.Host = thisHost()
@@ -847,7 +742,7 @@ func ClaimStateFile(path string, initial ProxyState) (*StateClaim, error) {
 }
 
 // create writes ps to c.path only if no file exists there (link(2)).
-func (c *StateClaim) create(ps *ProxyState) error {
+func (c *stateClaim) create(ps *ProxyState) error {
 	dir := filepath.Dir(c.path)
 	tmp, err := writeTemp(dir, ps)
 	if err != nil {
@@ -866,34 +761,34 @@ func (c *StateClaim) create(ps *ProxyState) error {
 }
 
 // Path returns the claimed state file.
-func (c *StateClaim) Path() string { return c.path }
+func (c *stateClaim) Path() string { return c.path }
 
 // State returns the state last written.
-func (c *StateClaim) State() ProxyState {
+func (c *stateClaim) State() ProxyState {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.last
 }
 
-// ErrStateTakenOver is wrapped by StateClaim.Update when the state file
+// errStateTakenOver is wrapped by stateClaim.Update when the state file
 // now describes another daemon (one on another host sharing the state dir
 // over NFS without working locks, or one started after the file and its
 // lock were deleted): the claim never overwrites it, and Release leaves it.
-var ErrStateTakenOver = errors.New("hpcproxy: state file taken over by another daemon")
+var errStateTakenOver = errors.New("hpcproxy: state file taken over by another daemon")
 
 // Update atomically rewrites the state file with ps (Host and PID are
 // kept as claimed; StatusSince is set when Status changes and ps leaves it
 // unset). It fails after Release, and with an error wrapping
-// ErrStateTakenOver, writing nothing, if the file now describes another
+// errStateTakenOver, writing nothing, if the file now describes another
 // daemon. A missing file is written again.
-func (c *StateClaim) Update(ps ProxyState) error {
+func (c *stateClaim) Update(ps ProxyState) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.lock == nil {
 		return errors.New("hpcproxy: state claim released")
 	}
 	if cur, err := ReadPidFileAt(c.path); err == nil && !sameDaemon(cur, &c.last) {
-		return fmt.Errorf("%w: %s now names pid %d on %s", ErrStateTakenOver, c.path, cur.PID, cur.Host)
+		return fmt.Errorf("%w: %s now names pid %d on %s", errStateTakenOver, c.path, cur.PID, cur.Host)
 	}
 	ps.Host, ps.PID = c.last.Host, c.last.PID
 	if ps.Started.IsZero() {
@@ -911,7 +806,7 @@ func (c *StateClaim) Update(ps ProxyState) error {
 
 // Release removes the state file (if it still is this daemon's) and gives
 // up the claim. It is idempotent.
-func (c *StateClaim) Release() error {
+func (c *stateClaim) Release() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.lock == nil {
@@ -925,13 +820,13 @@ func (c *StateClaim) Release() error {
 
 // Abandon gives the claim up without removing the state file, as a
 // killed daemon would: the next claim finds it stale.
-func (c *StateClaim) Abandon() {
+func (c *stateClaim) Abandon() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.unlock()
 }
 
-func (c *StateClaim) unlock() {
+func (c *stateClaim) unlock() {
 	if c.lock != nil {
 		c.lock.Close() // closing the last descriptor drops the flock
 		c.lock = nil
@@ -956,3 +851,9 @@ func flockNB(f *os.File) error {
 	}
 	return ferr
 }
+
+// ensurePrivateDir creates dir (and its parents) 0700 if needed and
+// checks that only the user can use it; see daemonproc.EnsurePrivateDir.
+func ensurePrivateDir(dir string) error { return daemonproc.EnsurePrivateDir(dir) }
+
+func fileUID(fi fs.FileInfo) int { return daemonproc.FileUID(fi) }

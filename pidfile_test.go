@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
 
@@ -26,7 +27,7 @@ func init() {
 	// claim: claim HELPER_STATE, say "won" or "lost: ERR" on stdout, hold
 	// the claim for HELPER_HOLD (default: until killed), release, exit.
 	helpers["claim"] = func() int {
-		c, err := ClaimStateFile(os.Getenv("HELPER_STATE"), ProxyState{Port: 1, Mode: ModePerJob})
+		c, err := claimStateFile(os.Getenv("HELPER_STATE"), ProxyState{Port: 1, Mode: ModePerJob})
 		if err != nil {
 			fmt.Printf("lost: %v\n", err)
 			return 0
@@ -42,7 +43,7 @@ func init() {
 }
 
 func TestProxyStateJSON(t *testing.T) {
-	creds, err := NewProxyCredentials()
+	creds, err := newProxyCredentials()
 	require.NoError(t, err)
 	ps := ProxyState{
 		Host: "login1", Via: "alice@login1", Port: 8080, PID: 42,
@@ -83,13 +84,13 @@ func TestProxyStateURL(t *testing.T) {
 }
 
 func TestProxyCredentials(t *testing.T) {
-	a, err := NewProxyCredentials()
+	a, err := newProxyCredentials()
 	require.NoError(t, err)
-	b, err := NewProxyCredentials()
+	b, err := newProxyCredentials()
 	require.NoError(t, err)
 	assert.NotEqual(t, a.Token, b.Token)
 	assert.Len(t, a.Token, 43)
-	assert.Equal(t, CredentialsUser, a.User)
+	assert.Equal(t, credentialsUser, a.User)
 	assert.True(t, a.Match(a.User, a.Token))
 	assert.False(t, a.Match(a.User, b.Token))
 	assert.False(t, a.Match("x", a.Token))
@@ -150,7 +151,7 @@ func TestEnsurePrivateDir(t *testing.T) {
 		d := filepath.Join(base, "readable")
 		require.NoError(t, os.Mkdir(d, 0o755))
 		require.NoError(t, os.Chmod(d, 0o755))
-		require.NoError(t, EnsurePrivateDir(d))
+		require.NoError(t, ensurePrivateDir(d))
 		fi, _ := os.Stat(d)
 		assert.Equal(t, fs.FileMode(0o700), fi.Mode().Perm())
 	})
@@ -158,7 +159,7 @@ func TestEnsurePrivateDir(t *testing.T) {
 		d := filepath.Join(base, "open")
 		require.NoError(t, os.Mkdir(d, 0o777))
 		require.NoError(t, os.Chmod(d, 0o777))
-		err := EnsurePrivateDir(d)
+		err := ensurePrivateDir(d)
 		assert.ErrorIs(t, err, ErrUnsafePath)
 		assert.ErrorContains(t, err, "writable by others")
 		require.NoError(t, WritePidFileAt(filepath.Join(base, "ok", "p.json"), ProxyState{}))
@@ -167,14 +168,14 @@ func TestEnsurePrivateDir(t *testing.T) {
 	t.Run("refuses a file", func(t *testing.T) {
 		f := filepath.Join(base, "file")
 		require.NoError(t, os.WriteFile(f, nil, 0o600))
-		assert.ErrorIs(t, EnsurePrivateDir(f), ErrUnsafePath)
+		assert.ErrorIs(t, ensurePrivateDir(f), ErrUnsafePath)
 	})
 	t.Run("accepts own symlink", func(t *testing.T) {
 		real := filepath.Join(base, "real")
 		require.NoError(t, os.Mkdir(real, 0o700))
 		link := filepath.Join(base, "mine")
 		require.NoError(t, os.Symlink(real, link))
-		assert.NoError(t, EnsurePrivateDir(link))
+		assert.NoError(t, ensurePrivateDir(link))
 	})
 	t.Run("refuses foreign owner", func(t *testing.T) {
 		// An attacker pre-creates /tmp/hpcproxy-UID for us.
@@ -182,11 +183,11 @@ func TestEnsurePrivateDir(t *testing.T) {
 		d := filepath.Join(base, "hpcproxy-0")
 		require.NoError(t, os.Mkdir(d, 0o700))
 		require.NoError(t, os.Chown(d, 4242, 4242))
-		err := EnsurePrivateDir(d)
+		err := ensurePrivateDir(d)
 		assert.ErrorIs(t, err, ErrUnsafePath)
 		assert.ErrorContains(t, err, "owned by uid 4242")
 
-		_, err = ClaimStateFile(filepath.Join(d, "proxy.json"), ProxyState{})
+		_, err = claimStateFile(filepath.Join(d, "proxy.json"), ProxyState{})
 		assert.ErrorIs(t, err, ErrUnsafePath)
 	})
 	t.Run("refuses foreign symlink", func(t *testing.T) {
@@ -196,7 +197,7 @@ func TestEnsurePrivateDir(t *testing.T) {
 		link := filepath.Join(base, "theirs")
 		require.NoError(t, os.Symlink(real, link))
 		require.NoError(t, os.Lchown(link, 4242, 4242))
-		assert.ErrorIs(t, EnsurePrivateDir(link), ErrUnsafePath)
+		assert.ErrorIs(t, ensurePrivateDir(link), ErrUnsafePath)
 	})
 }
 
@@ -215,20 +216,12 @@ func TestStatePaths(t *testing.T) {
 	t.Setenv(EnvTmpDir, tmp)
 	uid := fmt.Sprint(os.Getuid())
 	assert.Equal(t, filepath.Join(tmp, "hpcproxy-"+uid, "proxy.json"), LocalPidFilePath())
-	assert.Equal(t, filepath.Join(tmp, "hpcproxy-"+uid, "tunnel.sock"), LocalSockPath())
 
 	t.Setenv("SLURM_JOB_ID", "1234")
 	t.Setenv("SLURMD_NODENAME", "node7")
 	assert.Equal(t, filepath.Join(tmp, "hpcproxy-"+uid, "proxy-1234.json"), LocalPidFilePath())
-	assert.Equal(t, filepath.Join(tmp, "hpcproxy-"+uid, "tunnel-1234.sock"), LocalSockPath())
 	assert.Equal(t, filepath.Join(tmp, "hpcproxy-"+uid, "proxy-1234.log"), LogFilePath(LocalPidFilePath()))
 
-	// Socket paths stay short enough for sun_path.
-	long := filepath.Join(tmp, strings.Repeat("d", 120))
-	t.Setenv(EnvTmpDir, long)
-	assert.LessOrEqual(t, len(LocalSockPath()), maxSockPath, LocalSockPath())
-	assert.True(t, strings.HasPrefix(LocalSockPath(), "/tmp/hpcproxy-"+uid+"/"), LocalSockPath())
-	assert.LessOrEqual(t, len(SockPath()), 100)
 }
 
 func TestCheckStateVerdicts(t *testing.T) {
@@ -301,7 +294,7 @@ func TestCheckStateReal(t *testing.T) {
 	dead := alive
 	dead.PID = deadPID(t)
 	assert.Equal(t, VerdictDeadPID, CheckState(&dead))
-	assert.True(t, ProxyAlive("127.0.0.1", port))
+	assert.True(t, proxyAlive("127.0.0.1", port))
 }
 
 // TestPIDAliveZombie: a process that has exited but is not reaped yet
@@ -311,14 +304,14 @@ func TestPIDAliveZombie(t *testing.T) {
 	require.NoError(t, sleeper.Start())
 	pid := sleeper.Process.Pid
 	defer sleeper.Wait()
-	assert.True(t, PIDAlive(pid))
+	assert.True(t, daemonproc.PIDAlive(pid))
 	require.NoError(t, sleeper.Process.Kill())
-	require.Eventually(t, func() bool { return !PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(pid) }, 5*time.Second, 10*time.Millisecond, "a zombie counts as alive")
 	require.NoError(t, syscall.Kill(pid, 0), "not reaped yet: kill -0 still succeeds")
 	assert.Equal(t, VerdictDeadPID, CheckState(&ProxyState{Host: thisHost(), PID: pid, Port: 1, Status: StatusUp}))
-	assert.True(t, PIDAlive(os.Getpid()))
-	assert.False(t, PIDAlive(0))
-	assert.False(t, PIDAlive(deadPID(t)))
+	assert.True(t, daemonproc.PIDAlive(os.Getpid()))
+	assert.False(t, daemonproc.PIDAlive(0))
+	assert.False(t, daemonproc.PIDAlive(deadPID(t)))
 }
 
 func TestClaimStateFileConcurrent(t *testing.T) {
@@ -327,7 +320,7 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 	var (
 		wg     sync.WaitGroup
 		mu     sync.Mutex
-		claims []*StateClaim
+		claims []*stateClaim
 		errs   []error
 	)
 	start := make(chan struct{})
@@ -336,7 +329,7 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			c, err := ClaimStateFile(path, ProxyState{Port: 1000, Mode: ModePerJob})
+			c, err := claimStateFile(path, ProxyState{Port: 1000, Mode: ModePerJob})
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -361,7 +354,7 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 	assert.False(t, ps.Started.IsZero())
 
 	// A second start while the first runs reports the running one.
-	_, err = ClaimStateFile(path, ProxyState{})
+	_, err = claimStateFile(path, ProxyState{})
 	var are *AlreadyRunningError
 	require.ErrorAs(t, err, &are)
 	require.NotNil(t, are.State)
@@ -381,7 +374,7 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 	_, err = os.Stat(path)
 	assert.ErrorIs(t, err, fs.ErrNotExist)
 
-	c2, err := ClaimStateFile(path, ProxyState{})
+	c2, err := claimStateFile(path, ProxyState{})
 	require.NoError(t, err)
 	require.NoError(t, c2.Release())
 }
@@ -391,7 +384,7 @@ func TestClaimStateFileConcurrent(t *testing.T) {
 // Update does not overwrite it, and Release leaves it in place.
 func TestStateClaimTakenOver(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state", "proxy.json")
-	c, err := ClaimStateFile(path, ProxyState{Port: 1000, Mode: ModeShared})
+	c, err := claimStateFile(path, ProxyState{Port: 1000, Mode: ModeShared})
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Release() })
 
@@ -403,7 +396,7 @@ func TestStateClaimTakenOver(t *testing.T) {
 	up := c.State()
 	up.Status = StatusUp
 	err = c.Update(up)
-	require.ErrorIs(t, err, ErrStateTakenOver)
+	require.ErrorIs(t, err, errStateTakenOver)
 	assert.Contains(t, err.Error(), "pid 4242 on login2")
 	require.NoError(t, c.Release())
 	after, err := os.ReadFile(path)
@@ -411,12 +404,12 @@ func TestStateClaimTakenOver(t *testing.T) {
 	assert.Equal(t, string(before), string(after), "another daemon's state file was changed")
 
 	// The same on this host, with a pid that differs only by its start time.
-	c2, err := ClaimStateFile(filepath.Join(t.TempDir(), "proxy.json"), ProxyState{Port: 1})
+	c2, err := claimStateFile(filepath.Join(t.TempDir(), "proxy.json"), ProxyState{Port: 1})
 	require.NoError(t, err)
 	again := c2.State()
 	again.Started = again.Started.Add(time.Second)
 	require.NoError(t, WritePidFileAt(c2.Path(), again))
-	require.ErrorIs(t, c2.Update(c2.State()), ErrStateTakenOver)
+	require.ErrorIs(t, c2.Update(c2.State()), errStateTakenOver)
 	require.NoError(t, c2.Release())
 	_, err = os.Stat(c2.Path())
 	assert.NoError(t, err, "a restarted daemon's state file (same pid, later start) was removed")
@@ -464,7 +457,7 @@ func TestClaimStateFileAfterCrash(t *testing.T) {
 	line, _ := bufio.NewReader(stdout).ReadString('\n')
 	require.Equal(t, "won\n", line)
 
-	_, err = ClaimStateFile(path, ProxyState{})
+	_, err = claimStateFile(path, ProxyState{})
 	require.ErrorIs(t, err, ErrAlreadyRunning, "while the holder lives")
 
 	require.NoError(t, cmd.Process.Kill())
@@ -473,7 +466,7 @@ func TestClaimStateFileAfterCrash(t *testing.T) {
 	require.NoError(t, err, "a SIGKILLed daemon leaves its state file")
 	assert.Equal(t, cmd.Process.Pid, ps.PID)
 
-	c, err := ClaimStateFile(path, ProxyState{Port: 7})
+	c, err := claimStateFile(path, ProxyState{Port: 7})
 	require.NoError(t, err)
 	defer c.Release()
 	ps, err = ReadPidFileAt(path)
@@ -500,7 +493,7 @@ func TestClaimStateFileForeignHost(t *testing.T) {
 			require.NoError(t, WritePidFileAt(path, theirs))
 			before, _ := os.ReadFile(path)
 
-			_, err := ClaimStateFile(path, ProxyState{})
+			_, err := claimStateFile(path, ProxyState{})
 			var are *AlreadyRunningError
 			require.ErrorAs(t, err, &are)
 			assert.Equal(t, tc.want, are.Verdict)

@@ -17,7 +17,7 @@ import (
 // Connections the daemon opens itself
 //
 // A per-job daemon trusts loopback connections from its owner's UID
-// ([SameUserConn]). A reverse forward breaks that rule's premise: the
+// (SO_PEERCRED; for loopback TCP, the socket's owner). A reverse forward breaks that rule's premise: the
 // daemon itself connects to the exposed local service, so the connection
 // comes from the owner's UID while its bytes come from whoever reached
 // the login node's port. Were the exposed service the proxy itself (or
@@ -224,13 +224,13 @@ func connClosed(c net.Conn) bool {
 }
 
 // ownerConn is the daemon's test for "this connection is its owner's": a
-// peer of the owner's UID ([SameUserConn]) that is not a connection the
+// peer of the owner's UID (SO_PEERCRED; for loopback TCP, the socket's owner) that is not a connection the
 // daemon opened itself.
 func (r *running) ownerConn(c net.Conn) bool {
 	if r.self.opened(c) {
 		return false
 	}
-	return SameUserConn(c)
+	return sameUserConn(c)
 }
 
 // errExposeSelf is wrapped by the error for an expose of the daemon's own

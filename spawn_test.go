@@ -8,11 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 func init() {
@@ -23,14 +24,14 @@ func init() {
 
 // daemonHelper plays a daemon started by StartDaemon.
 func daemonHelper(mode string) int {
-	fds := InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	switch mode {
 	case "ready", "exitfd":
 		// Start a grandchild before reporting, as a daemon starts ssh: it
 		// must inherit neither the pipes nor the variables naming them.
 		sleeper := exec.Command("sleep", "60")
 		if err := sleeper.Start(); err != nil {
-			ReportError(fds.Report, err)
+			daemonproc.ReportError(fds.Report, err)
 			return 1
 		}
 		// The child may open files of its own (locale data) on the same
@@ -42,12 +43,12 @@ func daemonHelper(mode string) int {
 			ours, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd))
 			theirs, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", sleeper.Process.Pid, fd))
 			if err == nil && theirs == ours {
-				ReportError(fds.Report, fmt.Errorf("fd %d (%s) leaked to a child process", fd, ours))
+				daemonproc.ReportError(fds.Report, fmt.Errorf("fd %d (%s) leaked to a child process", fd, ours))
 				return 1
 			}
 		}
-		if v, ok := os.LookupEnv(EnvReportFd); ok {
-			ReportError(fds.Report, fmt.Errorf("%s=%s left in the environment", EnvReportFd, v))
+		if v, ok := os.LookupEnv(daemonproc.EnvReportFd); ok {
+			daemonproc.ReportError(fds.Report, fmt.Errorf("%s=%s left in the environment", daemonproc.EnvReportFd, v))
 			return 1
 		}
 		// Be slow to bind: a parent that returned early would fail to
@@ -55,11 +56,11 @@ func daemonHelper(mode string) int {
 		time.Sleep(300 * time.Millisecond)
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			ReportError(fds.Report, err)
+			daemonproc.ReportError(fds.Report, err)
 			return 1
 		}
 		if err := os.WriteFile(os.Getenv("HELPER_ADDR_FILE"), []byte(ln.Addr().String()), 0o600); err != nil {
-			ReportError(fds.Report, err)
+			daemonproc.ReportError(fds.Report, err)
 			return 1
 		}
 		go func() {
@@ -72,12 +73,12 @@ func daemonHelper(mode string) int {
 				c.Close()
 			}
 		}()
-		exit, err := WatchExitFd(context.Background(), fds.Exit)
+		exit, err := daemonproc.WatchExitFd(context.Background(), fds.Exit)
 		if err != nil {
-			ReportError(fds.Report, err)
+			daemonproc.ReportError(fds.Report, err)
 			return 1
 		}
-		if err := ReportReady(fds.Report); err != nil {
+		if err := daemonproc.ReportReady(fds.Report); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
@@ -91,10 +92,10 @@ func daemonHelper(mode string) int {
 		select {} // until killed
 	case "fail":
 		fmt.Fprintln(os.Stderr, "trying to start")
-		ReportError(fds.Report, errors.New("hpcproxy: no tunnel method reached \"login1\"\n  gossh: connection refused"))
+		daemonproc.ReportError(fds.Report, errors.New("hpcproxy: no tunnel method reached \"login1\"\n  gossh: connection refused"))
 		return 1
 	case "already":
-		ReportError(fds.Report, &AlreadyRunningError{Path: "/x/proxy.json", State: &ProxyState{Host: "login1", PID: 42, Port: 8080}})
+		daemonproc.ReportError(fds.Report, &AlreadyRunningError{Path: "/x/proxy.json", State: &ProxyState{Host: "login1", PID: 42, Port: 8080}})
 		return 1
 	case "crash":
 		fmt.Fprintln(os.Stderr, "panic: boom")
@@ -105,10 +106,10 @@ func daemonHelper(mode string) int {
 		fmt.Printf("report=%d exit=%d listen=%d standby=%d\n", fds.Report, fds.Exit, fds.Listen, fds.Standby)
 		if fds.Listen > 0 {
 			// The job's listener: a listening socket on loopback.
-			ln, err := fileListener(os.NewFile(uintptr(fds.Listen), "listener"))
+			ln, err := daemonproc.FileListener(os.NewFile(uintptr(fds.Listen), "listener"))
 			fmt.Printf("listener %v %v\n", ln != nil, err)
 		}
-		ReportReady(fds.Report)
+		daemonproc.ReportReady(fds.Report)
 		return 0
 	}
 	fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
@@ -123,7 +124,7 @@ func TestStartDaemonReadyAfterListening(t *testing.T) {
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	log := daemonLog(t)
 	start := time.Now()
-	d, err := StartDaemon(context.Background(), DaemonOptions{
+	d, err := daemonproc.Start(context.Background(), daemonproc.Options{
 		Cmd:     helperCommand("ready", "HELPER_ADDR_FILE="+addrFile),
 		LogFile: log,
 		Timeout: 30 * time.Second,
@@ -182,10 +183,10 @@ func getsid(pid int) (int, error) {
 
 func TestStartDaemonReportedError(t *testing.T) {
 	log := daemonLog(t)
-	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("fail"), LogFile: log, Timeout: 30 * time.Second})
-	var de *DaemonError
+	_, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("fail"), LogFile: log, Timeout: 30 * time.Second})
+	var de *daemonproc.Error
 	if !errors.As(err, &de) {
-		t.Fatalf("err = %v, want *DaemonError", err)
+		t.Fatalf("err = %v, want *daemonproc.Error", err)
 	}
 	if !strings.Contains(de.Reported, "no tunnel method reached") || !strings.Contains(de.Reported, "gossh: connection refused") {
 		t.Errorf("Reported = %q, want the daemon's text", de.Reported)
@@ -204,7 +205,7 @@ func TestStartDaemonReportedError(t *testing.T) {
 }
 
 func TestStartDaemonAlreadyRunning(t *testing.T) {
-	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("already"), LogFile: daemonLog(t), Timeout: 30 * time.Second})
+	_, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("already"), LogFile: daemonLog(t), Timeout: 30 * time.Second, Errors: []error{ErrAlreadyRunning}})
 	if !errors.Is(err, ErrAlreadyRunning) {
 		t.Fatalf("err = %v, want ErrAlreadyRunning", err)
 	}
@@ -214,10 +215,10 @@ func TestStartDaemonAlreadyRunning(t *testing.T) {
 }
 
 func TestStartDaemonCrashBeforeReport(t *testing.T) {
-	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("crash"), LogFile: daemonLog(t), Timeout: 30 * time.Second})
-	var de *DaemonError
+	_, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("crash"), LogFile: daemonLog(t), Timeout: 30 * time.Second})
+	var de *daemonproc.Error
 	if !errors.As(err, &de) {
-		t.Fatalf("err = %v, want *DaemonError (a silent EOF is not ready)", err)
+		t.Fatalf("err = %v, want *daemonproc.Error (a silent EOF is not ready)", err)
 	}
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 2 {
@@ -230,9 +231,9 @@ func TestStartDaemonCrashBeforeReport(t *testing.T) {
 
 func TestStartDaemonTimeout(t *testing.T) {
 	start := time.Now()
-	_, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("hang"), LogFile: daemonLog(t), Timeout: 500 * time.Millisecond})
-	if !errors.Is(err, ErrDaemonTimeout) {
-		t.Fatalf("err = %v, want ErrDaemonTimeout", err)
+	_, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("hang"), LogFile: daemonLog(t), Timeout: 500 * time.Millisecond})
+	if !errors.Is(err, daemonproc.ErrTimeout) {
+		t.Fatalf("err = %v, want daemonproc.ErrTimeout", err)
 	}
 	if el := time.Since(start); el > 10*time.Second {
 		t.Errorf("took %v", el)
@@ -244,7 +245,7 @@ func TestStartDaemonTimeout(t *testing.T) {
 func TestStartDaemonContextCancel(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	_, err := StartDaemon(ctx, DaemonOptions{Cmd: helperCommand("hang"), LogFile: daemonLog(t), Timeout: time.Minute})
+	_, err := daemonproc.Start(ctx, daemonproc.Options{Cmd: helperCommand("hang"), LogFile: daemonLog(t), Timeout: time.Minute})
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want context.DeadlineExceeded", err)
 	}
@@ -253,7 +254,7 @@ func TestStartDaemonContextCancel(t *testing.T) {
 func TestStartDaemonExitFd(t *testing.T) {
 	addrFile := filepath.Join(t.TempDir(), "addr")
 	log := daemonLog(t)
-	d, err := StartDaemon(context.Background(), DaemonOptions{
+	d, err := daemonproc.Start(context.Background(), daemonproc.Options{
 		Cmd:      helperCommand("exitfd", "HELPER_ADDR_FILE="+addrFile),
 		LogFile:  log,
 		Timeout:  30 * time.Second,
@@ -286,7 +287,7 @@ func TestStartDaemonExitFd(t *testing.T) {
 
 func TestStartDaemonEnv(t *testing.T) {
 	log := daemonLog(t)
-	d, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("envfds"), LogFile: log, Timeout: 30 * time.Second, ExitPipe: true})
+	d, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("envfds"), LogFile: log, Timeout: 30 * time.Second, ExitPipe: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +303,7 @@ func TestStartDaemonEnv(t *testing.T) {
 // without an exit pipe.
 func TestStartDaemonListener(t *testing.T) {
 	log := daemonLog(t)
-	ln, err := ListenJob(0)
+	ln, err := daemonproc.ListenJob(0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,7 +314,7 @@ func TestStartDaemonListener(t *testing.T) {
 	}
 	defer pr.Close()
 	defer pw.Close()
-	d, err := StartDaemon(context.Background(), DaemonOptions{Cmd: helperCommand("envfds"), LogFile: log, Timeout: 30 * time.Second,
+	d, err := daemonproc.Start(context.Background(), daemonproc.Options{Cmd: helperCommand("envfds"), LogFile: log, Timeout: 30 * time.Second,
 		Listener: ln, Standby: pw})
 	if err != nil {
 		t.Fatal(err)
@@ -326,104 +327,13 @@ func TestStartDaemonListener(t *testing.T) {
 }
 
 func TestStartDaemonBadOptions(t *testing.T) {
-	for name, opts := range map[string]DaemonOptions{
+	for name, opts := range map[string]daemonproc.Options{
 		"no command": {LogFile: "/tmp/x.log"},
 		"no log":     {Cmd: exec.Command("true")},
 		"stdout set": {Cmd: &exec.Cmd{Path: "/bin/true", Stdout: os.Stdout}, LogFile: "/tmp/x.log"},
 	} {
-		if _, err := StartDaemon(context.Background(), opts); err == nil {
+		if _, err := daemonproc.Start(context.Background(), opts); err == nil {
 			t.Errorf("%s: no error", name)
-		}
-	}
-}
-
-func TestReportProtocol(t *testing.T) {
-	for i, tc := range []struct {
-		name string
-		do   func(fd int) error
-		want string
-	}{
-		{"ready", ReportReady, "READY=1\n"},
-		{"error", func(fd int) error { return ReportError(fd, errors.New("hpcproxy: bad")) }, "hpcproxy: bad\n"},
-		{"error that looks ready", func(fd int) error { return ReportError(fd, errors.New("READY=1")) }, "error: READY=1\n"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			r, w, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer r.Close()
-			// A distinct fd per case: a used report fd is refused for good.
-			fd := 200 + i
-			err = syscall.Dup3(int(w.Fd()), fd, 0)
-			w.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := tc.do(fd); err != nil {
-				t.Fatal(err)
-			}
-			b := make([]byte, 100)
-			n, _ := r.Read(b)
-			if got := string(b[:n]); got != tc.want {
-				t.Errorf("got %q, want %q", got, tc.want)
-			}
-			if err := ReportReady(fd); err == nil {
-				t.Errorf("second report on fd %d accepted", fd)
-			}
-		})
-	}
-	if err := ReportReady(0); err != nil {
-		t.Errorf("ReportReady(0) = %v, want no-op", err)
-	}
-}
-
-func TestWatchExitFdContext(t *testing.T) {
-	r, w, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	fd, err := syscall.Dup(int(r.Fd()))
-	r.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ch, err := WatchExitFd(ctx, fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-ch:
-		t.Fatal("fired early")
-	case <-time.After(50 * time.Millisecond):
-	}
-	cancel()
-	select {
-	case <-ch:
-	case <-time.After(5 * time.Second):
-		t.Fatal("cancel did not end the watch")
-	}
-}
-
-// TestDaemonGODEBUG checks the GODEBUG a daemon is started with: the
-// caller's settings kept, adaptive stack sizing off unless the caller set
-// it.
-func TestDaemonGODEBUG(t *testing.T) {
-	for _, tc := range []struct{ in, want []string }{
-		{[]string{"A=1"}, []string{"A=1", "GODEBUG=adaptivestackstart=0"}},
-		{[]string{"GODEBUG="}, []string{"GODEBUG=adaptivestackstart=0"}},
-		{[]string{"GODEBUG=gctrace=1"}, []string{"GODEBUG=gctrace=1,adaptivestackstart=0"}},
-		{[]string{"GODEBUG=adaptivestackstart=1"}, []string{"GODEBUG=adaptivestackstart=1"}},
-		{[]string{"GODEBUG=x=1,adaptivestackstart=1"}, []string{"GODEBUG=x=1,adaptivestackstart=1"}},
-	} {
-		in := slices.Clone(tc.in)
-		if got := daemonGODEBUG(in); !slices.Equal(got, tc.want) {
-			t.Errorf("daemonGODEBUG(%q) = %q, want %q", tc.in, got, tc.want)
-		}
-		if !slices.Equal(in, tc.in) {
-			t.Errorf("daemonGODEBUG(%q) modified its argument", tc.in)
 		}
 	}
 }

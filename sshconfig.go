@@ -19,109 +19,14 @@ import (
 	"time"
 
 	"github.com/kevinburke/ssh_config"
+
+	"github.com/hpcproxy/hpcproxy/internal/sshdest"
 )
 
-// destination is a parsed TunnelConfig.Destination. Host may still be an
-// ssh_config alias; User and Port are empty/zero when not given, so that
-// ssh_config (or ssh's defaults) decide.
-type destination struct {
-	User string
-	Host string
-	Port int
-}
+// destination is a parsed TunnelConfig.Destination (see sshdest).
+type destination = sshdest.Destination
 
-// parseDestination splits "user@host:port" and its shorter forms.
-// IPv6 addresses take brackets when a port follows ("[::1]:2222"); a bare
-// IPv6 address ("::1") is a host without a port.
-func parseDestination(s string) (destination, error) {
-	var d destination
-	if s == "" {
-		return d, fmt.Errorf("hpcproxy: empty SSH destination")
-	}
-	// Errors quote the whole destination as given, not what is left of it.
-	orig := s
-	if strings.ContainsAny(s, " \t\r\n") || strings.HasPrefix(s, "-") {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q", orig)
-	}
-	if i := strings.LastIndex(s, "@"); i >= 0 {
-		d.User, s = s[:i], s[i+1:]
-		if d.User == "" {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty user", orig)
-		}
-	}
-	host, port := s, ""
-	switch {
-	case strings.HasPrefix(s, "["):
-		h, p, err := net.SplitHostPort(s)
-		if err != nil {
-			// "[v6addr]" without a port; anything else is malformed.
-			h = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-			if !strings.HasSuffix(s, "]") || strings.ContainsAny(h, "[]") {
-				return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: %w", orig, err)
-			}
-			p = ""
-		}
-		host, port = h, p
-	case strings.Count(s, ":") == 1:
-		host, port, _ = strings.Cut(s, ":")
-	}
-	if host == "" {
-		return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: empty host", orig)
-	}
-	d.Host = host
-	if port != "" {
-		n, err := strconv.Atoi(port)
-		if err != nil || n < 1 || n > 65535 {
-			return d, fmt.Errorf("hpcproxy: invalid SSH destination %q: bad port %q", orig, port)
-		}
-		d.Port = n
-	}
-	return d, nil
-}
-
-// loginArgs returns ssh's -l and -p arguments for the user and port of d,
-// when given. They must come before every -o on ssh's command line: ssh
-// keeps the first value it sees, and the destination's explicit parts take
-// precedence over -o User/Port (see sshResolver).
-func (d destination) loginArgs() []string {
-	var args []string
-	if d.User != "" {
-		args = append(args, "-l", d.User)
-	}
-	if d.Port != 0 {
-		args = append(args, "-p", strconv.Itoa(d.Port))
-	}
-	return args
-}
-
-// SSHCommand returns the OpenSSH command line that reaches destination,
-// given as hpcproxy takes it ("host", "user@host", "host:port",
-// "user@host:port", "[v6addr]:port" or an ssh_config alias), followed by
-// args: "ssh -p PORT user@host ARGS...". OpenSSH itself reads no ":port"
-// in a destination ("ssh host:2222" dials a host named "host:2222" on port
-// 22), so the port moves to -p. A destination hpcproxy would refuse is
-// given as it is, after "--".
-func SSHCommand(destination string, args ...string) string {
-	words := []string{"ssh"}
-	d, err := parseDestination(destination)
-	if err != nil {
-		// After "--": never an option, whatever it looks like.
-		words = append(words, "--", ShellQuote(destination))
-	} else {
-		if d.Port != 0 {
-			words = append(words, "-p", strconv.Itoa(d.Port))
-		}
-		host := d.Host
-		if d.User != "" {
-			host = d.User + "@" + host
-		}
-		words = append(words, ShellQuote(host))
-	}
-	for _, a := range args {
-		words = append(words, ShellQuote(a))
-	}
-	return strings.Join(words, " ")
-}
+func parseDestination(s string) (destination, error) { return sshdest.Parse(s) }
 
 // sshSettings is the configuration of one SSH destination, resolved the way
 // the ssh client would resolve it. Paths are absolute, with ~ and the
@@ -272,7 +177,7 @@ func (r *sshResolver) resolveSSHG(ctx context.Context, d destination) (*sshSetti
 	if r.configFile != "" {
 		args = append(args, "-F", r.configFile)
 	}
-	args = append(args, d.loginArgs()...)
+	args = append(args, d.LoginArgs()...)
 	for _, o := range r.options {
 		args = append(args, "-o", o)
 	}

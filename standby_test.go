@@ -10,26 +10,28 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 )
 
 // TestStandby: a stand-by holds the job's port open on its own (a
 // connection made while only it holds the listener waits in the
 // backlog); the exit line ends it, and EOF without it makes it exec the
-// takeover command with the listener as fd 3 and EnvListenFd=3.
+// takeover command with the listener as fd 3 and envListenFd=3.
 func TestStandby(t *testing.T) {
 	dir := t.TempDir()
 	out := filepath.Join(dir, "out")
-	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + EnvListenFd + `" >>"$OUT"`}
+	takeover := []string{"/bin/sh", "-c", `readlink /proc/self/fd/3 >"$OUT"; echo "fd=$` + daemonproc.EnvListenFd + `" >>"$OUT"`}
 	t.Setenv("OUT", out)
-	start := func() (*Standby, int) {
-		ln, err := ListenJob(0)
+	start := func() (*daemonproc.Standby, int) {
+		ln, err := daemonproc.ListenJob(0)
 		require.NoError(t, err)
 		defer ln.Close()
 		l, err := net.FileListener(ln)
 		require.NoError(t, err)
 		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		s, err := StartStandby(ln, filepath.Join(dir, "log"), takeover)
+		s, err := daemonproc.StartStandby(ln, filepath.Join(dir, "log"), takeover)
 		require.NoError(t, err)
 		return s, port
 	}
@@ -40,7 +42,7 @@ func TestStandby(t *testing.T) {
 	require.NoError(t, err, "the stand-by does not hold the port")
 	c.Close()
 	s.Release()
-	require.Eventually(t, func() bool { return !PIDAlive(s.PID()) }, 10*time.Second, 20*time.Millisecond, "the exit line did not end the stand-by")
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(s.PID()) }, 10*time.Second, 20*time.Millisecond, "the exit line did not end the stand-by")
 	_, err = os.Stat(out)
 	assert.True(t, os.IsNotExist(err), "the stand-by took over after the exit line")
 	_, err = net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", itoa(port)), 5*time.Second)

@@ -11,7 +11,7 @@ import (
 //
 // The per-job state directory is hpcproxy-UID in a shared tmp dir: a name
 // anyone can guess, and so create first. A directory (or link) of that
-// name that another user owns is never used (EnsurePrivateDir refuses it,
+// name that another user owns is never used (ensurePrivateDir refuses it,
 // naming the owner); instead, as ssh-agent does with mkdtemp, the
 // directory becomes a private one with a random suffix,
 // hpcproxy-UID.XXXXXXXX beside it, which every later call finds again:

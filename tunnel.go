@@ -256,7 +256,7 @@ type TunnelConfig struct {
 	// reverse-forward sockets. It must be owned by the user and not
 	// accessible to others, and short enough for unix socket paths (about
 	// 60 bytes). If empty, a private directory is created in the node-local
-	// tmp dir ([NodeTmpDir], or /tmp where that path would be too long) and
+	// tmp dir (see [EnvTmpDir]; /tmp where that path would be too long) and
 	// removed when the tunnel closes. A [Daemon] sets it to a directory
 	// beside its state file.
 	RuntimeDir string

@@ -27,8 +27,16 @@ import (
 	"golang.org/x/net/proxy"
 
 	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
+	"github.com/hpcproxy/hpcproxy/internal/jobenv"
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
+	"github.com/hpcproxy/hpcproxy/internal/sshdest"
 	"github.com/hpcproxy/hpcproxy/transparent"
 )
+
+// daemonErrors are the library's errors that a daemon reports and start
+// branches on (ErrUnsafePath daemonproc knows itself).
+var daemonErrors = []error{hpcproxy.ErrAlreadyRunning, hpcproxy.ErrNodeTunnelRunning}
 
 // App is one example binary: its name and the mode it runs daemons in.
 type App struct {
@@ -222,6 +230,11 @@ type tunnelFlags struct {
 }
 
 // envInt returns the integer in environment variable name, or 0.
+// envMaxConnections names the environment variable from which
+// --max-connections (TunnelConfig.MaxConnections) takes its default: a
+// site can set it for its users, in a module file for instance.
+const envMaxConnections = "HPCPROXY_MAX_CONNECTIONS"
+
 func envInt(name string) int {
 	n, _ := strconv.Atoi(os.Getenv(name))
 	return n
@@ -243,7 +256,7 @@ func (a *App) addTunnelFlags(f *flags, t *tunnelFlags) {
 	f.StringVar(&t.sshConfig, "ssh-config", "", "ssh_config file to use instead of ~/.ssh/config (like ssh -F)")
 	f.Var(&t.sshOpts, "o", "ssh option Key=Value (repeatable, like ssh -o)")
 	f.IntVar(&t.conns, "connections", 1, "SSH connections to the login node kept open (gossh, controlmaster): parallel streams spread over them, each served by its own sshd process there")
-	f.IntVar(&t.maxConns, "max-connections", envInt(hpcproxy.EnvMaxConnections), fmt.Sprintf("most SSH connections to the login node: more are opened while many channels are open (%d per connection), and closed when idle (default: $%s, else %d)", hpcproxy.DefaultChannelsPerConnection, hpcproxy.EnvMaxConnections, hpcproxy.DefaultMaxConnections))
+	f.IntVar(&t.maxConns, "max-connections", envInt(envMaxConnections), fmt.Sprintf("most SSH connections to the login node: more are opened while many channels are open (%d per connection), and closed when idle (default: $%s, else %d)", hpcproxy.DefaultChannelsPerConnection, envMaxConnections, hpcproxy.DefaultMaxConnections))
 	f.BoolVar(&t.acceptNew, "accept-new", false, "record the host key of a login node seen for the first time (StrictHostKeyChecking=accept-new)")
 	f.DurationVar(&t.timeout, "timeout", 2*time.Minute, "how long start waits for the daemon to be ready")
 	f.Var(&t.forwards, "forward", "LOCAL=REMOTE: listen on LOCAL (PORT on 127.0.0.1, HOST:PORT or a socket path) and connect to REMOTE (HOST:PORT as the login node resolves it), like ssh -L (repeatable)")
@@ -338,7 +351,7 @@ func (t *tunnelFlags) tunnelConfig() hpcproxy.TunnelConfig {
 func (a *App) start(args []string) error {
 	// A start exec'd by its job's stand-by (the node daemon died) gets the
 	// job's listener: take it first, before anything else inherits it.
-	held := hpcproxy.InheritedListener()
+	held := daemonproc.InheritedListener()
 	takeover := held != nil
 	defer func() {
 		if held != nil {
@@ -367,12 +380,12 @@ func (a *App) start(args []string) error {
 		// (whose port the stand-by holds open) would look alive. The job
 		// keeps the credentials it recorded.
 		if ps, err := hpcproxy.ReadPidFileAt(state); err == nil {
-			for end := time.Now().Add(10 * time.Second); hpcproxy.PIDAlive(ps.PID) && time.Now().Before(end); {
+			for end := time.Now().Add(10 * time.Second); daemonproc.PIDAlive(ps.PID) && time.Now().Before(end); {
 				time.Sleep(20 * time.Millisecond)
 			}
 			creds = ps.Credentials
 		}
-		if t.watchPID > 0 && !hpcproxy.PIDAlive(t.watchPID) {
+		if t.watchPID > 0 && !daemonproc.PIDAlive(t.watchPID) {
 			// The job has ended too (where the scheduler did not kill
 			// the stand-by with it): nothing to take over.
 			if f.verbose {
@@ -387,13 +400,16 @@ func (a *App) start(args []string) error {
 	}
 	if a.Mode == hpcproxy.ModePerJob {
 		via, err := hpcproxy.ResolveViaHost(t.via)
+		if errors.Is(err, hpcproxy.ErrNoViaHost) {
+			return fmt.Errorf("%w\nhint: pass --via HOST or set %s", err, hpcproxy.EnvVia)
+		}
 		if err != nil {
 			return err
 		}
 		t.via = via
 		if t.watchPID == 0 {
 			t.watchPID = os.Getppid()
-			j := hpcproxy.DetectJob()
+			j := jobenv.Detect()
 			if j.ScriptPID > 0 {
 				t.watchPID = j.ScriptPID
 			} else if w := watchWarning(a.Name, t.watchPID, j.InJob); w != "" {
@@ -408,31 +424,31 @@ func (a *App) start(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	deadline := time.Now().Add(t.timeout)
-	var d *hpcproxy.DaemonProcess
+	var d *daemonproc.Process
 	// On a node tunnel the job's listener is made here, in the job, and a
-	// stand-by holds it (see hpcproxy.StartStandby): the port outlives
+	// stand-by holds it (see daemonproc.StartStandby): the port outlives
 	// the node daemon, wherever that runs.
-	var sby *hpcproxy.Standby
+	var sby *daemonproc.Standby
 	defer func() {
 		if sby != nil {
 			sby.Release() // no daemon took it
 		}
 	}()
 	for {
-		var opts hpcproxy.DaemonOptions
+		var opts daemonproc.Options
 		if a.Mode == hpcproxy.ModePerJob && !t.private {
 			if sby == nil {
 				if held == nil {
-					if held, err = hpcproxy.ListenJob(t.port); err != nil {
+					if held, err = daemonproc.ListenJob(t.port); err != nil {
 						return fmt.Errorf("%w\nhint: choose another --port, or none for a free one", err)
 					}
 				}
-				sby, err = hpcproxy.StartStandby(held, hpcproxy.LogFilePath(state), append([]string{exe}, t.startArgs(state, f.verbose)...))
+				sby, err = daemonproc.StartStandby(held, hpcproxy.LogFilePath(state), append([]string{exe}, t.startArgs(state, f.verbose)...))
 				if err != nil {
 					return err
 				}
 			}
-			ps, err := a.attach(ctx, &t, state, deadline, hpcproxy.AttachOptions{
+			ps, err := a.attach(ctx, &t, state, deadline, hpcproxy.Daemon{
 				ListenerFd: int(held.Fd()), StandbyFd: int(sby.W.Fd()), Credentials: creds,
 			})
 			if err == nil {
@@ -471,7 +487,8 @@ func (a *App) start(args []string) error {
 			opts.Cmd.Env = append(os.Environ(), envTakeoverCreds+"="+creds.User+":"+creds.Token)
 		}
 		opts.LogFile, opts.Timeout = hpcproxy.LogFilePath(state), time.Until(deadline)
-		d, err = hpcproxy.StartDaemon(ctx, opts)
+		opts.Errors = daemonErrors
+		d, err = daemonproc.Start(ctx, opts)
 		if errors.Is(err, hpcproxy.ErrNodeTunnelRunning) && time.Now().Before(deadline) {
 			// Another job's start opened it meanwhile: attach to that one.
 			time.Sleep(time.Duration(20+rand.IntN(80)) * time.Millisecond)
@@ -512,7 +529,7 @@ func (a *App) start(args []string) error {
 
 // attach attaches this job to the node tunnel the flags name, if a
 // daemon serves it.
-func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time, o hpcproxy.AttachOptions) (*hpcproxy.ProxyState, error) {
+func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline time.Time, o hpcproxy.Daemon) (*hpcproxy.ProxyState, error) {
 	fwd, exp, err := t.specs()
 	if err != nil {
 		return nil, err
@@ -521,7 +538,7 @@ func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline
 	defer cancel()
 	o.Tunnel, o.StatePath, o.Port = t.tunnelConfig(), state, t.port
 	o.WatchPID, o.Forwards, o.Exposes = max(t.watchPID, 0), fwd, exp
-	return hpcproxy.AttachJob(ctx, o)
+	return o.Attach(ctx)
 }
 
 // startHint says where to look when a daemon with these flags did not
@@ -530,7 +547,7 @@ func (a *App) attach(ctx context.Context, t *tunnelFlags, state string, deadline
 func (t *tunnelFlags) startHint() string {
 	switch {
 	case t.via != "":
-		return "check the login node with '" + hpcproxy.SSHCommand(hpcproxy.ParseDestinations(t.via)[0], "true") + "'"
+		return "check the login node with '" + sshdest.Command(hpcproxy.ParseDestinations(t.via)[0], "true") + "'"
 	case t.port != 0:
 		return fmt.Sprintf("the proxy relays directly from this node: is port %d in use here? choose another --port, or none for a free one", t.port)
 	}
@@ -589,7 +606,7 @@ func printForwards(w io.Writer, ps *hpcproxy.ProxyState, onlyHints bool) {
 		if onlyHints {
 			fmt.Fprintf(w, "exposed %s on %s at %s\n", fi.Target, orDirect(ps.Login()), fi.Listen)
 		}
-		if hint := hpcproxy.SSHForwardHint(ps.Login(), fi.Listen, lport); hint != "" {
+		if hint := sshdest.ForwardHint(ps.Login(), fi.Listen, lport); hint != "" {
 			fmt.Fprintf(w, "             on your machine: %s\n", hint)
 			if lport > 0 {
 				fmt.Fprintf(w, "             then open http://127.0.0.1:%d/ (use the login node's public name if it differs)\n", lport)
@@ -612,7 +629,7 @@ func (a *App) daemon(args []string) error {
 	if err := f.parse(args); err != nil {
 		return err
 	}
-	fds := hpcproxy.InheritedDaemonFds()
+	fds := daemonproc.InheritedFds()
 	level := slog.LevelInfo
 	if f.verbose {
 		level = slog.LevelDebug
@@ -642,7 +659,7 @@ func (a *App) daemon(args []string) error {
 	}
 	fwd, exp, err := t.specs()
 	if err != nil {
-		_ = hpcproxy.ReportError(fds.Report, err)
+		_ = daemonproc.ReportError(fds.Report, err)
 		return err
 	}
 	d.Forwards, d.Exposes = fwd, exp
@@ -650,7 +667,7 @@ func (a *App) daemon(args []string) error {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
 			err = fmt.Errorf("--allow %q: want a network like 10.1.0.0/16: %w", s, err)
-			_ = hpcproxy.ReportError(fds.Report, err)
+			_ = daemonproc.ReportError(fds.Report, err)
 			return err
 		}
 		d.AllowNetworks = append(d.AllowNetworks, p)
@@ -730,7 +747,7 @@ func (a *App) stop(args []string) error {
 		// reap (an init in a container) must not make stop wait in vain.
 		cur, err := hpcproxy.ReadPidFileAt(path)
 		removed := errors.Is(err, os.ErrNotExist) || (err == nil && cur.PID != ps.PID)
-		if removed || !hpcproxy.PIDAlive(ps.PID) {
+		if removed || !daemonproc.PIDAlive(ps.PID) {
 			if ps.Node != nil && f.verbose && removed {
 				fmt.Fprintf(a.Stdout, "detached from the node tunnel (pid %d)\n", ps.PID)
 				return nil
@@ -759,7 +776,7 @@ func (a *App) stopHint() string {
 
 func (a *App) status(args []string) error {
 	f := a.cmdFlags("status")
-	asJSON := f.Bool("json", false, "print the status as one JSON object (a stable shape: see hpcproxy.StatusReport)")
+	asJSON := f.Bool("json", false, "print the status as one JSON object (a stable shape, documented in the README)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
@@ -767,7 +784,7 @@ func (a *App) status(args []string) error {
 	ps, err := hpcproxy.ReadPidFileAt(path)
 	if errors.Is(err, os.ErrNotExist) {
 		if *asJSON {
-			if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, nil, 0)); err != nil {
+			if err := printJSON(a.Stdout, NewStatusReport(path, nil, 0)); err != nil {
 				return err
 			}
 			return &exitError{3}
@@ -780,7 +797,7 @@ func (a *App) status(args []string) error {
 	}
 	v := hpcproxy.CheckState(ps)
 	if *asJSON {
-		if err := printJSON(a.Stdout, hpcproxy.NewStatusReport(path, ps, v)); err != nil {
+		if err := printJSON(a.Stdout, NewStatusReport(path, ps, v)); err != nil {
 			return err
 		}
 		if !v.Usable() {
@@ -859,7 +876,7 @@ func (a *App) env(args []string) error {
 	f := a.cmdFlags("env")
 	var noProxy multiString
 	f.Var(&noProxy, "no-proxy", "extra no_proxy entry, such as the cluster's domain (repeatable; added to those of $"+hpcproxy.EnvNoProxy+")")
-	shell := hpcproxy.DefaultShell()
+	shell := shellenv.Default()
 	f.Var(&shell, "shell", "`SHELL` syntax of the lines: sh (eval \"$("+a.Name+" env)\"), csh (eval \"`"+a.Name+" env`\"), fish ("+a.Name+" env | source) or slurm (a TaskProlog's unquoted export lines) (default: the shell that runs "+a.Name+", else $SHELL's, else sh)")
 	if err := f.parse(args); err != nil {
 		return err

@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 	"github.com/hpcproxy/hpcproxy/internal/testenv"
 )
@@ -67,10 +68,10 @@ func (j *simJob) proxyState(t *testing.T) *hpcproxy.ProxyState {
 }
 
 // statusJSON runs status --json for the job.
-func (j *simJob) statusJSON(t *testing.T) hpcproxy.StatusReport {
+func (j *simJob) statusJSON(t *testing.T) StatusReport {
 	t.Helper()
 	r := run(t, "perjob", "", "status", "--json", "--state", j.state)
-	var rep hpcproxy.StatusReport
+	var rep StatusReport
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep), "status --json: %q %s", r.stdout, r.stderr)
 	return rep
 }
@@ -194,7 +195,7 @@ func TestCLINodeTunnelJobs(t *testing.T) {
 	for i, err := range errs {
 		assert.NoError(t, err, "download through job %d while job 0 ended", i+1)
 	}
-	assert.True(t, hpcproxy.PIDAlive(daemon), "the daemon ended with the job that started it")
+	assert.True(t, daemonproc.PIDAlive(daemon), "the daemon ended with the job that started it")
 	assert.Equal(t, 1, sshSessions(sshd))
 
 	// The figures: jobs 1 and 2 are left, two downloads went through.
@@ -227,13 +228,13 @@ func TestCLINodeTunnelJobs(t *testing.T) {
 	assert.Contains(t, r.stdout, "detached from the node tunnel")
 	_, err := os.Stat(jobs[1].state)
 	assert.True(t, os.IsNotExist(err), "job 1's state file stays after stop")
-	assert.True(t, hpcproxy.PIDAlive(daemon), "stop of one job ended the daemon")
+	assert.True(t, daemonproc.PIDAlive(daemon), "stop of one job ended the daemon")
 	assert.NoError(t, download(ps[2], target, size), "job 2 after job 1 stopped")
 	assert.Error(t, download(ps[1], target, size), "job 1's port still serves after stop")
 
 	// The last job's end ends the daemon and its SSH connection.
 	jobs[2].end(t)
-	require.Eventually(t, func() bool { return !hpcproxy.PIDAlive(daemon) }, 15*time.Second, 50*time.Millisecond,
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(daemon) }, 15*time.Second, 50*time.Millisecond,
 		"the daemon outlives its last job")
 	require.Eventually(t, func() bool { return sshSessions(sshd) == 0 }, 10*time.Second, 50*time.Millisecond)
 	_, err = os.Stat(jobs[2].state)
@@ -461,7 +462,7 @@ func TestCLIStatusJSONShared(t *testing.T) {
 	state := filepath.Join(sshtest.PrivateTempDir(t), "proxy.json")
 	r := run(t, "shared", "", "status", "--json", "--state", state)
 	assert.Equal(t, 3, r.code)
-	var rep hpcproxy.StatusReport
+	var rep StatusReport
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep), r.stdout)
 	assert.Equal(t, "not running", rep.State)
 	assert.False(t, rep.Usable)
@@ -471,9 +472,9 @@ func TestCLIStatusJSONShared(t *testing.T) {
 	t.Cleanup(func() { run(t, "shared", "", "stop", "--state", state) })
 	r = run(t, "shared", "", "status", "--json", "--state", state)
 	require.Equal(t, 0, r.code, r.stderr)
-	rep = hpcproxy.StatusReport{}
+	rep = StatusReport{}
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &rep), r.stdout)
-	assert.Equal(t, hpcproxy.StatusSchema, rep.Schema)
+	assert.Equal(t, StatusSchema, rep.Schema)
 	assert.Equal(t, "alive", rep.State)
 	assert.Equal(t, hpcproxy.ModeShared, rep.Mode)
 	assert.Nil(t, rep.Node, "a shared proxy is no node tunnel")
@@ -571,7 +572,7 @@ func testNodeTunnelTakeover(t *testing.T, killStandby bool) {
 	// A plain SIGTERM to the new daemon hands over as well (the
 	// connections it serves at that moment end with it).
 	require.NoError(t, syscall.Kill(now[0].PID, syscall.SIGTERM))
-	require.Eventually(t, func() bool { return !hpcproxy.PIDAlive(now[0].PID) }, 15*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(now[0].PID) }, 15*time.Second, 20*time.Millisecond)
 	for i := range 2 {
 		assert.NoError(t, download(ps[i+1], target, size), "download through job %d after SIGTERM", i+1)
 	}

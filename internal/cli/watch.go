@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
 
 // shortLivedWrappers are programs that run one command and exit with it:
@@ -63,7 +63,7 @@ func procCmdline(pid int) (comm string, args []string, err error) {
 // isShellScript reports whether comm with args is a shell running a script
 // or a -c command rather than an interactive shell.
 func isShellScript(comm string, args []string) bool {
-	if _, ok := hpcproxy.ShellFor(comm); !ok {
+	if _, ok := shellenv.For(comm); !ok {
 		return false
 	}
 	for _, a := range args[min(1, len(args)):] {

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hpcproxy/hpcproxy"
+	"github.com/hpcproxy/hpcproxy/internal/cli"
 )
 
 // arrayTasks is how many tasks of the job array run on compute at once
@@ -141,9 +141,9 @@ fi
 	})
 
 	// One daemon, one node tunnel, a port and a token per task.
-	var reps []hpcproxy.StatusReport
+	var reps []cli.StatusReport
 	for task := 1; task <= arrayTasks; task++ {
-		var rep hpcproxy.StatusReport
+		var rep cli.StatusReport
 		b, err := os.ReadFile(filepath.Join(c.user.home, "status-"+tag(task)+".json"))
 		if err == nil {
 			err = json.Unmarshal(b, &rep)
@@ -238,7 +238,7 @@ fi
 // killOpener kills the task that opened the node tunnel as a cgroup kill
 // would: the daemon, the task's stand-by and its script, at once; then
 // it waits for the other tasks' stand-bys to have restored the tunnel.
-func (c *cluster) killOpener(t *testing.T, id string, opener int, rep hpcproxy.StatusReport, daemon int) {
+func (c *cluster) killOpener(t *testing.T, id string, opener int, rep cli.StatusReport, daemon int) {
 	t.Helper()
 	time.Sleep(2 * time.Second) // downloads in flight
 	standbys := proxyProcs(c.user.uid, rep.StateFile)

@@ -1,4 +1,4 @@
-package hpcproxy
+package daemonproc
 
 import (
 	"errors"
@@ -40,7 +40,7 @@ import (
 // finds that process gone and exits.
 
 // EnvListenFd names the fd of a job's listener that a start inherited
-// (from its stand-by) or a daemon inherited (from StartDaemon); EnvStandbyFd
+// (from its stand-by) or a daemon inherited (from Start); EnvStandbyFd
 // names the write end of the stand-by's pipe, which a daemon inherited.
 const (
 	EnvListenFd  = "HPCPROXY_LISTEN_FD"
@@ -81,7 +81,7 @@ func ListenJob(port int) (*os.File, error) {
 func InheritedListener() *os.File {
 	fd := envFd(EnvListenFd)
 	os.Unsetenv(EnvListenFd)
-	if fd < 0 || PrepareDaemonFds(fd) != nil {
+	if fd < 0 || PrepareFds(fd) != nil {
 		return nil
 	}
 	return os.NewFile(uintptr(fd), "listener")
@@ -105,7 +105,7 @@ func StartStandby(ln *os.File, logFile string, argv []string) (*Standby, error) 
 	if len(argv) == 0 {
 		return nil, errors.New("hpcproxy: stand-by: no command")
 	}
-	logf, err := openDaemonLog(logFile, []string{"stand-by"})
+	logf, err := OpenLog(logFile, []string{"stand-by"})
 	if err != nil {
 		return nil, err
 	}
@@ -139,11 +139,11 @@ func (s *Standby) PID() int { return s.pid }
 func (s *Standby) Handoff() { _ = s.W.Close() }
 
 // Release tells the stand-by to exit (no daemon serves its listener).
-func (s *Standby) Release() { endStandby(s.W, true) }
+func (s *Standby) Release() { EndStandby(s.W, true) }
 
-// endStandby closes a stand-by's pipe, after telling it to exit if exit
+// EndStandby closes a stand-by's pipe, after telling it to exit if exit
 // (else it takes over).
-func endStandby(w io.WriteCloser, exit bool) {
+func EndStandby(w io.WriteCloser, exit bool) {
 	if exit {
 		_, _ = io.WriteString(w, standbyExitLine)
 	}
@@ -163,9 +163,9 @@ func deleteFdEnv(env []string) []string {
 	return out
 }
 
-// fileListener makes a net.Listener of a job's listener file, checking
+// FileListener makes a net.Listener of a job's listener file, checking
 // that it is a TCP listener on loopback. It takes f over.
-func fileListener(f *os.File) (net.Listener, error) {
+func FileListener(f *os.File) (net.Listener, error) {
 	defer f.Close()
 	if v, err := unix.GetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
 		return nil, errors.New("hpcproxy: job listener: not a listening socket")

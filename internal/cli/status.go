@@ -1,6 +1,10 @@
-package hpcproxy
+package cli
 
-import "time"
+import (
+	"time"
+
+	"github.com/hpcproxy/hpcproxy"
+)
 
 // StatusSchema is the version of the [StatusReport] JSON shape. Fields are
 // only ever added under one version; a change that could break a reader
@@ -34,35 +38,35 @@ const StatusSchema = 1
 // the tunnel. A daemon that is not running reports "state": "not running"
 // with only "schema", "usable" and "state_file" set.
 type StatusReport struct {
-	Schema      int              `json:"schema"`
-	State       string           `json:"state"`  // CheckState's verdict, or "not running"
-	Usable      bool             `json:"usable"` // the proxy can be used
-	Mode        Mode             `json:"mode,omitempty"`
-	Address     string           `json:"address,omitempty"`
-	Host        string           `json:"host,omitempty"`
-	PID         int              `json:"pid,omitempty"`
-	Via         string           `json:"via,omitempty"`
-	Method      string           `json:"method,omitempty"`
-	Tunnel      Status           `json:"tunnel,omitempty"`
-	TunnelSince time.Time        `json:"tunnel_since,omitzero"`
-	Reconnects  int              `json:"reconnects"`
-	LastError   string           `json:"last_error,omitempty"`
-	Started     time.Time        `json:"started,omitzero"`
-	JobID       string           `json:"job_id,omitempty"`
-	Scheduler   string           `json:"scheduler,omitempty"`
-	Stats       *DaemonStats     `json:"stats,omitempty"`
-	Forwards    []ForwardInfo    `json:"forwards"`
-	Node        *NodeTunnelInfo  `json:"node,omitempty"`
-	LoginNodes  []LoginNodeStats `json:"login_nodes"`
-	StateFile   string           `json:"state_file"`
-	LogFile     string           `json:"log_file,omitempty"`
+	Schema      int                       `json:"schema"`
+	State       string                    `json:"state"`  // CheckState's verdict, or "not running"
+	Usable      bool                      `json:"usable"` // the proxy can be used
+	Mode        hpcproxy.Mode             `json:"mode,omitempty"`
+	Address     string                    `json:"address,omitempty"`
+	Host        string                    `json:"host,omitempty"`
+	PID         int                       `json:"pid,omitempty"`
+	Via         string                    `json:"via,omitempty"`
+	Method      string                    `json:"method,omitempty"`
+	Tunnel      hpcproxy.Status           `json:"tunnel,omitempty"`
+	TunnelSince time.Time                 `json:"tunnel_since,omitzero"`
+	Reconnects  int                       `json:"reconnects"`
+	LastError   string                    `json:"last_error,omitempty"`
+	Started     time.Time                 `json:"started,omitzero"`
+	JobID       string                    `json:"job_id,omitempty"`
+	Scheduler   string                    `json:"scheduler,omitempty"`
+	Stats       *hpcproxy.DaemonStats     `json:"stats,omitempty"`
+	Forwards    []hpcproxy.ForwardInfo    `json:"forwards"`
+	Node        *hpcproxy.NodeTunnelInfo  `json:"node,omitempty"`
+	LoginNodes  []hpcproxy.LoginNodeStats `json:"login_nodes"`
+	StateFile   string                    `json:"state_file"`
+	LogFile     string                    `json:"log_file,omitempty"`
 }
 
 // NewStatusReport builds the report for the state file at path, which
 // holds ps (nil: no state file) judged v.
-func NewStatusReport(path string, ps *ProxyState, v StateVerdict) StatusReport {
+func NewStatusReport(path string, ps *hpcproxy.ProxyState, v hpcproxy.StateVerdict) StatusReport {
 	r := StatusReport{Schema: StatusSchema, State: "not running", StateFile: path,
-		Forwards: []ForwardInfo{}, LoginNodes: []LoginNodeStats{}}
+		Forwards: []hpcproxy.ForwardInfo{}, LoginNodes: []hpcproxy.LoginNodeStats{}}
 	if ps == nil {
 		return r
 	}

@@ -1,4 +1,4 @@
-package hpcproxy
+package daemonproc
 
 import (
 	"bytes"
@@ -20,7 +20,7 @@ import (
 
 // Daemon start-up protocol
 //
-// StartDaemon (the parent) starts the daemon in its own session with two
+// Start (the parent) starts the daemon in its own session with two
 // pipes:
 //
 //   - the report pipe, fd 3 in the daemon (EnvReportFd names it). The
@@ -37,8 +37,8 @@ import (
 //     it, as rootlessport does with podman.
 //
 // The daemon's stdout and stderr go to a log file (mode 0600, appended).
-// A daemon must mark both fds close-on-exec (PrepareDaemonFds, done by
-// InheritedDaemonFds and again by Daemon.Run for fds given otherwise)
+// A daemon must mark both fds close-on-exec (PrepareFds, done by
+// InheritedFds and again by Daemon.Run for fds given otherwise)
 // before it starts any child process, such as ssh or a wrapper script
 // around it: an inherited copy of the report pipe's write end would keep
 // the parent waiting for as long as the child lives.
@@ -53,18 +53,18 @@ const (
 	EnvExitFd   = "HPCPROXY_EXIT_FD"
 )
 
-// readyLine is what a ready daemon writes on the report pipe.
-const readyLine = "READY=1\n"
+// ReadyLine is what a ready daemon writes on the report pipe.
+const ReadyLine = "READY=1\n"
 
-// ErrDaemonTimeout is wrapped by the *DaemonError of a daemon that did not
-// report within DaemonOptions.Timeout. The daemon has been killed.
-var ErrDaemonTimeout = errors.New("hpcproxy: daemon did not report readiness in time")
+// ErrTimeout is wrapped by the *Error of a daemon that did not
+// report within Options.Timeout. The daemon has been killed.
+var ErrTimeout = errors.New("hpcproxy: daemon did not report readiness in time")
 
-// DaemonOptions configures StartDaemon.
-type DaemonOptions struct {
+// Options configures Start.
+type Options struct {
 	// Cmd is the daemon's command line and environment, built with
 	// exec.Command (not CommandContext, which would kill the daemon with
-	// the context). StartDaemon sets its Stdin (nil), Stdout, Stderr,
+	// the context). Start sets its Stdin (nil), Stdout, Stderr,
 	// ExtraFiles and SysProcAttr.Setsid, and adds EnvReportFd (and
 	// EnvExitFd) to its environment; Stdout, Stderr and ExtraFiles must be
 	// unset.
@@ -78,13 +78,18 @@ type DaemonOptions struct {
 	// two minutes, enough for a fallback chain of slow SSH methods.
 	Timeout time.Duration
 	// ExitPipe optionally gives the daemon an exit pipe (fd 4): it stops
-	// when [DaemonProcess.CloseExit] is called or this process dies.
+	// when [Process.CloseExit] is called or this process dies.
 	ExitPipe bool
 	// Listener and Standby optionally give the daemon its job's listener
 	// (fd 5, [EnvListenFd]) and the write end of the job's stand-by pipe
 	// (fd 6, [EnvStandbyFd]); see [StartStandby]. The caller keeps its
 	// copies.
 	Listener, Standby *os.File
+	// Errors optionally lists sentinel errors the daemon may report (as
+	// its error's text): the error Start returns then matches (errors.Is)
+	// each one whose text the daemon's report contains. ErrUnsafePath is
+	// always recognised.
+	Errors []error
 }
 
 // daemonGODEBUG adds adaptivestackstart=0 to GODEBUG in env, unless it sets
@@ -118,8 +123,8 @@ func daemonGODEBUG(env []string) []string {
 	return append(env, "GODEBUG="+setting)
 }
 
-// DaemonProcess is a daemon process started by StartDaemon.
-type DaemonProcess struct {
+// Process is a daemon process started by Start.
+type Process struct {
 	cmd     *exec.Cmd
 	logFile string
 	exitW   *os.File
@@ -129,23 +134,26 @@ type DaemonProcess struct {
 	mu      sync.Mutex
 }
 
-// DaemonError is returned by StartDaemon when the daemon did not become
+// Error is returned by Start when the daemon did not become
 // ready.
-type DaemonError struct {
+type Error struct {
 	// Reported is the daemon's own error text; empty if it reported none.
 	Reported string
 	// LogFile is the daemon's log.
 	LogFile string
 	// LogTail is the end of the log, for daemons that reported nothing.
 	LogTail string
-	// Err is ErrDaemonTimeout, the context's error, the daemon's exit
+	// Err is ErrTimeout, the context's error, the daemon's exit
 	// status (*exec.ExitError), or nil when the daemon reported an error.
 	Err error
+	// Known are the sentinel errors Unwrap looks for in Reported:
+	// Options.Errors and ErrUnsafePath.
+	Known []error
 }
 
 // Error gives the daemon's own text (or why there is none) and the log
 // path, and the log's tail when the daemon reported nothing.
-func (e *DaemonError) Error() string {
+func (e *Error) Error() string {
 	var b strings.Builder
 	b.WriteString("hpcproxy: daemon did not start: ")
 	switch {
@@ -166,29 +174,25 @@ func (e *DaemonError) Error() string {
 	return b.String()
 }
 
-// Unwrap returns Err and, when the daemon reported that a proxy already
-// runs, ErrAlreadyRunning, that a node tunnel with its settings runs,
-// ErrNodeTunnelRunning, or that a state path is unsafe, ErrUnsafePath.
-func (e *DaemonError) Unwrap() []error {
+// Unwrap returns Err and each of Known whose text the daemon's report
+// contains, such as the root package's ErrAlreadyRunning for a daemon that
+// found a proxy running.
+func (e *Error) Unwrap() []error {
 	var errs []error
 	if e.Err != nil {
 		errs = append(errs, e.Err)
 	}
-	if strings.HasPrefix(e.Reported, ErrAlreadyRunning.Error()) {
-		errs = append(errs, ErrAlreadyRunning)
-	}
-	if strings.Contains(e.Reported, ErrUnsafePath.Error()) {
-		errs = append(errs, ErrUnsafePath)
-	}
-	if strings.HasPrefix(e.Reported, ErrNodeTunnelRunning.Error()) {
-		errs = append(errs, ErrNodeTunnelRunning)
+	for _, k := range e.Known {
+		if e.Reported != "" && strings.Contains(e.Reported, k.Error()) {
+			errs = append(errs, k)
+		}
 	}
 	return errs
 }
 
-// StartDaemon starts opts.Cmd as a daemon (see the protocol above) and
+// Start starts opts.Cmd as a daemon (see the protocol above) and
 // waits until it reports. On success the daemon listens and its state
-// file is written. Otherwise the error is a *DaemonError carrying the
+// file is written. Otherwise the error is a *Error carrying the
 // daemon's own error text or, if it died without one, its exit status and
 // the end of its log; a daemon that did not report in time, or before ctx
 // ended, is killed (its whole process group) and reaped.
@@ -197,7 +201,7 @@ func (e *DaemonError) Unwrap() []error {
 // parent collects no zombies; it ends when the daemon does. A short-lived
 // parent may simply exit: the daemon, in its own session, lives on (unless
 // ExitPipe was set).
-func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error) {
+func Start(ctx context.Context, opts Options) (*Process, error) {
 	cmd := opts.Cmd
 	switch {
 	case cmd == nil:
@@ -213,7 +217,7 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 	if timeout <= 0 {
 		timeout = 2 * time.Minute
 	}
-	logf, err := openDaemonLog(opts.LogFile, cmd.Args)
+	logf, err := OpenLog(opts.LogFile, cmd.Args)
 	if err != nil {
 		return nil, err
 	}
@@ -277,22 +281,22 @@ func StartDaemon(ctx context.Context, opts DaemonOptions) (*DaemonProcess, error
 		}
 		return nil, fmt.Errorf("hpcproxy: start daemon: %w", err)
 	}
-	d := &DaemonProcess{cmd: cmd, logFile: opts.LogFile, exitW: ew, hasExit: ew != nil, done: make(chan struct{})}
+	d := &Process{cmd: cmd, logFile: opts.LogFile, exitW: ew, hasExit: ew != nil, done: make(chan struct{})}
 	go func() {
 		d.waitErr = cmd.Wait()
 		close(d.done)
 	}()
 
 	text, rerr := readReport(ctx, pr, timeout, d.done)
-	if rerr == nil && text == readyLine {
+	if rerr == nil && text == ReadyLine {
 		return d, nil
 	}
-	derr := &DaemonError{LogFile: opts.LogFile, Reported: strings.TrimSpace(strings.TrimPrefix(text, readyLine))}
+	derr := &Error{LogFile: opts.LogFile, Known: append(slices.Clip(opts.Errors), ErrUnsafePath), Reported: strings.TrimSpace(strings.TrimPrefix(text, ReadyLine))}
 	switch {
 	case rerr != nil && ctx.Err() != nil:
 		derr.Err = ctx.Err()
 	case errors.Is(rerr, os.ErrDeadlineExceeded):
-		derr.Err = ErrDaemonTimeout
+		derr.Err = ErrTimeout
 	case rerr != nil:
 		derr.Err = rerr
 	}
@@ -340,8 +344,8 @@ func readReport(ctx context.Context, pr *os.File, timeout time.Duration, exited 
 	for len(buf) < 64<<10 {
 		n, err := pr.Read(chunk)
 		buf = append(buf, chunk[:n]...)
-		if string(buf) == readyLine {
-			return readyLine, nil
+		if string(buf) == ReadyLine {
+			return ReadyLine, nil
 		}
 		if err == io.EOF {
 			return string(buf), nil
@@ -360,7 +364,7 @@ func readReport(ctx context.Context, pr *os.File, timeout time.Duration, exited 
 // process group (SIGTERM, and SIGKILL after another grace) and waits. Once
 // the daemon is gone, stragglers of its group (child processes it left
 // behind) are killed. It returns the daemon's exit error.
-func (d *DaemonProcess) stopGroup(grace time.Duration) error {
+func (d *Process) stopGroup(grace time.Duration) error {
 	pid := d.cmd.Process.Pid
 	t := time.NewTimer(grace)
 	defer t.Stop()
@@ -383,23 +387,23 @@ func (d *DaemonProcess) stopGroup(grace time.Duration) error {
 }
 
 // PID returns the daemon's process ID (and process group and session ID).
-func (d *DaemonProcess) PID() int { return d.cmd.Process.Pid }
+func (d *Process) PID() int { return d.cmd.Process.Pid }
 
 // LogFile returns the daemon's log file.
-func (d *DaemonProcess) LogFile() string { return d.logFile }
+func (d *Process) LogFile() string { return d.logFile }
 
 // Done is closed when the daemon has exited.
-func (d *DaemonProcess) Done() <-chan struct{} { return d.done }
+func (d *Process) Done() <-chan struct{} { return d.done }
 
 // Wait waits for the daemon to exit and returns its exit error.
-func (d *DaemonProcess) Wait() error {
+func (d *Process) Wait() error {
 	<-d.done
 	return d.waitErr
 }
 
 // CloseExit closes the exit pipe, which asks a daemon started with
 // ExitPipe to stop. It is a no-op otherwise, and idempotent.
-func (d *DaemonProcess) CloseExit() error {
+func (d *Process) CloseExit() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.exitW == nil {
@@ -413,7 +417,7 @@ func (d *DaemonProcess) CloseExit() error {
 // Stop asks the daemon to stop, through the exit pipe if it has one, else
 // with SIGTERM, and waits up to grace before killing its process group.
 // It returns the daemon's exit error.
-func (d *DaemonProcess) Stop(grace time.Duration) error {
+func (d *Process) Stop(grace time.Duration) error {
 	if d.hasExit {
 		_ = d.CloseExit()
 	} else {
@@ -422,14 +426,14 @@ func (d *DaemonProcess) Stop(grace time.Duration) error {
 	return d.stopGroup(grace)
 }
 
-// logStartMarker begins the line StartDaemon writes to the log before
+// logStartMarker begins the line Start writes to the log before
 // each start.
 const logStartMarker = "--- hpcproxy daemon start "
 
 // maxLogSize is the size beyond which a daemon log is rotated on start.
 const maxLogSize = 1 << 20
 
-func openDaemonLog(path string, args []string) (*os.File, error) {
+func OpenLog(path string, args []string) (*os.File, error) {
 	if err := EnsurePrivateDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
@@ -465,28 +469,28 @@ func logTail(path string, n int64) string {
 
 // Daemon side.
 
-// DaemonFds are the pipes a daemon inherited from StartDaemon; -1 when
+// Fds are the pipes a daemon inherited from Start; -1 when
 // absent.
-type DaemonFds struct {
+type Fds struct {
 	Report  int
 	Exit    int
 	Listen  int // the job's listener ([EnvListenFd])
 	Standby int // the write end of the job's stand-by pipe ([EnvStandbyFd])
 }
 
-// InheritedDaemonFds returns the fds named by EnvReportFd and EnvExitFd,
-// marks them close-on-exec (PrepareDaemonFds) and removes the variables
+// InheritedFds returns the fds named by EnvReportFd and EnvExitFd,
+// marks them close-on-exec (PrepareFds) and removes the variables
 // from the environment, so that child processes such as ssh inherit
 // neither. A daemon calls it first thing; fds that
 // are not open are reported as -1.
-func InheritedDaemonFds() DaemonFds {
-	fds := DaemonFds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd), Listen: envFd(EnvListenFd), Standby: envFd(EnvStandbyFd)}
+func InheritedFds() Fds {
+	fds := Fds{Report: envFd(EnvReportFd), Exit: envFd(EnvExitFd), Listen: envFd(EnvListenFd), Standby: envFd(EnvStandbyFd)}
 	// Children (ssh, a nested daemon) must not take them for theirs.
 	for _, name := range []string{EnvReportFd, EnvExitFd, EnvListenFd, EnvStandbyFd} {
 		os.Unsetenv(name)
 	}
 	for _, fd := range []*int{&fds.Report, &fds.Exit, &fds.Listen, &fds.Standby} {
-		if *fd >= 0 && PrepareDaemonFds(*fd) != nil {
+		if *fd >= 0 && PrepareFds(*fd) != nil {
 			*fd = -1
 		}
 	}
@@ -501,10 +505,10 @@ func envFd(name string) int {
 	return n
 }
 
-// PrepareDaemonFds checks that each fd is open and marks it close-on-exec.
+// PrepareFds checks that each fd is open and marks it close-on-exec.
 // A daemon given its fds by flags (--report-fd 3) calls it before starting
 // any child process.
-func PrepareDaemonFds(fds ...int) error {
+func PrepareFds(fds ...int) error {
 	for _, fd := range fds {
 		var st syscall.Stat_t
 		if err := syscall.Fstat(fd, &st); err != nil {
@@ -519,7 +523,7 @@ func report(fd int, msg string) error {
 	if fd <= 0 {
 		return nil
 	}
-	if err := PrepareDaemonFds(fd); err != nil {
+	if err := PrepareFds(fd); err != nil {
 		return err
 	}
 	f := os.NewFile(uintptr(fd), "report-fd")
@@ -538,7 +542,7 @@ func report(fd int, msg string) error {
 // never both, since afterwards the number may name an unrelated file. Call it only once the listener is bound, the tunnel is up
 // and the state file is written. fd <= 0 means no parent waits: a no-op.
 // A parent that gave up (EPIPE) is not an error.
-func ReportReady(fd int) error { return report(fd, readyLine) }
+func ReportReady(fd int) error { return report(fd, ReadyLine) }
 
 // ReportError tells the parent why the daemon could not start: err's text
 // (one line or several; never "READY=1"), then EOF. fd <= 0 is a no-op.
@@ -548,7 +552,7 @@ func ReportError(fd int, err error) error {
 		msg = err.Error()
 	}
 	msg = strings.TrimRight(msg, "\n") + "\n"
-	if msg == readyLine {
+	if msg == ReadyLine {
 		msg = "error: " + msg
 	}
 	return report(fd, msg)
@@ -564,7 +568,7 @@ func WatchExitFd(ctx context.Context, fd int) (<-chan struct{}, error) {
 		context.AfterFunc(ctx, func() { close(ch) })
 		return ch, nil
 	}
-	if err := PrepareDaemonFds(fd); err != nil {
+	if err := PrepareFds(fd); err != nil {
 		return nil, err
 	}
 	// Non-blocking, so that os.File uses the poller and Close interrupts

@@ -1,4 +1,4 @@
-package hpcproxy
+package shellenv
 
 import (
 	"bytes"
@@ -48,11 +48,11 @@ func TestExportLinesInShells(t *testing.T) {
 		script  string // evaluates the lines in file OUT, then runs env -0
 		newline bool   // can carry a newline
 	}{
-		{ShellSh, "sh", `eval "$(cat OUT)"` + "\nenv -0\n", true},
-		{ShellSh, "bash", `eval "$(cat OUT)"` + "\nenv -0\n", true},
-		{ShellCsh, "tcsh", "eval \"`cat OUT`\"\nenv -0\n", false},
-		{ShellCsh, "csh", "eval \"`cat OUT`\"\nenv -0\n", false},
-		{ShellFish, "fish", "cat OUT | source\nenv -0\n", true},
+		{Sh, "sh", `eval "$(cat OUT)"` + "\nenv -0\n", true},
+		{Sh, "bash", `eval "$(cat OUT)"` + "\nenv -0\n", true},
+		{Csh, "tcsh", "eval \"`cat OUT`\"\nenv -0\n", false},
+		{Csh, "csh", "eval \"`cat OUT`\"\nenv -0\n", false},
+		{Fish, "fish", "cat OUT | source\nenv -0\n", true},
 	} {
 		t.Run(tc.program, func(t *testing.T) {
 			prog := testenv.LookPath(t, tc.program)
@@ -69,7 +69,7 @@ func TestExportLinesInShells(t *testing.T) {
 			script := filepath.Join(dir, "script")
 			require.NoError(t, os.WriteFile(script, []byte(strings.ReplaceAll(tc.script, "OUT", out)), 0o600))
 			args := []string{script}
-			if tc.shell == ShellCsh {
+			if tc.shell == Csh {
 				args = []string{"-f", script} // no ~/.cshrc
 			}
 			cmd := exec.Command(prog, args...)
@@ -99,19 +99,19 @@ func maps(m map[string]string, k, v string) map[string]string {
 }
 
 func TestExportLinesRefuses(t *testing.T) {
-	for _, s := range []Shell{ShellCsh, ShellSlurm} {
+	for _, s := range []Shell{Csh, Slurm} {
 		_, err := s.ExportLines([]string{"X=a\nb"})
 		assert.ErrorContains(t, err, "X:", "%s", s)
 	}
-	lines, err := ShellSlurm.ExportLines([]string{"http_proxy=http://127.0.0.1:1080", "JAVA_TOOL_OPTIONS=-Da=b -Dc=d|e", "bad-name=x"})
+	lines, err := Slurm.ExportLines([]string{"http_proxy=http://127.0.0.1:1080", "JAVA_TOOL_OPTIONS=-Da=b -Dc=d|e", "bad-name=x"})
 	require.NoError(t, err)
 	assert.Equal(t, "export http_proxy=http://127.0.0.1:1080\nexport JAVA_TOOL_OPTIONS=-Da=b -Dc=d|e\n", lines)
 }
 
 func TestShellSet(t *testing.T) {
 	for in, want := range map[string]Shell{
-		"sh": ShellSh, "csh": ShellCsh, "fish": ShellFish, "slurm": ShellSlurm,
-		"/bin/tcsh": ShellCsh, "-tcsh": ShellCsh, "bash": ShellSh, "/usr/bin/zsh": ShellSh, "/usr/local/bin/fish": ShellFish,
+		"sh": Sh, "csh": Csh, "fish": Fish, "slurm": Slurm,
+		"/bin/tcsh": Csh, "-tcsh": Csh, "bash": Sh, "/usr/bin/zsh": Sh, "/usr/local/bin/fish": Fish,
 	} {
 		var s Shell
 		require.NoError(t, s.Set(in), in)
@@ -119,5 +119,35 @@ func TestShellSet(t *testing.T) {
 	}
 	var s Shell
 	assert.Error(t, s.Set("python"))
-	assert.Equal(t, "csh", ShellCsh.String())
+	assert.Equal(t, "csh", Csh.String())
+}
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain":                 "plain",
+		"http://u:t@h:1/a,b":    "http://u:t@h:1/a,b",
+		"":                      "''",
+		"a b":                   "'a b'",
+		"it's":                  `'it'\''s'`,
+		"$HOME `x` \\ \"q\" *;": `'$HOME ` + "`x`" + ` \ "q" *;'`,
+	} {
+		assert.Equal(t, want, Quote(in), "Quote(%q)", in)
+	}
+}
+
+func TestExportLinesEval(t *testing.T) {
+	sh := testenv.LookPath(t, "sh")
+	env := []string{
+		"A=plain",
+		"B=it's a \"test\" with $HOME and `cmd` and \\ and ;|&",
+		"C=line1\nline2",
+		"D=",
+		"not-a-name=x",
+	}
+	lines, err := Sh.ExportLines(env)
+	require.NoError(t, err)
+	assert.NotContains(t, lines, "not-a-name")
+	out, err := exec.Command(sh, "-c", lines+`printf '%s|' "$A" "$B" "$C" "$D"`).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Equal(t, "plain|it's a \"test\" with $HOME and `cmd` and \\ and ;|&|line1\nline2||", string(out))
 }

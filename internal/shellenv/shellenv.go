@@ -1,4 +1,7 @@
-package hpcproxy
+// Package shellenv writes environment assignments as lines a command-line
+// shell evaluates (sh, csh, fish, a Slurm TaskProlog) and quotes words for
+// a POSIX shell. The root package and the example binaries share it.
+package shellenv
 
 import (
 	"fmt"
@@ -14,20 +17,20 @@ type Shell int
 
 // The shells ExportLines writes for.
 const (
-	// ShellSh is POSIX sh (bash, dash, zsh, ksh): export NAME='VALUE'.
+	// Sh is POSIX sh (bash, dash, zsh, ksh): export NAME='VALUE'.
 	// Evaluate with eval "$(perjob env)".
-	ShellSh Shell = iota
-	// ShellCsh is csh and tcsh: setenv NAME 'VALUE';. Each line ends in
+	Sh Shell = iota
+	// Csh is csh and tcsh: setenv NAME 'VALUE';. Each line ends in
 	// a semicolon because csh's command substitution joins lines into
 	// one: evaluate with eval "`perjob env`".
-	ShellCsh
-	// ShellFish is fish: set -gx NAME 'VALUE';. Evaluate with
+	Csh
+	// Fish is fish: set -gx NAME 'VALUE';. Evaluate with
 	// perjob env | source.
-	ShellFish
-	// ShellSlurm is what a Slurm TaskProlog prints to set the task's
+	Fish
+	// Slurm is what a Slurm TaskProlog prints to set the task's
 	// environment: export NAME=VALUE, unquoted, because Slurm takes the
 	// rest of the line as the value.
-	ShellSlurm
+	Slurm
 )
 
 var shellNames = []string{"sh", "csh", "fish", "slurm"}
@@ -40,7 +43,7 @@ func (s Shell) String() string {
 }
 
 // Set parses a shell name: sh, csh or fish (or a shell's path or name
-// such as /bin/tcsh, bash, zsh: see [ShellFor]), or slurm.
+// such as /bin/tcsh, bash, zsh: see [For]), or slurm.
 func (s *Shell) Set(name string) error {
 	for i, n := range shellNames {
 		if name == n {
@@ -48,43 +51,43 @@ func (s *Shell) Set(name string) error {
 			return nil
 		}
 	}
-	if sh, ok := ShellFor(name); ok {
+	if sh, ok := For(name); ok {
 		*s = sh
 		return nil
 	}
 	return fmt.Errorf("hpcproxy: unknown shell %q: want one of %s", name, strings.Join(shellNames, ", "))
 }
 
-// ShellFor returns the syntax the shell program at path (or of that name)
-// reads, and whether it is a shell ShellFor knows: tcsh and csh read
-// ShellCsh, fish ShellFish, and sh, bash, dash, zsh, ksh, mksh, ash,
-// busybox and yash ShellSh. A login shell's leading "-" is ignored.
-func ShellFor(path string) (Shell, bool) {
+// For returns the syntax the shell program at path (or of that name)
+// reads, and whether it is a shell For knows: tcsh and csh read
+// Csh, fish Fish, and sh, bash, dash, zsh, ksh, mksh, ash,
+// busybox and yash Sh. A login shell's leading "-" is ignored.
+func For(path string) (Shell, bool) {
 	switch strings.TrimPrefix(filepath.Base(path), "-") {
 	case "csh", "tcsh":
-		return ShellCsh, true
+		return Csh, true
 	case "fish":
-		return ShellFish, true
+		return Fish, true
 	case "sh", "bash", "dash", "zsh", "ksh", "ksh93", "mksh", "pdksh", "ash", "busybox", "yash":
-		return ShellSh, true
+		return Sh, true
 	}
-	return ShellSh, false
+	return Sh, false
 }
 
-// DefaultShell guesses the shell that will evaluate this process's output:
-// the parent process, if it is a shell ShellFor knows (the shell running
+// Default guesses the shell that will evaluate this process's output:
+// the parent process, if it is a shell For knows (the shell running
 // eval "$(perjob env)" in a script is the parent, whatever the user's
-// login shell), else $SHELL, else ShellSh.
-func DefaultShell() Shell {
+// login shell), else $SHELL, else Sh.
+func Default() Shell {
 	if comm, err := os.ReadFile("/proc/" + strconv.Itoa(os.Getppid()) + "/comm"); err == nil {
-		if sh, ok := ShellFor(strings.TrimSpace(string(comm))); ok {
+		if sh, ok := For(strings.TrimSpace(string(comm))); ok {
 			return sh
 		}
 	}
-	if sh, ok := ShellFor(os.Getenv("SHELL")); ok {
+	if sh, ok := For(os.Getenv("SHELL")); ok {
 		return sh
 	}
-	return ShellSh
+	return Sh
 }
 
 // ExportLines formats "KEY=VALUE" assignments as lines that set and export
@@ -98,17 +101,17 @@ func (s Shell) ExportLines(env []string) (string, error) {
 		if !ok || !isShellName(k) {
 			continue
 		}
-		if strings.ContainsRune(v, 0) || (strings.ContainsRune(v, '\n') && (s == ShellCsh || s == ShellSlurm)) {
+		if strings.ContainsRune(v, 0) || (strings.ContainsRune(v, '\n') && (s == Csh || s == Slurm)) {
 			return "", fmt.Errorf("hpcproxy: %s: value cannot be written for %s (newline or NUL)", k, s)
 		}
 		switch s {
-		case ShellSh:
-			fmt.Fprintf(&b, "export %s=%s\n", k, ShellQuote(v))
-		case ShellCsh:
+		case Sh:
+			fmt.Fprintf(&b, "export %s=%s\n", k, Quote(v))
+		case Csh:
 			fmt.Fprintf(&b, "setenv %s %s;\n", k, cshQuote(v))
-		case ShellFish:
+		case Fish:
 			fmt.Fprintf(&b, "set -gx %s %s;\n", k, fishQuote(v))
-		case ShellSlurm:
+		case Slurm:
 			fmt.Fprintf(&b, "export %s=%s\n", k, v)
 		default:
 			return "", fmt.Errorf("hpcproxy: unknown shell %s", s)
@@ -117,22 +120,12 @@ func (s Shell) ExportLines(env []string) (string, error) {
 	return b.String(), nil
 }
 
-// ExportLines formats "KEY=VALUE" assignments as POSIX shell lines,
-// "export KEY='VALUE'\n", for `eval "$(hpcproxy env)"`. Assignments whose
-// key is not a shell name are skipped. It is ShellSh.ExportLines without
-// its error: a POSIX shell can carry any value but NUL, and values with
-// NUL cannot be in an environment.
-func ExportLines(env []string) string {
-	s, _ := ShellSh.ExportLines(env)
-	return s
-}
-
-// ShellQuote quotes s as one word for a POSIX shell: unchanged if it
+// Quote quotes s as one word for a POSIX shell: unchanged if it
 // consists only of characters no shell treats specially, else in single
 // quotes, each embedded single quote closed, escaped and reopened:
 //
 //	it's  ->  'it'\''s'
-func ShellQuote(s string) string {
+func Quote(s string) string {
 	if s != "" && strings.Trim(s, safeShellChars) == "" {
 		return s
 	}
@@ -155,4 +148,19 @@ func cshQuote(s string) string {
 func fishQuote(s string) string {
 	r := strings.NewReplacer(`\`, `\\`, "'", `\'`)
 	return "'" + r.Replace(s) + "'"
+}
+
+func isShellName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i, r := range s {
+		switch {
+		case r == '_', r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z':
+		case r >= '0' && r <= '9' && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
 }
