@@ -1,7 +1,9 @@
 package hpcproxy
 
 import (
+	"context"
 	"errors"
+	"net"
 	"strings"
 	"syscall"
 
@@ -78,4 +80,65 @@ func convertOpenChannelError(addr string, err error) error {
 		e.Reason = oce.Reason.String() + ": " + e.Reason
 	}
 	return e
+}
+
+// dialFailure classifies a dial error for the reply codes of every
+// protocol.
+type dialFailure int
+
+const (
+	failGeneral dialFailure = iota
+	failRefused
+	failNetUnreachable
+	failHostUnreachable
+	failTimeout
+	failProhibited
+	failTunnelDown
+	failBusy
+)
+
+func classifyDialError(err error) dialFailure {
+	var dnsErr *net.DNSError
+	var ne net.Error
+	switch {
+	case errors.Is(err, errTooManyConns):
+		return failBusy
+	case errors.Is(err, ErrTunnelDown):
+		return failTunnelDown
+	case errors.Is(err, ErrProhibited):
+		return failProhibited
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return failRefused
+	case errors.Is(err, syscall.ENETUNREACH):
+		return failNetUnreachable
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		return failHostUnreachable
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT),
+		errors.As(err, &ne) && ne.Timeout():
+		return failTimeout
+	case errors.As(err, &dnsErr):
+		return failHostUnreachable
+	}
+	return failGeneral
+}
+
+// reason is the short text that HTTP error bodies and logs give.
+func (f dialFailure) reason() string {
+	switch f {
+	case failRefused:
+		return "connection refused"
+	case failNetUnreachable:
+		return "network unreachable"
+	case failHostUnreachable:
+		return "host unreachable or unknown"
+	case failTimeout:
+		return "timed out"
+	case failProhibited:
+		return "forwarding to this destination is not allowed"
+	case failTunnelDown:
+		return "the tunnel to the login node is down (reconnecting); try again shortly"
+	case failBusy:
+		return "too many connections; try again later"
+	}
+	return "connection failed"
 }
