@@ -41,7 +41,10 @@ func TestCLIExposeForwardRunning(t *testing.T) {
 	assert.Equal(t, 1, r.code, "expose without a proxy")
 	assert.Contains(t, r.stderr, "no proxy running")
 
-	r = run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state, "--watch-pid", "-1")
+	// --private: the end removes the control socket, and a node tunnel's
+	// job is stopped through it (a SIGTERM would hand the tunnel over to
+	// the job's stand-by, see TestCLINodeTunnelTakeover).
+	r = run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile, "--state", state, "--watch-pid", "-1", "--private")
 	require.Equal(t, 0, r.code, "start: %s\nlog:\n%s", r.stderr, readFile(state, ".log"))
 	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", state) })
 

@@ -214,7 +214,11 @@ func startPerJob(method string, conns int, extra ...string) func(env *benchEnv) 
 		state := filepath.Join(dir, "proxy.json")
 		args := []string{"start", "--state", state, "--via", "sshtest",
 			"--ssh-config", env.sshd.SSHConfigFile, "--method", method,
-			"-o", "Ciphers=" + benchCipher, "--watch-pid", "-1"}
+			"-o", "Ciphers=" + benchCipher, "--watch-pid", "-1",
+			// Each contender measured alone: without this, contenders
+			// with the same tunnel settings (controlmaster and its handoff
+			// modes) would attach to the first one's node tunnel.
+			"--private"}
 		if conns > 1 {
 			args = append(args, "--connections", strconv.Itoa(conns))
 		}
