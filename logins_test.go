@@ -254,31 +254,11 @@ func testFailover(t *testing.T, cfgFile string, sshds map[string]*sshtest.SSHD, 
 // startDataSource serves size bytes to every connection on loopback.
 func startDataSource(t *testing.T, size int) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
 	data := make([]byte, size)
 	for i := range data {
 		data[i] = byte(i)
 	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_, _ = c.Write(data)
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return serveTCP(t, "127.0.0.1:0", func(c net.Conn) { _, _ = c.Write(data) })
 }
 
 // fetchAll reads size bytes from src through d and checks them.
