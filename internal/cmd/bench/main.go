@@ -406,7 +406,7 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 						100*login.total().Seconds()/pd.Seconds())
 				}
 			}
-			var ownConn time.Duration
+			var ownConn, sysConn time.Duration
 			if o.latency > 0 {
 				cpu0, own0 := treeCPU(r.pids), ownCPU(r.pids)
 				lat, err := connectLatency(r.dial, o.latency)
@@ -415,16 +415,17 @@ func measureRounds(w io.Writer, env *benchEnv, cs []*contender, o options, strea
 				}
 				cpu := treeCPU(r.pids).sub(cpu0)
 				ownConn = ownCPU(r.pids).sub(own0).total() / time.Duration(o.latency)
+				sysConn = cpu.sys / time.Duration(o.latency)
 				res.p50[c] = append(res.p50[c], percentile(lat, 50))
 				res.p99[c] = append(res.p99[c], percentile(lat, 99))
 				res.cpuPerConn[c] = append(res.cpuPerConn[c], cpu.total().Seconds()/float64(o.latency))
 			}
 			if o.verbose && o.latency > 0 {
-				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f; main process alone %.2f) p50 %s p99 %s cpu/conn %s (main process alone %s)\n", round+1, c.name,
+				fmt.Fprintf(os.Stderr, "round %d %-24s down %s up %s cpu %.2fs/GB (kernel %.2f; main process alone %.2f) p50 %s p99 %s cpu/conn %s (kernel %s; main process alone %s)\n", round+1, c.name,
 					rate(res.down[c][round]), rate(res.up[c][round]), res.cpuPerGB[c][round], res.sysPerGB[c][round],
 					own.total().Seconds()/(2*float64(size)/1e9),
 					res.p50[c][round].Round(time.Microsecond), res.p99[c][round].Round(time.Microsecond),
-					time.Duration(res.cpuPerConn[c][round]*1e9).Round(time.Microsecond), ownConn.Round(time.Microsecond))
+					time.Duration(res.cpuPerConn[c][round]*1e9).Round(time.Microsecond), sysConn.Round(time.Microsecond), ownConn.Round(time.Microsecond))
 			}
 		}
 	}

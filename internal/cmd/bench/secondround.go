@@ -19,12 +19,42 @@ import (
 // the daemon's HPCPROXY_HANDOFF picks, and gossh over four SSH
 // connections (for -pin-login).
 func handoffContenders() []*contender {
-	return []*contender{
+	var before []*contender
+	if *compareWith != "" || *compareEnv != "" {
+		start := startPerJob("gossh", 1, "--max-connections", "1")
+		if *compareWith != "" {
+			start = withSelf(*compareWith, start)
+		}
+		if k, v, ok := strings.Cut(*compareEnv, "="); ok {
+			start = withEnv(k, v, start)
+		}
+		before = append(before, &contender{name: "hpcproxy gossh before", group: "ssh", fds: perConn(1), start: start})
+	}
+	return append(before, []*contender{
 		{name: "hpcproxy gossh x4", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 4)},
 		{name: "hpcproxy cm optimistic", group: "ssh", fds: controlMasterFds,
 			start: withEnv("HPCPROXY_HANDOFF", "optimistic", startPerJob("controlmaster", 1))},
 		{name: "hpcproxy cm relayed", group: "ssh", fds: controlMasterFds,
 			start: withEnv("HPCPROXY_HANDOFF", "off", startPerJob("controlmaster", 1))},
+	}...)
+}
+
+var compareWith = flag.String("compare", "",
+	"a benchmark binary built from another commit (go build -o PATH ./internal/cmd/bench there): "+
+		"adds the contender \"hpcproxy gossh before\", whose daemon is that build's, for a before/after ratio in one run")
+
+var compareEnv = flag.String("compare-env", "",
+	"KEY=VALUE: the environment of \"hpcproxy gossh before\" (which this adds too, from this build unless -compare is given), "+
+		"e.g. GODEBUG=adaptivestackstart=1 for a runtime setting's before/after in one run")
+
+// withSelf runs start with the hpcproxy CLI taken from the benchmark
+// binary at path instead of this one. Contenders start one at a time.
+func withSelf(path string, start func(*benchEnv) (*running, error)) func(*benchEnv) (*running, error) {
+	return func(env *benchEnv) (*running, error) {
+		self := env.self
+		env.self = path
+		defer func() { env.self = self }()
+		return start(env)
 	}
 }
 
