@@ -145,6 +145,14 @@ func isStartDrop(err error) bool {
 		return true
 	}
 	msg := err.Error()
+	// A jump host that failed its own host key check or authentication
+	// ends the ProxyCommand, which the last ssh reports as a connection
+	// closed at the banner too: that failure is the jump host's, for good.
+	for _, final := range []string{"Host key verification failed", "Permission denied", "REMOTE HOST IDENTIFICATION HAS CHANGED"} {
+		if strings.Contains(msg, final) {
+			return false
+		}
+	}
 	return strings.Contains(msg, "kex_exchange_identification") || strings.Contains(msg, "ssh_exchange_identification")
 }
 

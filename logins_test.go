@@ -98,6 +98,8 @@ func TestIsStartDrop(t *testing.T) {
 		{"openssh closed", errors.New("ssh exited: kex_exchange_identification: Connection closed by remote host"), true},
 		{"openssh reset", errors.New("ssh: kex_exchange_identification: read: Connection reset by peer"), true},
 		{"old openssh", errors.New("ssh_exchange_identification: Connection closed by remote host"), true},
+		{"jump host unknown", errors.New("ssh exited: Host key verification failed.\r\nkex_exchange_identification: Connection closed by remote host"), false},
+		{"jump host refused us", errors.New("ssh exited: user@jump: Permission denied (publickey).\r\nkex_exchange_identification: Connection closed by remote host"), false},
 		{"auth", &AuthError{User: "u", Host: "h", Err: io.EOF}, false},
 		{"unknown host", fmt.Errorf("x: %w", &UnknownHostError{Host: "h"}), false},
 		{"refused", errors.New("connect: connection refused"), false},
