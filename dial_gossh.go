@@ -207,8 +207,9 @@ func sshHandshake(ctx context.Context, conn net.Conn, s *sshSettings, policy Hos
 		_ = conn.SetDeadline(dl) // fails harmlessly on channel conns
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	got := &countingReader{r: withQuickAck(conn)}
-	bc := &bufferedConn{Conn: conn, r: bufio.NewReaderSize(got, sshReadBuffer)}
+	sock := withQuickAck(withRawIO(conn))
+	got := &countingReader{r: sock}
+	bc := &bufferedConn{Conn: sock, r: bufio.NewReaderSize(got, sshReadBuffer)}
 	c, chans, reqs, err := ssh.NewClientConn(bc, s.addr(), config)
 	if !stop() {
 		if c != nil {

@@ -135,7 +135,7 @@ func writeHTTPError(w io.Writer, e *httpError) error {
 func (ss *session) refuseHTTP(e *httpError) error {
 	ss.srv.failed.Add(1)
 	ss.log.Debug("http request refused", "status", e.code, "reason", e.msg)
-	if err := writeHTTPError(ss.c.raw, e); err != nil {
+	if err := writeHTTPError(ss.c.io, e); err != nil {
 		ss.log.Debug("write refusal", "err", err)
 		return e
 	}
@@ -250,7 +250,7 @@ func (ss *session) serveCONNECT(addr string) error {
 	if dst == nil {
 		return nil // handed off
 	}
-	if _, err := io.WriteString(ss.c.raw, established); err != nil {
+	if _, err := io.WriteString(ss.c.io, established); err != nil {
 		ss.release(dst)
 		return ss.fail(fmt.Errorf("hpcproxy: http: write CONNECT reply: %w", err))
 	}

@@ -56,16 +56,19 @@ const maxSOCKSHandshake = 4 << 10
 // raw conn, and a buffered reader over it that may hold bytes the client
 // sent after its request (the start of the tunnelled stream, or the next
 // pipelined HTTP request). The relay writes those first, then copies from
-// the raw conn, so that nothing wraps the raw conn on the hot path.
+// the raw conn, so that nothing wraps the raw conn on the hot path. The
+// handshake reads and writes through io: the raw conn with raw-system-call
+// I/O (rawio_linux.go).
 type clientConn struct {
 	raw net.Conn
+	io  net.Conn
 	lr  limitedReader
 	br  *bufio.Reader
 }
 
 func newClientConn(raw net.Conn) *clientConn {
-	c := &clientConn{raw: raw}
-	c.lr = limitedReader{r: raw, n: maxHeaderBytes}
+	c := &clientConn{raw: raw, io: withRawIO(raw)}
+	c.lr = limitedReader{r: c.io, n: maxHeaderBytes}
 	c.br = readerPool.Get().(*bufio.Reader)
 	c.br.Reset(&c.lr)
 	return c

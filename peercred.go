@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
+	"unsafe"
 )
 
 // Peer credentials over loopback TCP
@@ -335,14 +336,30 @@ func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort, 
 	ne.PutUint32(id[40:], 0xffffffff) // INET_DIAG_NOCOOKIE
 	ne.PutUint32(id[44:], 0xffffffff)
 
-	if err := syscall.Sendto(fd, msg, 0, &syscall.SockaddrNetlink{Family: syscall.AF_NETLINK}); err != nil {
-		return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
+	// Raw system calls: the kernel answers within sendto, so neither call
+	// blocks (rawio_linux.go says why the scheduler is kept out).
+	kernel := syscall.RawSockaddrNetlink{Family: syscall.AF_NETLINK}
+	for {
+		_, _, errno := syscall.RawSyscall6(syscall.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&msg[0])), uintptr(len(msg)),
+			0, uintptr(unsafe.Pointer(&kernel)), syscall.SizeofSockaddrNetlink)
+		if errno == syscall.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", errno)
+		}
+		break
 	}
 	buf := rbuf[:]
 	for {
-		n, _, err := syscall.Recvfrom(fd, buf, 0)
-		if err == syscall.EINTR {
+		r, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), 0, 0, 0)
+		if errno == syscall.EINTR {
 			continue
+		}
+		n := int(r)
+		var err error
+		if errno != 0 {
+			err = errno
 		}
 		if err != nil {
 			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)

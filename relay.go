@@ -120,18 +120,24 @@ type closeWriter interface{ CloseWrite() error }
 func (c *copier) run() error {
 	var err error
 	src, dst := readSide(c.src), writeSide(c.dst)
+	closeDst := c.dst
 	if tcp, ok := dst.(*net.TCPConn); ok && c.activity == nil && kernelConn(src) {
 		// The splice path: a raw socket to a raw TCP socket. (Go also
 		// splices from TCP to a unix socket, but only without a limit,
 		// which spliceCopy needs.)
 		err = c.spliceCopy(src, tcp)
 	} else {
-		err = c.copyBuffered(src, dst)
+		// Sockets read and written with raw system calls (rawio_linux.go).
+		rdst := withRawIO(dst)
+		if dst == c.dst {
+			closeDst = rdst
+		}
+		err = c.copyBuffered(withRawIO(src), rdst)
 	}
 	if err != nil {
 		return fmt.Errorf("hpcproxy: relay %s: %w", c.name, err)
 	}
-	cw, ok := c.dst.(closeWriter)
+	cw, ok := closeDst.(closeWriter)
 	if !ok {
 		c.dst.Close()
 		return nil

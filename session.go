@@ -91,7 +91,7 @@ func (ss *session) authenticated() {
 // writeReply writes a refusal; the conn is closed next, so a failed write
 // is only logged.
 func (ss *session) writeReply(b []byte) {
-	if _, err := ss.c.raw.Write(b); err != nil {
+	if _, err := ss.c.io.Write(b); err != nil {
 		ss.log.Debug("write refusal", "err", err)
 	}
 }

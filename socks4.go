@@ -123,7 +123,7 @@ func (ss *session) serveSOCKS4() error {
 	if dst == nil {
 		return nil // handed off
 	}
-	if _, err := ss.c.raw.Write(granted); err != nil {
+	if _, err := ss.c.io.Write(granted); err != nil {
 		ss.release(dst)
 		return ss.fail(fmt.Errorf("hpcproxy: socks4: write reply: %w", err))
 	}

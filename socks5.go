@@ -232,7 +232,7 @@ func socks5ReplyFor(f dialFailure) socks5Reply {
 
 // serveSOCKS5 runs the SOCKS5 handshake and then the relay.
 func (ss *session) serveSOCKS5() error {
-	br, w := ss.c.br, ss.c.raw
+	br, w := ss.c.br, ss.c.io
 	methods, err := readSOCKS5Greeting(br)
 	if err != nil {
 		return ss.fail(err)
