@@ -2,6 +2,7 @@ package hpcproxy
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -33,17 +34,26 @@ func openDirect(c *ssh.Client, addr string) (net.Conn, error) {
 	}
 	// RFC 4254, 7.2: host and port to connect, originator address and
 	// port (we have none to give: x/crypto sends 0.0.0.0:0 too).
-	msg := struct {
-		Host     string
-		Port     uint32
-		OrigHost string
-		OrigPort uint32
-	}{host, uint32(port), "0.0.0.0", 0}
-	ch, reqs, err := c.OpenChannel("direct-tcpip", ssh.Marshal(&msg))
+	ch, reqs, err := c.OpenChannel("direct-tcpip", directTCPIPPayload(host, uint32(port)))
 	if err != nil {
 		return nil, err
 	}
 	return &channelConn{Channel: ch, reqs: reqs, remote: channelAddr(addr)}, nil
+}
+
+// directTCPIPPayload encodes a direct-tcpip channel's type-specific data
+// (RFC 4254, 7.2) as ssh.Marshal would, without its reflection: host,
+// port, then the originator's address and port, 0.0.0.0:0 (we have none
+// to give; x/crypto's Client.Dial sends the same).
+func directTCPIPPayload(host string, port uint32) []byte {
+	const orig = "0.0.0.0"
+	b := make([]byte, 0, 4+len(host)+4+4+len(orig)+4)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(host)))
+	b = append(b, host...)
+	b = binary.BigEndian.AppendUint32(b, port)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(orig)))
+	b = append(b, orig...)
+	return binary.BigEndian.AppendUint32(b, 0)
 }
 
 // openDirectContext is openDirect bounded by ctx: a channel that opens

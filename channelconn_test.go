@@ -3,10 +3,13 @@ package hpcproxy
 import (
 	"context"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
 )
@@ -38,4 +41,19 @@ func TestChannelConnRequests(t *testing.T) {
 	require.Equal(t, 5, srv.ChannelRequestReplies(), "replies to the server's 5 requests")
 	require.Equal(t, channelAddr(c.RemoteAddr().String()), c.RemoteAddr())
 	require.Error(t, c.SetDeadline(time.Now()), "an SSH channel has no deadlines")
+}
+
+func TestDirectTCPIPPayloadMatchesMarshal(t *testing.T) {
+	for _, tc := range []struct {
+		host string
+		port uint32
+	}{{"example.org", 443}, {"::1", 22}, {"", 0}, {strings.Repeat("h", 255), 65535}} {
+		want := ssh.Marshal(&struct {
+			Host     string
+			Port     uint32
+			OrigHost string
+			OrigPort uint32
+		}{tc.host, tc.port, "0.0.0.0", 0})
+		assert.Equal(t, want, directTCPIPPayload(tc.host, tc.port), "%s:%d", tc.host, tc.port)
+	}
 }

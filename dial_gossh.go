@@ -149,12 +149,13 @@ func startGoSSH(ctx context.Context, cfg *TunnelConfig) (tunnelImpl, error) {
 		count = defaultKeepaliveCountMax
 	}
 	t := &gosshTunnel{
-		client: clients[len(clients)-1],
-		hops:   clients[:len(clients)-1],
-		log:    log,
-		stop:   make(chan struct{}),
-		dying:  make(chan struct{}),
-		done:   make(chan struct{}),
+		client:  clients[len(clients)-1],
+		hops:    clients[:len(clients)-1],
+		log:     log,
+		stop:    make(chan struct{}),
+		dying:   make(chan struct{}),
+		done:    make(chan struct{}),
+		openers: newKeptGoroutines(),
 	}
 	go t.run(interval, count)
 	return t, nil
@@ -310,6 +311,8 @@ type gosshTunnel struct {
 	err    error
 	closed bool           // no new dial goroutines once set
 	dials  sync.WaitGroup // dial goroutines, waited for before done
+	// openers run the channel opens of dials.
+	openers *keptGoroutines
 }
 
 func (t *gosshTunnel) unresponsive() bool { return t.missed.Load() > 0 }
@@ -369,6 +372,7 @@ func (t *gosshTunnel) run(interval time.Duration, countMax int) {
 	t.err = err
 	t.mu.Unlock()
 	t.dials.Wait()
+	t.openers.close()
 	close(t.done)
 }
 
@@ -464,7 +468,9 @@ func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (ne
 		err error
 	}
 	ch := make(chan result)
-	go func() {
+	// x/crypto's channel open cannot be abandoned: it runs in a goroutine
+	// of its own (a kept one, keptgo.go) so that ctx can end the wait.
+	t.openers.goRun(func() {
 		defer t.dials.Done()
 		c, err := openDirect(t.client, addr)
 		select {
@@ -474,7 +480,7 @@ func (t *gosshTunnel) DialContext(ctx context.Context, network, addr string) (ne
 				_ = c.Close()
 			}
 		}
-	}()
+	})
 	select {
 	case r := <-ch:
 		if r.err != nil {

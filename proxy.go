@@ -224,8 +224,13 @@ func (s *Server) Serve(ln net.Listener) error {
 	defer s.trackListener(ln, false)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	workers := newHandshakeWorkers()
-	defer close(workers.tasks)
+	// Handshakes run in kept goroutines: the SOCKS parse, the peer-UID
+	// lookup and a tunnel's dial need about 8 KiB of stack, which a new
+	// goroutine (2 KiB) would grow again for each connection. The relay
+	// still starts goroutines of its own, so that idle held connections
+	// keep small stacks.
+	workers := newKeptGoroutines()
+	defer workers.close()
 	defer ln.Close()
 
 	var backoff time.Duration
@@ -262,45 +267,7 @@ func (s *Server) Serve(ln net.Listener) error {
 				wg.Done()
 			})
 		}
-		select {
-		case workers.tasks <- task:
-		default:
-			go workers.run(task)
-		}
-	}
-}
-
-// handshakeWorkers runs connections' handshakes in goroutines that are
-// kept for the next connection once their handshake is done (the relay
-// runs in goroutines of its own), so that each handshake does not grow a
-// fresh goroutine's stack again: the SOCKS parse, the peer-UID lookup and
-// an SSH channel open need about 8 KiB, and a new goroutine starts with 2.
-// At most maxIdleHandshakeWorkers wait; the rest end. Closing tasks ends
-// the waiting ones.
-type handshakeWorkers struct {
-	tasks chan func()
-	idle  atomic.Int32
-}
-
-const maxIdleHandshakeWorkers = 8
-
-func newHandshakeWorkers() *handshakeWorkers {
-	return &handshakeWorkers{tasks: make(chan func())}
-}
-
-func (w *handshakeWorkers) run(task func()) {
-	for {
-		task()
-		if w.idle.Add(1) > maxIdleHandshakeWorkers {
-			w.idle.Add(-1)
-			return
-		}
-		next, ok := <-w.tasks
-		w.idle.Add(-1)
-		if !ok {
-			return
-		}
-		task = next
+		workers.goRun(task)
 	}
 }
 

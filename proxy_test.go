@@ -643,37 +643,3 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
-
-func TestHandshakeWorkersReuseAndEnd(t *testing.T) {
-	w := newHandshakeWorkers()
-	var wg sync.WaitGroup
-	release := make(chan struct{})
-	dispatch := func(task func()) {
-		select {
-		case w.tasks <- task:
-		default:
-			go w.run(task)
-		}
-	}
-	// 20 handshakes at once: 20 workers, of which at most
-	// maxIdleHandshakeWorkers wait afterwards.
-	for range 20 {
-		wg.Add(1)
-		dispatch(func() { <-release; wg.Done() })
-	}
-	close(release)
-	wg.Wait()
-	require.Eventually(t, func() bool { return w.idle.Load() == maxIdleHandshakeWorkers }, 5*time.Second, time.Millisecond)
-
-	// The next handshakes go to the waiting workers.
-	ran := make(chan struct{}, 5)
-	for range 5 {
-		w.tasks <- func() { ran <- struct{}{} } // blocks unless a worker waits
-	}
-	for range 5 {
-		<-ran
-	}
-
-	close(w.tasks)
-	require.Eventually(t, func() bool { return w.idle.Load() == 0 }, 5*time.Second, time.Millisecond, "closing tasks ends the waiting workers")
-}
