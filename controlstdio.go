@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -41,15 +42,23 @@ import (
 const stdioSetupDeadline = 30 * time.Second
 
 // maxStdioConns caps the stdio forwards open at once through one master
-// (a variable for tests). stdioCap lowers it to what the open-file limit
-// allows: three descriptors each, in this process and in the master.
+// (a variable for tests): each costs the master two channels.
 var maxStdioConns = 4096
 
-// stdioCap returns how many stdio forwards may be open at once: at most
-// maxStdioConns, and an eighth of the open-file limit, which leaves most of
-// the descriptors to the clients' sockets and proxy-mode connections.
-func stdioCap() int {
-	return int(min(uint64(maxStdioConns), openFileLimit()/8))
+// stdioCap returns how many stdio forwards may be open at once in this
+// process, over every master (a daemon's pool has up to eight): an eighth
+// of the open-file limit, which leaves most of the descriptors to the
+// clients' sockets and proxy-mode connections. A variable for tests.
+var stdioCap = func() int { return int(openFileLimit() / 8) }
+
+// stdioOpen counts the stdio forwards open in this process.
+var stdioOpen atomic.Int64
+
+// stdioRoom reports whether one more stdio forward may open through a
+// master that has n open. (Counted per master only, a pool of eight
+// masters ran a daemon out of descriptors at 10,000 held connections.)
+func stdioRoom(n int) bool {
+	return n < maxStdioConns && stdioOpen.Load() < int64(stdioCap())
 }
 
 // dialStdio opens a connection to addr through a stdio forward of the

@@ -92,6 +92,26 @@ func TestControlMasterStdio(t *testing.T) {
 		require.IsType(t, &stdioConn{}, c, "a closed stdio forward must free its slot")
 		c.Close()
 	})
+	t.Run("the cap counts every master of the process", func(t *testing.T) {
+		old := stdioCap
+		stdioCap = func() int { return 1 }
+		defer func() { stdioCap = old }()
+		other := testTunnel(t, sshd, MethodControlMaster) // a second master
+		held, err := tun.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		defer held.Close()
+		require.IsType(t, &stdioConn{}, held)
+		c, err := other.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		_, isStdio := c.(*stdioConn)
+		require.False(t, isStdio, "the other master opened a stdio forward beyond the process's cap")
+		check(t, c, true)
+		held.Close()
+		c, err = other.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		require.IsType(t, &stdioConn{}, c, "a stdio forward closed on one master frees the slot for another")
+		check(t, c, false)
+	})
 	t.Run("refused", func(t *testing.T) {
 		// The master only says "refused by peer"; the proxy-mode retry
 		// tells why.

@@ -183,7 +183,7 @@ func (t *controlMasterTunnel) DialContext(ctx context.Context, network, addr str
 	if closed {
 		return nil, t.downError(ErrTunnelDown)
 	}
-	if n < stdioCap() {
+	if stdioRoom(n) {
 		sc, err := t.dialStdio(ctx, addr)
 		if err == nil {
 			return t.trackStdio(sc)
@@ -210,10 +210,12 @@ func (t *controlMasterTunnel) trackStdio(c *stdioConn) (net.Conn, error) {
 		return nil, t.downError(ErrTunnelDown)
 	}
 	t.stdio[c] = struct{}{}
+	stdioOpen.Add(1)
 	c.onClose = func() {
 		t.stdioMu.Lock()
 		delete(t.stdio, c)
 		t.stdioMu.Unlock()
+		stdioOpen.Add(-1)
 	}
 	return c, nil
 }

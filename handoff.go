@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -115,6 +116,10 @@ type handoffClient interface {
 type handoff struct {
 	sc  *stdioConn // its control connection keeps the forward open
 	out *os.File   // the pipe's read end; nil: optimistic
+	// released, if set, runs once when the handoff is closed: a pool
+	// counts the forward on its member until then.
+	released func()
+	once     sync.Once
 }
 
 // Close ends the forward: the master closes the channel and its copies
@@ -123,6 +128,9 @@ func (h *handoff) Close() error {
 	err := h.sc.Close()
 	if h.out != nil {
 		err = errors.Join(err, h.out.Close())
+	}
+	if h.released != nil {
+		h.once.Do(h.released)
 	}
 	return err
 }
@@ -310,6 +318,7 @@ func (t *Tunnel) dialHandoff(ctx context.Context, addr string, client handoffCli
 var (
 	_ handoffDialer = (*SupervisedTunnel)(nil)
 	_ handoffDialer = (*Tunnel)(nil)
+	_ handoffDialer = (*poolTunnel)(nil)
 	_ handoffDialer = (*controlMasterTunnel)(nil)
 )
 
@@ -320,7 +329,7 @@ func (t *controlMasterTunnel) dialHandoff(ctx context.Context, addr string, clie
 	t.stdioMu.Lock()
 	n, closed := len(t.stdio), t.stdio == nil
 	t.stdioMu.Unlock()
-	if closed || n >= stdioCap() {
+	if closed || !stdioRoom(n) {
 		return nil, nil, errNoHandoff
 	}
 	rc, err := client.SyscallConn()

@@ -48,6 +48,26 @@ func TestControlMasterHandoff(t *testing.T) {
 	for _, mode := range []HandoffMode{HandoffOff, HandoffPipe, HandoffOptimistic} {
 		t.Run(mode.String(), func(t *testing.T) { testHandoff(t, tun, mode) })
 	}
+	// A daemon's tunnel is a pool (MaxConnections 8 by default): the
+	// handoff goes through it to a member.
+	t.Run("pool", func(t *testing.T) {
+		pool := pooledTunnel(t, sshd, MethodControlMaster, 2)
+		require.IsType(t, &poolTunnel{}, pool.impl)
+		for _, mode := range []HandoffMode{HandoffPipe, HandoffOptimistic} {
+			t.Run(mode.String(), func(t *testing.T) { testHandoff(t, pool, mode) })
+		}
+		p := pool.impl.(*poolTunnel)
+		require.Eventually(t, func() bool {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, m := range p.members {
+				if m.active.Load() != 0 {
+					return false
+				}
+			}
+			return true
+		}, 10*time.Second, 10*time.Millisecond, "closed handoffs are released from their member")
+	})
 }
 
 func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {

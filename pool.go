@@ -415,6 +415,35 @@ func (p *poolTunnel) DialContext(ctx context.Context, network, addr string) (net
 	return &pooledConn{Conn: c, pool: p, member: m}, nil
 }
 
+// dialHandoff implements handoffDialer through the least loaded member,
+// when its method can take the client's socket (controlmaster): the
+// member counts the forward until it is closed, as it counts a dialled
+// connection.
+func (p *poolTunnel) dialHandoff(ctx context.Context, addr string, client handoffClient, optimistic bool) (*handoff, net.Conn, error) {
+	m, err := p.acquire(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	hd, ok := m.impl.(handoffDialer)
+	if !ok {
+		p.release(m)
+		return nil, nil, errNoHandoff
+	}
+	h, c, err := hd.dialHandoff(ctx, addr, client, optimistic)
+	switch {
+	case err != nil:
+		p.release(m)
+		return nil, nil, err
+	case c != nil:
+		return nil, &pooledConn{Conn: c, pool: p, member: m}, nil
+	case h == nil:
+		p.release(m)
+		return nil, nil, errNoHandoff
+	}
+	h.released = func() { p.release(m) }
+	return h, nil, nil
+}
+
 // Close takes the pool down and waits until every member is closed.
 func (p *poolTunnel) Close() error {
 	p.fail(nil)
