@@ -21,14 +21,18 @@ import (
 func handoffContenders() []*contender {
 	var before []*contender
 	if *compareWith != "" || *compareEnv != "" {
-		start := startPerJob("gossh", 1, "--max-connections", "1")
+		// Started as the contender of the same method is.
+		start, fds := startPerJob("gossh", 1, "--max-connections", "1"), perConn(1)
+		if *compareMethod == "controlmaster" {
+			start, fds = startPerJob("controlmaster", 1), controlMasterFds
+		}
 		if *compareWith != "" {
 			start = withSelf(*compareWith, start)
 		}
 		if k, v, ok := strings.Cut(*compareEnv, "="); ok {
 			start = withEnv(k, v, start)
 		}
-		before = append(before, &contender{name: "hpcproxy gossh before", group: "ssh", fds: perConn(1), start: start})
+		before = append(before, &contender{name: "hpcproxy " + *compareMethod + " before", group: "ssh", fds: fds, start: start})
 	}
 	return append(before, []*contender{
 		{name: "hpcproxy gossh x4", group: "ssh", fds: perConn(1), start: startPerJob("gossh", 4)},
@@ -41,11 +45,16 @@ func handoffContenders() []*contender {
 
 var compareWith = flag.String("compare", "",
 	"a benchmark binary built from another commit (go build -o PATH ./internal/cmd/bench there): "+
-		"adds the contender \"hpcproxy gossh before\", whose daemon is that build's, for a before/after ratio in one run")
+		"adds the contender \"hpcproxy METHOD before\" (METHOD from -compare-method), whose daemon is that build's, "+
+		"for a before/after ratio in one run")
 
 var compareEnv = flag.String("compare-env", "",
-	"KEY=VALUE: the environment of \"hpcproxy gossh before\" (which this adds too, from this build unless -compare is given), "+
+	"KEY=VALUE: the environment of \"hpcproxy METHOD before\" (which this adds too, from this build unless -compare is given), "+
 		"e.g. GODEBUG=adaptivestackstart=1 for a runtime setting's before/after in one run")
+
+var compareMethod = flag.String("compare-method", "gossh",
+	"the tunnel method of the -compare/-compare-env contender, gossh or controlmaster, "+
+		"started as \"hpcproxy gossh\" or \"hpcproxy controlmaster\" is")
 
 // withSelf runs start with the hpcproxy CLI taken from the benchmark
 // binary at path instead of this one. Contenders start one at a time.
