@@ -929,3 +929,32 @@ func dialGoSSHHelper() int {
 	fmt.Println("DIALGOSSH OK")
 	return 0
 }
+
+// TestFirstChannelNoDelayedAckStall checks that the first channel through
+// a fresh gossh tunnel is not held up by a delayed ACK: sshd announces its
+// host keys after authentication, and with Nagle's algorithm on it holds
+// the channel's confirmation until that announcement is acknowledged,
+// which Linux delays by 40 ms unless TCP_QUICKACK is re-armed
+// (quickack_linux.go). Every first channel stalls when the ACK is
+// delayed, so the fastest of five fresh tunnels tells, whatever the
+// machine's load adds to the others.
+func TestFirstChannelNoDelayedAckStall(t *testing.T) {
+	noAgent(t)
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) { _, _ = io.Copy(c, c) })
+	fastest := time.Hour
+	for range 5 {
+		tun := pooledTunnel(t, sshd, MethodGoSSH, 0)
+		start := time.Now()
+		c, err := tun.Dial(context.Background(), "tcp", echo)
+		require.NoError(t, err)
+		_, err = c.Write([]byte{1})
+		require.NoError(t, err)
+		_, err = io.ReadFull(c, make([]byte, 1))
+		require.NoError(t, err)
+		fastest = min(fastest, time.Since(start))
+		c.Close()
+		tun.Close()
+	}
+	require.Less(t, fastest, 30*time.Millisecond, "the first channel of every fresh tunnel waited for a delayed ACK (40 ms)")
+}
