@@ -144,11 +144,12 @@ type Server struct {
 	handlers atomic.Int64 // connection goroutines running
 
 	hsMu       sync.Mutex
-	pending    list.List    // of net.Conn: unauthenticated handshakes, oldest first; under hsMu
-	handshakes atomic.Int64 // pending.Len(), to read without hsMu
-	hsPeak     atomic.Int64 // the most at once since the last release
-	lastDrop   atomic.Int64 // unix nanoseconds of the last drop warning
-	release    *time.Timer  // pending memory release after a burst; under mu
+	pending    list.List     // of pendingHandshake: unauthenticated handshakes, oldest first; under hsMu
+	accepted   atomic.Uint64 // connections accepted: each one's sequence number
+	handshakes atomic.Int64  // pending.Len(), to read without hsMu
+	hsPeak     atomic.Int64  // the most at once since the last release
+	lastDrop   atomic.Int64  // unix nanoseconds of the last drop warning
+	release    *time.Timer   // pending memory release after a burst; under mu
 	dropped    atomic.Int64
 	active     atomic.Int64
 	total      atomic.Int64
@@ -259,8 +260,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		s.handlers.Add(1)
 		wg.Add(1)
+		seq := s.accepted.Add(1)
 		task := func() {
-			s.serveConn(c, idle, func() {
+			s.serveConn(c, seq, idle, func() {
 				c.Close()
 				s.untrackConn(c)
 				s.handlers.Add(-1)
@@ -444,7 +446,7 @@ func (s *Server) dialTimeout() time.Duration {
 // handshake and the dial may have grown this goroutine's stack, which it
 // would otherwise hold for the life of a connection that is usually idle
 // (see startRelay).
-func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
+func (s *Server) serveConn(raw net.Conn, seq uint64, idle *atomic.Bool, release func()) {
 	s.total.Add(1)
 	log := discardLogger
 	if s.Logger != nil {
@@ -472,7 +474,7 @@ func (s *Server) serveConn(raw net.Conn, idle *atomic.Bool, release func()) {
 	}
 	ss.trusted = len(s.Credentials) == 0 || (s.TrustConn != nil && s.TrustConn(raw))
 	if !ss.trusted {
-		ss.slot = s.admitHandshake(raw)
+		ss.slot = s.admitHandshake(raw, seq)
 		defer ss.authenticated()
 	}
 	ss.c = newClientConn(raw)
@@ -579,13 +581,26 @@ func (s *Server) maxHandshakes() int {
 // while one that lingers (slowloris) or sends a huge header is the first
 // to go. sshd's MaxStartups refuses the new connection instead, which lets
 // a flood of unfinished handshakes shut everyone else out.
-func (s *Server) admitHandshake(raw net.Conn) *list.Element {
+//
+// Oldest means first accepted (seq, from Serve's accept loop), not first
+// to get here: the goroutines of a burst of connections do not start in
+// the order they were accepted (Go runs the newest first).
+func (s *Server) admitHandshake(raw net.Conn, seq uint64) *list.Element {
 	full := s.maxHandshakes()
 	s.hsMu.Lock()
-	e := s.pending.PushBack(raw)
+	at := s.pending.Back()
+	for at != nil && at.Value.(pendingHandshake).seq > seq {
+		at = at.Prev()
+	}
+	var e *list.Element
+	if at == nil {
+		e = s.pending.PushFront(pendingHandshake{raw, seq})
+	} else {
+		e = s.pending.InsertAfter(pendingHandshake{raw, seq}, at)
+	}
 	var evict net.Conn
 	if full >= 0 && s.pending.Len() > full {
-		evict = s.pending.Remove(s.pending.Front()).(net.Conn)
+		evict = s.pending.Remove(s.pending.Front()).(pendingHandshake).conn
 	}
 	n := int64(s.pending.Len())
 	s.handshakes.Store(n)
@@ -603,6 +618,12 @@ func (s *Server) admitHandshake(raw net.Conn) *list.Element {
 		s.warnDrop()
 	}
 	return e
+}
+
+// pendingHandshake is an unauthenticated connection in Server.pending.
+type pendingHandshake struct {
+	conn net.Conn
+	seq  uint64 // in accept order
 }
 
 // endHandshake gives a slot back (a no-op if it was taken by eviction);
