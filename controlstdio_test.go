@@ -73,23 +73,30 @@ func TestControlMasterStdio(t *testing.T) {
 		require.IsType(t, &stdioConn{}, c)
 		check(t, c, false)
 	})
+	// beyondCap holds a stdio forward through first, checks that second
+	// then gets a proxy-mode connection, and returns what second gets
+	// once the held forward is closed.
+	beyondCap := func(t *testing.T, first, second *Tunnel, beyond, freed string) net.Conn {
+		held, err := first.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		defer held.Close()
+		require.IsType(t, &stdioConn{}, held)
+		c, err := second.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		_, isStdio := c.(*stdioConn)
+		require.False(t, isStdio, beyond)
+		check(t, c, true)
+		held.Close()
+		c, err = second.Dial(ctx, "tcp", dest)
+		require.NoError(t, err)
+		require.IsType(t, &stdioConn{}, c, freed)
+		return c
+	}
 	t.Run("proxy mode beyond the cap", func(t *testing.T) {
 		old := maxStdioConns
 		maxStdioConns = 1
 		defer func() { maxStdioConns = old }()
-		held, err := tun.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		defer held.Close()
-		require.IsType(t, &stdioConn{}, held)
-		c, err := tun.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		_, isStdio := c.(*stdioConn)
-		require.False(t, isStdio, "got a stdio forward beyond the cap")
-		check(t, c, true)
-		held.Close()
-		c, err = tun.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		require.IsType(t, &stdioConn{}, c, "a closed stdio forward must free its slot")
+		c := beyondCap(t, tun, tun, "got a stdio forward beyond the cap", "a closed stdio forward must free its slot")
 		c.Close()
 	})
 	t.Run("the cap counts every master of the process", func(t *testing.T) {
@@ -97,19 +104,8 @@ func TestControlMasterStdio(t *testing.T) {
 		stdioCap = func() int { return 1 }
 		defer func() { stdioCap = old }()
 		other := testTunnel(t, sshd, MethodControlMaster) // a second master
-		held, err := tun.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		defer held.Close()
-		require.IsType(t, &stdioConn{}, held)
-		c, err := other.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		_, isStdio := c.(*stdioConn)
-		require.False(t, isStdio, "the other master opened a stdio forward beyond the process's cap")
-		check(t, c, true)
-		held.Close()
-		c, err = other.Dial(ctx, "tcp", dest)
-		require.NoError(t, err)
-		require.IsType(t, &stdioConn{}, c, "a stdio forward closed on one master frees the slot for another")
+		c := beyondCap(t, tun, other, "the other master opened a stdio forward beyond the process's cap",
+			"a stdio forward closed on one master frees the slot for another")
 		check(t, c, false)
 	})
 	t.Run("refused", func(t *testing.T) {

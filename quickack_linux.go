@@ -25,24 +25,17 @@ import (
 // measurable once the re-arm was a raw system call (CPU per connection
 // 1.30x against 1.33x `ssh -D` in one run), and the first policy brought
 // the 40 ms stall back: so every small read re-arms.
-// Conns other than TCP sockets are returned unchanged.
+// c is a conn from withRawIO; one that is not a TCP socket (a jump
+// host's SSH channel) is returned unchanged.
 func withQuickAck(c net.Conn) net.Conn {
-	var rc syscall.RawConn
-	switch v := c.(type) {
-	case *rawConn:
-		if _, tcp := v.Conn.(*net.TCPConn); !tcp {
-			return c
-		}
-		rc = v.rc
-	case *net.TCPConn:
-		var err error
-		if rc, err = v.SyscallConn(); err != nil {
-			return c
-		}
-	default:
+	r, ok := c.(*rawConn)
+	if !ok {
 		return c
 	}
-	return &quickAckConn{Conn: c, rc: rc}
+	if _, tcp := r.Conn.(*net.TCPConn); !tcp {
+		return c
+	}
+	return &quickAckConn{Conn: c, rc: r.rc}
 }
 
 type quickAckConn struct {
