@@ -10,11 +10,14 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
@@ -246,5 +249,82 @@ func TestGetJobProxy(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, string(out))
 		})
+	}
+}
+
+// TestWatchPidfd: a node daemon's watch of an attached job's process (a
+// pidfd) fires when that process exits and not before, even when a signal
+// interrupts its check (poll's EINTR detached jobs in CI); a cancelled
+// context ends it.
+func TestWatchPidfd(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	open := func(pid int) *os.File {
+		fd, err := unix.PidfdOpen(pid, 0)
+		require.NoError(t, err)
+		require.NoError(t, unix.SetNonblock(fd, true))
+		f := os.NewFile(uintptr(fd), "pidfd")
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+
+	// Many watches start while signals keep arriving, as in a busy
+	// daemon (the runtime's preemption signal, SIGURG, is the usual one).
+	stop := make(chan struct{})
+	var flood sync.WaitGroup
+	flood.Add(1)
+	go func() {
+		defer flood.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				_ = syscall.Kill(os.Getpid(), syscall.SIGURG)
+			}
+		}
+	}()
+	ctx, cancel := context.WithCancel(t.Context())
+	var chs []<-chan struct{}
+	for range 2000 {
+		chs = append(chs, watchPidfd(ctx, open(cmd.Process.Pid)))
+	}
+	close(stop)
+	flood.Wait()
+	time.Sleep(100 * time.Millisecond)
+	fired := 0
+	for _, ch := range chs {
+		select {
+		case <-ch:
+			fired++
+		default:
+		}
+	}
+	assert.Zero(t, fired, "watches fired while the process runs")
+
+	// The process's exit fires them.
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	for i, ch := range chs[:50] {
+		select {
+		case <-ch:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("watch %d did not fire after the process exited", i)
+		}
+	}
+	cancel()
+
+	// A cancelled context ends a watch of a live process.
+	live := exec.Command("sleep", "30")
+	require.NoError(t, live.Start())
+	t.Cleanup(func() { _ = live.Process.Kill(); _ = live.Wait() })
+	ctx, cancel = context.WithCancel(t.Context())
+	ch := watchPidfd(ctx, open(live.Process.Pid))
+	cancel()
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatal("cancel did not end the watch")
 	}
 }

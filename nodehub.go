@@ -441,11 +441,22 @@ func watchPidfd(ctx context.Context, f *os.File) <-chan struct{} {
 		defer stop()
 		// Read calls the function, and again each time the pidfd polls
 		// readable, until it reports the exit (or the deadline ends it).
-		_ = rc.Read(func(fd uintptr) bool {
-			p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-			n, err := unix.Poll(p, 0)
-			return err != nil || n > 0
-		})
+		_ = rc.Read(func(fd uintptr) bool { return pidfdExited(int(fd)) })
 	}()
 	return ch
+}
+
+// pidfdExited reports whether the process behind pidfd fd has exited (or
+// the pidfd is unusable). A signal that interrupts the check (EINTR: the
+// runtime's preemption signal, SIGCHLD) is no answer: the check is made
+// again. Taking it for an exit once detached running jobs.
+func pidfdExited(fd int) bool {
+	p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(p, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		return err != nil || n > 0
+	}
 }

@@ -317,8 +317,17 @@ func BenchmarkNodeTunnelRSS(b *testing.B) {
 	// What each job keeps in itself: its stand-by.
 	var sum procMem
 	n := 0
-	for _, j := range all {
-		for _, pid := range standbysOf(j.state) {
+	for i, j := range all {
+		sbs := standbysOf(j.state)
+		if len(sbs) != 1 {
+			var procs []string
+			for _, pid := range jobProcs(j.state) {
+				cmd, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+				procs = append(procs, fmt.Sprintf("%d %q", pid, cmd))
+			}
+			b.Errorf("job %d: %d stand-bys; its processes: %v\nlog:\n%s", i, len(sbs), procs, readFile(j.state, ".log"))
+		}
+		for _, pid := range sbs {
 			m := memKiB(pid)
 			sum.rss, sum.pss, sum.uss = sum.rss+m.rss, sum.pss+m.pss, sum.uss+m.uss
 			n++
