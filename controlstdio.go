@@ -202,13 +202,21 @@ func (c *stdioConn) Write(p []byte) (int, error) { return c.w.Write(p) }
 // EOF to the login node.
 func (c *stdioConn) CloseWrite() error { return c.w.CloseWrite() }
 
+// Close closes the forward's socket pairs before the control connection.
+// The other order can leave the forward open at the login node until the
+// master next wakes (ServerAliveInterval, 60 s): when the master sees the
+// control connection end first, it marks the forward's input ended from a
+// clean-up callback that runs just before it polls, and then has nothing
+// to poll that would make it send the channel's EOF (OpenSSH 9.2 mux.c,
+// mux_master_control_cleanup_cb; seen with LogLevel DEBUG3). Its own
+// read of our end's EOF, when that comes first, sends it at once.
 func (c *stdioConn) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
-		err = c.ctl.Close()
 		if c.r != nil { // nil for a handoff's (handoff.go)
-			err = errors.Join(err, c.r.Close(), c.w.Close())
+			err = errors.Join(c.w.Close(), c.r.Close())
 		}
+		err = errors.Join(err, c.ctl.Close())
 		if c.onClose != nil {
 			c.onClose()
 		}

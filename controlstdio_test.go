@@ -73,6 +73,28 @@ func TestControlMasterStdio(t *testing.T) {
 		require.IsType(t, &stdioConn{}, c)
 		check(t, c, false)
 	})
+	t.Run("close ends the destination's connection at once", func(t *testing.T) {
+		// Closed mid-connection (a client that went away, a closed
+		// Server), with the master idle: the login node must hear of it
+		// then, not at the master's next keepalive a minute later.
+		ended := make(chan struct{}, 1)
+		idle := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+			_, _ = io.Copy(c, c)
+			ended <- struct{}{}
+		})
+		for i := range 20 {
+			c, err := tun.Dial(ctx, "tcp", idle)
+			require.NoError(t, err)
+			require.IsType(t, &stdioConn{}, c)
+			echoCheck(t, c, "x")
+			require.NoError(t, c.Close())
+			select {
+			case <-ended:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("connection %d: the destination's connection outlived the closed forward", i)
+			}
+		}
+	})
 	// beyondCap holds a stdio forward through first, checks that second
 	// then gets a proxy-mode connection, and returns what second gets
 	// once the held forward is closed.

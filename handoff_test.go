@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -91,7 +92,10 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 		n, _ := io.Copy(io.Discard, c)
 		after <- int(n)
 	})
+	var echoLive atomic.Int64 // the echo server's open connections
 	echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		echoLive.Add(1)
+		defer echoLive.Add(-1)
 		_, _ = io.Copy(c, c)
 		_ = c.(*net.TCPConn).CloseWrite()
 	})
@@ -231,16 +235,27 @@ func testHandoff(t *testing.T, tun *Tunnel, mode HandoffMode) {
 	})
 	t.Run("server close ends handoffs", func(t *testing.T) {
 		// The master holds copies of the client's socket: closing ours
-		// is not enough, the forward must end.
-		c := dial(t)
-		require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
-		echoCheck(t, c, "x")
-		require.NoError(t, srv.Close())
-		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-		_, err := io.ReadAll(c)
-		if err != nil {
-			require.ErrorIs(t, err, syscall.ECONNRESET)
+		// is not enough, the forward must end, and with it the
+		// destination's connection (relayed, the order in which the
+		// forward's sockets close decides whether the master tells the
+		// login node at once or at its next keepalive, a minute later).
+		var cs []net.Conn
+		for range 4 {
+			c := dial(t)
+			require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
+			echoCheck(t, c, "x")
+			cs = append(cs, c)
 		}
+		require.NoError(t, srv.Close())
+		for _, c := range cs {
+			require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
+			_, err := io.ReadAll(c)
+			if err != nil {
+				require.ErrorIs(t, err, syscall.ECONNRESET)
+			}
+		}
+		require.Eventually(t, func() bool { return echoLive.Load() == 0 }, 10*time.Second, 10*time.Millisecond,
+			"the destination's connections outlive the closed server")
 	})
 }
 
