@@ -147,15 +147,7 @@ Host login2
   HostName 127.0.0.1
   Port %d
 Host *
-  User %s
-  IdentityFile %s
-  IdentitiesOnly yes
-  UserKnownHostsFile %s
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  BatchMode yes
-  LogLevel ERROR
-`, s1.Port, s2.Port, s1.User, s1.ClientKeyFile, known)
+`, s1.Port, s2.Port) + clientOptions(s1.User, s1.ClientKeyFile, known)
 	require.NoError(t, os.WriteFile(cfgFile, []byte(cfg), 0o600))
 	return cfgFile, map[string]*sshtest.SSHD{"login1": s1, "login2": s2}
 }
@@ -373,7 +365,16 @@ func frontConfig(t *testing.T, sshd *sshtest.SSHD, front string, keyFile string)
 	cfg := fmt.Sprintf(`Host storm
   HostName 127.0.0.1
   Port %s
-  User %s
+`, port) + clientOptions(sshd.User, keyFile, known)
+	require.NoError(t, os.WriteFile(cfgFile, []byte(cfg), 0o600))
+	return cfgFile
+}
+
+// clientOptions is the body of a test ssh_config's Host block: log in as
+// user with key only, checking host keys against known only, never
+// prompting.
+func clientOptions(user, key, known string) string {
+	return fmt.Sprintf(`  User %s
   IdentityFile %s
   IdentitiesOnly yes
   UserKnownHostsFile %s
@@ -381,9 +382,7 @@ func frontConfig(t *testing.T, sshd *sshtest.SSHD, front string, keyFile string)
   StrictHostKeyChecking yes
   BatchMode yes
   LogLevel ERROR
-`, port, sshd.User, keyFile, known)
-	require.NoError(t, os.WriteFile(cfgFile, []byte(cfg), 0o600))
-	return cfgFile
+`, user, key, known)
 }
 
 // rehost rewrites known_hosts lines for [127.0.0.1]:from to port to.

@@ -168,6 +168,19 @@ func TestPoolPick(t *testing.T) {
 	}
 }
 
+// gosshPool establishes a gossh tunnel to sshd, a pool as cfg sets it
+// (its destination is set here), closed when the test ends.
+func gosshPool(ctx context.Context, t *testing.T, sshd *sshtest.SSHD, cfg TunnelConfig) (*Tunnel, *poolTunnel) {
+	t.Helper()
+	cfg.Destination, cfg.SSHConfigFile, cfg.Methods = "sshtest", sshd.SSHConfigFile, []Method{MethodGoSSH}
+	tun, err := EstablishTunnel(ctx, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { tun.Close() })
+	p, ok := tun.impl.(*poolTunnel)
+	require.True(t, ok, "impl is %T, want a pool", tun.impl)
+	return tun, p
+}
+
 // TestPoolGrowsAndShrinks opens many concurrent channels through a tunnel
 // whose pool grows past 4 channels per connection, up to 3 connections:
 // sshd authenticates 3, the channels spread over them and all carry
@@ -177,13 +190,7 @@ func TestPoolGrowsAndShrinks(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	tun, err := EstablishTunnel(ctx, TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
-		MaxConnections: 3, ChannelsPerConnection: 4, poolIdle: 300 * time.Millisecond,
-	})
-	require.NoError(t, err)
-	defer tun.Close()
-	p := tun.impl.(*poolTunnel)
+	tun, p := gosshPool(ctx, t, sshd, TunnelConfig{MaxConnections: 3, ChannelsPerConnection: 4, poolIdle: 300 * time.Millisecond})
 	require.Equal(t, 1, p.size(), "one connection while idle")
 
 	echo := startEchoServer(t)
@@ -252,13 +259,7 @@ func TestPoolGrowthFailureKeepsServing(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	tun, err := EstablishTunnel(ctx, TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: sshd.SSHConfigFile, Methods: []Method{MethodGoSSH},
-		MaxConnections: 4, ChannelsPerConnection: 2, StartRetryTimeout: -1,
-	})
-	require.NoError(t, err)
-	defer tun.Close()
-	p := tun.impl.(*poolTunnel)
+	tun, p := gosshPool(ctx, t, sshd, TunnelConfig{MaxConnections: 4, ChannelsPerConnection: 2, StartRetryTimeout: -1})
 	// The key no longer opens the login node: new connections fail.
 	require.NoError(t, os.WriteFile(sshd.AuthorizedKeysFile, nil, 0o600))
 	echo := startEchoServer(t)
