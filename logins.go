@@ -127,10 +127,9 @@ var errDroppedAtStart = errors.New("the login node dropped the connection at its
 
 // isStartDrop reports whether err is a start that sshd dropped before the
 // SSH version exchange (MaxStartups), which is worth retrying: the
-// in-process client marks it with errDroppedAtStart; OpenSSH says
-// "kex_exchange_identification" (older versions
-// "ssh_exchange_identification"). Authentication and host key failures
-// never are.
+// in-process client marks it with errDroppedAtStart, and so does an ssh
+// child's error whose stderr says so (sshDroppedAtStart). Authentication
+// and host key failures never are.
 func isStartDrop(err error) bool {
 	if err == nil {
 		return false
@@ -141,19 +140,7 @@ func isStartDrop(err error) bool {
 	if errors.As(err, &ae) || errors.As(err, &ue) || errors.As(err, &ce) {
 		return false
 	}
-	if errors.Is(err, errDroppedAtStart) {
-		return true
-	}
-	msg := err.Error()
-	// A jump host that failed its own host key check or authentication
-	// ends the ProxyCommand, which the last ssh reports as a connection
-	// closed at the banner too: that failure is the jump host's, for good.
-	for _, final := range []string{"Host key verification failed", "Permission denied", "REMOTE HOST IDENTIFICATION HAS CHANGED"} {
-		if strings.Contains(msg, final) {
-			return false
-		}
-	}
-	return strings.Contains(msg, "kex_exchange_identification") || strings.Contains(msg, "ssh_exchange_identification")
+	return errors.Is(err, errDroppedAtStart)
 }
 
 // droppedBeforeBanner rewrites a handshake error as errDroppedAtStart when

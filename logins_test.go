@@ -95,11 +95,14 @@ func TestIsStartDrop(t *testing.T) {
 		{"eof right after banner", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 22), true},
 		{"eof after key exchange offer", droppedBeforeBanner(fmt.Errorf("ssh: handshake failed: %w", io.EOF), 1200), false},
 		{"other error before banner", droppedBeforeBanner(errors.New("ssh: no common algorithm"), 0), false},
-		{"openssh closed", errors.New("ssh exited: kex_exchange_identification: Connection closed by remote host"), true},
-		{"openssh reset", errors.New("ssh: kex_exchange_identification: read: Connection reset by peer"), true},
-		{"old openssh", errors.New("ssh_exchange_identification: Connection closed by remote host"), true},
-		{"jump host unknown", errors.New("ssh exited: Host key verification failed.\r\nkex_exchange_identification: Connection closed by remote host"), false},
-		{"jump host refused us", errors.New("ssh exited: user@jump: Permission denied (publickey).\r\nkex_exchange_identification: Connection closed by remote host"), false},
+		{"openssh closed", sshExit("kex_exchange_identification: Connection closed by remote host\r\n"), true},
+		{"openssh reset", sshExit("kex_exchange_identification: read: Connection reset by peer\r\n"), true},
+		{"old openssh", sshExit("ssh_exchange_identification: Connection closed by remote host\r\n"), true},
+		{"wrapped", &MethodError{MethodControlMaster, fmt.Errorf("start: %w", sshExit("kex_exchange_identification: Connection closed by remote host\r\n"))}, true},
+		{"jump host unknown", sshExit("Host key verification failed.\r\nkex_exchange_identification: Connection closed by remote host\r\n"), false},
+		{"jump host refused us", sshExit("user@jump: Permission denied (publickey).\r\nkex_exchange_identification: Connection closed by remote host\r\n"), false},
+		{"openssh auth", sshExit("user@login: Permission denied (publickey).\r\n"), false},
+		{"not from ssh's stderr", errors.New("kex_exchange_identification: Connection closed by remote host"), false},
 		{"auth", &AuthError{User: "u", Host: "h", Err: io.EOF}, false},
 		{"unknown host", fmt.Errorf("x: %w", &UnknownHostError{Host: "h"}), false},
 		{"refused", errors.New("connect: connection refused"), false},
@@ -107,6 +110,14 @@ func TestIsStartDrop(t *testing.T) {
 	} {
 		assert.Equal(t, tc.want, isStartDrop(tc.err), tc.name)
 	}
+}
+
+// sshExit returns the error of an ssh child that exited with status 255
+// after writing stderr.
+func sshExit(stderr string) error {
+	p := &sshProcess{stderr: &tailBuffer{max: stderrTail}, waitErr: errors.New("exit status 255")}
+	_, _ = p.stderr.Write([]byte(stderr))
+	return p.exitError()
 }
 
 // TestStartBackoff checks the full-jitter waits: below base*2^n, capped.

@@ -111,8 +111,34 @@ func (p *sshProcess) exitErrorAs(what string) error {
 	if msg == "" {
 		return fmt.Errorf("hpcproxy: %s exited: %w", what, err)
 	}
-	return fmt.Errorf("hpcproxy: %s exited: %w: %s", what, err, msg)
+	err = fmt.Errorf("hpcproxy: %s exited: %w: %s", what, err, msg)
+	if sshDroppedAtStart(msg) {
+		return startDropError{err}
+	}
+	return err
 }
+
+// sshDroppedAtStart reports whether an ssh child's stderr says that the
+// login node closed or reset the connection at the SSH version exchange,
+// what sshd does over MaxStartups: "kex_exchange_identification" (older
+// OpenSSH "ssh_exchange_identification"). A jump host that failed its own
+// host key check or authentication ends the ProxyCommand, which the last
+// ssh reports the same way; that failure is final, and its own line says
+// so.
+func sshDroppedAtStart(stderr string) bool {
+	for _, final := range []string{"Host key verification failed", "Permission denied", "REMOTE HOST IDENTIFICATION HAS CHANGED"} {
+		if strings.Contains(stderr, final) {
+			return false
+		}
+	}
+	return strings.Contains(stderr, "kex_exchange_identification") || strings.Contains(stderr, "ssh_exchange_identification")
+}
+
+// startDropError is an ssh child's error that is errDroppedAtStart too,
+// without changing its message.
+type startDropError struct{ error }
+
+func (e startDropError) Unwrap() []error { return []error{e.error, errDroppedAtStart} }
 
 // hasExited reports whether the child has been reaped.
 func (p *sshProcess) hasExited() bool {
