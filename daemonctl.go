@@ -134,7 +134,7 @@ func (r *running) startControl(mode Mode) {
 	go func() {
 		defer s.wg.Done()
 		for {
-			c, err := ln.Accept()
+			c, err := acceptRetrying(ln, r.log)
 			if err != nil {
 				return
 			}

@@ -91,7 +91,11 @@
 // a burst the freed memory goes back to the operating system. A
 // keep-alive HTTP client connection that waits
 // [Server.KeepAliveTimeout] for its next request is closed; the daemons
-// set [DefaultKeepAliveTimeout] (2 minutes, Squid's default).
+// set [DefaultKeepAliveTimeout] (2 minutes, Squid's default). A listener
+// that runs out of file descriptors or memory at accept (many held
+// connections) logs it and tries again, after 5 ms doubling to a second,
+// while new connections wait in its backlog: [Server.Serve] and
+// [LocalForward.Serve] end only when their listener fails for good.
 //
 // # Tunnels
 //

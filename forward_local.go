@@ -182,7 +182,8 @@ func (l *privateUnixListener) Close() error {
 }
 
 // Serve accepts connections on ln and forwards them until Close (then it
-// returns nil) or until Accept fails.
+// returns nil) or until Accept fails for good: a passing shortage of file
+// descriptors or memory is waited out, as Server.Serve does.
 func (f *LocalForward) Serve(ln net.Listener) error {
 	if err := f.attach(ln); err != nil {
 		return err
@@ -212,7 +213,7 @@ func (f *LocalForward) attach(ln net.Listener) error {
 
 func (f *LocalForward) serve(ln net.Listener) error {
 	for {
-		c, err := ln.Accept()
+		c, err := acceptRetrying(ln, f.core.logger())
 		if err != nil {
 			if f.closing.Load() {
 				return nil

@@ -244,7 +244,7 @@ func (f *ReverseForward) serve(ln net.Listener) {
 		dial = d.DialContext
 	}
 	for {
-		c, err := ln.Accept()
+		c, err := acceptRetrying(ln, f.core.logger())
 		if err != nil {
 			return
 		}

@@ -234,25 +234,17 @@ func (s *Server) Serve(ln net.Listener) error {
 	defer workers.close()
 	defer ln.Close()
 
-	var backoff time.Duration
 	for {
-		c, err := ln.Accept()
+		c, err := acceptRetrying(ln, s.logger())
 		if err != nil {
 			if s.isClosed() {
 				return ErrServerClosed
 			}
-			if errors.Is(err, net.ErrClosed) || !retryableAccept(err) {
-				// Nothing will close the live conns otherwise, and Serve
-				// waits for them.
-				_ = s.Close()
-				return fmt.Errorf("hpcproxy: accept: %w", err)
-			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.logger().Warn("accept failed; retrying", "err", err, "in", backoff)
-			time.Sleep(backoff)
-			continue
+			// Nothing will close the live conns otherwise, and Serve
+			// waits for them.
+			_ = s.Close()
+			return fmt.Errorf("hpcproxy: accept: %w", err)
 		}
-		backoff = 0
 		idle, ok := s.trackConn(c)
 		if !ok {
 			c.Close()
@@ -270,6 +262,25 @@ func (s *Server) Serve(ln net.Listener) error {
 			})
 		}
 		workers.goRun(task)
+	}
+}
+
+// acceptRetrying accepts a connection on ln. It waits out a passing
+// shortage (retryableAccept: out of descriptors, say, while many
+// connections are held) and tries again, logging each, after a pause that
+// doubles from 5 ms to a second; any other error (a closed listener) it
+// returns. Every accept loop of the package uses it: one that ended at the
+// first EMFILE left its port open and never answered again.
+func acceptRetrying(ln net.Listener, log *slog.Logger) (net.Conn, error) {
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err == nil || errors.Is(err, net.ErrClosed) || !retryableAccept(err) {
+			return c, err
+		}
+		backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+		log.Warn("accept failed; retrying", "addr", ln.Addr(), "err", err, "in", backoff)
+		time.Sleep(backoff)
 	}
 }
 
