@@ -75,14 +75,14 @@ func (h *nodeHub) serve(own *running) {
 	go func() {
 		defer h.wg.Done()
 		for {
-			c, err := h.ln.AcceptUnix()
+			c, err := acceptRetrying(h.ln, h.log)
 			if err != nil {
 				return
 			}
 			h.wg.Add(1)
 			go func() {
 				defer h.wg.Done()
-				h.serveConn(c)
+				h.serveConn(c.(*net.UnixConn))
 			}()
 		}
 	}()

@@ -269,8 +269,10 @@ func (s *Server) Serve(ln net.Listener) error {
 // shortage (retryableAccept: out of descriptors, say, while many
 // connections are held) and tries again, logging each, after a pause that
 // doubles from 5 ms to a second; any other error (a closed listener) it
-// returns. Every accept loop of the package uses it: one that ended at the
-// first EMFILE left its port open and never answered again.
+// returns. Every accept loop of the package uses it (the proxy's, the
+// forwards', the control socket's, the node tunnel's attach socket): one
+// that ended at the first EMFILE left its port open and never answered
+// again.
 func acceptRetrying(ln net.Listener, log *slog.Logger) (net.Conn, error) {
 	var backoff time.Duration
 	for {
