@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/hpcproxy/hpcproxy"
 	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
@@ -658,4 +660,68 @@ func memKiB(pid int) procMem {
 		}
 	}
 	return m
+}
+
+// TestCLINodeTunnelOutOfDescriptors: a node daemon that runs out of file
+// descriptors for a moment (a job's clients hold many connections) takes
+// the next job's attachment once they are let go; its attach socket must
+// not stop at the shortage.
+func TestCLINodeTunnelOutOfDescriptors(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	a, b := newSimJob(t), newSimJob(t)
+	a.start(t, sshd)
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", a.state) })
+	pa := a.proxyState(t)
+
+	// Leave the daemon four descriptors, and take them with connections
+	// to job a's proxy (they wait in their handshake: 10 s at most).
+	fds, err := os.ReadDir("/proc/" + strconv.Itoa(pa.PID) + "/fd")
+	require.NoError(t, err)
+	var lim unix.Rlimit
+	require.NoError(t, unix.Prlimit(pa.PID, unix.RLIMIT_NOFILE, nil, &lim))
+	low := unix.Rlimit{Cur: uint64(len(fds) + 4), Max: lim.Max}
+	require.NoError(t, unix.Prlimit(pa.PID, unix.RLIMIT_NOFILE, &low, nil))
+	var held []net.Conn
+	release := func() {
+		for _, c := range held {
+			c.Close()
+		}
+		held = nil
+	}
+	t.Cleanup(release)
+	for range 12 {
+		c, err := net.DialTimeout("tcp", pa.Addr(), 5*time.Second)
+		require.NoError(t, err)
+		held = append(held, c)
+	}
+	daemonLog := func() string { return readFile(a.state, ".log") }
+	require.Eventually(t, func() bool { return strings.Contains(daemonLog(), "too many open files") },
+		5*time.Second, 20*time.Millisecond, "the daemon never ran out of descriptors; its log:\n%s", daemonLog())
+
+	// Job b attaches meanwhile: its request waits in the attach socket's
+	// backlog while the daemon has no descriptor to accept it with.
+	started := make(chan result, 1)
+	go func() {
+		started <- run(t, "perjob", "", "start", "--via", "sshtest", "--ssh-config", sshd.SSHConfigFile,
+			"--state", b.state, "--watch-pid", strconv.Itoa(b.script.Process.Pid), "--timeout", "30s")
+	}()
+	t.Cleanup(func() { run(t, "perjob", "", "stop", "--state", b.state) })
+	ss := testenv.LookPath(t, "ss")
+	waiting := func() bool { // a connection in the attach socket's backlog
+		out, _ := exec.Command(ss, "-xlH").Output()
+		for line := range strings.Lines(string(out)) {
+			if f := strings.Fields(line); len(f) > 4 && f[4] == pa.Node.Socket {
+				return f[2] != "0"
+			}
+		}
+		return false
+	}
+	require.Eventually(t, waiting, 10*time.Second, 20*time.Millisecond, "job b's attachment never reached the attach socket")
+	time.Sleep(100 * time.Millisecond) // the daemon tries to accept it, and cannot
+	release()
+	require.NoError(t, unix.Prlimit(pa.PID, unix.RLIMIT_NOFILE, &lim, nil))
+	r := <-started
+	require.Equal(t, 0, r.code, "start: %s\nlog:\n%s\ndaemon's log:\n%s", r.stderr, readFile(b.state, ".log"), daemonLog())
+	assert.Equal(t, pa.PID, b.proxyState(t).PID, "job b attached to the node daemon")
+	assert.Contains(t, daemonLog(), `accept failed; retrying" addr=`+pa.Node.Socket, "the attach socket never ran short")
 }
