@@ -343,8 +343,12 @@ func (h *nodeHub) attach(cmd attachCommand, files []*os.File, dirfd int, exitFd 
 		return nil, err
 	}
 
-	// The job's watches end with its attachment.
-	wctx, wcancel := context.WithCancel(h.ctx)
+	// The job's watches end with its attachment, not with the daemon: a
+	// watch closes its channel when its context ends, which the loop below
+	// would take for the job's end, were the daemon's stop to end it too
+	// (a select with both ready picks either), and then tell the stand-by
+	// to exit instead of taking over.
+	wctx, wcancel := context.WithCancel(context.Background())
 	var watch, exited <-chan struct{}
 	switch i, ok := cmd.fdIndex[attachFdPid]; {
 	case ok:
