@@ -187,3 +187,18 @@ func fdLimitHelper() int {
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	return 0
 }
+
+// TestRetryableAccept: which accept errors an accept loop waits out.
+func TestRetryableAccept(t *testing.T) {
+	acceptErr := func(errno syscall.Errno) error {
+		return &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", errno)}
+	}
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNABORTED, syscall.EINTR, syscall.EPROTO, syscall.ENETDOWN, syscall.EHOSTUNREACH, syscall.EPERM} {
+		assert.True(t, retryableAccept(acceptErr(errno)), "%v", errno)
+	}
+	assert.True(t, retryableAccept(&net.OpError{Op: "accept", Err: os.ErrDeadlineExceeded}), "a timeout")
+	for _, err := range []error{net.ErrClosed, acceptErr(syscall.EBADF), acceptErr(syscall.EINVAL), io.EOF} {
+		assert.False(t, retryableAccept(err), "%v", err)
+	}
+}

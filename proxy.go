@@ -287,13 +287,20 @@ func acceptRetrying(ln net.Listener, log *slog.Logger) (net.Conn, error) {
 }
 
 // retryableAccept reports whether an Accept error is a passing shortage
-// (file descriptors, memory, an aborted handshake) worth retrying.
+// (file descriptors, memory) or one connection's failure (an aborted
+// handshake; the network errors that Linux passes on from a pending
+// connection, which accept(2) says to treat like EAGAIN; EPERM from a
+// firewall rule), worth retrying.
 func retryableAccept(err error) bool {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
 		return true
 	}
-	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+	for _, e := range []error{
+		syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR,
+		syscall.ENETDOWN, syscall.EPROTO, syscall.ENOPROTOOPT, syscall.EHOSTDOWN, syscall.ENONET,
+		syscall.EHOSTUNREACH, syscall.EOPNOTSUPP, syscall.ENETUNREACH, syscall.EPERM,
+	} {
 		if errors.Is(err, e) {
 			return true
 		}
