@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
@@ -237,6 +238,11 @@ func watchPID(ctx context.Context, pid int, interval time.Duration) <-chan struc
 		defer t.Stop()
 		for {
 			if err := p.Signal(syscall.Signal(0)); err != nil && !errors.Is(err, syscall.EPERM) {
+				return
+			}
+			// A signal reaches a zombie too: one whose parent does not
+			// reap it (a container's init that does not) has ended.
+			if !daemonproc.PIDAlive(pid) {
 				return
 			}
 			select {

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/hpcproxy/hpcproxy/internal/daemonproc"
 	"github.com/hpcproxy/hpcproxy/internal/jobenv"
 	"github.com/hpcproxy/hpcproxy/internal/shellenv"
 )
@@ -187,6 +188,17 @@ func TestWatchPID(t *testing.T) {
 	case <-ch:
 	case <-time.After(5 * time.Second):
 		t.Fatal("did not fire after the process exited")
+	}
+
+	// Exited and not reaped (a zombie): gone too.
+	zombie := exec.Command("true")
+	require.NoError(t, zombie.Start())
+	defer zombie.Wait()
+	require.Eventually(t, func() bool { return !daemonproc.PIDAlive(zombie.Process.Pid) }, 5*time.Second, 10*time.Millisecond)
+	select {
+	case <-watchPID(t.Context(), zombie.Process.Pid, 20*time.Millisecond):
+	case <-time.After(5 * time.Second):
+		t.Fatal("a zombie is taken for a live process")
 	}
 
 	// Already gone, and a cancelled context.
