@@ -5,11 +5,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/hpcproxy/hpcproxy/internal/sshtest"
@@ -94,6 +96,35 @@ func TestControlMasterStdio(t *testing.T) {
 				t.Fatalf("connection %d: the destination's connection outlived the closed forward", i)
 			}
 		}
+	})
+	t.Run("a burst gets stdio forwards", func(t *testing.T) {
+		// More connections at once than the master's control socket has
+		// backlog for (64): each must wait for room, not fall back to a
+		// proxy-mode channel (before dialUnix, 94 of 400 did).
+		const n = 300
+		conns := make([]net.Conn, n)
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				conns[i], errs[i] = tun.Dial(ctx, "tcp", dest)
+			}()
+		}
+		close(start)
+		wg.Wait()
+		stdio := 0
+		for i, c := range conns {
+			require.NoError(t, errs[i], "connection %d", i)
+			if _, ok := c.(*stdioConn); ok {
+				stdio++
+			}
+			c.Close()
+		}
+		assert.Equal(t, n, stdio, "stdio forwards of %d connections at once", n)
 	})
 	// beyondCap holds a stdio forward through first, checks that second
 	// then gets a proxy-mode connection, and returns what second gets

@@ -103,8 +103,7 @@ func attachControlMaster(ctx context.Context, path string, conn net.Conn, proc *
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if conn == nil {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "unix", path)
+		c, err := dialUnix(ctx, path)
 		if err != nil {
 			return nil, fmt.Errorf("hpcproxy: control socket: %w", err)
 		}

@@ -105,8 +105,14 @@ func runSOCKS(ctx context.Context, s *sshCommand, network, addr string) (*socksT
 // DialContext implements tunnelImpl: a SOCKS5 CONNECT through ssh -D. The
 // returned conn is the raw *net.UnixConn (CloseWrite, splice).
 func (t *socksTunnel) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, t.network, t.addr)
+	var c net.Conn
+	var err error
+	if t.network == "unix" {
+		c, err = dialUnix(ctx, t.addr) // its backlog may be full for a moment
+	} else {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, t.network, t.addr)
+	}
 	if err != nil {
 		return nil, t.downError(fmt.Errorf("hpcproxy: ssh -D at %s: %w", t.addr, err))
 	}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"syscall"
 	"time"
 )
 
@@ -33,16 +34,43 @@ const (
 	muxVersion           = 4
 )
 
+// dialUnix connects to the unix stream socket at path. A listener whose
+// backlog is full (an OpenSSH master's control socket has room for 64
+// connections, ssh -D's unix socket for 128, and ssh accepts them one poll
+// loop at a time) makes Linux fail the connect at once with EAGAIN, which
+// net does not wait out as it does on TCP: a burst of client connections
+// would be refused while the tunnel is fine. dialUnix tries again after
+// 1 ms, doubling to 50 ms, until ctx ends.
+func dialUnix(ctx context.Context, path string) (*net.UnixConn, error) {
+	var d net.Dialer
+	wait := time.Millisecond
+	for {
+		c, err := d.DialContext(ctx, "unix", path)
+		if err == nil {
+			return c.(*net.UnixConn), nil
+		}
+		if !errors.Is(err, syscall.EAGAIN) {
+			return nil, err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("%w (the socket's backlog stayed full)", err)
+		case <-t.C:
+		}
+		wait = min(2*wait, 50*time.Millisecond)
+	}
+}
+
 // muxHello dials the master's control socket at path and exchanges hello
 // messages. ctx bounds the dial and the exchange; the returned conn has no
 // deadline.
 func muxHello(ctx context.Context, path string) (*net.UnixConn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
+	uc, err := dialUnix(ctx, path)
 	if err != nil {
 		return nil, err
 	}
-	uc := c.(*net.UnixConn)
 	if err := withConnDeadline(ctx, uc, func() error {
 		var hello muxBuf
 		hello.u32(muxMsgHello)

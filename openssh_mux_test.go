@@ -2,13 +2,19 @@ package hpcproxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
+	"path/filepath"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // muxPacket frames fields as the master sends them: a length, then the
@@ -130,4 +136,64 @@ func FuzzMuxReply(f *testing.F) {
 			t.Fatalf("accepted reply type %#x as %+v", typ, r)
 		}
 	})
+}
+
+// TestDialUnixFullBacklog fills a unix listener's backlog, as a burst of
+// connections does to an OpenSSH master's control socket (backlog 64)
+// while ssh is busy: a plain dial then fails at once with EAGAIN, and
+// dialUnix waits until the listener accepts one, or its context ends.
+func TestDialUnixFullBacklog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "ctl.sock")
+	lfd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(lfd)
+	require.NoError(t, unix.Bind(lfd, &unix.SockaddrUnix{Name: path}))
+	require.NoError(t, unix.Listen(lfd, 1))
+	var queued []net.Conn
+	defer func() {
+		for _, c := range queued {
+			c.Close()
+		}
+	}()
+	var d net.Dialer
+	for {
+		c, err := d.DialContext(t.Context(), "unix", path)
+		if err != nil {
+			require.ErrorIs(t, err, syscall.EAGAIN, "a full backlog")
+			break
+		}
+		queued = append(queued, c)
+		require.Less(t, len(queued), 100, "the backlog never filled")
+	}
+
+	// Its context ends while the backlog stays full.
+	ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	_, err = dialUnix(ctx, path)
+	require.ErrorIs(t, err, syscall.EAGAIN)
+	assert.Contains(t, err.Error(), "backlog stayed full")
+
+	// The listener takes one: the waiting dial gets through.
+	got := make(chan error, 1)
+	go func() {
+		c, err := dialUnix(t.Context(), path)
+		if err == nil {
+			c.Close()
+		}
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		t.Fatalf("dialUnix returned %v while the backlog was full", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	nfd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+	require.NoError(t, err)
+	unix.Close(nfd)
+	select {
+	case err := <-got:
+		require.NoError(t, err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("dialUnix did not get through once there was room")
+	}
 }
