@@ -186,8 +186,11 @@ func socketPair() (*net.UnixConn, *os.File, error) {
 // open (the master closes the forward when it closes, and closes it when
 // the forward ends).
 type stdioConn struct {
-	r, w      *net.UnixConn
-	ctl       *net.UnixConn
+	r, w *net.UnixConn
+	ctl  *net.UnixConn
+	// client is a handoff's client socket (r and w are nil then), which
+	// the master reads and writes itself: Close shuts it down first.
+	client    handoffClient
 	addr      string
 	closeOnce sync.Once
 	onClose   func() // tells the tunnel; nil if untracked
@@ -202,19 +205,25 @@ func (c *stdioConn) Write(p []byte) (int, error) { return c.w.Write(p) }
 // EOF to the login node.
 func (c *stdioConn) CloseWrite() error { return c.w.CloseWrite() }
 
-// Close closes the forward's socket pairs before the control connection.
-// The other order can leave the forward open at the login node until the
-// master next wakes (ServerAliveInterval, 60 s): when the master sees the
-// control connection end first, it marks the forward's input ended from a
-// clean-up callback that runs just before it polls, and then has nothing
-// to poll that would make it send the channel's EOF (OpenSSH 9.2 mux.c,
-// mux_master_control_cleanup_cb; seen with LogLevel DEBUG3). Its own
-// read of our end's EOF, when that comes first, sends it at once.
+// Close closes the forward's socket pairs (a handoff's: shuts the client's
+// socket down, which reaches the master's copies of it) before the control
+// connection. The other order can leave the forward open at the login node
+// until the master next wakes (ServerAliveInterval, 60 s): when the master
+// sees the control connection end first, it marks the forward's input
+// ended from a clean-up callback that runs just before it polls, and then
+// has nothing to poll that would make it send the channel's EOF (OpenSSH
+// 9.2 mux.c, mux_master_control_cleanup_cb; seen with LogLevel DEBUG3).
+// Its own read of our end's EOF, when that comes first, sends it at once.
 func (c *stdioConn) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
-		if c.r != nil { // nil for a handoff's (handoff.go)
+		switch {
+		case c.r != nil:
 			err = errors.Join(c.w.Close(), c.r.Close())
+		case c.client != nil:
+			if rc, serr := c.client.SyscallConn(); serr == nil {
+				_ = rc.Control(func(fd uintptr) { _ = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) })
+			}
 		}
 		err = errors.Join(err, c.ctl.Close())
 		if c.onClose != nil {

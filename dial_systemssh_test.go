@@ -372,15 +372,22 @@ func startMaster(t *testing.T, sshd *sshtest.SSHD, cfgFile, sock string, extra .
 	}
 }
 
-func TestControlMasterAttachesToUsersMaster(t *testing.T) {
-	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+// usersMaster starts a user's own ControlMaster to sshd and returns the
+// ssh_config (sshd's, with its ControlPath) that reaches it.
+func usersMaster(t *testing.T, sshd *sshtest.SSHD) (cfgFile string, master *exec.Cmd) {
+	t.Helper()
 	dir := sshtest.PrivateTempDir(t)
 	sock := filepath.Join(dir, "user-master.sock")
-	cfgFile := filepath.Join(dir, "ssh_config")
+	cfgFile = filepath.Join(dir, "ssh_config")
 	base, err := os.ReadFile(sshd.SSHConfigFile)
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(cfgFile, append([]byte("ControlPath "+sock+"\n"), base...), 0o600))
-	master := startMaster(t, sshd, cfgFile, sock)
+	return cfgFile, startMaster(t, sshd, cfgFile, sock)
+}
+
+func TestControlMasterAttachesToUsersMaster(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	cfgFile, master := usersMaster(t, sshd)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

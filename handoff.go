@@ -122,8 +122,14 @@ type handoff struct {
 	once     sync.Once
 }
 
-// Close ends the forward: the master closes the channel and its copies
-// of the client's socket and of the pipe.
+// Close ends the forward and the client's connection at once: its
+// stdioConn shuts the client's socket down, which reaches every
+// descriptor of it, the master's too, before it closes the control
+// connection. (Closing the control connection alone asks the master to
+// end the forward, but it sends its EOF to the login node only once it
+// reads its stdin's, which the client's socket does not give while the
+// client keeps it open: seen, the forward and the destination's
+// connection outlived a closed Server by a minute.)
 func (h *handoff) Close() error {
 	err := h.sc.Close()
 	if h.out != nil {
@@ -135,29 +141,14 @@ func (h *handoff) Close() error {
 	return err
 }
 
-// abort ends the forward and the client's connection at once. Closing
-// the control connection asks the master to end the forward, but it
-// sends its EOF to the login node only once it reads its stdin's, which
-// the client's socket does not give while the client keeps it open
-// (seen: the forward and the destination's connection outlived a closed
-// Server by a minute). Shutting the socket down reaches every descriptor
-// of it, the master's too.
-func (h *handoff) abort(client handoffClient) error {
-	if rc, err := client.SyscallConn(); err == nil {
-		_ = rc.Control(func(fd uintptr) { _ = syscall.Shutdown(int(fd), syscall.SHUT_RDWR) })
-	}
-	return h.Close()
-}
-
 // handoffTracker is what a Server tracks for a handoff, so that its Close
-// aborts the handoff.
+// ends the handoff.
 type handoffTracker struct {
 	*net.UnixConn // the control connection
 	h             *handoff
-	client        handoffClient
 }
 
-func (t *handoffTracker) Close() error { return t.h.abort(t.client) }
+func (t *handoffTracker) Close() error { return t.h.Close() }
 
 // run moves the destination's bytes from the pipe to client until the
 // pipe's EOF, adding them to count, then half-closes client and waits for
@@ -165,13 +156,7 @@ func (t *handoffTracker) Close() error { return t.h.abort(t.client) }
 // both reached the other side, or either failed). Without a pipe it only
 // waits. It closes the forward.
 func (h *handoff) run(client handoffClient, count *atomic.Int64) (err error) {
-	defer func() {
-		if err != nil {
-			_ = h.abort(client)
-		} else {
-			_ = h.Close()
-		}
-	}()
+	defer h.Close()
 	if h.out != nil {
 		if err := spliceFromPipe(h.out, client, count); err != nil {
 			return fmt.Errorf("hpcproxy: handoff dest->client: %w", err)
@@ -245,11 +230,11 @@ func (ss *session) dialOrHandoff(addr string, reply []byte) (net.Conn, error) {
 			return c, err
 		}
 	}
-	// Server.Close aborts the forward, which ends the client's connection
+	// Server.Close ends the forward, which ends the client's connection
 	// too: the tracker stands in for the client's conn, which closed
 	// alone (in any order with the tracker) would leave the forward
 	// running with the master's copies of the socket.
-	tr := &handoffTracker{UnixConn: h.sc.ctl, h: h, client: client}
+	tr := &handoffTracker{UnixConn: h.sc.ctl, h: h}
 	if _, ok := s.trackConn(tr); ok {
 		s.untrackConn(ss.c.raw)
 	} else {
@@ -372,7 +357,7 @@ func (t *controlMasterTunnel) dialHandoff(ctx context.Context, addr string, clie
 		}
 		return nil, c, nil
 	}
-	sc := &stdioConn{ctl: ctl, addr: addr}
+	sc := &stdioConn{ctl: ctl, addr: addr, client: client}
 	if _, err := t.trackStdio(sc); err != nil {
 		if out != nil {
 			out.Close()

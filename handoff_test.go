@@ -335,3 +335,44 @@ func TestStdioForwardOneSocket(t *testing.T) {
 		t.Logf("reply written %v after MUX_S_SESSION_OPENED: the banner came first in %d of %d rounds", pause, n, rounds)
 	}
 }
+
+// TestHandoffTunnelCloseUsersMaster: a tunnel attached to the user's own
+// ControlMaster (which outlives it) is closed while handoffs run through
+// it: each forward must end at the login node then, and with it the
+// destination's connection, not at the master's next keepalive a minute
+// later.
+func TestHandoffTunnelCloseUsersMaster(t *testing.T) {
+	sshd := sshtest.StartSSHD(t, sshtest.Options{})
+	cfgFile, _ := usersMaster(t, sshd)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
+		Methods: []Method{MethodControlMaster},
+	})
+	require.NoError(t, err)
+	defer tun.Close()
+	require.Nil(t, firstConn(tun).(*controlMasterTunnel).proc, "started its own master instead of attaching")
+
+	var live atomic.Int64
+	echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
+		live.Add(1)
+		defer live.Add(-1)
+		_, _ = io.Copy(c, c)
+	})
+	for _, mode := range []HandoffMode{HandoffPipe, HandoffOptimistic} {
+		srv := &Server{Dial: tun.Dial, handoff: tun, handoffMode: mode}
+		proxyAddr := startServer(t, srv)
+		for range 8 {
+			c, err := net.DialTimeout("tcp", proxyAddr, 5*time.Second)
+			require.NoError(t, err)
+			defer c.Close()
+			require.Equal(t, byte(socks5Succeeded), socks5Open(t, c, echo, nil))
+			echoCheck(t, c, "x")
+		}
+	}
+	require.Equal(t, int64(16), live.Load())
+	require.NoError(t, tun.Close())
+	require.Eventually(t, func() bool { return live.Load() == 0 }, 10*time.Second, 10*time.Millisecond,
+		"%d destination connections outlive the closed tunnel", live.Load())
+}
