@@ -356,14 +356,10 @@ func sockDiagQuery(fd int, seq uint32, family uint8, peer, self netip.AddrPort, 
 		if errno == syscall.EINTR {
 			continue
 		}
-		n := int(r)
-		var err error
 		if errno != 0 {
-			err = errno
+			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", errno)
 		}
-		if err != nil {
-			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)
-		}
+		n := int(r)
 		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
 		if err != nil {
 			return -1, fmt.Errorf("hpcproxy: sock_diag: %w", err)

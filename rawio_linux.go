@@ -38,16 +38,16 @@ type rawConn struct {
 // withRawIO returns c with raw-system-call reads and writes if it is a TCP
 // or unix socket, else c unchanged.
 func withRawIO(c net.Conn) net.Conn {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return c
-	}
-	switch c.(type) {
-	case *net.TCPConn, *net.UnixConn:
+	var rc syscall.RawConn
+	var err error
+	switch s := c.(type) {
+	case *net.TCPConn:
+		rc, err = s.SyscallConn()
+	case *net.UnixConn:
+		rc, err = s.SyscallConn()
 	default:
 		return c
 	}
-	rc, err := sc.SyscallConn()
 	if err != nil {
 		return c
 	}
