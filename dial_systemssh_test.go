@@ -385,19 +385,29 @@ func usersMaster(t *testing.T, sshd *sshtest.SSHD) (cfgFile string, master *exec
 	return cfgFile, startMaster(t, sshd, cfgFile, sock)
 }
 
+// attachUsersMaster establishes a controlmaster tunnel through the user's
+// master that cfgFile names (usersMaster), checks that it attached to it
+// rather than starting a master of its own, and closes it when the test
+// ends.
+func attachUsersMaster(ctx context.Context, t *testing.T, cfgFile string) *Tunnel {
+	t.Helper()
+	tun, err := EstablishTunnel(ctx, TunnelConfig{
+		Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
+		Methods: []Method{MethodControlMaster},
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { tun.Close() })
+	require.Nil(t, firstConn(tun).(*controlMasterTunnel).proc, "started its own master instead of attaching")
+	return tun
+}
+
 func TestControlMasterAttachesToUsersMaster(t *testing.T) {
 	sshd := sshtest.StartSSHD(t, sshtest.Options{})
 	cfgFile, master := usersMaster(t, sshd)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tun, err := EstablishTunnel(ctx, TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
-		Methods: []Method{MethodControlMaster},
-	})
-	require.NoError(t, err)
-	impl := firstConn(tun).(*controlMasterTunnel)
-	assert.Nil(t, impl.proc, "started its own master instead of attaching")
+	tun := attachUsersMaster(ctx, t, cfgFile)
 	echo := startEchoServer(t)
 	require.NoError(t, echoOnce(ctx, tun, echo, []byte("through the user's master")))
 	require.NoError(t, tun.Close())

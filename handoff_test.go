@@ -346,13 +346,7 @@ func TestHandoffTunnelCloseUsersMaster(t *testing.T) {
 	cfgFile, _ := usersMaster(t, sshd)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tun, err := EstablishTunnel(ctx, TunnelConfig{
-		Destination: "sshtest", SSHConfigFile: cfgFile, RuntimeDir: sshtest.PrivateTempDir(t),
-		Methods: []Method{MethodControlMaster},
-	})
-	require.NoError(t, err)
-	defer tun.Close()
-	require.Nil(t, firstConn(tun).(*controlMasterTunnel).proc, "started its own master instead of attaching")
+	tun := attachUsersMaster(ctx, t, cfgFile)
 
 	var live atomic.Int64
 	echo := serveTCP(t, "127.0.0.1:0", func(c net.Conn) {
